@@ -1,0 +1,95 @@
+"""Versioned schema, applied at start by every backend in order.
+
+Append new migrations; never edit one that has shipped. Columns named
+`*_sealed` hold barrier blobs (system-key version + AES-GCM); the barrier's
+rewrap walks SEALED_COLUMNS.
+"""
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        """CREATE TABLE projects (
+            id {serial_pk},
+            appkey TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE keystores (
+            id {serial_pk},
+            project_id {bigint} NOT NULL REFERENCES projects(id),
+            name TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            ip4_auth INTEGER NOT NULL DEFAULT 0,
+            mac_auth INTEGER NOT NULL DEFAULT 0,
+            cert_auth INTEGER NOT NULL DEFAULT 0,
+            auth_mode TEXT NOT NULL DEFAULT 'AND',
+            mac_mode TEXT NOT NULL DEFAULT 'attested',
+            approval_required INTEGER NOT NULL DEFAULT 0,
+            approvals_needed INTEGER NOT NULL DEFAULT 1,
+            created_by TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_by TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE (project_id, name))""",
+        """CREATE TABLE keys (
+            id TEXT PRIMARY KEY,
+            keystore_id {bigint} NOT NULL REFERENCES keystores(id),
+            name TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            key_type TEXT NOT NULL,
+            key_spec TEXT NOT NULL,
+            status TEXT NOT NULL,
+            exportable INTEGER NOT NULL DEFAULT 0,
+            imported INTEGER NOT NULL DEFAULT 0,
+            auto_rotation_days INTEGER NOT NULL DEFAULT 0,
+            next_rotation_at TEXT,
+            current_version INTEGER NOT NULL DEFAULT 0,
+            deletion_at TEXT,
+            last_access_at TEXT,
+            created_by TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_by TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE (keystore_id, name))""",
+        "CREATE INDEX keys_keystore ON keys (keystore_id, status)",
+        "CREATE INDEX keys_rotation ON keys (next_rotation_at)",
+        "CREATE INDEX keys_deletion ON keys (deletion_at)",
+        """CREATE TABLE key_versions (
+            key_id TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+            version INTEGER NOT NULL,
+            status TEXT NOT NULL DEFAULT 'ACTIVE',
+            material_sealed {blob} NOT NULL,
+            public_der {blob},
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (key_id, version))""",
+        """CREATE TABLE operators (
+            id {serial_pk},
+            name TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL,
+            password_hash TEXT,
+            disabled INTEGER NOT NULL DEFAULT 0,
+            failed_logins INTEGER NOT NULL DEFAULT 0,
+            locked_until TEXT,
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE operator_tokens (
+            id TEXT PRIMARY KEY,
+            operator_id {bigint} NOT NULL REFERENCES operators(id),
+            secret_hash TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            expires_at TEXT,
+            revoked INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL)""",
+    ]),
+]
+
+# (table, column, primary-key columns) of every sealed column: the rewrap job's map.
+SEALED_COLUMNS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("key_versions", "material_sealed", ("key_id", "version")),
+]
+
+
+def render(sql: str, dialect: str) -> str:
+    tokens = {
+        "sqlite": {"serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "bigint": "INTEGER"},
+        "postgresql": {"serial_pk": "BIGSERIAL PRIMARY KEY", "blob": "BYTEA", "bigint": "BIGINT"},
+    }[dialect]
+    return sql.format(**tokens)
