@@ -131,8 +131,17 @@ class NotFound(SKMError):
 
 
 class ApprovalRequired(SKMError):
-    """Not an error for the caller: the change became a change request."""
+    """Not a failure: the change became a change request awaiting approval."""
     status, result_code, message = 202, 1, "Approval Required"
+
+    def __init__(self, request_id: int, detail: str | None = None) -> None:
+        self.request_id = request_id
+        super().__init__(detail or "the key store requires approval; the change waits as a change request")
+
+    def envelope(self) -> dict:
+        return {"header": {"resultCode": self.result_code, "resultMessage": self.message, "isSuccessful": True,
+                           "resultDetail": self.detail},
+                "body": {"changeRequestId": self.request_id, "status": "PENDING"}}
 
 
 # --- server state ----------------------------------------------------------

@@ -79,11 +79,60 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             revoked INTEGER NOT NULL DEFAULT 0,
             created_at TEXT NOT NULL)""",
     ]),
+    (2, [
+        # Key-store client authentication data (NHN "auths"): IPv4/CIDR, MAC, certificates.
+        """CREATE TABLE auth_ipv4s (
+            id {serial_pk},
+            keystore_id {bigint} NOT NULL REFERENCES keystores(id),
+            value TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL DEFAULT 'ACTIVE',
+            deletion_at TEXT,
+            last_access_at TEXT,
+            created_by TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_by TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE (keystore_id, value))""",
+        """CREATE TABLE auth_macs (
+            id {serial_pk},
+            keystore_id {bigint} NOT NULL REFERENCES keystores(id),
+            value TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL DEFAULT 'ACTIVE',
+            deletion_at TEXT,
+            last_access_at TEXT,
+            created_by TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_by TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE (keystore_id, value))""",
+        """CREATE TABLE auth_certificates (
+            id {serial_pk},
+            keystore_id {bigint} NOT NULL REFERENCES keystores(id),
+            name TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            fingerprint TEXT NOT NULL UNIQUE,
+            serial TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            password_sealed {blob} NOT NULL,
+            bundle_sealed {blob} NOT NULL,
+            status TEXT NOT NULL DEFAULT 'ACTIVE',
+            deletion_at TEXT,
+            last_access_at TEXT,
+            created_by TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_by TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE (keystore_id, name))""",
+    ]),
 ]
 
 # (table, column, primary-key columns) of every sealed column: the rewrap job's map.
 SEALED_COLUMNS: list[tuple[str, str, tuple[str, ...]]] = [
     ("key_versions", "material_sealed", ("key_id", "version")),
+    ("auth_certificates", "password_sealed", ("id",)),
+    ("auth_certificates", "bundle_sealed", ("id",)),
 ]
 
 

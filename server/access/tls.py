@@ -1,0 +1,37 @@
+"""TLS contexts for every listener and client in the project.
+
+TLS 1.2+ only, ECDHE with AEAD suites only, no renegotiation. The data plane
+asks for a client certificate but does not require one (a key store decides);
+the system-key server requires one.
+"""
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(AEAD_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    return ctx
+
+
+def server_context(cert: Path, key: Path, client_ca: Path | None = None, *, require_client: bool = False
+                   ) -> ssl.SSLContext:
+    ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx.load_cert_chain(str(cert), str(key))
+    if client_ca is not None:
+        ctx.load_verify_locations(cafile=str(client_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED if require_client else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def client_context(ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    ctx = _harden(ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key else None)
+    return ctx

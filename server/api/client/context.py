@@ -1,0 +1,95 @@
+"""The client-API request pipeline: who is calling, from where, with what.
+
+Steps, in order: appkey -> caller credentials (by API version) -> the key's
+key-store client checks (IPv4 / MAC / certificate, AND or OR). Each step is one
+call here so access-control modules slot in without touching handlers.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from server.errors import InvalidAppkey, Sealed
+from server.keys.model import Key, KeyStore, Project
+from server.runtime import CLIENT_CTX, KEY, runtime
+
+PREFIX = r"/keymanager/{version:v1\.[0-3]}/appkey/{appkey:[A-Za-z0-9_-]{1,64}}"
+MAC_HEADER = "X-TOAST-CLIENT-MAC-ADDR"
+
+
+@dataclass
+class ClientContext:
+    version: str
+    project: Project
+    peer_ip: str
+    cert_der: bytes | None
+    fingerprint: str | None
+    mac_header: str | None
+    caller: str = "appkey"          # audit identity: appkey, user access key id, token id
+
+    @property
+    def sent_certificate(self) -> bool:
+        return self.cert_der is not None
+
+
+def peer_certificate(request: web.Request) -> bytes | None:
+    transport = request.transport
+    if transport is None:
+        return None
+    ssl_obj = transport.get_extra_info("ssl_object")
+    if ssl_obj is None:
+        return None
+    return ssl_obj.getpeercert(binary_form=True) or None
+
+
+def peer_ip(request: web.Request) -> str:
+    rt = runtime(request)
+    if rt.access is not None:
+        return rt.access.client_ip(request)
+    return request.remote or ""
+
+
+async def client_context(request: web.Request) -> ClientContext:
+    ctx = request.get(CLIENT_CTX)
+    if ctx is not None:
+        return ctx
+    rt = runtime(request)
+    if rt.barrier.sealed:
+        raise Sealed(rt.barrier.sealed_reason)
+    appkey = request.match_info["appkey"]
+    project = await rt.keys.project_by_appkey(appkey)
+    if project is None:
+        raise InvalidAppkey("no project has that appkey")
+    der = peer_certificate(request)
+    ctx = ClientContext(
+        version=request.match_info["version"], project=project, peer_ip=peer_ip(request),
+        cert_der=der, fingerprint=hashlib.sha256(der).hexdigest() if der else None,
+        mac_header=request.headers.get(MAC_HEADER),
+    )
+    if rt.callers is not None:
+        ctx.caller = await rt.callers.authenticate(request, ctx)
+    request[CLIENT_CTX] = ctx
+    return ctx
+
+
+async def authorize_keystore(request: web.Request, ctx: ClientContext, ks: KeyStore) -> None:
+    rt = runtime(request)
+    if rt.access is None:
+        from server.errors import Forbidden
+        raise Forbidden("client access checks are not configured")   # fail closed
+    await rt.access.authorize(request, ctx, ks)
+
+
+async def key_for_use(request: web.Request, *, check_access: bool = True) -> tuple[ClientContext, Key]:
+    """Resolve `{keyid}` in the caller's project and pass its key store's client checks."""
+    rt = runtime(request)
+    ctx = await client_context(request)
+    key = await rt.keys.key(request.match_info["keyid"], project_id=ctx.project.id)
+    if check_access:
+        ks = await rt.keys.keystore(key.keystore_id)
+        await authorize_keystore(request, ctx, ks)
+    request[KEY] = key
+    rt.keys.touch(key)
+    return ctx, key

@@ -1,0 +1,281 @@
+"""Assemble the key server: runtime, the two aiohttp applications, listeners, jobs.
+
+`KeyServer.start()` opens storage, starts both listeners *sealed*, then unseals
+in the background (a remote system-key server may not be up yet); until then
+every request but health answers 503 with the reason.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from server import logs
+from server.access.authdata import AuthData
+from server.access.changes import ChangeGate
+from server.access.clientauth import ClientAccess
+from server.access.operators import Operators
+from server.access.tls import server_context
+from server.api import middleware
+from server.api.routing import RouteTable
+from server.barrier.barrier import Barrier
+from server.barrier.keyring import LocalKeyringSource, SystemKeySource
+from server.barrier.rootkey import RootKeyProvider, make_provider
+from server.errors import ConfigError
+from server.events import EventBus
+from server.keys.service import KeyService, Limits
+from server.metrics import Metrics
+from server.runtime import RUNTIME, Runtime
+from server.settings import ServerConfig
+from server.storage.base import open_storage
+
+log = logs.get("skm.server")
+VERSION = "0.1.0"
+
+
+def client_routes() -> RouteTable:
+    from server.api.client import crypto_routes, manage_routes
+    table = RouteTable()
+    for mod in (crypto_routes, manage_routes):
+        table.routes.extend(_prefixed(mod.routes))
+    for extra in _optional_tables("client"):
+        table.routes.extend(_prefixed(extra))
+    return table
+
+
+def mgmt_routes() -> RouteTable:
+    from server.api.mgmt import auth_routes, key_routes, keystore_routes
+    table = RouteTable()
+    for mod in (keystore_routes, key_routes, auth_routes):
+        table.routes.extend(_prefixed(mod.routes))
+    for extra in _optional_tables("mgmt"):
+        table.routes.extend(_prefixed(extra))
+    return table
+
+
+def _prefixed(t: RouteTable):
+    import dataclasses
+    return [dataclasses.replace(r, path=t.prefix + r.path) for r in t.routes]
+
+
+def _optional_tables(plane: str) -> list[RouteTable]:
+    """Route tables contributed by other modules (certificates, credentials, approvals, audit...)."""
+    import importlib
+    names = {
+        "client": ["server.api.client.cert_routes", "server.api.client.oauth_routes"],
+        "mgmt": ["server.api.mgmt.cert_routes", "server.api.mgmt.operator_routes", "server.api.mgmt.approval_routes",
+                 "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes", "server.api.mgmt.event_routes"],
+    }[plane]
+    out = []
+    for name in names:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        out.append(mod.routes)
+    return out
+
+
+async def _health(request: web.Request) -> web.Response:
+    rt = request.config_dict[RUNTIME]
+    if rt.barrier.sealed:
+        return web.json_response({"status": "sealed", "sealed": True, "reason": rt.barrier.sealed_reason},
+                                 status=503)
+    return web.json_response({"status": "ok", "sealed": False})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    rt = request.config_dict[RUNTIME]
+    rt.metrics.sealed.set(1 if rt.barrier.sealed else 0)
+    return rt.metrics.render()
+
+
+def build_apps(rt: Runtime) -> tuple[web.Application, web.Application]:
+    max_body = rt.config.max_body_bytes
+    data = web.Application(client_max_size=max_body, middlewares=[
+        middleware.request_context, rt.metrics.middleware("data"), middleware.errors])
+    data[RUNTIME] = rt
+    client = client_routes()
+    client.register(data)
+    rt.extra["client_openapi"] = client.openapi("Secure Key Manager client API (NHN SKM compatible)", VERSION)
+    data.router.add_get("/healthz", _health)
+    data.router.add_get("/metrics", _metrics)
+
+    mgmt = web.Application(client_max_size=max_body, middlewares=[
+        middleware.request_context, rt.metrics.middleware("mgmt"), middleware.errors])
+    mgmt[RUNTIME] = rt
+    table = mgmt_routes()
+    table.register(mgmt)
+    doc = table.openapi("Secure Key Manager management API", VERSION,
+                        security={"bearer": {"type": "http", "scheme": "bearer"}})
+    rt.extra["mgmt_openapi"] = doc
+
+    async def openapi(_request: web.Request) -> web.Response:
+        return web.json_response(doc)
+
+    async def client_openapi(_request: web.Request) -> web.Response:
+        return web.json_response(rt.extra["client_openapi"])
+
+    mgmt.router.add_get("/api/v1/openapi.json", openapi)
+    mgmt.router.add_get("/api/v1/client-openapi.json", client_openapi)
+    mgmt.router.add_get("/healthz", _health)
+    mgmt.router.add_get("/metrics", _metrics)
+    if "console" in rt.extra:
+        rt.extra["console"](mgmt)
+    return data, mgmt
+
+
+def build_runtime(config: ServerConfig, storage, barrier: Barrier | None = None) -> Runtime:
+    barrier = barrier or Barrier()
+    events = EventBus()
+    keys = KeyService(storage, barrier, events, Limits(min_auto_rotation_days=config.min_auto_rotation_days,
+                                                       deletion_grace_days=config.deletion_grace_days))
+    authdata = AuthData(storage, events, config.deletion_grace_days)
+    rt = Runtime(config=config, storage=storage, barrier=barrier, keys=keys, events=events,
+                 access=ClientAccess(storage, config.trusted_proxies), authdata=authdata,
+                 operators=Operators(storage), metrics=Metrics())
+    rt.changes = ChangeGate(keys, authdata)
+    _extend_runtime(rt)
+    return rt
+
+
+def _extend_runtime(rt: Runtime) -> None:
+    """Hooks for modules that add services (certificates, credentials, approvals, audit, console)."""
+    import importlib
+    for name in ("server.access.certificates", "server.access.callers", "server.access.approvals",
+                 "server.audit", "server.console"):
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        hook = getattr(mod, "install", None)
+        if hook is not None:
+            hook(rt)
+
+
+def system_key_source(config: ServerConfig) -> SystemKeySource:
+    if config.systemkey.source == "local":
+        return LocalKeyringSource(config.system_key_path())
+    if config.systemkey.source == "remote":
+        from server.barrier.remote import RemoteKeyringSource
+        return RemoteKeyringSource(config.systemkey)
+    raise ConfigError("systemkey.source must be 'local' or 'remote'")
+
+
+async def unseal_once(barrier: Barrier, source: SystemKeySource, root: RootKeyProvider) -> None:
+    ring = await source.fetch()
+    keys = await ring.unwrap_all(root)
+    barrier.unseal(keys, ring.current)
+
+
+@dataclass
+class KeyServer:
+    config: ServerConfig
+    runtime: Runtime | None = None
+    data_port: int = 0
+    mgmt_port: int = 0
+    _runners: list[web.AppRunner] = field(default_factory=list)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    root: RootKeyProvider | None = None
+    source: SystemKeySource | None = None
+
+    async def start(self, *, wait_unsealed: bool = True) -> "KeyServer":
+        cfg = self.config
+        self.root = make_provider(cfg.rootkey, cfg.root_key_path())
+        self.source = system_key_source(cfg)
+        storage = open_storage(cfg.storage_url())
+        await storage.open()
+        rt = self.runtime = build_runtime(cfg, storage)
+        if cfg.systemkey.source == "local":
+            # A local keyring is there or not: a wrong root key stops the start here.
+            await unseal_once(rt.barrier, self.source, self.root)
+        else:
+            self._tasks.append(asyncio.create_task(self._unseal_remote(), name="unseal"))
+        data_app, mgmt_app = build_apps(rt)
+        self.data_port = await self._listen(data_app, "data", client_cert=True)
+        self.mgmt_port = await self._listen(mgmt_app, "mgmt", client_cert=False)
+        self._tasks.append(asyncio.create_task(self._jobs(), name="jobs"))
+        for hook in rt.extra.get("on_start", []):
+            await hook(rt)
+        log.info("listening", data_port=self.data_port, mgmt_port=self.mgmt_port, sealed=rt.barrier.sealed)
+        if wait_unsealed and cfg.systemkey.source == "local":
+            assert not rt.barrier.sealed
+        return self
+
+    async def _unseal_remote(self) -> None:
+        from server.barrier.remote import unseal_with_retry
+        rt = self.runtime
+        sk = self.config.systemkey
+        try:
+            await unseal_with_retry(rt.barrier, self.source, self.root, initial=sk.retry_initial,
+                                    maximum=sk.retry_max, log=log)
+            log.info("unsealed", system_key_version=rt.barrier.current_version)
+        except ConfigError as e:
+            rt.barrier.sealed_reason = f"cannot unseal: {e}"
+            log.error("unseal_failed", reason=str(e))
+
+    async def _listen(self, app: web.Application, which: str, *, client_cert: bool) -> int:
+        cfg = self.config
+        cert, key, ca = cfg.listener_files(which)
+        ctx = server_context(cert, key, ca if client_cert else None)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2)
+        await runner.setup()
+        lc = getattr(cfg, which)
+        site = web.TCPSite(runner, lc.host, lc.port, ssl_context=ctx, reuse_port=False, backlog=1024)
+        await site.start()
+        self._runners.append(runner)
+        return site._server.sockets[0].getsockname()[1]
+
+    async def _jobs(self) -> None:
+        """Deletion purge and auto-rotation; one replica at a time (storage lock)."""
+        rt = self.runtime
+        while True:
+            await asyncio.sleep(self.config.purge_interval)
+            if rt.barrier.sealed:
+                continue
+            try:
+                if await rt.storage.try_lock("skm-jobs"):
+                    await run_jobs_once(rt)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background_job_failed")
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._tasks.clear()
+        for r in self._runners:
+            await r.cleanup()
+        self._runners.clear()
+        if self.runtime is not None:
+            for hook in self.runtime.extra.get("on_stop", []):
+                await hook(self.runtime)
+            await self.runtime.storage.close()
+        if self.root is not None:
+            await self.root.close()
+        if self.source is not None:
+            await self.source.close()
+
+
+async def run_jobs_once(rt: Runtime, now=None) -> dict:
+    purged = await rt.keys.purge_due(now)
+    rotated = await rt.keys.rotate_due(now)
+    auth_purged = await rt.authdata.purge_due(now)
+    if purged or rotated or auth_purged:
+        log.info("jobs_ran", keys_purged=purged, keys_rotated=rotated, auth_purged=auth_purged)
+    return {"purged": purged, "rotated": rotated, "auth_purged": auth_purged}
+
+
+def data_dir_exists(config: ServerConfig) -> bool:
+    return Path(config.data_dir).exists()

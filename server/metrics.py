@@ -1,0 +1,41 @@
+"""Prometheus metrics, one registry per process object (no global registry)."""
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, prefix: str = "skm") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(f"{prefix}_http_requests", "HTTP requests", ["plane", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram(f"{prefix}_http_request_seconds", "HTTP request latency", ["plane"],
+                                 registry=self.registry,
+                                 buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.sealed = Gauge(f"{prefix}_sealed", "1 while the barrier is sealed", registry=self.registry)
+        self.rewrap_done = Gauge(f"{prefix}_rewrap_records_done", "records re-sealed by the running rewrap",
+                                 registry=self.registry)
+        self.rewrap_total = Gauge(f"{prefix}_rewrap_records_total", "records the running rewrap must re-seal",
+                                  registry=self.registry)
+        self.denials = Counter(f"{prefix}_access_denials", "client requests refused by key-store checks",
+                               ["reason"], registry=self.registry)
+
+    def middleware(self, plane: str):
+        @web.middleware
+        async def measure(request: web.Request, handler):
+            start = time.perf_counter()
+            resp = await handler(request)
+            route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+            self.requests.labels(plane, route, str(resp.status)).inc()
+            self.latency.labels(plane).observe(time.perf_counter() - start)
+            return resp
+        return measure
+
+    def render(self) -> web.Response:
+        resp = web.Response(body=generate_latest(self.registry))
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp

@@ -1,0 +1,159 @@
+"""The system-key server: an mTLS-only aiohttp listener serving the wrapped keyring.
+
+Routes: `GET /v1/keyring` (allow-listed key-server certificates only, every fetch
+audited) and `GET /healthz`. Nothing on the network changes state: rotation,
+allow and revoke are local admin commands (server/systemkey/admin.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from server import logs
+from server.access.pki import fingerprint
+from server.errors import (ConfigError, Forbidden, MethodNotAllowed, SKMError, Unauthenticated, Unavailable,
+                           URLNotFound)
+from server.systemkey.settings import SystemKeyServerConfig
+from server.systemkey.state import SystemKeyState
+
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+STATE_KEY = web.AppKey("state", SystemKeyState)
+
+log = logs.get("skm.systemkey")
+
+
+def server_ssl_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+    """TLS 1.2+, AEAD suites only, no renegotiation, client certificate required."""
+    for what, p in (("cert", cert), ("key", key), ("client_ca", client_ca)):
+        if not Path(p).is_file():
+            raise ConfigError(f"system-key server TLS file {p} does not exist; set `{what}` in its config "
+                              "or run `skm certs init`")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(CIPHERS)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+        ctx.load_verify_locations(cafile=str(client_ca))
+    except (ssl.SSLError, ValueError):
+        raise ConfigError("the system-key server's certificate, key or client CA cannot be loaded; "
+                          "check cert, key and client_ca") from None
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _peer(request: web.Request) -> tuple[str | None, str | None]:
+    """(SHA-256 fingerprint, subject CN) of the client certificate; read before anything awaits."""
+    transport = request.transport
+    if transport is None:
+        return None, None
+    ssl_obj = transport.get_extra_info("ssl_object")
+    der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+    if not der:
+        return None, None
+    cn = None
+    for rdn in (transport.get_extra_info("peercert") or {}).get("subject", ()):
+        for k, v in rdn:
+            if k == "commonName":
+                cn = v
+    return fingerprint(der), cn
+
+
+@web.middleware
+async def error_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except SKMError as e:
+        return web.json_response(e.envelope(), status=e.status)
+    except web.HTTPNotFound:
+        e = URLNotFound()
+        return web.json_response(e.envelope(), status=e.status)
+    except web.HTTPMethodNotAllowed:
+        e = MethodNotAllowed()
+        return web.json_response(e.envelope(), status=e.status)
+    except web.HTTPException as e:
+        err = SKMError(e.reason)
+        return web.json_response(err.envelope(), status=e.status)
+    except Exception as e:  # noqa: BLE001 - rendered as an envelope, logged without values
+        log.error("request failed", path=request.path, error_type=type(e).__name__)
+        err = Unavailable("internal error; see the system-key server log")
+        return web.json_response(err.envelope(), status=err.status)
+
+
+async def get_keyring(request: web.Request) -> web.Response:
+    fp, cn = _peer(request)
+    remote = request.remote
+    state = request.app[STATE_KEY]
+    if fp is None:  # unreachable with CERT_REQUIRED; fail closed anyway
+        await asyncio.to_thread(state.audit, peer_fingerprint=None, result="denied", remote=remote,
+                                reason="no client certificate")
+        raise Unauthenticated("a client certificate is required")
+    try:
+        allowed = await asyncio.to_thread(state.is_allowed, fp)
+        ring = await asyncio.to_thread(state.load_keyring) if allowed else None
+    except SKMError as e:
+        await asyncio.to_thread(state.audit, peer_fingerprint=fp, result="error", remote=remote, subject=cn,
+                                reason=e.message)
+        log.error("keyring fetch failed", peer_fingerprint=fp, remote=remote, error=str(e))
+        raise
+    if ring is None:
+        await asyncio.to_thread(state.audit, peer_fingerprint=fp, result="denied", remote=remote, subject=cn,
+                                reason="not on the allow-list")
+        log.warning("keyring fetch refused: certificate not on the allow-list", peer_fingerprint=fp,
+                    subject=cn, remote=remote)
+        raise Forbidden(f"certificate {fp} is not on this system-key server's allow-list; "
+                        f"run `skm systemkey allow {fp}` on the system-key host")
+    # Audit before answering: a fetch that cannot be recorded is not served.
+    await asyncio.to_thread(state.audit, peer_fingerprint=fp, result="allowed", remote=remote, subject=cn,
+                            current=ring.current, versions=sorted(ring.versions))
+    log.info("keyring served", peer_fingerprint=fp, subject=cn, remote=remote, system_key_version=ring.current)
+    return web.json_response(ring.to_json(), headers={"Cache-Control": "no-store"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    ok = await asyncio.to_thread(state.exists)
+    return web.json_response({"status": "ok" if ok else "uninitialised"}, status=200 if ok else 503)
+
+
+def make_app(cfg: SystemKeyServerConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=4096)
+    app[STATE_KEY] = SystemKeyState(cfg)
+    app.router.add_get("/v1/keyring", get_keyring, allow_head=False)
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    return app
+
+
+async def serve(cfg: SystemKeyServerConfig) -> tuple[web.AppRunner, int]:
+    """Start the listener (port 0 picks one); the caller owns runner.cleanup()."""
+    state = SystemKeyState(cfg)
+    await asyncio.to_thread(state.require)
+    ctx = await asyncio.to_thread(server_ssl_context, *cfg.tls_files())
+    runner = web.AppRunner(make_app(cfg), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ctx, reuse_address=True)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    port = runner.addresses[0][1]
+    return runner, port
+
+
+async def run(cfg: SystemKeyServerConfig) -> None:
+    """Serve until cancelled (the CLI runs this under asyncio.run and cancels on SIGINT/SIGTERM)."""
+    logs.configure(cfg.log_format, cfg.log_level)
+    runner, port = await serve(cfg)
+    log.info("system-key server listening", host=cfg.host, port=port, data_dir=str(cfg.data_path))
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        log.info("system-key server stopped")
+

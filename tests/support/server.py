@@ -1,0 +1,142 @@
+"""A real key server on loopback (both TLS listeners, port 0), initialised in a temp dir.
+
+Use the `skm` fixture: it yields a `Harness` with the server, the appkey, an
+operator token, and helpers for client-API and management-API calls over TLS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from server.access.pki import DevPKI, cert_pem, key_pem, write_pem
+from server.access.tls import client_context
+from server.app import KeyServer
+from server.config import load
+from server.init import InitResult, init_server
+from server.settings import ServerConfig
+
+__all__ = ["Harness", "make_config", "skm", "start_harness"]
+
+
+def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
+    base = {"data_dir": str(data_dir), "purge_interval": 3600.0, "min_auto_rotation_days": 30,
+            "data": {"port": 0}, "mgmt": {"port": 0}, "log_format": "json"}
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return load(ServerConfig, None, env={}, overrides=base)
+
+
+@dataclass
+class Harness:
+    server: KeyServer
+    init: InitResult
+    tmp: Path
+    sessions: list[aiohttp.ClientSession] = field(default_factory=list)
+
+    @property
+    def rt(self):
+        return self.server.runtime
+
+    @property
+    def appkey(self) -> str:
+        return self.init.appkey
+
+    @property
+    def data_url(self) -> str:
+        return f"https://127.0.0.1:{self.server.data_port}"
+
+    @property
+    def mgmt_url(self) -> str:
+        return f"https://127.0.0.1:{self.server.mgmt_port}"
+
+    @property
+    def pki(self) -> DevPKI:
+        return DevPKI(self.server.config.pki_dir())
+
+    def ssl(self, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+        return client_context(self.pki.ca_cert, cert, key)
+
+    def client_cert(self, name: str = "client", **issue: Any) -> tuple[Path, Path]:
+        """A client certificate from the server's CA (not yet registered to any key store)."""
+        ca = self.pki.load_ca()
+        cert, key = ca.issue(name, client=True, **issue)
+        cp, kp = self.tmp / f"{name}.pem", self.tmp / f"{name}-key.pem"
+        write_pem(cp, cert_pem(cert), private=False)
+        write_pem(kp, key_pem(key), private=True)
+        return cp, kp
+
+    def session(self, cert: Path | None = None, key: Path | None = None, headers: dict | None = None
+                ) -> aiohttp.ClientSession:
+        s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl(cert, key)), headers=headers)
+        self.sessions.append(s)
+        return s
+
+    def client_path(self, path: str, version: str = "v1.0", appkey: str | None = None) -> str:
+        return f"{self.data_url}/keymanager/{version}/appkey/{appkey or self.appkey}{path}"
+
+    async def client(self, method: str, path: str, *, version: str = "v1.0", json: Any = None,
+                     session: aiohttp.ClientSession | None = None, **kw: Any) -> tuple[int, dict]:
+        s = session or self._default()
+        async with s.request(method, self.client_path(path, version), json=json, **kw) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def mgmt(self, method: str, path: str, *, json: Any = None, token: str | None = None,
+                   **kw: Any) -> tuple[int, dict]:
+        s = self._default()
+        headers = {"Authorization": f"Bearer {token or self.init.token}", **kw.pop("headers", {})}
+        async with s.request(method, f"{self.mgmt_url}/api/v1{path}", json=json, headers=headers, **kw) as r:
+            return r.status, await r.json(content_type=None)
+
+    def _default(self) -> aiohttp.ClientSession:
+        if not self.sessions:
+            self.session()
+        return self.sessions[0]
+
+    # -- conveniences for tests --------------------------------------------
+    async def keystore(self, name: str = "store", **fields: Any) -> dict:
+        register = fields.pop("register_loopback", True)
+        body = {"name": name, "ip4AuthUse": "Y", **fields}
+        st, out = await self.mgmt("POST", "/keystores", json=body)
+        assert st == 201, out
+        if body.get("ip4AuthUse") == "Y" and register:
+            st, added = await self.mgmt("POST", f"/keystores/{out['body']['keyStoreId']}/auths/ipv4s",
+                                        json={"value": "127.0.0.1"})
+            assert st == 201, added
+        return out["body"]
+
+    async def key(self, store: dict, key_type: str, name: str, **fields: Any) -> dict:
+        st, out = await self.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys",
+                                  json={"keyType": key_type, "name": name, **fields})
+        assert st == 201, out
+        return out["body"]
+
+    async def close(self) -> None:
+        for s in self.sessions:
+            await s.close()
+        self.sessions.clear()
+        await self.server.stop()
+
+
+async def start_harness(tmp: Path, **overrides: Any) -> Harness:
+    cfg = make_config(tmp / "data", **overrides)
+    result = await init_server(cfg)
+    server = await KeyServer(cfg).start()
+    return Harness(server, result, tmp)
+
+
+@pytest.fixture
+async def skm(tmp_path):
+    h = await start_harness(tmp_path)
+    try:
+        yield h
+    finally:
+        await h.close()
