@@ -65,9 +65,11 @@ def _optional_tables(plane: str) -> list[RouteTable]:
     """Route tables contributed by other modules (certificates, credentials, approvals, audit...)."""
     import importlib
     names = {
-        "client": ["server.api.client.cert_routes", "server.api.client.oauth_routes"],
+        "client": ["server.api.client.cert_routes", "server.api.client.oauth_routes",
+                   "server.api.client.event_routes"],
         "mgmt": ["server.api.mgmt.cert_routes", "server.api.mgmt.operator_routes", "server.api.mgmt.approval_routes",
-                 "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes", "server.api.mgmt.event_routes"],
+                 "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes",
+                 "server.api.mgmt.credential_routes"],
     }[plane]
     out = []
     for name in names:
@@ -97,8 +99,10 @@ async def _metrics(request: web.Request) -> web.Response:
 
 def build_apps(rt: Runtime) -> tuple[web.Application, web.Application]:
     max_body = rt.config.max_body_bytes
+    # Audit and other observers sit outside the error middleware: they see the final status.
     data = web.Application(client_max_size=max_body, middlewares=[
-        middleware.request_context, rt.metrics.middleware("data"), middleware.errors])
+        middleware.request_context, rt.metrics.middleware("data"), *rt.extra.get("data_middlewares", []),
+        middleware.errors])
     data[RUNTIME] = rt
     client = client_routes()
     client.register(data)
@@ -107,7 +111,8 @@ def build_apps(rt: Runtime) -> tuple[web.Application, web.Application]:
     data.router.add_get("/metrics", _metrics)
 
     mgmt = web.Application(client_max_size=max_body, middlewares=[
-        middleware.request_context, rt.metrics.middleware("mgmt"), middleware.errors])
+        middleware.request_context, rt.metrics.middleware("mgmt"), *rt.extra.get("mgmt_middlewares", []),
+        middleware.errors])
     mgmt[RUNTIME] = rt
     table = mgmt_routes()
     table.register(mgmt)

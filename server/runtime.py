@@ -46,6 +46,7 @@ def _request_key(name: str):
 CLIENT_CTX = _request_key("skm_client")
 OPERATOR = _request_key("skm_operator")
 KEY = _request_key("skm_key")
+ERROR = _request_key("skm_error")     # the SKMError a request ended with, for audit
 
 
 def runtime(request: web.Request) -> Runtime:

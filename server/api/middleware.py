@@ -7,7 +7,8 @@ import structlog
 from aiohttp import web
 
 from server import logs
-from server.errors import (MethodNotAllowed, PayloadTooLarge, SKMError, URLNotFound)
+from server.errors import MethodNotAllowed, PayloadTooLarge, SKMError, URLNotFound
+from server.runtime import ERROR
 
 log = logs.get("skm.api")
 
@@ -24,6 +25,7 @@ async def errors(request: web.Request, handler):
     try:
         return await handler(request)
     except SKMError as e:
+        request[ERROR] = e
         log.info("request_refused", status=e.status, result=e.message, path=request.rel_url.path)
         return error_response(e)
     except web.HTTPRequestEntityTooLarge:

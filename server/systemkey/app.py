@@ -15,12 +15,13 @@ from aiohttp import web
 
 from server import logs
 from server.access.pki import fingerprint
+from server.access.tls import AEAD_CIPHERS, server_context
 from server.errors import (ConfigError, Forbidden, MethodNotAllowed, SKMError, Unauthenticated, Unavailable,
                            URLNotFound)
 from server.systemkey.settings import SystemKeyServerConfig
 from server.systemkey.state import SystemKeyState
 
-CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+CIPHERS = AEAD_CIPHERS
 STATE_KEY = web.AppKey("state", SystemKeyState)
 
 log = logs.get("skm.systemkey")
@@ -32,16 +33,12 @@ def server_ssl_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext
         if not Path(p).is_file():
             raise ConfigError(f"system-key server TLS file {p} does not exist; set `{what}` in its config "
                               "or run `skm certs init`")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(CIPHERS)
-    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     try:
-        ctx.load_cert_chain(str(cert), str(key))
-        ctx.load_verify_locations(cafile=str(client_ca))
+        ctx = server_context(Path(cert), Path(key), Path(client_ca), require_client=True)
     except (ssl.SSLError, ValueError):
         raise ConfigError("the system-key server's certificate, key or client CA cannot be loaded; "
                           "check cert, key and client_ca") from None
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 

@@ -70,6 +70,9 @@ async def client_context(request: web.Request) -> ClientContext:
     )
     if rt.callers is not None:
         ctx.caller = await rt.callers.authenticate(request, ctx)
+    elif ctx.version in ("v1.2", "v1.3"):
+        from server.errors import Unauthenticated
+        raise Unauthenticated("caller credentials are not configured on this server")   # fail closed
     request[CLIENT_CTX] = ctx
     return ctx
 

@@ -1,0 +1,103 @@
+"""`skm keystore create|list|show|update`."""
+from __future__ import annotations
+
+import argparse
+
+from server.cli.common import add_connection_args, client, output, yn
+
+COLUMNS = ["keyStoreId", "name", "ip4AuthUse", "macAuthUse", "certificateAuthUse", "authMode", "macVerification",
+           "approvalRequired"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("keystore", help="manage key stores", description="Create, list, show and update key stores.")
+    s = p.add_subparsers(dest="keystore_command", metavar="SUBCOMMAND")
+    s.required = True
+
+    c = s.add_parser("create", help="create a key store", description="Create a key store. At least one client "
+                     "check (--ip, --mac, --cert) must be enabled.")
+    c.add_argument("name")
+    c.add_argument("--description", default="")
+    _auth_flags(c)
+    c.add_argument("--appkey", help="project appkey (default: the first project)")
+    add_connection_args(c)
+    c.set_defaults(func=_create)
+
+    ls = s.add_parser("list", help="list key stores", description="List every key store.")
+    add_connection_args(ls)
+    ls.set_defaults(func=_list)
+
+    sh = s.add_parser("show", help="show one key store", description="Show one key store's settings.")
+    sh.add_argument("id", type=int)
+    add_connection_args(sh)
+    sh.set_defaults(func=_show)
+
+    u = s.add_parser("update", help="change a key store's settings",
+                     description="Change settings; on an approval store this creates a change request.")
+    u.add_argument("id", type=int)
+    u.add_argument("--name")
+    u.add_argument("--description")
+    _auth_flags(u, update=True)
+    add_connection_args(u)
+    u.set_defaults(func=_update)
+
+
+def _auth_flags(p: argparse.ArgumentParser, update: bool = False) -> None:
+    bool_default = None if update else False
+    for flag, help_ in (("ip", "IPv4/CIDR check"), ("mac", "MAC address check"), ("cert", "client certificate check")):
+        p.add_argument(f"--{flag}", dest=flag, action=argparse.BooleanOptionalAction, default=bool_default,
+                       help=f"enable the {help_}")
+    p.add_argument("--mode", choices=["AND", "OR"], default=None if update else "AND",
+                   help="pass all enabled checks (AND) or any one (OR)")
+    p.add_argument("--mac-verification", choices=["header", "attested", "neighbor"],
+                   default=None if update else "attested",
+                   help="how a MAC claim is verified (header is NHN-compatible and weak)")
+    p.add_argument("--approval", action=argparse.BooleanOptionalAction, default=None if update else False,
+                   help="require an approver for every change")
+    p.add_argument("--approvals-needed", type=int, default=None if update else 1)
+
+
+def _body(args: argparse.Namespace) -> dict:
+    body = {"ip4AuthUse": args.ip, "macAuthUse": args.mac, "certificateAuthUse": args.cert, "authMode": args.mode,
+            "macVerification": args.mac_verification, "approvalRequired": args.approval,
+            "approvalsNeeded": args.approvals_needed}
+    for k in ("ip4AuthUse", "macAuthUse", "certificateAuthUse"):
+        if body[k] is not None:
+            body[k] = yn(body[k])
+    return {k: v for k, v in body.items() if v is not None}
+
+
+async def _create(args: argparse.Namespace) -> int:
+    body = {"name": args.name, "description": args.description, **_body(args)}
+    if args.appkey:
+        body["appkey"] = args.appkey
+    async with client(args) as c:
+        out = await c.call("POST", "/keystores", body)
+    output(args, out, title="key store created")
+    return 0
+
+
+async def _list(args: argparse.Namespace) -> int:
+    async with client(args) as c:
+        out = await c.call("GET", "/keystores")
+    output(args, out, COLUMNS, out["keyStoreList"], title="key stores")
+    return 0
+
+
+async def _show(args: argparse.Namespace) -> int:
+    async with client(args) as c:
+        out = await c.call("GET", f"/keystores/{args.id}")
+    output(args, out, title=f"key store {args.id}")
+    return 0
+
+
+async def _update(args: argparse.Namespace) -> int:
+    body = _body(args)
+    if args.name:
+        body["name"] = args.name
+    if args.description is not None:
+        body["description"] = args.description
+    async with client(args) as c:
+        out = await c.call("PATCH", f"/keystores/{args.id}", body)
+    output(args, out, title="key store updated")
+    return 0

@@ -1,0 +1,137 @@
+"""What CLI commands share: the management-API client, config, output."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import aiohttp
+
+from server.access.tls import client_context
+from server.errors import SKMError
+
+CONFIG_FILE = Path(os.environ.get("SKM_CONFIG", Path.home() / ".config" / "skm" / "config.toml"))
+_STATUS_ERRORS: dict[int, type[SKMError]] = {}
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection (default: SKM_ADDR, SKM_TOKEN, SKM_CACERT or the config file)")
+    g.add_argument("--addr", help="management URL, e.g. https://127.0.0.1:8444")
+    g.add_argument("--token", help="operator token (prefer SKM_TOKEN: arguments show in `ps`)")
+    g.add_argument("--ca", help="CA certificate that signed the server's certificate")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@dataclass
+class Connection:
+    addr: str
+    token: str | None
+    ca: str | None
+
+
+def connection(args: argparse.Namespace) -> Connection:
+    cfg: dict[str, Any] = {}
+    if CONFIG_FILE.exists():
+        cfg = tomllib.loads(CONFIG_FILE.read_text())
+    addr = getattr(args, "addr", None) or os.environ.get("SKM_ADDR") or cfg.get("addr") or "https://127.0.0.1:8444"
+    token = getattr(args, "token", None) or os.environ.get("SKM_TOKEN") or cfg.get("token")
+    ca = getattr(args, "ca", None) or os.environ.get("SKM_CACERT") or cfg.get("ca")
+    if ca is None and Path(".skm/pki/ca.pem").exists():
+        ca = ".skm/pki/ca.pem"
+    return Connection(addr.rstrip("/"), token, ca)
+
+
+class ApiError(SKMError):
+    pass
+
+
+def _raise_for(status: int, envelope: dict) -> None:
+    from server import errors
+    header = (envelope or {}).get("header") or {}
+    msg = header.get("resultMessage", f"HTTP {status}")
+    detail = header.get("resultDetail")
+    if status == 202 and (envelope.get("body") or {}).get("changeRequestId") is not None:
+        raise errors.ApprovalRequired(envelope["body"]["changeRequestId"], detail)
+    cls = {401: errors.Unauthenticated, 403: errors.Forbidden, 404: errors.NotFound, 409: errors.Conflict,
+           503: errors.Unavailable}.get(status, ApiError)
+    raise cls(detail, message=msg)
+
+
+class MgmtClient:
+    """Async client of /api/v1 with the operator token."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        ssl_ctx = client_context(Path(conn.ca)) if conn.ca else None
+        headers = {"Authorization": f"Bearer {conn.token}"} if conn.token else {}
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_ctx), headers=headers,
+                                             timeout=aiohttp.ClientTimeout(total=60))
+
+    async def __aenter__(self) -> "MgmtClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    async def call(self, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
+        url = f"{self.conn.addr}/api/v1{path}"
+        async with self.session.request(method, url, json=body, params=params) as r:
+            try:
+                env = await r.json(content_type=None)
+            except (json.JSONDecodeError, aiohttp.ContentTypeError):
+                env = {}
+            if r.status >= 300 or not (env.get("header") or {}).get("isSuccessful", False) or r.status == 202:
+                _raise_for(r.status, env)
+            return env.get("body")
+
+    async def raw(self, method: str, path: str, params: dict | None = None) -> bytes:
+        async with self.session.request(method, f"{self.conn.addr}/api/v1{path}", params=params) as r:
+            if r.status >= 300:
+                _raise_for(r.status, await r.json(content_type=None))
+            return await r.read()
+
+
+def client(args: argparse.Namespace) -> MgmtClient:
+    return MgmtClient(connection(args))
+
+
+def output(args: argparse.Namespace, data: Any, columns: Iterable[str] | None = None,
+           rows: list[dict] | None = None, title: str | None = None) -> None:
+    """`--json` prints `data`; otherwise a table of `rows` (or key/value pairs of a dict)."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    console = Console()
+    if rows is None:
+        table = Table(title=title, show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value")
+        for k, v in (data or {}).items():
+            if isinstance(v, (list, dict)):
+                v = json.dumps(v)
+            table.add_row(str(k), "" if v is None else str(v))
+        console.print(table)
+        return
+    cols = list(columns or (rows[0].keys() if rows else []))
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in cols])
+    console.print(table)
+
+
+def yn(flag: bool) -> str:
+    return "Y" if flag else "N"
+
+
+def fail(msg: str, code: int = 1) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code

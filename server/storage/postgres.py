@@ -1,0 +1,338 @@
+"""PostgreSQL backend (asyncpg): several key-server replicas on one database.
+
+Statements arrive with `?` placeholders and are translated to `$1..$n` once
+(cached). Migrations run under a transaction-level advisory lock so replicas
+starting together migrate once. Job leadership uses session-level advisory
+locks on a dedicated connection; change notifications use LISTEN/NOTIFY on
+another dedicated connection that reconnects by itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import re
+from collections import OrderedDict
+from contextlib import asynccontextmanager, suppress
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from server.storage.base import Executor, Row, Storage
+from server.storage.migrations import MIGRATIONS, render
+
+Callback = Callable[[str], Awaitable[None] | None]
+
+_MIGRATION_LOCK = "skm:schema-migrations"
+
+# Everything `?` may hide in: strings (plain and E''), quoted identifiers,
+# comments, dollar quotes. Only a bare `?` becomes a placeholder.
+_SQL_TOKENS = re.compile(
+    r"""(?<![\w$])[eE]'(?:[^'\\]|\\.|'')*'
+      | '(?:[^']|'')*'
+      | "(?:[^"]|"")*"
+      | --[^\n]*
+      | /\*.*?\*/
+      | (?<![\w$])\$(?P<tag>[A-Za-z_]\w*)?\$.*?\$(?P=tag)\$
+      | \?""",
+    re.S | re.X,
+)
+
+
+def translate_placeholders(sql: str) -> str:
+    """`?` → `$1..$n`, leaving literals, identifiers and comments alone."""
+    if "?" not in sql:
+        return sql
+    n = 0
+
+    def sub(m: re.Match[str]) -> str:
+        nonlocal n
+        if m.group(0) != "?":
+            return m.group(0)
+        n += 1
+        return f"${n}"
+
+    return _SQL_TOKENS.sub(sub, sql)
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for a name."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8, person=b"skm-lock").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def rowcount(status: str) -> int:
+    """Rows changed from a command tag: 'UPDATE 3' → 3, 'INSERT 0 1' → 1, 'CREATE TABLE' → 0."""
+    last = status.rsplit(" ", 1)[-1] if status else ""
+    return int(last) if last.isdigit() else 0
+
+
+class _SqlCache:
+    """A small LRU of translated statements."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._cache: OrderedDict[str, str] = OrderedDict()
+
+    def __call__(self, sql: str) -> str:
+        out = self._cache.get(sql)
+        if out is None:
+            out = translate_placeholders(sql)
+            self._cache[sql] = out
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(sql)
+        return out
+
+
+class _Conn(Executor):
+    def __init__(self, conn: asyncpg.Connection, sql: _SqlCache) -> None:
+        self.conn = conn
+        self._sql = sql
+
+    async def fetchone(self, sql: str, *args: Any) -> Row | None:
+        row = await self.conn.fetchrow(self._sql(sql), *args)
+        return None if row is None else dict(row)
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Row]:
+        return [dict(r) for r in await self.conn.fetch(self._sql(sql), *args)]
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return rowcount(await self.conn.execute(self._sql(sql), *args))
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    """Strip our own `pool_*` query options from the DSN asyncpg gets."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {k: v for k, v in query if k.startswith("pool_")}
+    rest = [(k, v) for k, v in query if not k.startswith("pool_")]
+    return urlunsplit(parts._replace(query=urlencode(rest))), ours
+
+
+class PostgresStorage(Storage):
+    dialect = "postgresql"
+
+    def __init__(self, url: str, *, max_size: int | None = None, connect_timeout: float = 10.0,
+                 command_timeout: float | None = 30.0, acquire_timeout: float = 30.0) -> None:
+        dsn, opts = _split_url(url)
+        self._dsn = dsn
+        self._max_size = max_size or int(opts.get("pool_max_size", 10))
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._acquire_timeout = acquire_timeout
+        self._sql = _SqlCache()
+        self._pool: asyncpg.Pool | None = None
+        self._closing = False
+        # leadership locks
+        self._lock_conn: asyncpg.Connection | None = None
+        self._lock_mutex = asyncio.Lock()
+        self._held: set[str] = set()
+        # notifications
+        self._listen_conn: asyncpg.Connection | None = None
+        self._listen_mutex = asyncio.Lock()
+        self._channels: dict[str, list[Callback]] = {}
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._callback_tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self._dsn, timeout=self._connect_timeout,
+                                     command_timeout=self._command_timeout,
+                                     server_settings={"application_name": "skm"})
+
+    async def open(self) -> None:
+        self._closing = False
+        self._pool = await asyncpg.create_pool(
+            self._dsn, min_size=1, max_size=self._max_size, timeout=self._connect_timeout,
+            command_timeout=self._command_timeout, server_settings={"application_name": "skm"})
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self) -> None:
+        async with self._acquire() as conn, conn.transaction():
+            # Held until commit: replicas starting together queue here.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(_MIGRATION_LOCK))
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            current = await conn.fetchval("SELECT MAX(version) FROM schema_version") or 0
+            for version, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for stmt in statements:
+                    await conn.execute(render(stmt, self.dialect))
+                await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+
+    async def close(self) -> None:
+        self._closing = True
+        task, self._reconnect_task = self._reconnect_task, None
+        if task is not None:
+            task.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await task
+        for t in list(self._callback_tasks):
+            t.cancel()
+        self._held.clear()
+        for attr in ("_listen_conn", "_lock_conn"):
+            conn: asyncpg.Connection | None = getattr(self, attr)
+            setattr(self, attr, None)
+            if conn is not None and not conn.is_closed():
+                try:
+                    await asyncio.wait_for(conn.close(), 5)
+                except Exception:
+                    conn.terminate()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except Exception:
+                pool.terminate()
+
+    # -- statements --------------------------------------------------------
+
+    def _acquire(self) -> Any:
+        if self._pool is None:
+            raise RuntimeError("storage is not open")
+        return self._pool.acquire(timeout=self._acquire_timeout)
+
+    async def fetchone(self, sql: str, *args: Any) -> Row | None:
+        async with self._acquire() as conn:
+            return await _Conn(conn, self._sql).fetchone(sql, *args)
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Row]:
+        async with self._acquire() as conn:
+            return await _Conn(conn, self._sql).fetchall(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self._acquire() as conn:
+            return await _Conn(conn, self._sql).execute(sql, *args)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        async with self._acquire() as conn, conn.transaction():
+            await conn.executemany(self._sql(sql), rows)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Executor]:
+        async with self._acquire() as conn, conn.transaction():
+            yield _Conn(conn, self._sql)
+
+    # -- leadership --------------------------------------------------------
+
+    def _lock_conn_lost(self, conn: asyncpg.Connection) -> None:
+        if conn is self._lock_conn:
+            self._lock_conn = None
+            self._held.clear()   # the server dropped every session lock with it
+
+    async def _locks(self) -> asyncpg.Connection:
+        conn = self._lock_conn
+        if conn is not None and not conn.is_closed():
+            return conn
+        self._held.clear()
+        conn = await self._connect()
+        conn.add_termination_listener(self._lock_conn_lost)
+        self._lock_conn = conn
+        return conn
+
+    async def try_lock(self, name: str) -> bool:
+        """Leadership for `name` until unlock(), close(), or this connection dies.
+
+        Idempotent: asking again while holding it returns True (after checking
+        the connection still lives) without stacking the lock.
+        """
+        async with self._lock_mutex:
+            if self._closing:
+                return False
+            if name in self._held:
+                try:
+                    await self._lock_conn.fetchval("SELECT 1")  # type: ignore[union-attr]
+                    return True
+                except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+                    self._lock_conn_lost(self._lock_conn)  # type: ignore[arg-type]
+            conn = await self._locks()
+            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(name)))
+            if got:
+                self._held.add(name)
+            return got
+
+    async def unlock(self, name: str) -> None:
+        async with self._lock_mutex:
+            if name not in self._held:
+                return
+            self._held.discard(name)
+            conn = self._lock_conn
+            if conn is not None and not conn.is_closed():
+                await conn.execute("SELECT pg_advisory_unlock($1)", lock_key(name))
+
+    # -- notifications -----------------------------------------------------
+
+    def _dispatch(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        for cb in list(self._channels.get(channel, ())):
+            result = cb(payload)
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._callback_tasks.add(task)
+                task.add_done_callback(self._callback_tasks.discard)
+
+    def _listen_conn_lost(self, conn: asyncpg.Connection) -> None:
+        if conn is not self._listen_conn:
+            return
+        self._listen_conn = None
+        if not self._closing and self._reconnect_task is None:
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._relisten())
+
+    async def _relisten(self) -> None:
+        delay = 0.1
+        try:
+            while not self._closing:
+                try:
+                    async with self._listen_mutex:
+                        await self._listen_connection()
+                    return
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        finally:
+            self._reconnect_task = None
+
+    async def _listen_connection(self) -> asyncpg.Connection:
+        """The LISTEN connection, (re)connected with every known channel."""
+        conn = self._listen_conn
+        if conn is not None and not conn.is_closed():
+            return conn
+        conn = await self._connect()
+        try:
+            for channel in self._channels:
+                await conn.add_listener(channel, self._dispatch)
+        except BaseException:
+            conn.terminate()
+            raise
+        conn.add_termination_listener(self._listen_conn_lost)
+        self._listen_conn = conn
+        return conn
+
+    async def listen(self, channel: str, callback: Callback) -> None:
+        """Call `callback(payload)` for every NOTIFY on `channel` (sync or async callback)."""
+        async with self._listen_mutex:
+            first = channel not in self._channels
+            self._channels.setdefault(channel, []).append(callback)
+            try:
+                if self._reconnect_task is not None:
+                    return  # the reconnect will LISTEN on it
+                conn = self._listen_conn
+                if conn is None or conn.is_closed():
+                    await self._listen_connection()
+                elif first:
+                    await conn.add_listener(channel, self._dispatch)
+            except BaseException:
+                self._channels[channel].remove(callback)
+                if not self._channels[channel]:
+                    del self._channels[channel]
+                raise
+
+    async def notify(self, channel: str, payload: str) -> None:
+        await self.execute("SELECT pg_notify(?, ?)", channel, payload)
