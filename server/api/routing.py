@@ -17,6 +17,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from server.errors import InvalidJSON, InvalidRequest, UnsupportedMediaType
+from server.runtime import KEY, runtime
 
 Handler = Callable[[web.Request, Any], Awaitable[Any]]
 
@@ -175,6 +176,9 @@ def _wrap(r: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
             raise URLNotFound(f"this endpoint exists in API {', '.join(r.versions)} only")
         body = await read_model(request, r.body, optional=r.body_optional) if r.body is not None else None
         result = await r.handler(request, body)
+        used = request.get(KEY)
+        if used is not None:
+            runtime(request).keys.touch(used)   # only successful uses count as access
         if r.raw:
             return result
         return ok(result, r.status)

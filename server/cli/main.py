@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import importlib
 import inspect
+import os
 import pkgutil
 import sys
 
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from server import logs
+    logs.configure("auto", os.environ.get("SKM_LOG_LEVEL", "warning"))
     if not hasattr(args, "func"):
         parser.parse_args([*(argv or sys.argv[1:]), "--help"])
     try:

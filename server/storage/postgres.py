@@ -34,7 +34,7 @@ _SQL_TOKENS = re.compile(
       | "(?:[^"]|"")*"
       | --[^\n]*
       | /\*.*?\*/
-      | (?<![\w$])\$(?P<tag>[A-Za-z_]\w*)?\$.*?\$(?P=tag)\$
+      | (?<![\w$])\$(?P<tag>(?:[A-Za-z_]\w*)?)\$.*?\$(?P=tag)\$
       | \?""",
     re.S | re.X,
 )
@@ -247,12 +247,15 @@ class PostgresStorage(Storage):
         async with self._lock_mutex:
             if self._closing:
                 return False
-            if name in self._held:
+            if name in self._held and self._lock_conn is not None:
+                conn = self._lock_conn
                 try:
-                    await self._lock_conn.fetchval("SELECT 1")  # type: ignore[union-attr]
+                    await conn.fetchval("SELECT 1")
                     return True
-                except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
-                    self._lock_conn_lost(self._lock_conn)  # type: ignore[arg-type]
+                except Exception:
+                    # Dead or broken mid-termination: drop it with its locks.
+                    self._lock_conn_lost(conn)
+                    conn.terminate()
             conn = await self._locks()
             got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(name)))
             if got:

@@ -53,12 +53,18 @@ class SoftHSM:
         return Token(label, pin)
 
     def config(self, token: Token, key_label: str = "skm-root", **kw: Any) -> RootKeyConfig:
-        return RootKeyConfig(provider="pkcs11", module=self.module, token_label=token.label, key_label=key_label,
-                             **{"pin_env": "SKM_TEST_PKCS11_PIN", **kw})
+        base = {"provider": "pkcs11", "module": self.module, "token_label": token.label, "key_label": key_label,
+                "pin_env": "SKM_TEST_PKCS11_PIN"}
+        return RootKeyConfig(**{**base, **kw})
 
     def _session(self, token: Token, rw: bool = False):
         import pkcs11
-        return pkcs11.lib(self.module).get_token(token_label=token.label).open(rw=rw, user_pin=token.pin)
+        from pkcs11 import exceptions as p11e
+        tok = pkcs11.lib(self.module).get_token(token_label=token.label)
+        try:
+            return tok.open(rw=rw, user_pin=token.pin)
+        except p11e.UserAlreadyLoggedIn:  # a provider of this process is logged in
+            return tok.open(rw=rw)
 
     def import_aes_key(self, token: Token, label: str, value: bytes) -> None:
         """Test only: put a known AES key in the token (non-extractable) to check wire interop."""

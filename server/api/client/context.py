@@ -93,6 +93,5 @@ async def key_for_use(request: web.Request, *, check_access: bool = True) -> tup
     if check_access:
         ks = await rt.keys.keystore(key.keystore_id)
         await authorize_keystore(request, ctx, ks)
-    request[KEY] = key
-    rt.keys.touch(key)
+    request[KEY] = key       # the routing wrapper records the access once the request succeeds
     return ctx, key
