@@ -9,7 +9,6 @@ and rendered by the error middleware.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -154,19 +153,37 @@ def _ref(model: type[BaseModel], schemas: dict) -> dict:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-_PARAM = re.compile(r"\{(\w+)(?::([^}]+))?\}")
+def path_params(path: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """OpenAPI form of an aiohttp path and its (name, regex) parameters; regexes may nest braces."""
+    out, params, i = [], [], 0
+    while i < len(path):
+        if path[i] != "{":
+            out.append(path[i])
+            i += 1
+            continue
+        depth, j = 1, i + 1
+        while depth:
+            depth += {"{": 1, "}": -1}.get(path[j], 0)
+            j += 1
+        inner = path[i + 1:j - 1]
+        name, _, pattern = inner.partition(":")
+        params.append((name, pattern or None))
+        out.append("{" + name + "}")
+        i = j
+    return "".join(out), params
 
 
 def _openapi_path(path: str, versions: tuple[str, ...] | None) -> tuple[str, list[dict]]:
+    clean, found = path_params(path)
     params = []
-    for name, pattern in _PARAM.findall(path):
+    for name, pattern in found:
         schema: dict[str, Any] = {"type": "string"}
         if name == "version":
             schema = {"type": "string", "enum": list(versions or ("v1.0", "v1.1", "v1.2", "v1.3"))}
         elif pattern:
-            schema["pattern"] = "^" + pattern + "$"
+            schema["pattern"] = "^(" + pattern + ")$"
         params.append({"name": name, "in": "path", "required": True, "schema": schema})
-    return _PARAM.sub(lambda m: "{" + m.group(1) + "}", path), params
+    return clean, params
 
 
 def _wrap(r: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

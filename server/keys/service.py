@@ -141,9 +141,7 @@ class KeyService:
         merged.update({k: v for k, v in changes.items() if v is not None})
         if not (merged["ip4_auth"] or merged["mac_auth"] or merged["cert_auth"]):
             raise InvalidRequest("a key store needs at least one client check enabled")
-        mode = _auth_mode(merged["auth_mode"] if isinstance(merged["auth_mode"], str) else merged["auth_mode"].value)
-        mm = merged["mac_mode"]
-        mmode = _mac_mode(mm if isinstance(mm, str) else mm.value)
+        mode, mmode = _auth_mode(merged["auth_mode"]), _mac_mode(merged["mac_mode"])
         if int(merged["approvals_needed"]) < 1:
             raise InvalidRequest("approvalsNeeded must be at least 1")
         try:
@@ -540,14 +538,18 @@ def _key_type(v: KeyType | str) -> KeyType:
         raise InvalidRequest("keyType must be SECRET, SYMMETRIC_KEY or ASYMMETRIC_KEY") from None
 
 
-def _auth_mode(v: str) -> AuthMode:
+def _auth_mode(v: str | AuthMode) -> AuthMode:
+    if isinstance(v, AuthMode):
+        return v
     try:
         return AuthMode(str(v).upper())
     except ValueError:
         raise InvalidRequest("authMode must be AND or OR") from None
 
 
-def _mac_mode(v: str) -> MacMode:
+def _mac_mode(v: str | MacMode) -> MacMode:
+    if isinstance(v, MacMode):
+        return v
     try:
         return MacMode(str(v).lower())
     except ValueError:

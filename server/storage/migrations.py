@@ -126,6 +126,33 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             updated_at TEXT NOT NULL,
             UNIQUE (keystore_id, name))""",
     ]),
+    (3, [
+        # Caller credentials of the client API: v1.2 user access keys (per operator, optionally bound
+        # to one project) and v1.3 bearer tokens issued from them. Secrets and tokens are stored as
+        # SHA-256 digests only (256-bit random values: a fast hash is the right tool).
+        """CREATE TABLE user_access_keys (
+            id TEXT PRIMARY KEY,
+            operator_id {bigint} NOT NULL REFERENCES operators(id),
+            project_id {bigint} REFERENCES projects(id),
+            secret_hash TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            expires_at TEXT,
+            revoked INTEGER NOT NULL DEFAULT 0,
+            last_used_at TEXT,
+            created_by TEXT NOT NULL,
+            created_at TEXT NOT NULL)""",
+        "CREATE INDEX user_access_keys_operator ON user_access_keys (operator_id)",
+        """CREATE TABLE oauth_tokens (
+            id TEXT PRIMARY KEY,
+            access_key_id TEXT NOT NULL REFERENCES user_access_keys(id),
+            token_hash TEXT NOT NULL UNIQUE,
+            expires_at TEXT NOT NULL,
+            revoked INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL)""",
+        "CREATE INDEX oauth_tokens_access_key ON oauth_tokens (access_key_id)",
+        "CREATE INDEX oauth_tokens_expiry ON oauth_tokens (expires_at)",
+        "CREATE INDEX auth_certificates_deletion ON auth_certificates (deletion_at)",
+    ]),
 ]
 
 # (table, column, primary-key columns) of every sealed column: the rewrap job's map.

@@ -1,0 +1,175 @@
+"""The sidecar's configuration: one TOML file, every value also from `SKM_SIDECAR_*`.
+
+    appkey = "CuKPvJQR7enquqrZ"
+    [upstream]
+    urls = ["https://keys-1.internal:8443", "https://keys-2.internal:8443"]
+    ca = "/etc/skm/ca.pem"
+    cert = "/etc/skm/host.pem"          # or pkcs12 + pkcs12_password_file
+    key = "/etc/skm/host-key.pem"
+    [listen]
+    socket = "/run/skm/sidecar.sock"
+    socket_group = "apps"
+    [[access]] is a list of strings: "key:<keyid> uid:1000 gid:50", "keystore:<id> uid:1001"
+"""
+from __future__ import annotations
+
+import grp
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.config import load
+from server.errors import ConfigError
+
+ENV_PREFIX = "SKM_SIDECAR_"
+VERSIONS = ("v1.0", "v1.1", "v1.2", "v1.3")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    urls: tuple[str, ...] = ("https://127.0.0.1:8443",)
+    ca: str = ""                          # CA that signed the key server's certificate
+    cert: str = ""                        # host certificate (PEM) ...
+    key: str = ""                         # ... and its private key (PEM, 0600)
+    pkcs12: str = ""                      # or a PKCS#12 bundle ...
+    pkcs12_password_file: str = ""        # ... with its password in a file
+    api_version: str = "v1.0"             # used for app paths given without the /keymanager prefix
+    user_access_key_id: str = ""          # v1.2 caller credentials (the sidecar's own)
+    user_access_key_secret_file: str = ""
+    token_file: str = ""                  # v1.3 bearer token (the sidecar's own)
+    connect_timeout: float = 3.0
+    request_timeout: float = 10.0
+    retries: int = 2                      # extra attempts, idempotent reads only
+    pool_size: int = 32
+    unhealthy_for: float = 5.0            # seconds a failed upstream is passed over
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    socket: str = "/run/skm/sidecar.sock"
+    socket_group: str = ""                # group name or gid owning the socket (mode 0660)
+    tcp_port: int = -1                    # -1 off, 0 any free port; always 127.0.0.1 only
+    max_body_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    ttl: float = 30.0
+    max_entries: int = 10_000
+    max_bytes: int = 16 * 1024 * 1024
+    stale_if_error: float = 300.0         # how old a cached value may be when served during an outage
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    enabled: bool = True
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    read_timeout: float = 45.0            # no byte (not even a heartbeat) for this long: reconnect
+
+
+@dataclass(frozen=True)
+class AttestConfig:
+    interface: str = ""                   # "" = the interface that routes to the first upstream
+    recheck: float = 5.0                  # seconds between MAC re-reads
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    appkey: str = ""
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    attest: AttestConfig = field(default_factory=AttestConfig)
+    access: tuple[str, ...] = ()          # allow-list rules, see AccessRule.parse
+    access_default: str = "allow"         # keys no rule names: allow | deny
+    reject_app_credentials: bool = False  # refuse (instead of strip) requests carrying credentials
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    def validate(self) -> "SidecarConfig":
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.appkey):
+            raise ConfigError("appkey must be set (the project's appkey, letters and digits)")
+        if not self.upstream.urls or not all(u.startswith("https://") for u in self.upstream.urls):
+            raise ConfigError("upstream.urls must list https:// key-server URLs")
+        if self.upstream.api_version not in VERSIONS:
+            raise ConfigError(f"upstream.api_version must be one of {', '.join(VERSIONS)}")
+        if bool(self.upstream.cert) == bool(self.upstream.pkcs12):
+            raise ConfigError("give the host certificate as upstream.cert + upstream.key or as upstream.pkcs12")
+        if self.upstream.cert and not self.upstream.key:
+            raise ConfigError("upstream.key (the host certificate's private key) is missing")
+        if self.access_default not in ("allow", "deny"):
+            raise ConfigError("access_default must be allow or deny")
+        if self.cache.ttl <= 0 or self.cache.max_entries <= 0 or self.cache.max_bytes <= 0:
+            raise ConfigError("cache.ttl, cache.max_entries and cache.max_bytes must be positive")
+        if self.upstream.retries < 0 or self.upstream.retries > 10:
+            raise ConfigError("upstream.retries must be 0..10")
+        self.rules()           # parse errors surface at start
+        self.socket_gid()
+        return self
+
+    def rules(self) -> list["AccessRule"]:
+        return [AccessRule.parse(r) for r in self.access]
+
+    def socket_gid(self) -> int | None:
+        g = self.listen.socket_group
+        if not g:
+            return None
+        if g.isdigit():
+            return int(g)
+        try:
+            return grp.getgrnam(g).gr_gid
+        except KeyError:
+            raise ConfigError(f"listen.socket_group {g!r} is not a group on this host") from None
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """`key:<32 hex> uid:1000 gid:50 ...` or `keystore:<id> uid:...`: who may use that key / store."""
+    kind: str                  # key | keystore
+    target: str
+    uids: frozenset[int]
+    gids: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> "AccessRule":
+        parts = text.split()
+        if not parts or ":" not in parts[0]:
+            raise ConfigError(f"access rule {text!r}: start with key:<keyid> or keystore:<id>")
+        kind, target = parts[0].split(":", 1)
+        if kind == "key" and not re.fullmatch(r"[0-9a-f]{32}", target):
+            raise ConfigError(f"access rule {text!r}: a key id is 32 lowercase hex characters")
+        if kind == "keystore" and not target.isdigit():
+            raise ConfigError(f"access rule {text!r}: a key store is named by its numeric id")
+        if kind not in ("key", "keystore"):
+            raise ConfigError(f"access rule {text!r}: start with key:<keyid> or keystore:<id>")
+        uids, gids = set(), set()
+        for p in parts[1:]:
+            who, _, num = p.partition(":")
+            if who not in ("uid", "gid") or not num.isdigit():
+                raise ConfigError(f"access rule {text!r}: list callers as uid:N or gid:N")
+            (uids if who == "uid" else gids).add(int(num))
+        if not uids and not gids:
+            raise ConfigError(f"access rule {text!r}: name at least one uid:N or gid:N")
+        return cls(kind, target, frozenset(uids), frozenset(gids))
+
+
+def load_config(path: str | os.PathLike | None, env=None, overrides=None) -> SidecarConfig:
+    return load(SidecarConfig, path, env_prefix=ENV_PREFIX, env=env, overrides=overrides).validate()
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """A credential kept in a file; warn-free but refuse a world-readable one."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        text = p.read_text().strip()
+    except OSError:
+        raise ConfigError(f"{what} file {p} cannot be read") from None
+    if st.st_mode & 0o007:
+        raise ConfigError(f"{what} file {p} is readable by others; chmod 600 it")
+    if not text:
+        raise ConfigError(f"{what} file {p} is empty")
+    return text
