@@ -1,8 +1,18 @@
 """Key-store client checks: IPv4/CIDR, MAC address, client certificate; AND or OR.
 
 A denial names the failed method (NHN's messages) and nothing about what is
-registered. Checks read the store's auth data per request, so a deletion
-takes effect on the very next request.
+registered: a detail, when there is one, describes the request or the network
+path, never the store's entries. Checks read the store's auth data per
+request, so a deletion or a scheduled deletion takes effect on the very next
+request, even on a kept-alive connection. Denials are counted in
+`skm_access_denials{reason}`.
+
+MAC verification modes (the key store's `macVerification`):
+* header: the `X-TOAST-CLIENT-MAC-ADDR` value as sent, normalised (NHN compatible; weak: anyone can type it);
+* attested: the claimed MAC must also be bound (SAN URI urn:skm:mac:<12 hex>) in the verified host
+  certificate presented on this connection;
+* neighbor: the MAC of the TCP peer in the kernel's neighbour table; the header is ignored; only a
+  peer on the server's L2 segment can pass.
 """
 from __future__ import annotations
 
@@ -15,7 +25,11 @@ from server import timeutil
 from server.access.pki import macs_of, normalize_mac
 from server.errors import CertificateAuthFailure, IPv4AuthFailure, MACAuthFailure, SKMError
 from server.keys.model import AuthMode, KeyStore, MacMode
+from server.runtime import RUNTIME
 from server.storage.base import Storage
+
+MAC_HEADER = "X-TOAST-CLIENT-MAC-ADDR"
+_REASONS = {IPv4AuthFailure: "ipv4", MACAuthFailure: "mac", CertificateAuthFailure: "certificate"}
 
 
 class ClientAccess:
@@ -36,6 +50,15 @@ class ClientAccess:
 
     # -- the checks ----------------------------------------------------------
     async def authorize(self, request: web.Request, ctx, ks: KeyStore) -> None:
+        try:
+            await self._authorize(request, ctx, ks)
+        except SKMError as e:
+            metrics = request.config_dict[RUNTIME].metrics if RUNTIME in request.config_dict else None
+            if metrics is not None:
+                metrics.denials.labels(_REASONS.get(type(e), "other")).inc()
+            raise
+
+    async def _authorize(self, request: web.Request, ctx, ks: KeyStore) -> None:
         checks = []
         if ks.ip4_auth:
             checks.append(self._check_ipv4)
@@ -46,6 +69,7 @@ class ClientAccess:
         if not checks:
             raise IPv4AuthFailure("the key store has no client check enabled")   # fail closed
         failures: list[SKMError] = []
+        # AND stops at the first failure, OR at the first pass: a denial costs at most one request's checks.
         for check in checks:
             try:
                 await check(request, ctx, ks)
@@ -73,28 +97,41 @@ class ClientAccess:
         return [r["value"] for r in rows]
 
     async def _check_mac(self, request, ctx, ks: KeyStore) -> None:
-        claim = _mac_or_none(ctx.mac_header)
         if ks.mac_mode is MacMode.NEIGHBOR:
-            claim = await self.neighbor_mac(request, ctx)
-        if claim is None:
-            raise MACAuthFailure()
+            # The kernel's word, not the client's: the header is ignored.
+            if ctx.peer_ip != (request.remote or ""):
+                raise MACAuthFailure("neighbor verification needs a direct connection, not one through a proxy")
+            found = await self.neighbor(ctx.peer_ip)
+            if found.mac is None:
+                raise MACAuthFailure(found.reason)
+            claim = found.mac
+        else:
+            claim = _mac_or_none(ctx.mac_header)
+            if claim is None:
+                raise MACAuthFailure(f"send the client's MAC address in {MAC_HEADER}")
         if ks.mac_mode is MacMode.ATTESTED:
+            # The claim counts only when the verified host certificate of this connection binds it.
             if ctx.cert_der is None:
-                raise MACAuthFailure()
+                raise MACAuthFailure("this key store verifies MAC claims against the host certificate; "
+                                     "connect with the host's certificate (the sidecar does)")
             from cryptography import x509
             bound = macs_of(x509.load_der_x509_certificate(ctx.cert_der))
-            if claim not in bound:
-                raise MACAuthFailure()
+            if not any(hmac.compare_digest(claim, m) for m in bound):
+                raise MACAuthFailure("the claimed MAC address is not bound in the presented host certificate")
         if not any(hmac.compare_digest(claim, m) for m in await self._registered_macs(ks)):
             raise MACAuthFailure()
 
+    async def neighbor(self, ip: str):
+        from server.access.neighbor import lookup
+        return await lookup(ip)
+
     async def neighbor_mac(self, request, ctx) -> str | None:
-        from server.access.neighbor import lookup_mac
-        return await lookup_mac(ctx.peer_ip)
+        return (await self.neighbor(ctx.peer_ip)).mac
 
     async def _check_cert(self, request, ctx, ks: KeyStore) -> None:
         if ctx.fingerprint is None:
-            raise CertificateAuthFailure()
+            raise CertificateAuthFailure("present the key store's client certificate (PKCS#12 from the server) "
+                                         "in the TLS handshake")
         row = await self.db.fetchone(
             "SELECT fingerprint, expires_at FROM auth_certificates WHERE keystore_id = ? AND fingerprint = ? "
             "AND status = 'ACTIVE'", ks.id, ctx.fingerprint)

@@ -22,6 +22,11 @@ def record_aad(table: str, *identity: object) -> bytes:
     return "\x1f".join([table, *map(str, identity)]).encode()
 
 
+def sealed_aad(table: str, column: str, *pk: object) -> bytes:
+    """AAD of one sealed column of one row: a blob moved to another row *or column* does not open."""
+    return record_aad(table, column, *pk)
+
+
 class Barrier:
     def __init__(self) -> None:
         self._keys: dict[int, AESGCM] = {}

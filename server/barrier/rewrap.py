@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import Awaitable, Callable, Sequence
 
-from server.barrier.barrier import Barrier, record_aad
+from server.barrier.barrier import Barrier, sealed_aad
 from server.errors import BarrierError, Sealed
 from server.storage.base import Executor, Storage
 from server.storage.migrations import SEALED_COLUMNS
@@ -20,8 +20,8 @@ AadFor = Callable[[str, str, Sequence[object]], bytes]
 
 
 def default_aad(table: str, column: str, pk: Sequence[object]) -> bytes:
-    """The AAD writers use: record_aad(table, *primary key), e.g. ("key_versions", key_id, version)."""
-    return record_aad(table, *pk)
+    """The AAD writers use: sealed_aad(table, column, *primary key)."""
+    return sealed_aad(table, column, *pk)
 
 
 def _header(version: int) -> bytes:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server import timeutil
-from server.barrier.barrier import Barrier, record_aad
+from server.barrier.barrier import Barrier, sealed_aad
 from server.errors import (Conflict, DataTooLarge, ExportNotAllowed, InvalidKeyId, InvalidKeyStatus,
                            InvalidKeyType, InvalidKeyVersion, InvalidKeyVersionStatus, InvalidRequest,
                            InvalidUserData, KeyStoreNotFound, NotFound)
@@ -205,7 +205,7 @@ class KeyService:
         now = timeutil.now()
         next_rot = timeutil.to_db(now + dt.timedelta(days=rotation)) if rotation else None
         nowdb = timeutil.to_db(now)
-        sealed = self.barrier.seal(raw, record_aad("key_versions", key_id, 0))
+        sealed = self.barrier.seal(raw, sealed_aad("key_versions", "material_sealed", key_id, 0))
         try:
             async with self.db.transaction() as tx:
                 await tx.execute(
@@ -280,7 +280,7 @@ class KeyService:
             if cur is None:
                 raise InvalidKeyStatus("the key is not in service")
             v = cur + 1
-            sealed = self.barrier.seal(raw, record_aad("key_versions", key.id, v))
+            sealed = self.barrier.seal(raw, sealed_aad("key_versions", "material_sealed", key.id, v))
             await tx.execute(
                 "INSERT INTO key_versions (key_id, version, status, material_sealed, public_der, created_at) "
                 "VALUES (?, ?, 'ACTIVE', ?, ?, ?)", key.id, v, sealed, public, timeutil.to_db(now))
@@ -373,7 +373,7 @@ class KeyService:
             raise InvalidKeyVersion(f"key version {version} does not exist")
         if row["status"] != "ACTIVE":
             raise InvalidKeyVersionStatus(f"key version {version} is not in service")
-        return self.barrier.open(bytes(row["material_sealed"]), record_aad("key_versions", key.id, version))
+        return self.barrier.open(bytes(row["material_sealed"]), sealed_aad("key_versions", "material_sealed", key.id, version))
 
     async def _loaded(self, key: Key, version: int):
         hit = self._cache.get((key.id, version))

@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 import pytest
 
-from server.barrier.barrier import Barrier, record_aad
+from server.barrier.barrier import Barrier, sealed_aad
 from server.barrier.rewrap import count_by_version, rewrap
 from server.errors import BarrierError, Sealed
 from server.storage.sqlite import SQLiteStorage
@@ -55,7 +55,7 @@ async def insert_keys(storage: SQLiteStorage, barrier: Barrier, n_keys: int, ver
                 m = material(key_id, v)
                 await tx.execute(
                     "INSERT INTO key_versions (key_id, version, material_sealed, created_at) VALUES (?, ?, ?, ?)",
-                    key_id, v, barrier.seal(m, record_aad("key_versions", key_id, v)), NOW)
+                    key_id, v, barrier.seal(m, sealed_aad("key_versions", "material_sealed", key_id, v)), NOW)
                 expected[(key_id, v)] = m
 
 
@@ -67,8 +67,8 @@ async def insert_certs(storage: SQLiteStorage, barrier: Barrier, n: int, expecte
                 "INSERT INTO auth_certificates (id, keystore_id, name, fingerprint, serial, expires_at,"
                 " password_sealed, bundle_sealed, created_by, created_at, updated_by, updated_at)"
                 " VALUES (?, 1, ?, ?, '1', ?, ?, ?, 't', ?, 't', ?)",
-                i, f"c{i}", uuid.uuid4().hex, NOW, barrier.seal(pw, record_aad("auth_certificates", i)),
-                barrier.seal(bundle, record_aad("auth_certificates", i)), NOW, NOW)
+                i, f"c{i}", uuid.uuid4().hex, NOW, barrier.seal(pw, sealed_aad("auth_certificates", "password_sealed", i)),
+                barrier.seal(bundle, sealed_aad("auth_certificates", "bundle_sealed", i)), NOW, NOW)
             expected[("cert-pw", i)] = pw
             expected[("cert-bundle", i)] = bundle
 
@@ -76,11 +76,12 @@ async def insert_certs(storage: SQLiteStorage, barrier: Barrier, n: int, expecte
 async def check_all(storage: SQLiteStorage, barrier: Barrier, expected: dict) -> None:
     for r in await storage.fetchall("SELECT key_id, version, material_sealed FROM key_versions"):
         k = (r["key_id"], r["version"])
-        assert barrier.open(bytes(r["material_sealed"]), record_aad("key_versions", *k)) == expected[k]
+        assert barrier.open(bytes(r["material_sealed"]), sealed_aad("key_versions", "material_sealed", *k)) == expected[k]
     for r in await storage.fetchall("SELECT id, password_sealed, bundle_sealed FROM auth_certificates"):
-        aad = record_aad("auth_certificates", r["id"])
-        assert barrier.open(bytes(r["password_sealed"]), aad) == expected[("cert-pw", r["id"])]
-        assert barrier.open(bytes(r["bundle_sealed"]), aad) == expected[("cert-bundle", r["id"])]
+        pw_aad = sealed_aad("auth_certificates", "password_sealed", r["id"])
+        bundle_aad = sealed_aad("auth_certificates", "bundle_sealed", r["id"])
+        assert barrier.open(bytes(r["password_sealed"]), pw_aad) == expected[("cert-pw", r["id"])]
+        assert barrier.open(bytes(r["bundle_sealed"]), bundle_aad) == expected[("cert-bundle", r["id"])]
     n_kv = await storage.fetchval("SELECT COUNT(*) FROM key_versions")
     n_c = await storage.fetchval("SELECT COUNT(*) FROM auth_certificates")
     assert len(expected) == n_kv + 2 * n_c
@@ -107,7 +108,7 @@ async def test_rewrap_under_load_moves_everything_to_the_new_version(storage: SQ
                 m = material(key_id, v)
                 async with storage.transaction() as tx:
                     await tx.execute("UPDATE key_versions SET material_sealed = ? WHERE key_id = ? AND version = ?",
-                                     barrier.seal(m, record_aad("key_versions", key_id, v)), key_id, v)
+                                     barrier.seal(m, sealed_aad("key_versions", "material_sealed", key_id, v)), key_id, v)
                 expected[(key_id, v)] = m
                 writes += 1
                 await asyncio.sleep(0.002)
@@ -121,7 +122,7 @@ async def test_rewrap_under_load_moves_everything_to_the_new_version(storage: SQ
                 key_id, v = random.choice(originals)
                 r = await storage.fetchone(
                     "SELECT material_sealed FROM key_versions WHERE key_id = ? AND version = ?", key_id, v)
-                plain = barrier.open(bytes(r["material_sealed"]), record_aad("key_versions", key_id, v))
+                plain = barrier.open(bytes(r["material_sealed"]), sealed_aad("key_versions", "material_sealed", key_id, v))
                 assert plain.startswith(f"{key_id}:{v}:".encode())
                 reads += 1
                 await asyncio.sleep(0)

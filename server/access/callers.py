@@ -1,0 +1,260 @@
+"""Who is calling the client API: appkey (v1.0/v1.1), user access keys (v1.2), bearer tokens (v1.3).
+
+* A user access key belongs to an operator (operators are global on this
+  server) and may be bound to one project: a bound key works only under that
+  project's appkey, an unbound one under every appkey. The secret is shown once
+  and stored as a SHA-256 digest (256 random bits: a fast hash is right).
+* A v1.3 token is issued from a user access key by `POST /oauth2/token/create`
+  (server/api/client/oauth_routes.py), lives 60..86400 s, is revocable, and is
+  stored as a digest too. Deleting the access key ends its tokens.
+* Every comparison is constant-time and runs even when the id is unknown, so
+  timing does not tell which ids exist. A reason more specific than "not
+  valid" (expired, revoked, other project) is given only to a caller who
+  proved the secret.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from server import timeutil
+from server.access.operators import Operator
+from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, SKMError, Unauthenticated
+from server.storage.base import Storage
+
+ID_HEADER = "X-TC-AUTHENTICATION-ID"
+SECRET_HEADER = "X-TC-AUTHENTICATION-SECRET"
+TOKEN_HEADER = "X-NHN-Authorization"
+MAX_KEYS_PER_OPERATOR = 5          # NHN: five user access keys per account
+TOKEN_TTL_MIN, TOKEN_TTL_MAX = 60, 86400
+_ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_DUMMY = hashlib.sha256(b"no such credential").hexdigest()
+
+MISSING_V12 = (f"API v1.2 needs a user access key in {ID_HEADER} and {SECRET_HEADER} "
+               "(create one with `skm accesskey create`)")
+MISSING_V13 = (f"API v1.3 needs a bearer token in {TOKEN_HEADER} "
+               "(get one from POST /oauth2/token/create with a user access key)")
+BAD_KEY = "the user access key is not valid"
+BAD_TOKEN = "the bearer token is not valid; get a new one from /oauth2/token/create"
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _new_key_id() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    id: str
+    operator_id: int
+    operator: str
+    role: str
+    project_id: int | None
+    description: str
+    expires_at: str | None
+    created_by: str
+    created_at: str
+    last_used_at: str | None = None
+
+    @classmethod
+    def from_row(cls, r: dict) -> "AccessKey":
+        return cls(r["id"], r["operator_id"], r["operator"], r["role"], r["project_id"], r["description"],
+                   r["expires_at"], r["created_by"], r["created_at"], r.get("last_used_at"))
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= timeutil.now_db()
+
+    def identity(self) -> str:
+        return f"uak:{self.id}@{self.operator}"
+
+    def to_api(self) -> dict:
+        return {"accessKeyId": self.id, "operator": self.operator, "projectId": self.project_id,
+                "description": self.description, "expirationDate": timeutil.to_api(self.expires_at),
+                "creationUser": self.created_by, "creationDatetime": timeutil.to_api(self.created_at)}
+
+
+_KEY_SELECT = ("SELECT k.id, k.operator_id, k.project_id, k.secret_hash, k.description, k.expires_at, k.revoked, "
+               "k.last_used_at, k.created_by, k.created_at, o.name AS operator, o.role, o.disabled "
+               "FROM user_access_keys k JOIN operators o ON o.id = k.operator_id")
+
+
+def parse_basic(header: str) -> tuple[str, str] | None:
+    """`Basic base64(id:secret)` -> (id, secret); None when malformed."""
+    if not header[:6].lower() == "basic " or len(header) > 512:
+        return None
+    try:
+        raw = base64.b64decode(header[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    key_id, sep, secret = raw.partition(":")
+    return (key_id, secret) if sep and key_id and secret else None
+
+
+def bearer_value(header: str) -> str:
+    """The token of `X-NHN-Authorization`, sent with or without `Bearer `."""
+    v = header.strip()
+    return v[7:].strip() if v[:7].lower() == "bearer " else v
+
+
+def parse_token(token: str) -> tuple[str, str] | None:
+    parts = token.split("_", 2)
+    if len(token) > 200 or len(parts) != 3 or parts[0] != "skmat" or not parts[1] or not parts[2]:
+        return None
+    return parts[1], parts[2]
+
+
+class CallerAuth:
+    def __init__(self, storage: Storage, metrics=None) -> None:
+        self.db = storage
+        self.metrics = metrics
+
+    # -- user access keys (management plane) ----------------------------------
+    async def create_key(self, owner: Operator, *, actor: str, description: str = "",
+                         project_id: int | None = None, ttl_days: int | None = None) -> tuple[AccessKey, str]:
+        if len(description) > 1000:
+            raise InvalidRequest("description must be at most 1000 characters")
+        if ttl_days is not None and not (1 <= ttl_days <= 3650):
+            raise InvalidRequest("expiresInDays must be from 1 to 3650")
+        n = await self.db.fetchval("SELECT COUNT(*) AS n FROM user_access_keys WHERE operator_id = ? AND revoked = 0",
+                                   owner.id)
+        if n >= MAX_KEYS_PER_OPERATOR:
+            raise Conflict(f"an operator has at most {MAX_KEYS_PER_OPERATOR} user access keys; delete one first")
+        key_id, secret = _new_key_id(), secrets.token_urlsafe(32)
+        expires = timeutil.to_db(timeutil.now() + dt.timedelta(days=ttl_days)) if ttl_days else None
+        await self.db.execute(
+            "INSERT INTO user_access_keys (id, operator_id, project_id, secret_hash, description, expires_at, "
+            "created_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            key_id, owner.id, project_id, _digest(secret), description, expires, actor, timeutil.now_db())
+        return await self.key(key_id), secret
+
+    async def key(self, key_id: str) -> AccessKey:
+        row = await self.db.fetchone(_KEY_SELECT + " WHERE k.id = ? AND k.revoked = 0", key_id)
+        if row is None:
+            raise NotFound("no such user access key")
+        return AccessKey.from_row(row)
+
+    async def keys(self, operator_id: int | None = None) -> list[AccessKey]:
+        if operator_id is None:
+            rows = await self.db.fetchall(_KEY_SELECT + " WHERE k.revoked = 0 ORDER BY k.created_at")
+        else:
+            rows = await self.db.fetchall(_KEY_SELECT + " WHERE k.revoked = 0 AND k.operator_id = ? "
+                                          "ORDER BY k.created_at", operator_id)
+        return [AccessKey.from_row(r) for r in rows]
+
+    async def delete_key(self, key_id: str, by: Operator) -> None:
+        """Delete a key and every token issued from it (admins: any key; others: their own)."""
+        key = await self.key(key_id)
+        if key.operator_id != by.id and by.role != "admin":
+            raise Forbidden("only an admin deletes another operator's user access key")
+        async with self.db.transaction() as tx:
+            await tx.execute("DELETE FROM oauth_tokens WHERE access_key_id = ?", key_id)
+            await tx.execute("DELETE FROM user_access_keys WHERE id = ?", key_id)
+
+    async def verify_key(self, key_id: str, secret: str) -> AccessKey:
+        row = None
+        if 0 < len(key_id) <= 64 and len(secret) <= 256:
+            row = await self.db.fetchone(_KEY_SELECT + " WHERE k.id = ?", key_id)
+        good = hmac.compare_digest(row["secret_hash"] if row else _DUMMY, _digest(secret))
+        if row is None or not good or row["revoked"] or row["disabled"]:
+            raise Unauthenticated(BAD_KEY)
+        key = AccessKey.from_row(row)
+        if key.expired:
+            raise Unauthenticated("the user access key has expired; create a new one with `skm accesskey create`")
+        return key
+
+    # -- bearer tokens (v1.3) ---------------------------------------------------
+    async def issue_token(self, key: AccessKey, expires_in: int = TOKEN_TTL_MAX) -> dict:
+        if isinstance(expires_in, bool) or not (TOKEN_TTL_MIN <= expires_in <= TOKEN_TTL_MAX):
+            raise InvalidRequest(f"expires_in must be from {TOKEN_TTL_MIN} to {TOKEN_TTL_MAX} seconds")
+        token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        expires = timeutil.now() + dt.timedelta(seconds=expires_in)
+        if key.expires_at is not None:
+            # A token never outlives the access key it came from.
+            expires = min(expires, timeutil.from_db(key.expires_at))
+        await self.db.execute("INSERT INTO oauth_tokens (id, access_key_id, token_hash, expires_at, created_at) "
+                              "VALUES (?, ?, ?, ?, ?)", token_id, key.id, _digest(secret), timeutil.to_db(expires),
+                              timeutil.now_db())
+        ttl = max(0, int((expires - timeutil.now()).total_seconds() + 0.5))
+        return {"access_token": f"skmat_{token_id}_{secret}", "token_type": "Bearer", "expires_in": ttl}
+
+    async def revoke_token(self, key: AccessKey, token: str) -> None:
+        """RFC 7009: revoking an unknown or someone else's token is not an error and changes nothing."""
+        parsed = parse_token(bearer_value(token))
+        if parsed is None:
+            return
+        token_id, secret = parsed
+        row = await self.db.fetchone("SELECT access_key_id, token_hash FROM oauth_tokens WHERE id = ?", token_id)
+        good = hmac.compare_digest(row["token_hash"] if row else _DUMMY, _digest(secret))
+        if row is not None and good and row["access_key_id"] == key.id:
+            await self.db.execute("UPDATE oauth_tokens SET revoked = 1 WHERE id = ?", token_id)
+
+    async def verify_token(self, token: str) -> tuple[str, AccessKey]:
+        parsed = parse_token(bearer_value(token))
+        row = None
+        token_id, secret = parsed or ("", token)
+        if parsed is not None:
+            row = await self.db.fetchone(
+                "SELECT t.token_hash, t.expires_at AS token_expires_at, t.revoked AS token_revoked, "
+                + _KEY_SELECT[len("SELECT "):] + " JOIN oauth_tokens t ON t.access_key_id = k.id WHERE t.id = ?",
+                token_id)
+        good = hmac.compare_digest(row["token_hash"] if row else _DUMMY, _digest(secret))
+        if row is None or not good or row["revoked"] or row["disabled"]:
+            raise Unauthenticated(BAD_TOKEN)
+        if row["token_revoked"]:
+            raise Unauthenticated("the bearer token has been revoked; get a new one from /oauth2/token/create")
+        if row["token_expires_at"] <= timeutil.now_db():
+            raise Unauthenticated("the bearer token has expired; get a new one from /oauth2/token/create")
+        key = AccessKey.from_row(row)
+        if key.expired:
+            raise Unauthenticated("the user access key behind this token has expired")
+        return token_id, key
+
+    async def purge_expired(self, now: dt.datetime | None = None) -> int:
+        cutoff = timeutil.to_db((now or timeutil.now()) - dt.timedelta(days=1))
+        return await self.db.execute("DELETE FROM oauth_tokens WHERE expires_at <= ?", cutoff)
+
+    # -- the client-API pipeline step ---------------------------------------------
+    async def authenticate(self, request: web.Request, ctx) -> str:
+        """The caller identity for audit; raises Unauthenticated for a missing or bad credential."""
+        try:
+            return await self._authenticate(request, ctx)
+        except SKMError:
+            if self.metrics is not None:
+                self.metrics.denials.labels("caller").inc()
+            raise
+
+    async def _authenticate(self, request: web.Request, ctx) -> str:
+        if ctx.version in ("v1.0", "v1.1"):
+            return "appkey"
+        if ctx.version == "v1.2":
+            key_id, secret = request.headers.get(ID_HEADER), request.headers.get(SECRET_HEADER)
+            if not key_id or not secret:
+                raise Unauthenticated(MISSING_V12)
+            key = await self.verify_key(key_id.strip(), secret.strip())
+            identity = key.identity()
+        elif ctx.version == "v1.3":
+            header = request.headers.get(TOKEN_HEADER)
+            if not header or not bearer_value(header):
+                raise Unauthenticated(MISSING_V13)
+            token_id, key = await self.verify_token(header)
+            identity = f"token:{token_id}/{key.identity()}"
+        else:
+            raise Unauthenticated("unknown API version")
+        if key.project_id is not None and key.project_id != ctx.project.id:
+            raise Unauthenticated("this user access key is bound to another project's appkey")
+        return identity
+
+
+def install(rt) -> None:
+    rt.callers = CallerAuth(rt.storage, rt.metrics)

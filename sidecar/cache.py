@@ -1,0 +1,211 @@
+"""A brief in-memory cache of secret values and public keys, nothing else.
+
+Never the result of encrypt/decrypt/sign: those are not cacheable reads. An
+entry is fresh for `ttl` seconds. Bounded by entries and by bytes (LRU).
+Concurrent misses of one entry share one upstream request (singleflight).
+When the key server fails (unreachable or 5xx), an entry up to
+`stale_if_error` seconds old is served marked stale; older, the error stands.
+A push event drops a key's entries at once; a fetch that raced a drop is not
+stored, so a value the server has replaced never comes back from the cache.
+Values live only in this process's memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from sidecar.upstream import UpstreamResponse, UpstreamUnavailable
+
+ENTRY_OVERHEAD = 256          # bytes charged per entry for its key, headers and bookkeeping
+
+
+@dataclass
+class Entry:
+    key_id: str
+    body: bytes
+    content_type: str
+    fetched: float              # monotonic
+    expired: bool = False       # set when events may have been missed: usable only as an outage fallback
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + ENTRY_OVERHEAD
+
+
+@dataclass
+class Result:
+    status: int
+    body: bytes
+    content_type: str
+    source: str                 # hit | miss | stale | pass (not stored: an error answer)
+    age: float = 0.0
+
+
+Fetch = Callable[[], Awaitable[UpstreamResponse]]
+
+
+class Cache:
+    def __init__(self, ttl: float = 30.0, max_entries: int = 10_000, max_bytes: int = 16 << 20,
+                 stale_if_error: float = 300.0, metrics=None, clock=time.monotonic) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.stale_if_error = stale_if_error
+        self.metrics = metrics
+        self.clock = clock
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._by_key: dict[str, set[str]] = {}
+        self._inflight: dict[str, asyncio.Future[Result]] = {}
+        self._gen: dict[str, int] = {}        # per key id, bumped by every drop
+        self._epoch = 0                       # bumped by drop_all / expire_all
+        self.bytes = 0
+        self.hits = self.misses = self.stale = 0
+
+    # ------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def hit_ratio(self) -> float | None:
+        total = self.hits + self.misses + self.stale
+        return None if total == 0 else (self.hits + self.stale) / total
+
+    def stats(self) -> dict:
+        return {"entries": len(self._entries), "bytes": self.bytes, "maxEntries": self.max_entries,
+                "maxBytes": self.max_bytes, "ttlSeconds": self.ttl, "staleIfErrorSeconds": self.stale_if_error,
+                "hits": self.hits, "misses": self.misses, "staleServed": self.stale,
+                "hitRatio": self.hit_ratio}
+
+    async def get(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
+        now = self.clock()
+        e = self._entries.get(ckey)
+        if e is not None and not e.expired and now - e.fetched < self.ttl:
+            self._entries.move_to_end(ckey)
+            self._count("hit")
+            return Result(200, e.body, e.content_type, "hit", now - e.fetched)
+        fut = self._inflight.get(ckey)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[ckey] = fut
+        try:
+            result = await self._fill(ckey, key_id, fetch)
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()       # mark retrieved: waiters may be none
+            raise
+        else:
+            fut.set_result(result)
+            return result
+        finally:
+            self._inflight.pop(ckey, None)
+
+    async def _fill(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
+        gen, epoch = self._gen.get(key_id, 0), self._epoch
+        try:
+            resp = await fetch()
+        except UpstreamUnavailable:
+            stale = self._stale(ckey)
+            if stale is None:
+                raise
+            return stale
+        if resp.status == 200:
+            self._count("miss")
+            if self._gen.get(key_id, 0) == gen and self._epoch == epoch:
+                self._store(ckey, Entry(key_id, resp.body, resp.content_type, self.clock()))
+            return Result(200, resp.body, resp.content_type, "miss")
+        if resp.server_error:
+            stale = self._stale(ckey)
+            if stale is not None:
+                return stale
+        else:
+            self._remove(ckey)        # the server says no (deleted, access revoked): forget it
+        return Result(resp.status, resp.body, resp.content_type, "pass")
+
+    def _stale(self, ckey: str) -> Result | None:
+        e = self._entries.get(ckey)
+        if e is None:
+            return None
+        age = self.clock() - e.fetched
+        if age > self.stale_if_error:
+            self._remove(ckey)
+            return None
+        self._count("stale")
+        return Result(200, e.body, e.content_type, "stale", age)
+
+    # ------------------------------------------------------------ writing
+    def _store(self, ckey: str, e: Entry) -> None:
+        if e.size > self.max_bytes:
+            return                    # never cacheable within the bound
+        self._remove(ckey)
+        self._entries[ckey] = e
+        self._by_key.setdefault(e.key_id, set()).add(ckey)
+        self.bytes += e.size
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            old, _ = next(iter(self._entries.items()))
+            self._remove(old)
+        self._gauge()
+
+    def _remove(self, ckey: str) -> None:
+        e = self._entries.pop(ckey, None)
+        if e is None:
+            return
+        self.bytes -= e.size
+        keys = self._by_key.get(e.key_id)
+        if keys is not None:
+            keys.discard(ckey)
+            if not keys:
+                del self._by_key[e.key_id]
+        self._gauge()
+
+    def drop_key(self, key_id: str) -> int:
+        """A push event or a write through the sidecar: this key's values are no longer current."""
+        self._gen[key_id] = self._gen.get(key_id, 0) + 1
+        n = 0
+        for ckey in list(self._by_key.get(key_id, ())):
+            self._remove(ckey)
+            n += 1
+        return n
+
+    def drop_all(self) -> int:
+        n = len(self._entries)
+        self._epoch += 1
+        self._entries.clear()
+        self._by_key.clear()
+        self.bytes = 0
+        self._gauge()
+        return n
+
+    def expire_all(self) -> None:
+        """Make every entry stale (kept only as an outage fallback): events may have been missed."""
+        self._epoch += 1
+        for e in self._entries.values():
+            e.expired = True
+
+    def sweep(self) -> int:
+        """Forget entries too old even to serve stale."""
+        now = self.clock()
+        old = [k for k, e in self._entries.items() if now - e.fetched > max(self.ttl, self.stale_if_error)]
+        for k in old:
+            self._remove(k)
+        return len(old)
+
+    # ------------------------------------------------------------ metrics
+    def _count(self, what: str) -> None:
+        if what == "hit":
+            self.hits += 1
+        elif what == "miss":
+            self.misses += 1
+        else:
+            self.stale += 1
+        if self.metrics is not None:
+            self.metrics.cache_requests.labels(what).inc()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_entries.set(len(self._entries))
+            self.metrics.cache_bytes.set(self.bytes)

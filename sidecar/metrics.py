@@ -1,0 +1,28 @@
+"""The sidecar's Prometheus metrics, in its own registry (no global state)."""
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class SidecarMetrics:
+    def __init__(self, prefix: str = "skm_sidecar") -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(f"{prefix}_requests", "local API requests", ["kind", "status"], registry=r)
+        self.upstream = Counter(f"{prefix}_upstream_requests", "requests to key servers", ["outcome"], registry=r)
+        self.cache_requests = Counter(f"{prefix}_cache_requests", "cacheable reads by outcome", ["outcome"],
+                                      registry=r)
+        self.cache_entries = Gauge(f"{prefix}_cache_entries", "cached values", registry=r)
+        self.cache_bytes = Gauge(f"{prefix}_cache_bytes", "bytes charged to the cache", registry=r)
+        self.app_credentials = Counter(f"{prefix}_app_credentials", "credential headers sent by local apps",
+                                       ["header", "action"], registry=r)
+        self.denials = Counter(f"{prefix}_local_denials", "local callers refused", ["reason"], registry=r)
+        self.events = Counter(f"{prefix}_events", "key-change events received", ["kind"], registry=r)
+        self.stream_connected = Gauge(f"{prefix}_event_stream_connected", "1 while the event stream is up",
+                                      registry=r)
+
+    def render(self) -> web.Response:
+        resp = web.Response(body=generate_latest(self.registry))
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
