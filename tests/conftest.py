@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from tests.support.server import *  # noqa: F401,F403  (fixtures: skm_server, api, ...)
+from tests.support.postgres import *  # noqa: F401,F403  (fixtures: pg_cluster, pg_url, storage_url, storage)
+from tests.support.server import *  # noqa: F401,F403  (fixtures: skm)
 
 _skipped: list[str] = []
 

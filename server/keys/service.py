@@ -276,18 +276,20 @@ class KeyService:
             raw, public = await asyncio.to_thread(material.generate, key.key_spec)
         now = timeutil.now()
         async with self.db.transaction() as tx:
-            cur = await tx.fetchval("SELECT current_version FROM keys WHERE id = ? AND status = 'ACTIVE'", key.id)
-            if cur is None:
+            # Bump first: the UPDATE locks the row, so concurrent rotations on PostgreSQL
+            # serialise and each gets its own version (SQLite serialises writers anyway).
+            next_rot = (timeutil.to_db(now + dt.timedelta(days=key.auto_rotation_days))
+                        if key.auto_rotation_days else None)
+            v = await tx.fetchval(
+                "UPDATE keys SET current_version = current_version + 1, next_rotation_at = ?, updated_by = ?, "
+                "updated_at = ? WHERE id = ? AND status = 'ACTIVE' RETURNING current_version",
+                next_rot, actor, timeutil.to_db(now), key.id)
+            if v is None:
                 raise InvalidKeyStatus("the key is not in service")
-            v = cur + 1
             sealed = self.barrier.seal(raw, sealed_aad("key_versions", "material_sealed", key.id, v))
             await tx.execute(
                 "INSERT INTO key_versions (key_id, version, status, material_sealed, public_der, created_at) "
                 "VALUES (?, ?, 'ACTIVE', ?, ?, ?)", key.id, v, sealed, public, timeutil.to_db(now))
-            next_rot = (timeutil.to_db(now + dt.timedelta(days=key.auto_rotation_days))
-                        if key.auto_rotation_days else None)
-            await tx.execute("UPDATE keys SET current_version = ?, next_rotation_at = ?, updated_by = ?, updated_at = ? "
-                             "WHERE id = ?", v, next_rot, actor, timeutil.to_db(now), key.id)
         kind = "secret_updated" if key.key_type is KeyType.SECRET else "key_rotated"
         await self.events.publish(Event(key.keystore_id, kind, key.id, v))
         return await self.key(key.id, with_versions=True)

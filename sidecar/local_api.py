@@ -1,0 +1,330 @@
+"""The local endpoint apps call: a Unix socket (0660) and optionally 127.0.0.1.
+
+Every client-API path of the key server works, with or without the
+`/keymanager/{ver}/appkey/{appkey}` prefix (the sidecar puts in its own
+appkey and credentials). Apps hold no credential: credential headers an app
+sends anyway are removed and counted (or refused with
+`reject_app_credentials`); only Content-Type reaches the key server. On the
+socket each caller's uid/gid comes from SO_PEERCRED and an optional allow-list
+per key or key store decides; the TCP listener answers 127.0.0.1 only and
+requires `X-SKM-Request: 1` so a browser or an SSRF-able service on the host
+cannot be steered into it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import stat
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from server import logs
+from server.api import middleware
+from server.errors import ConfigError, Forbidden, Unavailable, URLNotFound
+from sidecar.cache import Cache
+from sidecar.settings import AccessRule, SidecarConfig
+from sidecar.upstream import Upstream, UpstreamUnavailable
+
+log = logs.get("skm.sidecar.local")
+
+ANTI_SSRF_HEADER = "X-SKM-Request"
+CREDENTIAL_HEADERS = ("X-TC-AUTHENTICATION-ID", "X-TC-AUTHENTICATION-SECRET", "X-TC-AUTHENTICATION",
+                      "X-NHN-Authorization", "Authorization", "X-TOAST-CLIENT-MAC-ADDR")
+_PREFIX = re.compile(r"^/keymanager/(v1\.[0-3])/appkey/[A-Za-z0-9_-]{1,64}(/.*)?$")
+_SAFE = re.compile(r"^(/[A-Za-z0-9_.\-]+)+$")
+_KEY = re.compile(r"^/(?:secrets|symmetric-keys|asymmetric-keys|keys)/([0-9a-f]{32})(?:/|$)")
+_STORE = re.compile(r"^/keystores/(\d{1,12})(?:/keys/([0-9a-f]{32}))?(?:/|$)")
+_CACHEABLE = re.compile(r"^/(?:secrets/[0-9a-f]{32}|asymmetric-keys/[0-9a-f]{32}/publicKey)$")
+
+
+@dataclass(frozen=True)
+class Caller:
+    transport: str                   # unix | tcp
+    uid: int | None = None
+    gid: int | None = None
+    pid: int | None = None
+    groups: frozenset[int] = frozenset()
+
+
+def peer_of(request: web.Request) -> Caller:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        raise Forbidden("the caller went away")
+    if sock.family != socket.AF_UNIX:
+        return Caller("tcp")
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return Caller("unix", uid, gid, pid, frozenset({gid, *_supplementary_groups(pid)}))
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return {int(g) for g in line.split()[1:]}
+    return set()
+
+
+@dataclass(frozen=True)
+class Target:
+    version: str
+    suffix: str
+    key_id: str | None
+    keystore_id: int | None
+
+
+def parse_path(path: str, default_version: str) -> Target:
+    m = _PREFIX.match(path)
+    version, suffix = (m.group(1), m.group(2) or "") if m else (default_version, path)
+    if not _SAFE.match(suffix) or any(seg in (".", "..") for seg in suffix.split("/")):
+        raise URLNotFound("no such endpoint; use a client-API path such as /secrets/{keyId}")
+    if suffix == "/events":
+        raise URLNotFound("the event stream is the sidecar's own")
+    km, sm = _KEY.match(suffix), _STORE.match(suffix)
+    key_id = km.group(1) if km else (sm.group(2) if sm and sm.group(2) else None)
+    return Target(version, suffix, key_id, int(sm.group(1)) if sm else None)
+
+
+class Policy:
+    """The optional allow-list: which local uids/gids may use a key or the keys of a key store."""
+
+    def __init__(self, rules: list[AccessRule], default: str, upstream: Upstream, version: str,
+                 ttl: float = 30.0) -> None:
+        self.key_rules: dict[str, list[AccessRule]] = {}
+        self.store_rules: dict[int, list[AccessRule]] = {}
+        for r in rules:
+            if r.kind == "key":
+                self.key_rules.setdefault(r.target, []).append(r)
+            else:
+                self.store_rules.setdefault(int(r.target), []).append(r)
+        self.default = default
+        self.upstream = upstream
+        self.version = version
+        self.ttl = ttl
+        self._members: dict[int, tuple[frozenset[str], float]] = {}
+
+    def forget(self, keystore_id: int | None) -> None:
+        if keystore_id is None:
+            self._members.clear()
+        else:
+            self._members.pop(keystore_id, None)
+
+    async def _store_keys(self, sid: int) -> frozenset[str]:
+        cached = self._members.get(sid)
+        if cached is not None and time.monotonic() - cached[1] < self.ttl:
+            return cached[0]
+        try:
+            resp = await self.upstream.request("GET", self.version, f"/keystores/{sid}/keys")
+        except UpstreamUnavailable:
+            resp = None
+        if resp is not None and resp.status == 200:
+            import json
+            ids = frozenset((json.loads(resp.body).get("body") or {}).get("keyIdList") or ())
+            self._members[sid] = (ids, time.monotonic())
+            return ids
+        if cached is not None:
+            return cached[0]
+        # Fail closed: a rule we cannot evaluate must not fall through to the default.
+        raise Unavailable("cannot check the local access rules: the key server did not list the key store's keys")
+
+    async def check(self, caller: Caller, t: Target) -> None:
+        rules = list(self.key_rules.get(t.key_id, ())) if t.key_id else []
+        if t.keystore_id is not None:
+            rules += self.store_rules.get(t.keystore_id, ())
+        if t.key_id:
+            for sid, srules in self.store_rules.items():
+                if sid != t.keystore_id and t.key_id in await self._store_keys(sid):
+                    rules += srules
+        if not rules:
+            if self.default == "allow":
+                return
+            raise Forbidden("no local access rule grants this caller that key")
+        if caller.uid is None:
+            raise Forbidden("this key is limited to listed local users: call over the Unix socket")
+        if any(caller.uid in r.uids or (caller.groups & r.gids) for r in rules):
+            return
+        raise Forbidden("this local user is not on the allow-list for that key")
+
+
+@dataclass
+class LocalAPI:
+    cfg: SidecarConfig
+    upstream: Upstream
+    cache: Cache
+    attestor: object
+    metrics: object
+    events: object = None
+    policy: Policy | None = None
+    started: float = field(default_factory=time.monotonic)
+    tcp_port: int | None = None
+    credential_requests: int = 0
+    _runners: list[web.AppRunner] = field(default_factory=list)
+    _logged: set = field(default_factory=set)
+
+    # ------------------------------------------------------------ app
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.listen.max_body_bytes,
+                              middlewares=[middleware.request_context, self._measure, middleware.errors, self._gate])
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/v1/status", self.status)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_route("*", "/{tail:.*}", self.proxy)
+        return app
+
+    @web.middleware
+    async def _measure(self, request: web.Request, handler):
+        resp = await handler(request)
+        path = request.path
+        kind = path.strip("/").replace("v1/", "") if path in ("/healthz", "/v1/status", "/metrics") else "proxy"
+        self.metrics.requests.labels(kind, str(resp.status)).inc()
+        return resp
+
+    @web.middleware
+    async def _gate(self, request: web.Request, handler):
+        """Who may talk to the sidecar at all (before any route)."""
+        caller = peer_of(request)
+        if caller.transport == "tcp":
+            if request.remote != "127.0.0.1":
+                self.metrics.denials.labels("tcp_remote").inc()
+                raise Forbidden("the sidecar answers 127.0.0.1 only")
+            if request.headers.get(ANTI_SSRF_HEADER) != "1":
+                self.metrics.denials.labels("anti_ssrf").inc()
+                raise Forbidden(f"requests over TCP must carry the header {ANTI_SSRF_HEADER}: 1")
+        request["skm_caller"] = caller
+        return await handler(request)
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def status(self, _request: web.Request) -> web.Response:
+        now = time.monotonic()
+        return web.json_response({
+            "upstream": {"reachable": self.upstream.reachable, "requestsSent": self.upstream.sent,
+                         "servers": [{"url": t.url, "healthy": t.healthy(now), "failures": t.failures,
+                                      "lastError": t.last_error} for t in self.upstream.targets]},
+            "attestation": {"mac": getattr(self.attestor, "mac", None),
+                            "interface": getattr(self.attestor, "iface", None),
+                            "error": getattr(self.attestor, "error", None)},
+            "certificate": {"notAfter": self.upstream.cert_expiry()},
+            "cache": self.cache.stats(),
+            "stream": self.events.status() if self.events is not None else {"state": "disabled"},
+            "appCredentialRequests": self.credential_requests,
+            "uptimeSeconds": round(now - self.started, 1),
+        })
+
+    async def prometheus(self, _request: web.Request) -> web.Response:
+        return self.metrics.render()
+
+    # ------------------------------------------------------------ the proxy
+    def _app_credentials(self, request: web.Request, caller: Caller) -> None:
+        sent = [h for h in CREDENTIAL_HEADERS if h in request.headers]
+        if not sent:
+            return
+        self.credential_requests += 1
+        action = "refused" if self.cfg.reject_app_credentials else "stripped"
+        for h in sent:
+            self.metrics.app_credentials.labels(h.lower(), action).inc()
+        mark = (caller.uid, caller.pid, tuple(sent))
+        if mark not in self._logged:          # once per process and header set: a hint, not a flood
+            if len(self._logged) < 10_000:
+                self._logged.add(mark)
+            log.warning("app_sent_credentials", headers=sent, uid=caller.uid, pid=caller.pid, action=action,
+                        hint="this app holds credentials it does not need behind the sidecar; remove them")
+        if self.cfg.reject_app_credentials:
+            raise Forbidden("this sidecar refuses requests carrying credentials; remove the "
+                            f"{', '.join(sent)} header(s): the sidecar authenticates for you")
+
+    async def proxy(self, request: web.Request) -> web.Response:
+        caller: Caller = request["skm_caller"]
+        self._app_credentials(request, caller)
+        t = parse_path(request.path, self.cfg.upstream.api_version)
+        if self.policy is not None:
+            try:
+                await self.policy.check(caller, t)
+            except Forbidden:
+                self.metrics.denials.labels("allow_list").inc()
+                log.info("local_caller_refused", uid=caller.uid, key_id=t.key_id, keystore_id=t.keystore_id)
+                raise
+        query = request.rel_url.raw_query_string
+        if request.method == "GET" and _CACHEABLE.match(t.suffix):
+            ckey = f"{t.version} {t.suffix}?{query}"
+            res = await self.cache.get(ckey, t.key_id, lambda: self.upstream.request(
+                "GET", t.version, t.suffix, query=query))
+            headers = {"X-SKM-Cache": res.source}
+            if res.source in ("hit", "stale"):
+                headers["Age"] = str(int(res.age))
+            if res.source == "stale":
+                headers["X-SKM-Stale"] = f"true; age={int(res.age)}"
+                headers["Warning"] = '110 - "Response is Stale"'
+            return _response(res.status, res.body, res.content_type, headers)
+        body = await request.read() if request.can_read_body else None
+        resp = await self.upstream.request(request.method, t.version, t.suffix, query=query, body=body,
+                                           content_type=request.headers.get("Content-Type") if body else None)
+        if request.method not in ("GET", "HEAD") and t.key_id and resp.status < 500:
+            self.cache.drop_key(t.key_id)       # a write through the sidecar: our copy is out of date
+        return _response(resp.status, resp.body, resp.content_type, {"X-SKM-Cache": "bypass"})
+
+    # ------------------------------------------------------------ listeners
+    async def start(self) -> None:
+        runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=2)
+        await runner.setup()
+        self._runners.append(runner)
+        await self._unix_site(runner)
+        if self.cfg.listen.tcp_port >= 0:
+            site = web.TCPSite(runner, "127.0.0.1", self.cfg.listen.tcp_port, reuse_port=False)
+            await site.start()
+            self.tcp_port = site._server.sockets[0].getsockname()[1]
+
+    async def _unix_site(self, runner: web.AppRunner) -> None:
+        path = Path(self.cfg.listen.socket)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink() or path.exists():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+            if await _socket_alive(path):
+                raise ConfigError(f"another process is serving {path}; stop it or choose another listen.socket")
+            path.unlink()                      # a stale socket left by a previous run
+        old = os.umask(0o117)                  # born 0660: no window where others may connect
+        try:
+            await web.UnixSite(runner, str(path)).start()
+        finally:
+            os.umask(old)
+        gid = self.cfg.socket_gid()
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
+
+    async def stop(self) -> None:
+        for r in self._runners:
+            await r.cleanup()
+        self._runners.clear()
+        with contextlib.suppress(FileNotFoundError):
+            p = Path(self.cfg.listen.socket)
+            if stat.S_ISSOCK(p.lstat().st_mode):
+                p.unlink()
+
+
+def _response(status: int, body: bytes, content_type: str, headers: dict[str, str]) -> web.Response:
+    resp = web.Response(body=body, status=status, headers=headers)
+    resp.content_type = content_type or "application/json"
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+async def _socket_alive(path: Path) -> bool:
+    try:
+        _r, w = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 0.5)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    w.close()
+    with contextlib.suppress(Exception):
+        await w.wait_closed()
+    return True
