@@ -10,20 +10,34 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: install demo test test-long bench clean
+# Tools whose pins clash with the project's (sslyze wants cryptography<47) get their own venv.
+TOOLS := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
+
+$(TOOLS_STAMP):
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q --upgrade pip
+	$(TOOLS)/bin/pip install -q 'sslyze>=6.0'
+	touch $(TOOLS_STAMP)
+
+.PHONY: install demo test test-long test-postgres bench clean
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/skm demo
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/pytest -q
 
-test-long: $(STAMP)
+test-long: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/pytest -q -m long
+
+# The API, key and storage tests again with every key server on a throwaway PostgreSQL.
+test-postgres: $(STAMP)
+	SKM_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/api tests/keys tests/storage
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .skm build *.egg-info
+	rm -rf $(VENV) $(TOOLS) .skm build *.egg-info

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import logs
+from server import logs, replication
 from server.access.authdata import AuthData
 from server.access.changes import ChangeGate
 from server.access.clientauth import ClientAccess
@@ -169,8 +169,16 @@ def system_key_source(config: ServerConfig) -> SystemKeySource:
     if config.systemkey.source == "local":
         return LocalKeyringSource(config.system_key_path())
     if config.systemkey.source == "remote":
+        import dataclasses
+
         from server.barrier.remote import RemoteKeyringSource
-        return RemoteKeyringSource(config.systemkey)
+        # The key server's own TLS identity and dev CA are the defaults for the mTLS client side.
+        pki = config.pki_dir()
+        sk = config.systemkey
+        sk = dataclasses.replace(sk, client_cert=sk.client_cert or str(pki / "server.pem"),
+                                 client_key=sk.client_key or str(pki / "server-key.pem"),
+                                 ca=sk.ca or str(pki / "ca.pem"))
+        return RemoteKeyringSource(sk)
     raise ConfigError("systemkey.source must be 'local' or 'remote'")
 
 
@@ -198,6 +206,7 @@ class KeyServer:
         storage = open_storage(cfg.storage_url())
         await storage.open()
         rt = self.runtime = build_runtime(cfg, storage)
+        await replication.enable(rt)   # PostgreSQL: events reach every replica via LISTEN/NOTIFY
         if cfg.systemkey.source == "local":
             # A local keyring is there or not: a wrong root key stops the start here.
             await unseal_once(rt.barrier, self.source, self.root)
@@ -215,16 +224,29 @@ class KeyServer:
         return self
 
     async def _unseal_remote(self) -> None:
+        """Unseal in the background; only a configuration error stops trying, and nothing ends silently."""
         from server.barrier.remote import unseal_with_retry
         rt = self.runtime
         sk = self.config.systemkey
-        try:
-            await unseal_with_retry(rt.barrier, self.source, self.root, initial=sk.retry_initial,
-                                    maximum=sk.retry_max, log=log)
-            log.info("unsealed", system_key_version=rt.barrier.current_version)
-        except ConfigError as e:
-            rt.barrier.sealed_reason = f"cannot unseal: {e}"
-            log.error("unseal_failed", reason=str(e))
+        # The management routes (keyring refresh) reuse the same source and root key.
+        rt.extra["systemkey_source"], rt.extra["rootkey"] = self.source, self.root
+        while True:
+            try:
+                await unseal_with_retry(rt.barrier, self.source, self.root, initial=sk.retry_initial,
+                                        maximum=sk.retry_max, log=log)
+                log.info("unsealed", system_key_version=rt.barrier.current_version)
+                return
+            except ConfigError as e:
+                rt.barrier.sealed_reason = f"cannot unseal: {e}"
+                log.error("unseal_failed", reason=str(e))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a bug or odd failure must not leave a silent sealed server
+                rt.barrier.sealed_reason = (f"waiting for the system key: unexpected {type(e).__name__}; "
+                                            "see the key server log")
+                log.exception("unseal_error", error_type=type(e).__name__)
+                await asyncio.sleep(max(sk.retry_max, 0.1))
 
     async def _listen(self, app: web.Application, which: str, *, client_cert: bool) -> int:
         cfg = self.config

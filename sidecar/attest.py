@@ -24,7 +24,7 @@ log = logs.get("skm.sidecar.attest")
 
 def _route_scapy(ip: str) -> str | None:
     from scapy.config import conf          # noqa: the route table loads on first use
-    import scapy.route  # noqa: F401  (registers conf.route on some versions)
+    import scapy.route  # noqa: F401  (importing it sets conf.route)
     conf.route.resync()
     iface, _src, _gw = conf.route.route(ip)
     return str(iface) if iface else None
@@ -32,6 +32,8 @@ def _route_scapy(ip: str) -> str | None:
 
 def _hwaddr_scapy(iface: str) -> str:
     from scapy.arch import get_if_hwaddr
+    from scapy.config import conf
+    conf.ifaces.reload()                   # scapy caches interfaces: a changed MAC must be seen
     return get_if_hwaddr(iface)
 
 

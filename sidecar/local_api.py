@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import socket
@@ -41,6 +42,7 @@ _PREFIX = re.compile(r"^/keymanager/(v1\.[0-3])/appkey/[A-Za-z0-9_-]{1,64}(/.*)?
 _SAFE = re.compile(r"^(/[A-Za-z0-9_.\-]+)+$")
 _KEY = re.compile(r"^/(?:secrets|symmetric-keys|asymmetric-keys|keys)/([0-9a-f]{32})(?:/|$)")
 _STORE = re.compile(r"^/keystores/(\d{1,12})(?:/keys/([0-9a-f]{32}))?(?:/|$)")
+CALLER = web.RequestKey("skm_sidecar_caller", object) if hasattr(web, "RequestKey") else "skm_sidecar_caller"
 _CACHEABLE = re.compile(r"^/(?:secrets/[0-9a-f]{32}|asymmetric-keys/[0-9a-f]{32}/publicKey)$")
 
 
@@ -126,7 +128,6 @@ class Policy:
         except UpstreamUnavailable:
             resp = None
         if resp is not None and resp.status == 200:
-            import json
             ids = frozenset((json.loads(resp.body).get("body") or {}).get("keyIdList") or ())
             self._members[sid] = (ids, time.monotonic())
             return ids
@@ -198,7 +199,7 @@ class LocalAPI:
             if request.headers.get(ANTI_SSRF_HEADER) != "1":
                 self.metrics.denials.labels("anti_ssrf").inc()
                 raise Forbidden(f"requests over TCP must carry the header {ANTI_SSRF_HEADER}: 1")
-        request["skm_caller"] = caller
+        request[CALLER] = caller
         return await handler(request)
 
     async def healthz(self, _request: web.Request) -> web.Response:
@@ -243,7 +244,7 @@ class LocalAPI:
                             f"{', '.join(sent)} header(s): the sidecar authenticates for you")
 
     async def proxy(self, request: web.Request) -> web.Response:
-        caller: Caller = request["skm_caller"]
+        caller: Caller = request[CALLER]
         self._app_credentials(request, caller)
         t = parse_path(request.path, self.cfg.upstream.api_version)
         if self.policy is not None:
@@ -268,7 +269,7 @@ class LocalAPI:
         body = await request.read() if request.can_read_body else None
         resp = await self.upstream.request(request.method, t.version, t.suffix, query=query, body=body,
                                            content_type=request.headers.get("Content-Type") if body else None)
-        if request.method not in ("GET", "HEAD") and t.key_id and resp.status < 500:
+        if request.method in ("PUT", "DELETE") and t.key_id and 200 <= resp.status < 300:
             self.cache.drop_key(t.key_id)       # a write through the sidecar: our copy is out of date
         return _response(resp.status, resp.body, resp.content_type, {"X-SKM-Cache": "bypass"})
 

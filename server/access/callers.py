@@ -11,6 +11,9 @@
   timing does not tell which ids exist. A reason more specific than "not
   valid" (expired, revoked, other project) is given only to a caller who
   proved the secret.
+* An access key acts with its operator's role: a non-admin's key uses keys
+  and reads, but the client API's change endpoints (key create/delete, PUT
+  secrets, auth data and certificates) refuse it, as the management plane does.
 """
 from __future__ import annotations
 
@@ -253,7 +256,23 @@ class CallerAuth:
             raise Unauthenticated("unknown API version")
         if key.project_id is not None and key.project_id != ctx.project.id:
             raise Unauthenticated("this user access key is bound to another project's appkey")
+        if key.role != "admin" and _handler_name(request) in CHANGE_HANDLERS:
+            # As on the management plane: only admins change key stores; others use keys and read.
+            raise Forbidden(f"this change needs an admin's access key; {key.operator} is {key.role}")
         return identity
+
+
+# Client-API handlers that change a key store (its keys or auth data); everything else is use or read.
+CHANGE_HANDLERS = frozenset({
+    "create_secret", "create_symmetric", "create_asymmetric", "schedule_key_deletion", "delete_key", "put_secret",
+    "add_auth", "schedule_auth_deletion", "delete_auth",
+    "create_certificate", "schedule_certificate_deletion", "delete_certificate",
+})
+
+
+def _handler_name(request: web.Request) -> str:
+    route = request.match_info.route
+    return getattr(route.handler, "__name__", "") if route is not None else ""
 
 
 def install(rt) -> None:

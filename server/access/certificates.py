@@ -3,7 +3,7 @@
 The server's CA (the dev PKI in the data dir) issues the certificate; its
 SHA-256 fingerprint is what the data plane matches a presented certificate
 against (server/access/clientauth.py). The password and the PKCS#12 bundle are
-sealed by the barrier, AAD = the row's identity. Life cycle as for IPv4/MAC
+sealed by the barrier, AAD = sealed_aad(table, column, id). Life cycle as for IPv4/MAC
 entries: ACTIVE -> SCHEDULED_DELETION (cancellable) -> deleted.
 
 Inventory never returns the password: NHN's §4.9 does, this server answers a
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from server import logs, timeutil
 from server.access.changes import ChangeGate, op
 from server.access.pki import DevPKI, fingerprint, pkcs12_bundle
-from server.barrier.barrier import Barrier, record_aad
+from server.barrier.barrier import Barrier, record_aad, sealed_aad
 from server.errors import Conflict, InvalidRequest, NotFound
 from server.events import Event, EventBus
 from server.keys.model import KeyStore
@@ -106,9 +106,9 @@ class Certificates:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                     ks.id, name, description or "", fingerprint(der), format(cert.serial_number, "x"),
                     timeutil.to_db(cert.not_valid_after_utc), b"", b"", actor, now, actor, now)
-                aad = record_aad(TABLE, row["id"])
                 await tx.execute(f"UPDATE {TABLE} SET password_sealed = ?, bundle_sealed = ? WHERE id = ?",
-                                 self.barrier.seal(password.encode(), aad), self.barrier.seal(bundle, aad), row["id"])
+                                 self.barrier.seal(password.encode(), sealed_aad(TABLE, "password_sealed", row["id"])),
+                                 self.barrier.seal(bundle, sealed_aad(TABLE, "bundle_sealed", row["id"])), row["id"])
         except Exception as e:
             if "UniqueViolation" in type(e).__name__ or "UNIQUE" in str(e):
                 raise Conflict("a certificate with that name exists in this key store") from None
@@ -139,7 +139,7 @@ class Certificates:
         row = await self._row(ks, name)
         if row["status"] != "ACTIVE":
             raise NotFound("the certificate is scheduled for deletion; cancel the deletion to download it")
-        return self.barrier.open(bytes(row["bundle_sealed"]), record_aad(TABLE, row["id"]))
+        return self.barrier.open(bytes(row["bundle_sealed"]), sealed_aad(TABLE, "bundle_sealed", row["id"]))
 
     # -- life cycle -----------------------------------------------------------
     async def schedule_deletion(self, ks: KeyStore, name: str, *, actor: str) -> dict:
@@ -233,23 +233,24 @@ def install(rt) -> None:
     tasks: list[asyncio.Task] = []
 
     async def purge_loop(rt_) -> None:
-        # app.run_jobs_once purges keys and IPv4/MAC entries; certificates are purged here.
+        # app.run_jobs_once purges keys and IPv4/MAC entries; certificates and expired tokens are purged here.
         while True:
             await asyncio.sleep(rt_.config.purge_interval)
             if rt_.barrier.sealed:
                 continue
             try:
-                if await rt_.storage.try_lock("skm-cert-purge"):
+                if await rt_.storage.try_lock("skm-access-purge"):
                     n = await rt_.certificates.purge_due()
-                    if n:
-                        log.info("certificates_purged", count=n)
+                    t = await rt_.callers.purge_expired() if rt_.callers is not None else 0
+                    if n or t:
+                        log.info("access_data_purged", certificates=n, expired_tokens=t)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("certificate_purge_failed")
 
     async def start(rt_) -> None:
-        tasks.append(asyncio.create_task(purge_loop(rt_), name="cert-purge"))
+        tasks.append(asyncio.create_task(purge_loop(rt_), name="access-purge"))
 
     async def stop(_rt) -> None:
         for t in tasks:

@@ -26,8 +26,20 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None, *, requ
     ctx.load_cert_chain(str(cert), str(key))
     if client_ca is not None:
         ctx.load_verify_locations(cafile=str(client_ca))
+        # Optional on the data plane: a key store decides whether it needs a certificate, but one
+        # that is presented must verify (another CA's or an expired one fails the handshake).
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client else ssl.CERT_OPTIONAL
+        # RFC 5280 strictness for client certificates (as Python 3.13 does for its clients).
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     return ctx
+
+
+def peer_der(transport) -> bytes | None:
+    """The DER client certificate verified in this connection's handshake, or None."""
+    ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_obj is None:
+        return None
+    return ssl_obj.getpeercert(binary_form=True) or None
 
 
 def client_context(ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:

@@ -1,10 +1,11 @@
-"""`skm server run|init|status`."""
+"""`skm server run|init|status|export-keyring`."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import signal
 import sys
+from pathlib import Path
 
 from server import logs
 from server.cli.common import add_connection_args, connection, output
@@ -41,9 +42,22 @@ def register(sub) -> None:
     init.set_defaults(func=_init)
 
     st = s.add_parser("status", help="show whether the server is sealed and its system-key versions",
-                      description="Ask the management listener for its state.")
+                      description="Ask the management listener for its state: sealed and why (/healthz), and "
+                                  "with an operator token the system-key versions and records per version. "
+                                  "Exit code 6 while sealed.")
     add_connection_args(st)
     st.set_defaults(func=_status)
+
+    ex = s.add_parser("export-keyring", help="move the wrapped keyring off this host for a system-key server",
+                      description="Write the wrapped system-key keyring to FILE for `skm systemkey init "
+                                  "--keyring FILE` and delete the local copy, so the root key and the wrapped "
+                                  "system key no longer sit on one host. Then set systemkey.source = \"remote\" "
+                                  "and systemkey.urls in the key server's config.")
+    _config_args(ex)
+    ex.add_argument("--out", "-o", required=True, help="file to write (created 0600; must not exist)")
+    ex.add_argument("--keep-local", action="store_true",
+                    help="keep the local keyring too (testing only: it defeats the separation)")
+    ex.set_defaults(func=_export_keyring)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +83,12 @@ async def _run(args: argparse.Namespace) -> int:
     cfg = load_server_config(args)
     logs.configure(cfg.log_format, cfg.log_level)
     server = KeyServer(cfg)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        # A refused start (wrong root key or PIN) must release storage too, or its thread keeps us alive.
+        await server.stop()
+        raise
     print(f"key server: data plane https://{cfg.data.host}:{server.data_port}, "
           f"management https://{cfg.mgmt.host}:{server.mgmt_port}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
@@ -85,10 +104,57 @@ async def _status(args: argparse.Namespace) -> int:
     import aiohttp
     from pathlib import Path
     from server.access.tls import client_context
+    from server.cli.common import MgmtClient
+    from server.errors import SKMError
     conn = connection(args)
     ssl_ctx = client_context(Path(conn.ca)) if conn.ca else None
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_ctx)) as s:
         async with s.get(f"{conn.addr}/healthz", timeout=aiohttp.ClientTimeout(total=10)) as r:
             data = await r.json(content_type=None)
+    if not data.get("sealed") and conn.token:
+        # Versions and records per version need an operator; health alone does not.
+        try:
+            async with MgmtClient(conn) as c:
+                sysst = await c.call("GET", "/system/status")
+            data.update({"system_key_version": sysst["currentVersion"], "system_key_versions": sysst["versions"],
+                         "records_by_version": sysst["recordsByVersion"], "rewrap": sysst["rewrap"]["state"]})
+        except SKMError as e:
+            data["system_status"] = f"unavailable ({e.message})"
     output(args, data, title="key server")
     return 0 if not data.get("sealed") else 6
+
+
+def export_keyring(cfg: ServerConfig, out: Path, *, keep_local: bool = False) -> Path:
+    """Copy the local wrapped keyring to `out` (0600, new file) and remove the local copy; returns the source."""
+    import os
+    from server.barrier.keyring import load_keyring_file
+    from server.barrier.rootkey import write_private_file
+    from server.errors import ConfigError
+    src = cfg.system_key_path()
+    if not src.exists():
+        raise ConfigError(f"no local keyring at {src}: already exported, or not initialised")
+    load_keyring_file(src)  # refuse to export something malformed
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} already exists; choose a new file")
+    write_private_file(out, src.read_bytes())
+    if not keep_local:
+        os.remove(src)
+    return src
+
+
+def _export_keyring(args: argparse.Namespace) -> int:
+    from server.access.pki import fingerprint
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    cfg = load_server_config(args)
+    src = export_keyring(cfg, Path(args.out), keep_local=args.keep_local)
+    cert_path = cfg.pki_dir() / "server.pem"
+    print(f"wrote {args.out}" + ("" if args.keep_local else f" and removed {src}"))
+    print("On the system-key host:")
+    print(f"  skm systemkey init --keyring {args.out}   (then delete {args.out})")
+    if cert_path.exists():
+        fp = fingerprint(x509.load_pem_x509_certificate(cert_path.read_bytes()).public_bytes(Encoding.DER))
+        print(f"  skm systemkey allow {fp}")
+    print('In this key server\'s config: [systemkey] source = "remote", urls = ["https://SYSTEMKEY-HOST:8445"]')
+    return 0

@@ -6,10 +6,12 @@ rule says (states, versions, limits, export) is decided in this module.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import os
 import secrets
 import string
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,10 +37,17 @@ class Limits:
     min_auto_rotation_days: int = 30
     deletion_grace_days: int = 7
     material_cache_entries: int = 4096
+    meta_cache_entries: int = 20000
+    meta_cache_max_age: float = 5.0
 
 
 class _LRU:
-    """Bounded cache of loaded key versions (parsed keys are costly: RSA especially)."""
+    """Bounded cache of loaded key versions (parsed keys are costly: RSA especially).
+
+    Secret values are held as bytearrays and overwritten with zeros when they leave
+    the cache (evicted, key deleted, cache cleared): what Python lets us wipe. The
+    cache is never logged or rendered.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -51,17 +60,107 @@ class _LRU:
         return v
 
     def put(self, k, v) -> None:
+        old = self._d.get(k)
+        if old is not None and old is not v:
+            _wipe(old)
         self._d[k] = v
         self._d.move_to_end(k)
         while len(self._d) > self.size:
-            self._d.popitem(last=False)
+            _wipe(self._d.popitem(last=False)[1])
 
     def drop_key(self, key_id: str) -> None:
         for k in [k for k in self._d if k[0] == key_id]:
-            del self._d[k]
+            _wipe(self._d.pop(k))
 
     def clear(self) -> None:
+        for v in self._d.values():
+            _wipe(v)
         self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+def _wipe(v: Any) -> None:
+    if isinstance(v, bytearray):
+        v[:] = bytes(len(v))
+
+
+class _MetaCache:
+    """Key and key-store rows by id, dropped on the change events every writer publishes.
+
+    The event bus is drained synchronously at each lookup (no task to run); replicas on
+    PostgreSQL relay their events into the same bus. A fill that raced with an event
+    for the same id is not stored (generation check), and an entry older than
+    `max_age` is read again, a bound on staleness should an event ever be lost.
+    """
+
+    def __init__(self, events: EventBus, size: int, max_age: float) -> None:
+        self.size, self.max_age = size, max_age
+        self._q = events.subscribe()
+        self._keys: OrderedDict[str, tuple[float, Key]] = OrderedDict()
+        self._stores: dict[int, tuple[float, KeyStore]] = {}
+        self._gen = 0
+
+    def sync(self) -> None:
+        q = self._q
+        while not q.empty():
+            ev = q.get_nowait()
+            self._gen += 1
+            if ev.kind == "reset":
+                self.clear()
+            if ev.key_id:
+                self._keys.pop(ev.key_id, None)
+            if ev.kind in ("keystore_updated", "keystore_deleted"):
+                self._stores.pop(ev.keystore_id, None)
+
+    def clear(self) -> None:
+        self._gen += 1
+        self._keys.clear()
+        self._stores.clear()
+
+    @property
+    def generation(self) -> int:
+        self.sync()
+        return self._gen
+
+    def key(self, key_id: str) -> Key | None:
+        self.sync()
+        hit = self._keys.get(key_id)
+        if hit is None or time.monotonic() - hit[0] > self.max_age:
+            return None
+        self._keys.move_to_end(key_id)
+        return dataclasses.replace(hit[1])
+
+    def put_key(self, key: Key, gen: int) -> None:
+        if self.generation != gen:
+            return
+        self._keys[key.id] = (time.monotonic(), dataclasses.replace(key))
+        self._keys.move_to_end(key.id)
+        while len(self._keys) > self.size:
+            self._keys.popitem(last=False)
+
+    def drop_key(self, key_id: str) -> None:
+        self._gen += 1
+        self._keys.pop(key_id, None)
+
+    def store(self, keystore_id: int) -> KeyStore | None:
+        self.sync()
+        hit = self._stores.get(keystore_id)
+        if hit is None or time.monotonic() - hit[0] > self.max_age:
+            return None
+        return dataclasses.replace(hit[1])
+
+    def put_store(self, ks: KeyStore, gen: int) -> None:
+        if self.generation != gen:
+            return
+        if len(self._stores) >= self.size:
+            self._stores.clear()
+        self._stores[ks.id] = (time.monotonic(), dataclasses.replace(ks))
+
+    def drop_store(self, keystore_id: int) -> None:
+        self._gen += 1
+        self._stores.pop(keystore_id, None)
 
 
 def _validate_rotation(days: int, limits: Limits) -> int:
@@ -82,6 +181,7 @@ class KeyService:
         self.events = events or EventBus()
         self.limits = limits or Limits()
         self._cache = _LRU(self.limits.material_cache_entries)
+        self._meta = _MetaCache(self.events, self.limits.meta_cache_entries, self.limits.meta_cache_max_age)
         self._projects: dict[str, Project] = {}
         self._touch_pending: set[str] = set()
 
@@ -156,14 +256,21 @@ class KeyService:
             if _is_unique_violation(e):
                 raise Conflict(f"a key store named {merged['name']!r} already exists") from None
             raise
-        await self.events.publish(Event(ks.id, "keystore_updated"))
+        await self._publish(Event(ks.id, "keystore_updated"))
         return await self.keystore(ks.id)
 
     async def keystore(self, keystore_id: int, project_id: int | None = None) -> KeyStore:
-        row = await self.db.fetchone("SELECT * FROM keystores WHERE id = ?", keystore_id)
-        if row is None or (project_id is not None and row["project_id"] != project_id):
+        ks = self._meta.store(keystore_id)
+        if ks is None:
+            gen = self._meta.generation
+            row = await self.db.fetchone("SELECT * FROM keystores WHERE id = ?", keystore_id)
+            if row is None:
+                raise KeyStoreNotFound(f"no key store with id {keystore_id}")
+            ks = KeyStore.from_row(row)
+            self._meta.put_store(ks, gen)
+        if project_id is not None and ks.project_id != project_id:
             raise KeyStoreNotFound(f"no key store with id {keystore_id}")
-        return KeyStore.from_row(row)
+        return ks
 
     async def keystore_by_name(self, project_id: int, name: str) -> KeyStore:
         row = await self.db.fetchone("SELECT * FROM keystores WHERE project_id = ? AND name = ?", project_id, name)
@@ -221,12 +328,14 @@ class KeyService:
             if _is_unique_violation(e):
                 raise Conflict(f"a key named {name!r} already exists in this key store") from None
             raise
-        await self.events.publish(Event(ks.id, "key_created", key_id, 0))
+        await self._publish(Event(ks.id, "key_created", key_id, 0))
         return await self.key(key_id)
 
     async def key(self, key_id: str, *, project_id: int | None = None, with_versions: bool = False) -> Key:
         if not _is_key_id(key_id):
             raise InvalidKeyId("key ids are 32 lowercase hex characters")
+        if not with_versions:
+            return await self._key_cached(key_id, project_id)
         if project_id is None:
             row = await self.db.fetchone("SELECT * FROM keys WHERE id = ?", key_id)
         else:
@@ -239,6 +348,23 @@ class KeyService:
         if with_versions:
             k.versions = await self.db.fetchall(
                 "SELECT version, status, created_at FROM key_versions WHERE key_id = ? ORDER BY version", key_id)
+        return k
+
+    async def _key_cached(self, key_id: str, project_id: int | None) -> Key:
+        """The hot path's key lookup: metadata from the cache, the project checked through the store."""
+        k = self._meta.key(key_id)
+        if k is None:
+            gen = self._meta.generation
+            row = await self.db.fetchone("SELECT * FROM keys WHERE id = ?", key_id)
+            if row is None:
+                raise InvalidKeyId("no key with that id")
+            k = Key.from_row(row)
+            self._meta.put_key(k, gen)
+        if project_id is not None:
+            try:
+                await self.keystore(k.keystore_id, project_id)
+            except KeyStoreNotFound:
+                raise InvalidKeyId("no key with that id") from None
         return k
 
     async def keys(self, keystore_id: int, *, key_type: str | None = None, name: str | None = None,
@@ -291,7 +417,7 @@ class KeyService:
                 "INSERT INTO key_versions (key_id, version, status, material_sealed, public_der, created_at) "
                 "VALUES (?, ?, 'ACTIVE', ?, ?, ?)", key.id, v, sealed, public, timeutil.to_db(now))
         kind = "secret_updated" if key.key_type is KeyType.SECRET else "key_rotated"
-        await self.events.publish(Event(key.keystore_id, kind, key.id, v))
+        await self._publish(Event(key.keystore_id, kind, key.id, v))
         return await self.key(key.id, with_versions=True)
 
     async def update_key(self, key: Key, *, actor: str, description: str | None = None,
@@ -306,6 +432,7 @@ class KeyService:
         await self.db.execute("UPDATE keys SET description = ?, auto_rotation_days = ?, next_rotation_at = ?, "
                               "updated_by = ?, updated_at = ? WHERE id = ?",
                               desc, days, next_rot, actor, timeutil.now_db(), key.id)
+        self._meta.drop_key(key.id)
         return await self.key(key.id, with_versions=True)
 
     async def schedule_deletion(self, key: Key, *, actor: str, days: int | None = None) -> Key:
@@ -317,7 +444,7 @@ class KeyService:
                                   when, actor, timeutil.now_db(), key.id)
         if n != 1:
             raise InvalidKeyStatus("the key is not in service")
-        await self.events.publish(Event(key.keystore_id, "key_scheduled_deletion", key.id))
+        await self._publish(Event(key.keystore_id, "key_scheduled_deletion", key.id))
         return await self.key(key.id)
 
     async def cancel_deletion(self, key: Key, *, actor: str) -> Key:
@@ -326,7 +453,7 @@ class KeyService:
                                   actor, timeutil.now_db(), key.id)
         if n != 1:
             raise InvalidKeyStatus("only a key scheduled for deletion can have its deletion cancelled")
-        await self.events.publish(Event(key.keystore_id, "key_deletion_cancelled", key.id))
+        await self._publish(Event(key.keystore_id, "key_deletion_cancelled", key.id))
         return await self.key(key.id)
 
     async def delete_now(self, key: Key, *, actor: str) -> str:
@@ -341,7 +468,8 @@ class KeyService:
             await tx.execute("DELETE FROM key_versions WHERE key_id = ?", key_id)
             await tx.execute("DELETE FROM keys WHERE id = ?", key_id)
         self._cache.drop_key(key_id)
-        await self.events.publish(Event(keystore_id, "key_deleted", key_id))
+        self._meta.drop_key(key_id)
+        await self._publish(Event(keystore_id, "key_deleted", key_id))
 
     # ------------------------------------------------------------ background jobs
     async def purge_due(self, now: dt.datetime | None = None) -> int:
@@ -387,7 +515,9 @@ class KeyService:
         elif key.key_type is KeyType.ASYMMETRIC_KEY:
             obj = material.AsymmetricVersion(key.id, version, key.key_spec, raw)
         else:
-            return raw    # secrets are not cached: a rotation must show at once
+            # A (key, version) never changes content: a rotation makes a new version, and the
+            # key row (current_version, status) comes fresh from the event-invalidated cache.
+            obj = bytearray(raw)
         self._cache.put((key.id, version), obj)
         return obj
 
@@ -403,6 +533,7 @@ class KeyService:
         async def _write() -> None:
             try:
                 await self.db.execute("UPDATE keys SET last_access_at = ? WHERE id = ?", timeutil.now_db(), key.id)
+                self._meta.drop_key(key.id)     # the cached row's last access is now old
             except Exception:  # best effort: an access timestamp never fails a request
                 pass
             finally:
@@ -412,7 +543,7 @@ class KeyService:
     async def secret_value(self, key: Key) -> str:
         self._require_type(key, KeyType.SECRET)
         self._require_active(key)
-        return (await self._version_raw(key, key.current_version)).decode("utf-8")
+        return (await self._loaded(key, key.current_version)).decode("utf-8")
 
     async def update_secret(self, key: Key, value: str, *, actor: str) -> Key:
         self._require_type(key, KeyType.SECRET)
@@ -514,6 +645,14 @@ class KeyService:
         return bytes(row["public_der"]), version
 
     # --------------------------------------------------------------------- utils
+    async def _publish(self, event: Event) -> None:
+        # Drop our own cached rows first: with a replication relay the bus hears the event
+        # only once it has gone round, and the writer must not read its old row meanwhile.
+        if event.key_id:
+            self._meta.drop_key(event.key_id)
+        self._meta.drop_store(event.keystore_id)
+        await self.events.publish(event)
+
     async def _insert_returning(self, sql: str, *args: Any, conflict: str) -> dict:
         try:
             async with self.db.transaction() as tx:

@@ -153,6 +153,64 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE INDEX oauth_tokens_expiry ON oauth_tokens (expires_at)",
         "CREATE INDEX auth_certificates_deletion ON auth_certificates (deletion_at)",
     ]),
+    (4, [
+        # Approval workflow: change requests (secret parameters sealed, never in the JSON) and the
+        # approvals given. Audit: an append-only hash chain; audit_head is the single row every
+        # append locks first, so the chain stays linear across writers and replicas.
+        """CREATE TABLE change_requests (
+            id {serial_pk},
+            keystore_id {bigint} NOT NULL REFERENCES keystores(id),
+            op TEXT NOT NULL,
+            params TEXT NOT NULL,
+            secrets_sealed {blob},
+            diff TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'PENDING',
+            approvals_needed INTEGER NOT NULL DEFAULT 1,
+            requested_by TEXT NOT NULL,
+            reason TEXT NOT NULL DEFAULT '',
+            result TEXT,
+            decided_by TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            decided_at TEXT)""",
+        "CREATE INDEX change_requests_status ON change_requests (status, expires_at)",
+        "CREATE INDEX change_requests_keystore ON change_requests (keystore_id, status)",
+        """CREATE TABLE change_approvals (
+            request_id {bigint} NOT NULL REFERENCES change_requests(id),
+            operator TEXT NOT NULL,
+            comment TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (request_id, operator))""",
+        """CREATE TABLE audit_log (
+            seq {bigint} PRIMARY KEY,
+            at TEXT NOT NULL,
+            plane TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            actor_kind TEXT NOT NULL,
+            ip TEXT,
+            fingerprint TEXT,
+            mac TEXT,
+            method TEXT,
+            route TEXT,
+            action TEXT NOT NULL,
+            keystore_id {bigint},
+            key_id TEXT,
+            status INTEGER,
+            result TEXT NOT NULL,
+            reason TEXT,
+            detail TEXT NOT NULL DEFAULT '{{}}',
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL)""",
+        "CREATE INDEX audit_log_at ON audit_log (at)",
+        "CREATE INDEX audit_log_key ON audit_log (key_id)",
+        """CREATE TABLE audit_head (
+            id INTEGER PRIMARY KEY,
+            seq {bigint} NOT NULL,
+            hash TEXT NOT NULL,
+            hmac_key_sealed {blob})""",
+        "INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000')",
+    ]),
 ]
 
 # (table, column, primary-key columns) of every sealed column: the rewrap job's map.
@@ -160,6 +218,8 @@ SEALED_COLUMNS: list[tuple[str, str, tuple[str, ...]]] = [
     ("key_versions", "material_sealed", ("key_id", "version")),
     ("auth_certificates", "password_sealed", ("id",)),
     ("auth_certificates", "bundle_sealed", ("id",)),
+    ("change_requests", "secrets_sealed", ("id",)),
+    ("audit_head", "hmac_key_sealed", ("id",)),
 ]
 
 

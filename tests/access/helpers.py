@@ -40,7 +40,7 @@ async def cert_files(skm, store: dict, name: str, *, password: str = PASSWORD, l
     await issue_cert(skm, store, name, password=password, life=life)
     st, data = await download_p12(skm, store, name)
     assert st == 200
-    return p12_to_pem(data, password, skm.tmp, name)
+    return p12_to_pem(data, password, skm.tmp, f"ks{store['keyStoreId']}-{name}")
 
 
 async def access_key(skm, **fields) -> tuple[str, str]:

@@ -132,10 +132,14 @@ async def test_rsa_legacy_signature_is_raw_pkcs1_and_survives_rotation(skm, stor
 @pytest.mark.parametrize("spec,algorithm", [("RSA-2048", "RSASSA-PSS"), ("RSA-2048", "RSASSA-PKCS1-v1_5"),
                                             ("EC-P256", "ECDSA"), ("ED25519", "ED25519")])
 async def test_standard_sign_verify(skm, store, spec, algorithm):
+    from tests.access.helpers import access_key, bearer
     kid = (await skm.key(store, "ASYMMETRIC_KEY", f"s-{spec}-{algorithm}", keySpec=spec))["keyId"]
+    # v1.3 carries a bearer token made from a user access key.
+    token = await bearer(skm, *await access_key(skm))
+    v13 = {"X-NHN-Authorization": f"Bearer {token}"}
     data = base64.b64encode(b"\x00binary\xff" * 100).decode()
     sig = assert_ok(*await skm.client("POST", f"/asymmetric-keys/{kid}/sign-standard", version="v1.3",
-                                      json={"plaintext": data, "algorithm": algorithm}))
+                                      json={"plaintext": data, "algorithm": algorithm}, headers=v13))
     assert sig["algorithm"] == algorithm and sig["keyVersion"] == 0
     if algorithm == "RSASSA-PSS":
         assert (sig["hashAlgorithm"], sig["mgfAlgorithm"], sig["saltLength"]) == ("SHA-256", "MGF1-SHA-256", 32)
@@ -151,11 +155,11 @@ async def test_standard_sign_verify(skm, store, spec, algorithm):
     else:
         key.verify(s, d)
     res = assert_ok(*await skm.client("POST", f"/asymmetric-keys/{kid}/verify-standard", version="v1.3", json={
-        "plaintext": data, "signature": sig["signature"], "algorithm": algorithm, "keyVersion": 0}))
+        "plaintext": data, "signature": sig["signature"], "algorithm": algorithm, "keyVersion": 0}, headers=v13))
     assert res == {"result": True, "keyVersion": 0}
     res = assert_ok(*await skm.client("POST", f"/asymmetric-keys/{kid}/verify-standard", version="v1.3", json={
         "plaintext": base64.b64encode(b"other").decode(), "signature": sig["signature"], "algorithm": algorithm,
-        "keyVersion": 0}))
+        "keyVersion": 0}, headers=v13))
     assert res["result"] is False
 
 

@@ -201,13 +201,15 @@ async def test_concurrent_transactions_all_land(storage: Storage) -> None:
     assert await storage.fetchval("SELECT COUNT(*) AS c FROM scratch") == 51
 
 
-async def test_single_process_defaults(storage: Storage) -> None:
-    if storage.dialect != "sqlite":
-        pytest.skip("PostgreSQL lock/notify semantics are tested below")
+async def test_single_process_defaults(tmp_path) -> None:
+    # SQLite is single-process: it always leads, and notifications have nowhere to go.
+    storage = open_storage(f"sqlite:///{tmp_path / 'single.db'}")
+    await storage.open()
     assert await storage.try_lock("skm-jobs") is True
     await storage.unlock("skm-jobs")
     await storage.listen("skm_events", lambda p: None)
     await storage.notify("skm_events", "x")
+    await storage.close()
 
 
 # -- PostgreSQL only -------------------------------------------------------------

@@ -5,7 +5,9 @@ operator token, and helpers for client-API and management-API calls over TLS.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from server.config import load
 from server.init import InitResult, init_server
 from server.settings import ServerConfig
 
-__all__ = ["Harness", "make_config", "skm", "start_harness"]
+__all__ = ["Harness", "make_config", "skm", "start_harness", "harness_backend"]
 
 
 def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
@@ -126,17 +128,34 @@ class Harness:
         await self.server.stop()
 
 
-async def start_harness(tmp: Path, **overrides: Any) -> Harness:
+async def start_harness(tmp: Path, *, storage: str | None = None, **overrides: Any) -> Harness:
+    """`storage`: a storage URL (e.g. a PostgreSQL database); default SQLite in the data dir."""
+    if storage:
+        overrides["storage"] = storage
     cfg = make_config(tmp / "data", **overrides)
     result = await init_server(cfg)
     server = await KeyServer(cfg).start()
     return Harness(server, result, tmp)
 
 
+def harness_backend() -> str:
+    """SKM_TEST_STORAGE=postgresql runs every `skm` test on a throwaway PostgreSQL database."""
+    backend = os.environ.get("SKM_TEST_STORAGE", "sqlite") or "sqlite"
+    if backend not in ("sqlite", "postgresql"):
+        raise ValueError(f"SKM_TEST_STORAGE must be sqlite or postgresql, not {backend!r}")
+    return backend
+
+
+
 @pytest.fixture
-async def skm(tmp_path):
-    h = await start_harness(tmp_path)
-    try:
-        yield h
-    finally:
-        await h.close()
+async def skm(request, tmp_path):
+    with contextlib.ExitStack() as stack:
+        storage = None
+        if harness_backend() == "postgresql":
+            from tests.support.postgres import session_cluster
+            storage = stack.enter_context(session_cluster(request.config).database())
+        h = await start_harness(tmp_path, storage=storage)
+        try:
+            yield h
+        finally:
+            await h.close()

@@ -20,6 +20,15 @@ from server.runtime import runtime
 
 routes = RouteTable(PREFIX)
 HEARTBEAT_SECONDS = 15.0
+TICK_SECONDS = 0.25          # how often a stream looks whether the server is shutting down
+
+
+def _server_closing(request: web.Request) -> bool:
+    """True once the server is stopping: end the stream so shutdown does not wait on it.
+
+    aiohttp marks the connection force-close at shutdown and offers no public
+    signal a handler can await (on_shutdown is frozen before routes run)."""
+    return bool(getattr(request.protocol, "_force_close", False))
 
 
 @routes.route("GET", "/events", summary="Key-change events of the project's key stores (text/event-stream, "
@@ -38,11 +47,15 @@ async def events(request: web.Request, _body) -> web.StreamResponse:
     try:
         await resp.prepare(request)
         await resp.write(b": skm key-change events\n\nevent: hello\ndata: {}\n\n")
-        while True:
+        idle = 0.0
+        while not _server_closing(request):
             try:
-                ev = await asyncio.wait_for(queue.get(), heartbeat)
+                ev = await asyncio.wait_for(queue.get(), TICK_SECONDS)
             except asyncio.TimeoutError:
-                await resp.write(b": ping\n\n")
+                idle += TICK_SECONDS
+                if idle >= heartbeat:
+                    idle = 0.0
+                    await resp.write(b": ping\n\n")
                 continue
             if ev.kind != "reset" and ev.keystore_id not in stores:
                 # A store created after we subscribed belongs to the project too.

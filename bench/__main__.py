@@ -1,0 +1,256 @@
+"""`python -m bench`: our key server, sidecar, OpenBao and the aiohttp floor, same load client,
+same concurrency and duration, runs interleaved (A B A B), medians of the runs.
+
+Each server runs as its own process pinned to core 1, the load client (ab, or bench.unixload
+for the sidecar's Unix socket) on core 0. Results: a printed table and JSON in bench/results/.
+Exit status: 0 when every run finished without errors, 1 when a run had errors, 2 when the
+harness could not set a system up.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from bench import keyserver, load, openbao, procs, scale
+from bench import sidecar as sidecar_mod
+from bench.report import Report, Sample
+
+WORKLOADS = ("floor", "secret-read", "encrypt", "decrypt", "sign-rsa", "sign-ec", "datakey", "scale")
+SYSTEMS = ("skm", "sidecar", "openbao", "floor")
+console = Console(stderr=True)
+
+
+@dataclass
+class Case:
+    workload: str
+    system: str
+    request: load.Request
+    proc: procs.Proc          # whose CPU time is charged to the requests
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
+                                epilog="Workloads: " + ", ".join(WORKLOADS))
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per run of each workload (default 10)")
+    p.add_argument("--concurrency", type=int, default=64, help="connections kept open by the load client (64)")
+    p.add_argument("--runs", type=int, default=3, help="interleaved runs per workload; the median is reported (3)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of unrecorded load per case first (2)")
+    p.add_argument("--postgres", action="store_true",
+                   help="also run our key server on PostgreSQL (a throwaway local cluster; needs postgresql)")
+    p.add_argument("--only", action="append", choices=WORKLOADS, metavar="WORKLOAD",
+                   help="run only this workload (repeatable): " + ", ".join(WORKLOADS))
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help="comma list of systems to run: " + ",".join(SYSTEMS) + " (default all)")
+    p.add_argument("--scale", type=int, default=100_000, metavar="N",
+                   help="keys in the large store of the scale workload, compared with 1,000 (0 skips it)")
+    p.add_argument("--uvloop", action="store_true", help="run our key server and the floor on uvloop")
+    p.add_argument("--authcache", action="store_true",
+                   help="run our key server with server.access.authcache (cached client-auth data)")
+    p.add_argument("--workdir", type=Path, help="keep data dirs and logs here (default: a temp dir, removed)")
+    p.add_argument("--results", type=Path, default=None, help="directory for the JSON (default bench/results)")
+    a = p.parse_args(argv)
+    a.systems = {s.strip() for s in a.systems.split(",") if s.strip()}
+    bad = a.systems - set(SYSTEMS)
+    if bad:
+        p.error(f"unknown system(s): {', '.join(sorted(bad))}")
+    if a.runs < 1 or a.concurrency < 1 or a.duration <= 0:
+        p.error("--runs, --concurrency and --duration must be positive")
+    return a
+
+
+def wanted(args, workload: str) -> bool:
+    return not args.only or workload in args.only
+
+
+def json_body(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def skm_cases(args, fx: keyserver.Fixture, p: procs.Proc, system: str) -> list[Case]:
+    pem = fx.client.combined
+    bearer = {"X-NHN-Authorization": f"Bearer {fx.token}"}
+    k = fx.keys
+    url = lambda path, v="v1.0": keyserver.client_url(p, fx, path, v)  # noqa: E731
+    reqs = {
+        "secret-read": load.Request(url(f"/secrets/{k['secret']}"), cert_pem=pem),
+        "encrypt": load.Request(url(f"/symmetric-keys/{k['aes']}/encrypt"), "POST",
+                                json_body({"plaintext": keyserver.PLAINTEXT_1K}), cert_pem=pem),
+        "decrypt": load.Request(url(f"/symmetric-keys/{k['aes']}/decrypt"), "POST",
+                                json_body({"ciphertext": fx.ciphertext}), cert_pem=pem),
+        "sign-rsa": load.Request(url(f"/asymmetric-keys/{k['rsa']}/sign-standard", "v1.3"), "POST",
+                                 json_body({"plaintext": keyserver.SIGN_INPUT, "algorithm": "RSASSA-PSS"}),
+                                 headers=bearer, cert_pem=pem),
+        "sign-ec": load.Request(url(f"/asymmetric-keys/{k['ec']}/sign-standard", "v1.3"), "POST",
+                                json_body({"plaintext": keyserver.SIGN_INPUT, "algorithm": "ECDSA"}),
+                                headers=bearer, cert_pem=pem),
+        "datakey": load.Request(url(f"/symmetric-keys/{k['aes']}/create-local-key"), "POST", b"", cert_pem=pem),
+    }
+    return [Case(w, system, r, p) for w, r in reqs.items() if wanted(args, w)]
+
+
+def bao_cases(args, bao: openbao.OpenBao, pem: Path) -> list[Case]:
+    h = {"X-Vault-Token": bao.token}
+    u = bao.url + "/v1/"
+    b64 = base64.b64encode(keyserver.PLAINTEXT_1K.encode()).decode()
+    reqs = {
+        "secret-read": load.Request(u + openbao.SECRET_PATH, headers=h, cert_pem=pem),
+        "encrypt": load.Request(u + "transit/encrypt/aes", "POST", json_body({"plaintext": b64}), h, pem),
+        "decrypt": load.Request(u + "transit/decrypt/aes", "POST", json_body({"ciphertext": bao.ciphertext}), h, pem),
+        "sign-rsa": load.Request(u + "transit/sign/rsa/sha2-256", "POST",
+                                 json_body({"input": keyserver.SIGN_INPUT, "signature_algorithm": "pss"}), h, pem),
+        "sign-ec": load.Request(u + "transit/sign/ec/sha2-256", "POST", json_body({"input": keyserver.SIGN_INPUT}),
+                                h, pem),
+        "datakey": load.Request(u + "transit/datakey/plaintext/aes", "POST", b"{}", h, pem),
+    }
+    return [Case(w, "openbao", r, bao.proc) for w, r in reqs.items() if wanted(args, w)]
+
+
+def measure(case: Case, args, run: int) -> Sample:
+    cpu0 = case.proc.cpu_seconds()
+    r = load.run(case.request, concurrency=args.concurrency, duration=args.duration)
+    cpu = case.proc.cpu_seconds() - cpu0
+    return Sample(case.workload, case.system, run, r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors,
+                  cpu / r.requests * 1e6 if r.requests else 0.0, r.error_detail)
+
+
+def run_cases(cases: list[Case], args, report: Report) -> None:
+    order = [w for w in WORKLOADS + tuple(sorted({c.workload for c in cases} - set(WORKLOADS)))]
+    by_workload = {w: [c for c in cases if c.workload == w] for w in order}
+    if args.warmup > 0:
+        for c in cases:
+            console.print(f"warm-up {c.workload} / {c.system}")
+            load.run(c.request, concurrency=args.concurrency, duration=args.warmup)
+    for run in range(1, args.runs + 1):
+        for w, group in by_workload.items():
+            for c in group:        # A B A B: every system of a workload, then the next run
+                s = measure(c, args, run)
+                report.samples.append(s)
+                flag = f" [red]{s.errors} errors[/red]" if s.errors else ""
+                console.print(f"run {run}/{args.runs} {w:>24} {c.system:<14} {s.rps:9,.0f} req/s  "
+                              f"p50 {s.p50_ms:6.1f} ms  p99 {s.p99_ms:6.1f} ms  {s.cpu_us_per_req:7,.0f} µs CPU/req{flag}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not load.ab_available():
+        console.print("[red]ab not found[/red]: apt-get install apache2-utils")
+        return 2
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="skm-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started: list[procs.Proc] = []
+    cases: list[Case] = []
+    report = Report(settings={"duration": args.duration, "concurrency": args.concurrency, "runs": args.runs,
+                              "warmup": args.warmup, "postgres": args.postgres, "only": args.only,
+                              "systems": sorted(args.systems), "scale": args.scale, "uvloop": args.uvloop,
+                              "authcache": args.authcache, "server_cpu": procs.SERVER_CPU,
+                              "client_cpu": procs.CLIENT_CPU})
+    side = None
+    pg = None
+    try:
+        t0 = time.monotonic()
+        console.print(f"preparing in {work}")
+        fx = asyncio.run(keyserver.prepare(work / "skm"))
+        pem = fx.client.combined
+        core_workloads = [w for w in WORKLOADS if w not in ("floor", "scale") and wanted(args, w)]
+        if "skm" in args.systems and core_workloads:
+            ks = keyserver.launch(fx, uvloop=args.uvloop, authcache=args.authcache)
+            started.append(ks)
+            cases += skm_cases(args, fx, ks, "skm")
+            if args.postgres:
+                from tests.support.postgres import PostgresCluster
+                pg = PostgresCluster()
+                pg.__enter__()
+                fxp = asyncio.run(keyserver.prepare(work / "skm-pg", pg.create_database()))
+                kp = keyserver.launch(fxp, uvloop=args.uvloop, authcache=args.authcache, name="skm-pg")
+                started.append(kp)
+                cases += skm_cases(args, fxp, kp, "skm-pg")
+            if "sidecar" in args.systems and wanted(args, "secret-read"):
+                side = sidecar_mod.launch(fx, ks.info["data_url"])
+                started.append(side)
+                path = f"/keymanager/v1.0/appkey/{fx.appkey}/secrets/{fx.keys['secret']}"
+                cases.append(Case("secret-read", "sidecar-unix", load.Request(f"unix:{side.info['socket']}:{path}"),
+                                  side))
+                cases.append(Case("secret-read", "sidecar-tcp",
+                                  load.Request(side.info["tcp_url"] + path, headers=sidecar_mod.ANTI_SSRF), side))
+        if "openbao" in args.systems and core_workloads:
+            from server.access.pki import DevPKI
+            pki = DevPKI(fx.ca.parent)
+            bao = openbao.start(work / "openbao", pki.load_ca(), pki.ca_cert, fx.client.cert, fx.client.key,
+                                keyserver.PLAINTEXT_1K, keyserver.SECRET_1K)
+            started.append(bao.proc)
+            cases += bao_cases(args, bao, pem)
+        if "floor" in args.systems and wanted(args, "floor"):
+            pki_dir = fx.ca.parent
+            cmd = [sys.executable, "-m", "bench.floor", "--cert", str(pki_dir / "server.pem"),
+                   "--key", str(pki_dir / "server-key.pem"), "--ca", str(fx.ca)] + (["--uvloop"] if args.uvloop else [])
+            fl = procs.start("floor", cmd, work / "floor.log")
+            started.append(fl)
+            m = fl.wait_for(r"floor: (https://\S+)")
+            cases.append(Case("floor", "floor", load.Request(m.group(1) + "/floor", cert_pem=pem), fl))
+        if args.scale > 0 and wanted(args, "scale") and "skm" in args.systems:
+            cases += scale_cases(args, work, started)
+        console.print(f"set up in {time.monotonic() - t0:.1f} s; {len(cases)} cases")
+    except Exception as e:  # a system that cannot start: say which and why, stop what runs
+        console.print(f"[red]setup failed:[/red] {e}")
+        _stop(started, pg)
+        return 2
+    try:
+        run_cases(cases, args, report)
+        if side is not None:
+            report.notes["sidecar_rss_mb_after"] = round(side.rss_mb(), 1)
+        for p in started:
+            report.notes.setdefault("rss_mb_after", {})[p.name] = round(p.rss_mb(), 1)
+        _scale_notes(report, args)
+    finally:
+        _stop(started, pg)
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    report.print(Console())
+    path = report.write(args.results) if args.results else report.write()
+    console.print(f"results: {path}")
+    return 1 if report.errors else 0
+
+
+def scale_cases(args, work: Path, started: list[procs.Proc]) -> list[Case]:
+    cases = []
+    for n in (1_000, args.scale):
+        fx = asyncio.run(keyserver.prepare(work / f"scale-{n}", bulk_keys=n))
+        p = keyserver.launch(fx, uvloop=args.uvloop, authcache=args.authcache, name=f"skm-{n}")
+        started.append(p)
+        for w, path in scale.workloads(n, fx.keystore_id, fx.keys["secret"]).items():
+            cases.append(Case(w, f"skm@{n:,}", load.Request(keyserver.client_url(p, fx, path),
+                                                             cert_pem=fx.client.combined), p))
+    return cases
+
+
+def _scale_notes(report: Report, args) -> None:
+    rows = {(r["workload"], r["system"]): r for r in report.rows()}
+    small, large = "skm@1,000", f"skm@{args.scale:,}"
+    for w in ("scale-secret-read", "scale-list-first-page", "scale-list-middle-page"):
+        a, b = rows.get((w, small)), rows.get((w, large))
+        if a and b and a["p50_ms"]:
+            report.notes[f"{w} p50 {large}/{small}"] = round(b["p50_ms"] / a["p50_ms"], 2)
+
+
+def _stop(started: list[procs.Proc], pg) -> None:
+    for p in reversed(started):
+        with contextlib.suppress(Exception):
+            p.stop()
+    if pg is not None:
+        with contextlib.suppress(Exception):
+            pg.__exit__(None, None, None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Processes of a benchmark: pinned start, wait for a line or a port, CPU and memory readings, stop."""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cores() -> tuple[str | None, str | None]:
+    """(server core, client core): apart when there are two or more cores, unpinned otherwise."""
+    n = len(os.sched_getaffinity(0))
+    if n >= 2 and shutil.which("taskset"):
+        return "1", "0"
+    return None, None
+
+
+SERVER_CPU, CLIENT_CPU = cores()
+
+
+def pinned(cmd: list[str], cpu: str | None) -> list[str]:
+    return ["taskset", "-c", cpu, *cmd] if cpu is not None else cmd
+
+
+def venv_bin(name: str) -> str:
+    """A console script of the interpreter running us (the project's venv), else from PATH."""
+    p = Path(sys.executable).parent / name
+    if p.exists():
+        return str(p)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    info: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        """Wait until the process's combined output matches `pattern`; fail with its log otherwise."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text(errors="replace") if self.log.exists() else ""
+            m = rx.search(text)
+            if m:
+                return m
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+        self.stop()
+        raise RuntimeError(f"{self.name} did not come up (exit {self.popen.poll()}); log tail:\n{tail}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the process and its reaped children, from /proc."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
+
+    def rss_mb(self) -> float:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+def start(name: str, cmd: list[str], log: Path, *, cpu: str | None = SERVER_CPU, env: dict | None = None,
+          cwd: Path | None = None) -> Proc:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log, "wb")
+    try:
+        popen = subprocess.Popen(pinned(cmd, cpu), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, **(env or {})}, cwd=cwd)
+    finally:
+        out.close()
+    return Proc(name, popen, log)

@@ -1,0 +1,136 @@
+"""Results: medians per (workload, system), ratios ours/OpenBao and ours/floor, a printed table,
+JSON under bench/results/ (git-ignored). A run with errors makes the exit code non-zero."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).parent / "results"
+OURS = ("skm", "skm-pg", "sidecar-unix", "sidecar-tcp")
+# Which OpenBao row a row of ours is compared with.
+BAO_PEER = {"secret-read": "secret-read", "encrypt": "encrypt", "decrypt": "decrypt", "sign-rsa": "sign-rsa",
+            "sign-ec": "sign-ec", "datakey": "datakey"}
+
+
+@dataclass
+class Sample:
+    workload: str
+    system: str
+    run: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    cpu_us_per_req: float
+    error_detail: str = ""
+
+
+@dataclass
+class Report:
+    settings: dict
+    samples: list[Sample] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        groups: dict[tuple[str, str], list[Sample]] = {}
+        for s in self.samples:
+            groups.setdefault((s.workload, s.system), []).append(s)
+        out = []
+        for (w, sysname), ss in groups.items():
+            out.append({"workload": w, "system": sysname, "runs": len(ss),
+                        "rps": statistics.median(s.rps for s in ss),
+                        "p50_ms": statistics.median(s.p50_ms for s in ss),
+                        "p99_ms": statistics.median(s.p99_ms for s in ss),
+                        "cpu_us_per_req": statistics.median(s.cpu_us_per_req for s in ss),
+                        "requests": sum(s.requests for s in ss), "errors": sum(s.errors for s in ss),
+                        "rps_runs": [round(s.rps, 1) for s in ss]})
+        index = {(r["workload"], r["system"]): r for r in out}
+        floor = index.get(("floor", "floor"))
+        for r in out:
+            if r["system"] in OURS:
+                bao = index.get((BAO_PEER.get(r["workload"], ""), "openbao"))
+                r["vs_openbao"] = r["rps"] / bao["rps"] if bao and bao["rps"] else None
+                r["vs_floor"] = r["rps"] / floor["rps"] if floor and floor["rps"] else None
+        return out
+
+    @property
+    def errors(self) -> int:
+        return sum(s.errors for s in self.samples)
+
+    def to_json(self) -> dict:
+        return {"settings": self.settings, "machine": machine(), "rows": self.rows(),
+                "samples": [s.__dict__ for s in self.samples], "notes": self.notes, "errors": self.errors}
+
+    def write(self, directory: Path = RESULTS) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        path = directory / f"bench-{stamp}.json"
+        text = json.dumps(self.to_json(), indent=2)
+        path.write_text(text)
+        (directory / "latest.json").write_text(text)
+        return path
+
+    def print(self, console: Console | None = None) -> None:
+        console = console or Console()
+        t = Table(title=f"requests/s (median of {self.settings.get('runs')} runs, concurrency "
+                        f"{self.settings.get('concurrency')}, {self.settings.get('duration')} s each)")
+        for col in ("workload", "system", "req/s", "p50 ms", "p99 ms", "server CPU µs/req", "ours/OpenBao",
+                    "ours/floor", "errors"):
+            t.add_column(col, justify="left" if col in ("workload", "system") else "right")
+        for r in self.rows():
+            t.add_row(r["workload"], r["system"], f"{r['rps']:,.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+                      f"{r['cpu_us_per_req']:,.0f}", _ratio(r.get("vs_openbao")), _ratio(r.get("vs_floor")),
+                      str(r["errors"]) if r["errors"] else "0")
+        console.print(t)
+        for k, v in self.notes.items():
+            console.print(f"{k}: {v}")
+        bad = [s for s in self.samples if s.errors]
+        for s in bad:
+            console.print(f"[red]errors[/red] {s.workload}/{s.system} run {s.run}: {s.errors} ({s.error_detail})")
+
+
+def _ratio(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}x"
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "kernel": platform.release(),
+            "python": platform.python_version()}
+    try:
+        import aiohttp
+        info["aiohttp"] = aiohttp.__version__
+    except ImportError:
+        pass
+    try:
+        info["ab"] = subprocess.run(["ab", "-V"], capture_output=True, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        pass
+    from bench.openbao import binary
+    exe = binary()
+    if exe:
+        out = subprocess.run([exe, "version"], capture_output=True, text=True).stdout.strip()
+        info["openbao"] = out.split(" (")[0]
+    return info

@@ -1,0 +1,32 @@
+"""Our sidecar for the benchmark: `skm sidecar --config` in front of the benchmark key server,
+with its registered host certificate, its Unix socket and its 127.0.0.1 listener (which ab can
+drive with the anti-SSRF header). A long cache TTL keeps the secret a cache hit for the run;
+push invalidation stays on, as in production."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import procs
+from bench.keyserver import Fixture
+
+ANTI_SSRF = {"X-SKM-Request": "1"}
+
+
+def config_text(fx: Fixture, upstream: str, socket: Path) -> str:
+    return "\n".join([
+        f'appkey = "{fx.appkey}"', 'log_format = "json"', 'log_level = "warning"',
+        "[upstream]", f'urls = ["{upstream}"]', f'ca = "{fx.ca}"', f'cert = "{fx.sidecar.cert}"',
+        f'key = "{fx.sidecar.key}"',
+        "[listen]", f'socket = "{socket}"', "tcp_port = 0",
+        "[cache]", "ttl = 600.0",
+    ]) + "\n"
+
+
+def launch(fx: Fixture, upstream: str, name: str = "sidecar") -> procs.Proc:
+    sock = fx.dir / f"{name}.sock"
+    cfg = fx.dir / f"{name}.toml"
+    cfg.write_text(config_text(fx, upstream, sock))
+    p = procs.start(name, [procs.venv_bin("skm"), "sidecar", "--config", str(cfg)], fx.dir / f"{name}.log")
+    m = p.wait_for(r"sidecar: serving (\S+) and http://127\.0\.0\.1:(\d+)")
+    p.info = {"socket": m.group(1), "tcp_url": f"http://127.0.0.1:{m.group(2)}"}
+    return p

@@ -1,0 +1,186 @@
+"""Entry points of the compose demo's containers (`python3 /opt/skm/docker/bootstrap.py STEP`).
+
+certs      (certs-init) the demo PKI, the root key and the wrapped system key, into /certs; once.
+systemkey  (systemkey)  install the wrapped keyring and allow the key server's certificate, then serve.
+provision  (keyserver)  once per database, under an advisory lock: the demo project, an admin
+                        operator and token, a key store that trusts the sidecar's attested MAC,
+                        a secret and a data-encryption key; their ids go to /shared/demo.json.
+sidecar    (sidecar)    the sidecar with the appkey from /shared/demo.json.
+
+Everything here is for the demo stack only; production hosts get their files by enrolment.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+import sys
+import time
+from pathlib import Path
+
+CERTS = Path(os.environ.get("SKM_DEMO_CERTS", "/certs"))
+SHARED = Path(os.environ.get("SKM_DEMO_SHARED", "/shared"))
+SIDECAR_MAC = os.environ.get("SKM_DEMO_SIDECAR_MAC", "02:42:0a:53:4b:4d")
+PROVISION_LOCK = "skm-demo-provision"
+
+
+def _say(msg: str) -> None:
+    print(f"[{sys.argv[1] if len(sys.argv) > 1 else 'bootstrap'}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ certs-init
+async def certs() -> int:
+    from server.access.pki import CA, cert_pem, key_pem, write_pem
+    from server.barrier.keyring import new_keyring, save_keyring_file
+    from server.barrier.rootkey import FileRootKey
+
+    done = CERTS / ".complete"
+    if done.exists():
+        _say(f"{CERTS} already holds the demo PKI; nothing to do")
+        return 0
+    ca = CA.create("SKM Demo CA")
+    ca.save(CERTS / "ca.pem", CERTS / "ca-key.pem")
+
+    def issue(path: str, name: str, **kw) -> None:
+        cert, key = ca.issue(name, **kw)
+        write_pem(CERTS / f"{path}.pem", cert_pem(cert), private=False)
+        write_pem(CERTS / f"{path}-key.pem", key_pem(key), private=True)
+
+    for d in ("keyserver", "systemkey", "sidecar"):
+        (CERTS / d).mkdir(parents=True, exist_ok=True)
+    issue("keyserver/server", "keyserver", server=True, dns=["keyserver", "localhost"], ips=["127.0.0.1"])
+    issue("keyserver/client", "keyserver", client=True)          # presented to the system-key server
+    issue("systemkey/server", "systemkey", server=True, dns=["systemkey", "localhost"], ips=["127.0.0.1"])
+    cert, key = ca.issue_host("sidecar", [SIDECAR_MAC])          # binds the sidecar's fixed MAC
+    write_pem(CERTS / "sidecar/host.pem", cert_pem(cert), private=False)
+    write_pem(CERTS / "sidecar/host-key.pem", key_pem(key), private=True)
+    root = FileRootKey.create(CERTS / "keyserver/root.key")
+    save_keyring_file(CERTS / "systemkey/keyring.json", await new_keyring(root))
+    await root.close()
+    done.write_text("ok\n")
+    _say(f"demo PKI, root key and wrapped system key written to {CERTS}")
+    return 0
+
+
+# ------------------------------------------------------------------ systemkey
+async def systemkey() -> int:
+    from server.systemkey import admin
+    from server.systemkey.app import run
+    from server.systemkey.settings import load
+    from server.systemkey.state import SystemKeyState
+
+    cfg = load(os.environ.get("SKM_SYSTEMKEY_CONFIG", "/etc/skm/systemkey.toml"))
+    if not SystemKeyState(cfg).exists():
+        admin.init_from_file(cfg, CERTS / "systemkey/keyring.json")
+        _say("system-key state initialised from the wrapped keyring")
+    if admin.allow(cfg, str(CERTS / "keyserver/client.pem"), "compose keyserver"):
+        _say("allowed the key server's client certificate")
+    await run(cfg)
+    return 0
+
+
+# ------------------------------------------------------------------ provision
+async def _wait_healthy(url: str, ca: Path, timeout: float = 120.0) -> None:
+    import aiohttp
+    ctx = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        while True:
+            try:
+                async with s.get(url, timeout=aiohttp.ClientTimeout(total=3)) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{url} not healthy after {timeout:.0f}s")
+            await asyncio.sleep(0.5)
+
+
+async def provision() -> int:
+    import aiohttp
+    import asyncpg
+    from server.access.operators import Operators
+    from server.barrier.barrier import Barrier
+    from server.config import load
+    from server.keys.service import KeyService
+    from server.settings import ServerConfig
+    from server.storage.base import open_storage
+    from server.storage.postgres import lock_key
+
+    cfg = load(ServerConfig, os.environ.get("SKM_CONFIG", "/etc/skm/keyserver.toml"))
+    mgmt = f"https://127.0.0.1:{cfg.mgmt.port}"
+    ca = CERTS / "ca.pem"
+    await _wait_healthy(f"{mgmt}/healthz", ca)
+    out = SHARED / "demo.json"
+    lock = await asyncpg.connect(cfg.storage_url(), timeout=10)
+    try:
+        await lock.execute("SELECT pg_advisory_lock($1)", lock_key(PROVISION_LOCK))   # replicas queue here
+        if out.exists():
+            _say("demo already provisioned")
+            return 0
+        storage = open_storage(cfg.storage_url())
+        await storage.open()
+        try:
+            keys = KeyService(storage, Barrier())
+            project = next((p for p in await keys.projects() if p.name == "demo"), None) \
+                or await keys.create_project("demo")
+            ops = Operators(storage)
+            try:
+                op = await ops.by_name("admin")
+            except Exception:  # noqa: BLE001 - not there yet
+                op = await ops.create("admin", "admin")
+            token = await ops.issue_token(op, "compose demo bootstrap", ttl_days=30)
+        finally:
+            await storage.close()
+        ctx = ssl.create_default_context(cafile=str(ca))
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=30)) as s:
+            async def call(method: str, path: str, body: dict) -> dict:
+                async with s.request(method, f"{mgmt}/api/v1{path}", json=body) as r:
+                    env = await r.json(content_type=None)
+                    if not env["header"]["isSuccessful"]:
+                        raise SystemExit(f"{method} {path}: {env['header']['resultMessage']} "
+                                         f"{env['header'].get('resultDetail', '')}")
+                    return env["body"]
+
+            store = await call("POST", "/keystores", {
+                "name": "demo", "description": "docker compose demo", "appkey": project.appkey,
+                "macAuthUse": "Y", "macVerification": "attested"})
+            sid = store["keyStoreId"]
+            await call("POST", f"/keystores/{sid}/auths/macs", {"value": SIDECAR_MAC, "description": "sidecar"})
+            secret = await call("POST", f"/keystores/{sid}/keys", {
+                "keyType": "SECRET", "name": "db-password", "secretValue": os.urandom(12).hex()})
+            kek = await call("POST", f"/keystores/{sid}/keys", {"keyType": "SYMMETRIC_KEY", "name": "data-key"})
+        token_file = SHARED / "admin-token"
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"appkey": project.appkey, "keystore_id": sid, "secret_key_id": secret["keyId"],
+                                   "envelope_key_id": kek["keyId"]}, indent=2) + "\n")
+        os.replace(tmp, out)      # readers see all of it or nothing
+        _say(f"provisioned key store {sid} with a secret and a data key; ids in {out}")
+        return 0
+    finally:
+        await lock.close()
+
+
+# ------------------------------------------------------------------ sidecar
+async def sidecar() -> int:
+    demo = json.loads((SHARED / "demo.json").read_text())
+    os.environ["SKM_SIDECAR_APPKEY"] = demo["appkey"]
+    sock = Path(os.environ.get("SKM_SIDECAR_LISTEN_SOCKET", "/run/skm/sidecar.sock"))
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    from sidecar.app import run
+    from sidecar.settings import load_config
+    return await run(load_config(os.environ.get("SKM_SIDECAR_CONFIG", "/etc/skm/sidecar.toml")))
+
+
+STEPS = {"certs": certs, "systemkey": systemkey, "provision": provision, "sidecar": sidecar}
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in STEPS:
+        raise SystemExit(f"usage: bootstrap.py {{{'|'.join(STEPS)}}}")
+    sys.exit(asyncio.run(STEPS[sys.argv[1]]()))

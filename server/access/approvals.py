@@ -1,0 +1,388 @@
+"""The approval workflow: changes to an approval key store wait as change requests.
+
+PENDING -> APPROVED -> APPLIED (or FAILED, with the reason) | DENIED | CANCELLED
+(by the requester) | EXPIRED. Rules:
+
+* only the approver role approves or denies, never the requester;
+* a request needs `approvals_needed` distinct approvals (fixed when it is made);
+* a store with approval on but too few eligible approvers refuses changes
+  (fail closed: nothing is ever approved by default);
+* secret parameters (secret values, passwords) are sealed by the barrier in
+  `secrets_sealed`, never in the JSON, masked in the diff, and wiped once the
+  request is decided;
+* concurrent approvals apply a request once: every decision first updates the
+  request row (a row lock on PostgreSQL, the single writer on SQLite) and the
+  PENDING -> APPROVED step is a compare-and-set.
+
+Approvers hear about new requests on the event stream (`approval_requested`)
+and, when configured, through a webhook (JSON POST, retried, no secret values).
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from server import logs, timeutil
+from server.access.operators import Operator
+from server.barrier.barrier import sealed_aad
+from server.errors import ApprovalRequired, Conflict, Forbidden, InvalidRequest, NotFound, SKMError
+from server.events import Event
+from server.keys.model import Key, KeyStore
+
+log = logs.get("skm.approvals")
+
+SECRET_FIELDS = frozenset({"secret_value", "secretValue", "password"})
+MASKED_FIELDS = SECRET_FIELDS | {"password_sealed"}
+MASK = "********"
+STATUSES = ("PENDING", "APPROVED", "APPLIED", "FAILED", "DENIED", "CANCELLED", "EXPIRED")
+TERMINAL = ("APPLIED", "FAILED", "DENIED", "CANCELLED", "EXPIRED")
+
+
+@dataclass(frozen=True)
+class ApprovalSettings:
+    """Read from SKM_APPROVALS_* (or ServerConfig.approvals once the config carries it)."""
+    expiry_days: float = 7.0
+    webhook_url: str = ""             # approvers' webhook: JSON POST on every new change request
+    webhook_ca: str = ""              # CA file for an https webhook with a private CA
+    webhook_timeout: float = 5.0
+    webhook_retries: int = 3
+    expire_interval: float = 60.0     # how often pending requests past their expiry are marked EXPIRED
+
+    @classmethod
+    def from_config(cls, config) -> "ApprovalSettings":
+        found = getattr(config, "approvals", None)
+        if isinstance(found, cls):
+            return found
+        from server.config import build
+        return build(cls, {}, os.environ, "SKM_APPROVALS_")
+
+
+def _aad(request_id: int) -> bytes:
+    return sealed_aad("change_requests", "secrets_sealed", request_id)
+
+
+def mask(value: Any) -> Any:
+    """A copy with every secret-named field masked, at any depth (diff entries name theirs in "field")."""
+    if isinstance(value, dict):
+        if value.get("field") in MASKED_FIELDS:
+            return {**value, "from": None, "to": MASK if value.get("to") is not None else None}
+        return {k: (MASK if k in MASKED_FIELDS and v is not None else mask(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask(v) for v in value]
+    return value
+
+
+class Approvals:
+    def __init__(self, rt, settings: ApprovalSettings | None = None) -> None:
+        self.rt = rt
+        self.db = rt.storage
+        self.settings = settings or ApprovalSettings()
+        self._tasks: set[asyncio.Task] = set()
+
+    # --------------------------------------------------------------- requests
+    async def request(self, actor: str, ks: KeyStore, op_name: str, params: dict) -> None:
+        """Hold a change as a change request; always raises ApprovalRequired (or a refusal)."""
+        needed = max(1, int(ks.approvals_needed))
+        eligible = await self.rt.operators.eligible_approvers(actor)
+        if eligible < needed:
+            # Fail closed: a request nobody can approve would wait forever, or tempt a bypass.
+            raise Conflict(f"key store {ks.name!r} requires {needed} approval(s) but only {eligible} enabled "
+                           "operator(s) with the approver role (other than you) exist; add approvers or "
+                           "lower approvalsNeeded", message="Approval Unavailable")
+        public = {k: v for k, v in params.items() if k not in SECRET_FIELDS or v is None}
+        hidden = {k: v for k, v in params.items() if k in SECRET_FIELDS and v is not None}
+        diff = await self._diff(ks, op_name, params)
+        now = timeutil.now()
+        expires = now + dt.timedelta(days=self.settings.expiry_days)
+        async with self.db.transaction() as tx:
+            row = await tx.fetchone(
+                "INSERT INTO change_requests (keystore_id, op, params, diff, status, approvals_needed, requested_by, "
+                "created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, 'PENDING', ?, ?, ?, ?, ?) RETURNING id",
+                ks.id, op_name, json.dumps(public), json.dumps(diff), needed, actor, timeutil.to_db(now),
+                timeutil.to_db(now), timeutil.to_db(expires))
+            rid = int(row["id"])
+            if hidden:
+                blob = self.rt.barrier.seal(json.dumps(hidden).encode(), _aad(rid))
+                await tx.execute("UPDATE change_requests SET secrets_sealed = ? WHERE id = ?", blob, rid)
+        key_id = params.get("key_id")
+        await self.rt.events.publish(Event(ks.id, "approval_requested", key_id=key_id))
+        await self._audit("approval.requested", actor, "operator", ks.id, key_id, rid)
+        self._notify({"event": "approval_requested", "changeRequestId": rid, "keyStoreId": ks.id,
+                      "keyStoreName": ks.name, "operation": op_name, "keyId": key_id, "requestedBy": actor,
+                      "approvalsNeeded": needed, "expirationDatetime": timeutil.to_api(expires), "diff": diff})
+        raise ApprovalRequired(rid, f"the key store requires {needed} approval(s); change request {rid} waits for "
+                                    "an approver")
+
+    async def _diff(self, ks: KeyStore, op_name: str, params: dict) -> dict:
+        """What will change, as {field, from, to} entries; secret values masked."""
+        changes: list[dict] = []
+        target: dict[str, Any] = {"keyStoreId": ks.id, "keyStoreName": ks.name}
+        if op_name == "keystore.update":
+            for k, v in (params.get("changes") or {}).items():
+                if v is not None and getattr(ks, k, None) != v:
+                    old = getattr(ks, k, None)
+                    changes.append({"field": k, "from": getattr(old, "value", old), "to": v})
+        elif "key_id" in params:
+            key: Key = await self.rt.keys.key(params["key_id"])
+            target.update(keyId=key.id, keyName=key.name, keyType=key.key_type.value)
+            after = {"key.rotate": {"version": key.current_version + 1},
+                     "update_secret": {"version": key.current_version + 1},
+                     "key.schedule_deletion": {"status": "SCHEDULED_DELETION"},
+                     "key.cancel_deletion": {"status": "ACTIVE"},
+                     "key.delete": {"status": "DELETED"}}.get(op_name, {})
+            before = {"version": key.current_version, "status": key.status.value}
+            for k, v in after.items():
+                changes.append({"field": k, "from": before[k], "to": v})
+            for k, v in params.items():
+                if k == "key_id" or v is None:
+                    continue
+                old = {"description": key.description, "auto_rotation_days": key.auto_rotation_days}.get(k)
+                if k in MASKED_FIELDS or old != v:
+                    changes.append({"field": k, "from": None if k in MASKED_FIELDS else old, "to": v})
+        else:
+            for k, v in params.items():
+                if k != "keystore_id" and v is not None:
+                    changes.append({"field": k, "from": None, "to": v})
+        return {"operation": op_name, "target": target, "changes": mask(changes)}
+
+    # -------------------------------------------------------------- decisions
+    async def approve(self, by: Operator, request_id: int, comment: str = "") -> dict:
+        by.require("approver")
+        await self.expire_due()
+        apply_now = False
+        async with self.db.transaction() as tx:
+            row = await self._lock_pending(tx, request_id)
+            if row["requested_by"] == by.name:
+                raise Forbidden("the requester cannot approve their own change request")
+            done = await tx.fetchval("SELECT COUNT(*) AS n FROM change_approvals WHERE request_id = ? AND "
+                                     "operator = ?", request_id, by.name)
+            if done:
+                raise Conflict("you have already approved this change request; it needs another approver")
+            await tx.execute("INSERT INTO change_approvals (request_id, operator, comment, created_at) "
+                             "VALUES (?, ?, ?, ?)", request_id, by.name, comment[:1000], timeutil.now_db())
+            n = await tx.fetchval("SELECT COUNT(*) AS n FROM change_approvals WHERE request_id = ?", request_id)
+            if int(n) >= int(row["approvals_needed"]):
+                # Compare-and-set: only the transaction that moves PENDING -> APPROVED applies it.
+                apply_now = await tx.execute(
+                    "UPDATE change_requests SET status = 'APPROVED', decided_by = ?, decided_at = ?, updated_at = ? "
+                    "WHERE id = ? AND status = 'PENDING'", by.name, timeutil.now_db(), timeutil.now_db(),
+                    request_id) == 1
+        if apply_now:
+            await self._apply(request_id, by)
+        return await self.get(request_id)
+
+    async def deny(self, by: Operator, request_id: int, reason: str = "") -> dict:
+        by.require("approver")
+        await self.expire_due()
+        async with self.db.transaction() as tx:
+            row = await self._lock_pending(tx, request_id)
+            if row["requested_by"] == by.name:
+                raise Forbidden("the requester cannot decide their own change request; cancel it instead")
+            await self._finish(tx, request_id, "DENIED", by.name, reason[:1000] or "denied")
+        await self._audit("approval.denied", by.name, "operator", row["keystore_id"], None, request_id)
+        return await self.get(request_id)
+
+    async def cancel(self, by: Operator, request_id: int) -> dict:
+        await self.expire_due()
+        async with self.db.transaction() as tx:
+            row = await self._lock_pending(tx, request_id)
+            if row["requested_by"] != by.name:
+                raise Forbidden("only the requester can cancel a change request")
+            await self._finish(tx, request_id, "CANCELLED", by.name, "cancelled by the requester")
+        return await self.get(request_id)
+
+    async def _lock_pending(self, tx, request_id: int) -> dict:
+        # Touch the row first: on PostgreSQL this takes its lock, so decisions on one request serialise.
+        await tx.execute("UPDATE change_requests SET updated_at = ? WHERE id = ?", timeutil.now_db(), request_id)
+        row = await tx.fetchone("SELECT * FROM change_requests WHERE id = ?", request_id)
+        if row is None:
+            raise NotFound(f"no change request {request_id}")
+        if row["status"] != "PENDING":
+            raise Conflict(f"change request {request_id} is {row['status']}, not PENDING")
+        if row["expires_at"] <= timeutil.now_db():
+            raise Conflict(f"change request {request_id} has expired")
+        return row
+
+    @staticmethod
+    async def _finish(tx, request_id: int, status: str, by: str | None, reason: str,
+                      result: dict | None = None) -> None:
+        now = timeutil.now_db()
+        await tx.execute("UPDATE change_requests SET status = ?, decided_by = COALESCE(?, decided_by), "
+                         "decided_at = ?, updated_at = ?, reason = ?, result = ?, secrets_sealed = NULL WHERE id = ?",
+                         status, by, now, now, reason, json.dumps(result) if result is not None else None, request_id)
+
+    async def _apply(self, request_id: int, by: Operator) -> None:
+        row = await self.db.fetchone("SELECT * FROM change_requests WHERE id = ?", request_id)
+        params = json.loads(row["params"])
+        status, reason, result = "APPLIED", "", None
+        try:
+            if row["secrets_sealed"] is not None:
+                params.update(json.loads(self.rt.barrier.open(bytes(row["secrets_sealed"]), _aad(request_id))))
+            out = await self.rt.changes.apply(row["op"], params, row["requested_by"])
+            result = _summary(out)
+        except SKMError as e:
+            status, reason = "FAILED", e.message + (f": {e.detail}" if e.detail else "")
+        except Exception:
+            log.exception("change_request_apply_failed", change_request=request_id, op=row["op"])
+            status, reason = "FAILED", "internal error while applying; see the server log"
+        finally:
+            params.clear()
+        async with self.db.transaction() as tx:
+            await self._finish(tx, request_id, status, None, reason, result)
+        await self._audit(f"approval.{status.lower()}", by.name, "operator", row["keystore_id"],
+                          (result or {}).get("keyId") or json.loads(row["params"]).get("key_id"), request_id,
+                          result="ok" if status == "APPLIED" else "error", reason=reason or None)
+
+    async def expire_due(self, now: dt.datetime | None = None) -> int:
+        stamp = timeutil.to_db(now or timeutil.now())
+        n = await self.db.execute(
+            "UPDATE change_requests SET status = 'EXPIRED', decided_at = ?, updated_at = ?, reason = ?, "
+            "secrets_sealed = NULL WHERE status = 'PENDING' AND expires_at <= ?", stamp, stamp,
+            "no decision before the request expired", stamp)
+        if n:
+            await self._audit("approval.expired", "SECURE_KEY_MANAGER", "system", None, None, None,
+                              detail={"count": n})
+        return n
+
+    # ---------------------------------------------------------------- reading
+    async def get(self, request_id: int) -> dict:
+        row = await self.db.fetchone("SELECT * FROM change_requests WHERE id = ?", request_id)
+        if row is None:
+            raise NotFound(f"no change request {request_id}")
+        approvals = await self.db.fetchall("SELECT operator, comment, created_at FROM change_approvals "
+                                           "WHERE request_id = ? ORDER BY created_at", request_id)
+        return _api(row, approvals)
+
+    async def list(self, *, status: str | None = None, keystore_id: int | None = None,
+                   requested_by: str | None = None, limit: int = 100) -> list[dict]:
+        if status is not None and status not in STATUSES:
+            raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}")
+        await self.expire_due()
+        where, args = [], []
+        for col, val in (("status", status), ("keystore_id", keystore_id), ("requested_by", requested_by)):
+            if val is not None:
+                where.append(f"{col} = ?"), args.append(val)
+        sql = "SELECT * FROM change_requests" + (f" WHERE {' AND '.join(where)}" if where else "")
+        rows = await self.db.fetchall(sql + " ORDER BY id DESC LIMIT ?", *args, limit)
+        out = []
+        for r in rows:
+            approvals = await self.db.fetchall("SELECT operator, comment, created_at FROM change_approvals "
+                                               "WHERE request_id = ? ORDER BY created_at", r["id"])
+            out.append(_api(r, approvals))
+        return out
+
+    # ---------------------------------------------------------- notification
+    async def _audit(self, action: str, actor: str, kind: str, ks_id: int | None, key_id: str | None,
+                     rid: int | None, *, result: str = "ok", reason: str | None = None,
+                     detail: dict | None = None) -> None:
+        if self.rt.audit is None:
+            return
+        d = {"changeRequestId": rid} if rid is not None else {}
+        await self.rt.audit.event(action, actor=actor, actor_kind=kind, keystore_id=ks_id, key_id=key_id,
+                                  result=result, reason=reason, detail={**d, **(detail or {})})
+
+    def _notify(self, payload: dict) -> None:
+        if not self.settings.webhook_url:
+            return
+        task = asyncio.get_running_loop().create_task(self._post(payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, payload: dict) -> bool:
+        s = self.settings
+        ctx: ssl.SSLContext | bool | None = None
+        if s.webhook_ca:
+            ctx = ssl.create_default_context(cafile=s.webhook_ca)
+        delay = 0.5
+        for attempt in range(1, max(1, s.webhook_retries) + 1):
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.webhook_timeout)) as http:
+                    async with http.post(s.webhook_url, json=payload, ssl=ctx) as r:
+                        if r.status < 300:
+                            return True
+                        log.warning("approval_webhook_refused", status=r.status, attempt=attempt)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                log.warning("approval_webhook_failed", error=type(e).__name__, attempt=attempt)
+            if attempt < s.webhook_retries:
+                await asyncio.sleep(delay)
+                delay *= 2
+        return False
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            try:
+                await t
+            except BaseException:
+                pass
+
+
+def _summary(out: Any) -> dict:
+    """Identifiers of what an applied change produced (never values)."""
+    if isinstance(out, Key):
+        return {"keyId": out.id, "keyVersion": out.current_version, "keyStatus": out.status.value}
+    if isinstance(out, KeyStore):
+        return {"keyStoreId": out.id}
+    if isinstance(out, dict):
+        return {k: v for k, v in out.items() if k in ("keyId", "keyStoreId", "name", "value", "status",
+                                                      "deletionDateTime", "fingerprint") and
+                isinstance(v, (str, int, type(None)))}
+    if isinstance(out, str):
+        return {"deletionDateTime": out}
+    return {}
+
+
+def _api(r: dict, approvals: list[dict]) -> dict:
+    return {"changeRequestId": int(r["id"]), "keyStoreId": int(r["keystore_id"]), "operation": r["op"],
+            "status": r["status"], "requestedBy": r["requested_by"], "approvalsNeeded": int(r["approvals_needed"]),
+            "approvals": [{"operator": a["operator"], "comment": a["comment"],
+                           "datetime": timeutil.to_api(a["created_at"])} for a in approvals],
+            "diff": json.loads(r["diff"]), "reason": r["reason"] or None,
+            "result": json.loads(r["result"]) if r["result"] else None, "decidedBy": r["decided_by"],
+            "creationDatetime": timeutil.to_api(r["created_at"]),
+            "expirationDatetime": timeutil.to_api(r["expires_at"]),
+            "decisionDatetime": timeutil.to_api(r["decided_at"])}
+
+
+def install(rt) -> None:
+    rt.approvals = Approvals(rt, ApprovalSettings.from_config(rt.config))
+    if rt.changes is not None:
+        rt.changes.approvals = rt.approvals
+    tasks: list[asyncio.Task] = []
+
+    async def expire_loop(rt_) -> None:
+        while True:
+            await asyncio.sleep(rt_.approvals.settings.expire_interval)
+            if rt_.barrier.sealed:
+                continue
+            try:
+                await rt_.approvals.expire_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("approval_expiry_failed")
+
+    async def start(rt_) -> None:
+        tasks.append(asyncio.create_task(expire_loop(rt_), name="approval-expiry"))
+
+    async def stop(rt_) -> None:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            try:
+                await t
+            except BaseException:
+                pass
+        tasks.clear()
+        await rt_.approvals.close()
+
+    rt.extra.setdefault("on_start", []).append(start)
+    rt.extra.setdefault("on_stop", []).append(stop)

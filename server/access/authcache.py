@@ -1,0 +1,156 @@
+"""Per-key-store cache of client-auth data (IPv4 networks, MACs, certificate fingerprints).
+
+The data-plane checks (server/access/clientauth.py) otherwise read these tables on
+every request. Entries are dropped by the `auth_changed` / `keystore_updated` /
+`reset` events every writer publishes (authdata, certificates; replicas relay
+theirs through the same bus), drained synchronously at each lookup, so an added,
+scheduled or deleted entry counts on the very next request. A fill that raced
+with an event for its store is not kept (generation check), and `max_age` bounds
+staleness should an event ever be lost. Expiry of certificates is checked per
+request against the cached `expires_at`. Only fingerprints, networks and MACs are
+held: no credential.
+
+`CachedClientAccess` is ClientAccess with its three table reads served from here,
+and `bound_macs()` caches the MACs a host certificate binds by fingerprint
+(attested MAC mode parses the certificate otherwise on every request).
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from server import timeutil
+from server.access.clientauth import ClientAccess, _is_ipv4
+from server.errors import CertificateAuthFailure, IPv4AuthFailure
+from server.events import EventBus
+from server.keys.model import KeyStore
+from server.storage.base import Storage
+
+
+@dataclass(frozen=True)
+class AuthEntries:
+    """The ACTIVE auth data of one key store at one moment."""
+    ipv4: tuple[ipaddress.IPv4Network, ...] = ()
+    macs: tuple[str, ...] = ()
+    certs: dict[str, str] = field(default_factory=dict)      # fingerprint -> expires_at (db time)
+
+    def ipv4_allows(self, ip: str) -> bool:
+        if not _is_ipv4(ip):
+            return False
+        addr = ipaddress.IPv4Address(ip)
+        return any(addr in net for net in self.ipv4)
+
+    def mac_registered(self, claim: str) -> bool:
+        return any(hmac.compare_digest(claim, m) for m in self.macs)
+
+    def certificate_valid(self, fingerprint: str, now_db: str | None = None) -> bool:
+        expires = self.certs.get(fingerprint)
+        if expires is None:
+            return False
+        return expires > (now_db or timeutil.now_db())
+
+
+class AuthCache:
+    def __init__(self, storage: Storage, events: EventBus, *, max_age: float = 5.0,
+                 max_entries: int = 10_000) -> None:
+        self.db = storage
+        self.max_age = max_age
+        self.max_entries = max_entries
+        self._q = events.subscribe()
+        self._entries: OrderedDict[int, tuple[float, AuthEntries]] = OrderedDict()
+        self._gen: dict[int, int] = {}
+        self._all_gen = 0
+
+    def _sync(self) -> None:
+        q = self._q
+        while not q.empty():
+            ev = q.get_nowait()
+            if ev.kind == "reset":
+                self._all_gen += 1
+                self._entries.clear()
+            elif ev.kind in ("auth_changed", "keystore_updated", "keystore_deleted"):
+                self._gen[ev.keystore_id] = self._gen.get(ev.keystore_id, 0) + 1
+                self._entries.pop(ev.keystore_id, None)
+
+    def invalidate(self, keystore_id: int | None = None) -> None:
+        if keystore_id is None:
+            self._all_gen += 1
+            self._entries.clear()
+        else:
+            self._gen[keystore_id] = self._gen.get(keystore_id, 0) + 1
+            self._entries.pop(keystore_id, None)
+
+    def _generation(self, keystore_id: int) -> tuple[int, int]:
+        return self._all_gen, self._gen.get(keystore_id, 0)
+
+    async def entries(self, ks: KeyStore | int) -> AuthEntries:
+        ks_id = ks if isinstance(ks, int) else ks.id
+        self._sync()
+        hit = self._entries.get(ks_id)
+        if hit is not None and time.monotonic() - hit[0] <= self.max_age:
+            self._entries.move_to_end(ks_id)
+            return hit[1]
+        gen = self._generation(ks_id)
+        ipv4 = await self.db.fetchall("SELECT value FROM auth_ipv4s WHERE keystore_id = ? AND status = 'ACTIVE'",
+                                      ks_id)
+        macs = await self.db.fetchall("SELECT value FROM auth_macs WHERE keystore_id = ? AND status = 'ACTIVE'",
+                                      ks_id)
+        certs = await self.db.fetchall("SELECT fingerprint, expires_at FROM auth_certificates "
+                                       "WHERE keystore_id = ? AND status = 'ACTIVE'", ks_id)
+        found = AuthEntries(tuple(ipaddress.IPv4Network(r["value"], strict=False) for r in ipv4),
+                            tuple(r["value"] for r in macs),
+                            {r["fingerprint"]: r["expires_at"] for r in certs})
+        self._sync()
+        if self._generation(ks_id) == gen:     # no change announced while we read
+            self._entries[ks_id] = (time.monotonic(), found)
+            self._entries.move_to_end(ks_id)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return found
+
+
+class CertMacs:
+    """MACs bound by host certificates, by SHA-256 fingerprint (a certificate never changes)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._d: OrderedDict[str, frozenset[str]] = OrderedDict()
+
+    def get(self, fingerprint: str, der: bytes) -> frozenset[str]:
+        hit = self._d.get(fingerprint)
+        if hit is not None:
+            self._d.move_to_end(fingerprint)
+            return hit
+        from cryptography import x509
+        from server.access.pki import macs_of
+        macs = frozenset(macs_of(x509.load_der_x509_certificate(der)))
+        self._d[fingerprint] = macs
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
+        return macs
+
+
+class CachedClientAccess(ClientAccess):
+    """ClientAccess whose IPv4, MAC and certificate lookups come from an AuthCache."""
+
+    def __init__(self, storage: Storage, trusted_proxies: tuple[str, ...] = (), *, events: EventBus,
+                 max_age: float = 5.0) -> None:
+        super().__init__(storage, trusted_proxies)
+        self.cache = AuthCache(storage, events, max_age=max_age)
+
+    async def _check_ipv4(self, request, ctx, ks: KeyStore) -> None:
+        if not (await self.cache.entries(ks)).ipv4_allows(ctx.peer_ip):
+            raise IPv4AuthFailure()
+
+    async def _registered_macs(self, ks: KeyStore) -> list[str]:
+        return list((await self.cache.entries(ks)).macs)
+
+    async def _check_cert(self, request, ctx, ks: KeyStore) -> None:
+        if ctx.fingerprint is None:
+            raise CertificateAuthFailure("present the key store's client certificate (PKCS#12 from the server) "
+                                         "in the TLS handshake")
+        if not (await self.cache.entries(ks)).certificate_valid(ctx.fingerprint):
+            raise CertificateAuthFailure()

@@ -1,0 +1,87 @@
+"""Session-level collectors of the reliability suite.
+
+* `numbers`: what each part tried (cases, failures, memory, requests during outages),
+  written to the terminal summary at the end of the run so a reader sees it without -s.
+* `hygiene`: every secret and key material the suite creates, and everything it
+  leaves behind (captured output of every test here, subprocess logs, data dirs,
+  row dumps). test_secret_hygiene.py runs last and greps the lot.
+* `tracked`: the `skm` harness, harvested for hygiene before it shuts down.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.hygiene import Hygiene
+from tests.reliability.procs import ServerProcess
+
+_HYGIENE = Hygiene()
+_NUMBERS: list[tuple[str, str]] = []
+LAST = "test_secret_hygiene.py"
+
+
+class Numbers:
+    def add(self, part: str, text: str) -> None:
+        _NUMBERS.append((part, text))
+
+
+@pytest.fixture(scope="session")
+def numbers() -> Numbers:
+    return Numbers()
+
+
+@pytest.fixture(scope="session")
+def hygiene() -> Hygiene:
+    return _HYGIENE
+
+
+@pytest.fixture
+async def tracked(skm, hygiene):
+    """The in-process key server harness; its token, key material and files join the hygiene check."""
+    hygiene.secret(skm.init.token, "harness operator token")
+    yield skm
+    await hygiene.harvest(skm.server.config, f"harness {skm.tmp.name}")
+
+
+@pytest.fixture
+async def server_proc(tmp_path: Path, hygiene):
+    """Factory of `skm server run` subprocesses; every one is stopped, harvested and its logs kept."""
+    made: list[ServerProcess] = []
+
+    async def make(sub: str = "srv", **kw) -> ServerProcess:
+        srv = await ServerProcess.create(tmp_path / sub, **kw)
+        hygiene.secret(srv.token, f"{sub} operator token")
+        made.append(srv)
+        return srv
+
+    yield make
+    for srv in made:
+        await srv.stop()
+        for p in srv.log_paths:
+            hygiene.path(p)
+        if srv.init is not None:
+            await hygiene.harvest(srv.config, f"server process {srv.tmp}")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # The hygiene check greps what the rest left behind: it runs after everything else.
+    last = [i for i in items if i.path.name == LAST]
+    if last:
+        items[:] = [i for i in items if i.path.name != LAST] + last
+
+
+def pytest_runtest_logreport(report):
+    # Called for the tests of this directory: keep their captured stdout/stderr/log output.
+    for name, text in report.sections:
+        _HYGIENE.text(f"{report.nodeid} [{name}]", text)
+    if report.failed and report.longrepr is not None:
+        _HYGIENE.text(f"{report.nodeid} [failure]", str(report.longrepr))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _NUMBERS:
+        return
+    terminalreporter.section("reliability and security suite: numbers")
+    for part, text in _NUMBERS:
+        terminalreporter.write_line(f"{part}: {text}")

@@ -1,0 +1,140 @@
+"""Secret hygiene: remember every secret and key material a run creates, grep everything it leaves.
+
+Needles are registered by the tests (secret values, tokens, passwords) and harvested
+from each key server's storage after use (every key version's material, the system
+keys, the root key). Haystacks are captured test output, subprocess logs, the data
+directories (database, WAL, keyring files) and a row dump of every table (so a
+PostgreSQL database is covered too). `scan()` lists every needle found anywhere.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.barrier.barrier import Barrier, sealed_aad
+from server.barrier.keyring import LocalKeyringSource
+from server.barrier.rootkey import make_provider
+from server.settings import ServerConfig
+from server.storage.base import open_storage
+
+MIN_NEEDLE = 8          # shorter values would match by chance
+
+
+def _forms(value: str | bytes) -> list[bytes]:
+    raw = value.encode() if isinstance(value, str) else bytes(value)
+    forms = {raw, base64.b64encode(raw), base64.urlsafe_b64encode(raw).rstrip(b"=")}
+    if isinstance(value, bytes):
+        forms |= {raw.hex().encode(), raw.hex().upper().encode(),
+                  ", ".join(f"0x{b:02x}" for b in raw[:16]).encode()}   # NHN hex-literal rendering
+    if isinstance(value, str):
+        forms.add(json.dumps(value)[1:-1].encode())          # as escaped inside JSON
+    return [f for f in forms if len(f) >= MIN_NEEDLE]
+
+
+@dataclass
+class Needle:
+    label: str
+    forms: list[bytes]
+    allowed_in: frozenset[str] = frozenset()   # file paths where this value belongs (the root key file)
+
+
+@dataclass
+class Hygiene:
+    needles: dict[bytes, Needle] = field(default_factory=dict)
+    texts: list[tuple[str, str]] = field(default_factory=list)
+    paths: set[Path] = field(default_factory=set)
+    harvested_servers: int = 0
+
+    # -- what must never leak ----------------------------------------------------
+    def secret(self, value: str | bytes, label: str, *, allowed_in: tuple[Path, ...] = ()) -> None:
+        if len(value) < MIN_NEEDLE:
+            raise ValueError(f"hygiene needles must be at least {MIN_NEEDLE} long ({label})")
+        forms = _forms(value)
+        needle = Needle(label, forms, frozenset(str(p) for p in allowed_in))
+        self.needles.setdefault(forms[0] if forms else bytes(value), needle)
+
+    # -- where to look -------------------------------------------------------------
+    def text(self, label: str, text: str) -> None:
+        if text:
+            self.texts.append((label, text))
+
+    def path(self, p: Path) -> None:
+        """A file, or a directory scanned recursively at the end (it must outlive the test)."""
+        self.paths.add(Path(p))
+
+    async def harvest(self, cfg: ServerConfig, label: str) -> int:
+        """Register the key material, system keys and root key of one key server; its files; a row dump.
+
+        Opens the storage with the server's own root key and keyring, so it works for an
+        in-process harness and for a `skm server run` subprocess alike. Returns key versions seen.
+        """
+        root_path = cfg.root_key_path()
+        root = make_provider(cfg.rootkey, root_path)
+        ring = await LocalKeyringSource(cfg.system_key_path()).fetch()
+        system_keys = await ring.unwrap_all(root)
+        await root.close()
+        barrier = Barrier()
+        barrier.unseal(system_keys, ring.current)
+        self.secret(root_path.read_bytes(), f"{label}: root key", allowed_in=(root_path,))
+        for v, k in system_keys.items():
+            self.secret(k, f"{label}: system key v{v}")
+        storage = open_storage(cfg.storage_url())
+        await storage.open()
+        seen = 0
+        try:
+            for row in await storage.fetchall("SELECT key_id, version, material_sealed FROM key_versions"):
+                material = barrier.open(bytes(row["material_sealed"]),
+                                        sealed_aad("key_versions", "material_sealed", row["key_id"], row["version"]))
+                if len(material) >= MIN_NEEDLE:
+                    self.secret(material, f"{label}: key {row['key_id']} v{row['version']} material")
+                seen += 1
+            self.text(f"{label}: row dump", await dump_rows(storage))
+        finally:
+            await storage.close()
+        self.path(cfg.data_path)
+        self.harvested_servers += 1
+        return seen
+
+    # -- the check -------------------------------------------------------------------
+    def haystacks(self):
+        for label, text in self.texts:
+            yield label, None, text.encode("utf-8", "replace")
+        for p in sorted(self.paths):
+            files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()) if p.exists() else []
+            for f in files:
+                try:
+                    yield str(f), str(f), f.read_bytes()
+                except OSError:
+                    continue
+
+    def scan(self) -> tuple[list[str], dict[str, int]]:
+        findings: list[str] = []
+        stats = {"needles": len(self.needles), "texts": len(self.texts), "files": 0, "bytes": 0,
+                 "servers": self.harvested_servers}
+        for where, path, data in self.haystacks():
+            if path is not None:
+                stats["files"] += 1
+            stats["bytes"] += len(data)
+            for needle in self.needles.values():
+                if path is not None and path in needle.allowed_in:
+                    continue
+                if any(f in data for f in needle.forms):
+                    findings.append(f"{needle.label} found in {where}")
+        return findings, stats
+
+
+async def dump_rows(storage) -> str:
+    """Every row of every table as text (portable: SQLite and PostgreSQL)."""
+    if storage.dialect == "sqlite":
+        names = [r["name"] for r in await storage.fetchall(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    else:
+        names = [r["tablename"] for r in await storage.fetchall(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
+    out = []
+    for name in names:
+        for row in await storage.fetchall(f'SELECT * FROM "{name}"'):
+            out.append(f"{name}: " + repr({k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in row.items()}))
+    return "\n".join(out)

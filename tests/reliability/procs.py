@@ -1,0 +1,284 @@
+"""Real server processes for the reliability suite: `skm server run` and the system-key server.
+
+Subprocesses, because these tests kill -9, measure resident memory of the server
+alone, run sync clients (schemathesis, sslyze) against it, and set OPENSSL_CONF
+(read by OpenSSL once, at process start). Each process logs to a file in the
+test's temp dir; the suite's hygiene collector greps those files at the end.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from server.access.pki import DevPKI, cert_pem, key_pem, write_pem
+from server.access.tls import client_context
+from server.config import load
+from server.init import InitResult, init_server
+from server.settings import ServerConfig
+
+REPO = Path(__file__).resolve().parents[2]
+SKM = Path(sys.executable).parent / "skm"
+_LISTENING = re.compile(r"key server: data plane https://[^:]+:(\d+), management https://[^:]+:(\d+)")
+# Mozilla "intermediate" wants X25519/P-256/P-384 only; Python 3.11 cannot set groups (platform-notes).
+OPENSSL_GROUPS_CONF = """openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+Groups = X25519:P-256:P-384
+"""
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_toml(path: Path, data: dict) -> None:
+    top = [f"{k} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {toml_value(vv)}" for kk, vv in v.items())
+              for k, v in data.items() if isinstance(v, dict)]
+    path.write_text("\n".join(top) + "\n" + "\n".join(tables) + "\n")
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKM_") and k != "OPENSSL_CONF"}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def openssl_conf(tmp: Path) -> Path:
+    p = tmp / "openssl-groups.cnf"
+    p.write_text(OPENSSL_GROUPS_CONF)
+    return p
+
+
+@dataclass
+class ServerProcess:
+    tmp: Path
+    config_path: Path
+    config: ServerConfig
+    init: InitResult
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    data_port: int = 0
+    mgmt_port: int = 0
+    starts: int = 0
+    log_paths: list[Path] = field(default_factory=list)
+
+    @classmethod
+    async def create(cls, tmp: Path, *, storage: str | None = None, env: dict[str, str] | None = None,
+                     init: bool = True, **overrides: Any) -> "ServerProcess":
+        tmp.mkdir(parents=True, exist_ok=True)
+        data: dict[str, Any] = {"data_dir": str(tmp / "data"), "purge_interval": 3600.0, "log_format": "json",
+                                "log_level": "debug", "data": {"port": 0}, "mgmt": {"port": 0}}
+        if storage:
+            data["storage"] = storage
+        for k, v in overrides.items():
+            data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
+        path = tmp / "server.toml"
+        write_toml(path, data)
+        cfg = load(ServerConfig, path, env={})
+        result = await init_server(cfg) if init else None
+        return cls(tmp, path, cfg, result, clean_env(env))
+
+    # -- life cycle --------------------------------------------------------------------
+    async def start(self, *, wait_unsealed: bool = True, timeout: float = 30) -> "ServerProcess":
+        self.starts += 1
+        log = self.tmp / f"server-{self.starts}.log"
+        self.log_paths.append(log)
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([str(SKM), "server", "run", "--config", str(self.config_path)],
+                                         stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = _LISTENING.search(log.read_text(errors="replace"))
+            if m:
+                self.data_port, self.mgmt_port = int(m.group(1)), int(m.group(2))
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"skm server run exited {self.proc.returncode}:\n{log.read_text()[-3000:]}")
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError(f"skm server run did not listen within {timeout}s:\n{log.read_text()[-3000:]}")
+        if wait_unsealed:
+            await self.wait_unsealed(deadline - time.monotonic())
+        return self
+
+    async def health(self) -> tuple[int, dict]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl())) as s:
+            async with s.get(f"{self.mgmt_url}/healthz", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                return r.status, await r.json(content_type=None)
+
+    async def wait_unsealed(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                st, last = await self.health()
+                if st == 200:
+                    return
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                last = e
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"server did not unseal within {timeout}s: {last}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(timeout=20)
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(self.proc.wait, 15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.log_paths if p.exists())
+
+    # -- clients -----------------------------------------------------------------------------
+    @property
+    def pki(self) -> DevPKI:
+        return DevPKI(self.config.pki_dir())
+
+    @property
+    def ca(self) -> Path:
+        return self.pki.ca_cert
+
+    @property
+    def data_url(self) -> str:
+        return f"https://127.0.0.1:{self.data_port}"
+
+    @property
+    def mgmt_url(self) -> str:
+        return f"https://127.0.0.1:{self.mgmt_port}"
+
+    @property
+    def token(self) -> str:
+        return self.init.token
+
+    @property
+    def appkey(self) -> str:
+        return self.init.appkey
+
+    def ssl(self, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+        return client_context(self.ca, cert, key)
+
+    def client_cert(self, name: str = "client") -> tuple[Path, Path]:
+        ca = self.pki.load_ca()
+        cert, key = ca.issue(name, client=True)
+        cp, kp = self.tmp / f"{name}.pem", self.tmp / f"{name}-key.pem"
+        write_pem(cp, cert_pem(cert), private=False)
+        write_pem(kp, key_pem(key), private=True)
+        return cp, kp
+
+    def session(self, cert: Path | None = None, key: Path | None = None, **kw: Any) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl(cert, key), limit=kw.pop("limit", 100)),
+                                     timeout=aiohttp.ClientTimeout(total=kw.pop("total", 30)), **kw)
+
+    def bearer(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client_path(self, path: str, version: str = "v1.0") -> str:
+        return f"{self.data_url}/keymanager/{version}/appkey/{self.appkey}{path}"
+
+
+async def mgmt(s: aiohttp.ClientSession, srv: ServerProcess, method: str, path: str, json: Any = None
+               ) -> tuple[int, dict]:
+    async with s.request(method, f"{srv.mgmt_url}/api/v1{path}", json=json, headers=srv.bearer()) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def setup_store(srv: ServerProcess, name: str = "store") -> dict:
+    """A key store that admits loopback by IPv4 (the way the harness does it)."""
+    async with srv.session() as s:
+        st, out = await mgmt(s, srv, "POST", "/keystores", {"name": name, "ip4AuthUse": "Y"})
+        assert st == 201, out
+        ks = out["body"]
+        st, out = await mgmt(s, srv, "POST", f"/keystores/{ks['keyStoreId']}/auths/ipv4s", {"value": "127.0.0.1"})
+        assert st == 201, out
+        return ks
+
+
+# -- the system-key server as a process -------------------------------------------------------
+_SK_MAIN = ("import asyncio, sys\n"
+            "from server.systemkey.settings import load\n"
+            "from server.systemkey.app import run\n"
+            "asyncio.run(run(load(sys.argv[1])))\n")
+
+
+@dataclass
+class SystemKeyProcess:
+    tmp: Path
+    config_path: Path
+    port: int
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+    log_paths: list[Path] = field(default_factory=list)
+
+    async def start(self, timeout: float = 20) -> "SystemKeyProcess":
+        self.starts += 1
+        log = self.tmp / f"systemkey-{self.starts}.log"
+        self.log_paths.append(log)
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-c", _SK_MAIN, str(self.config_path)], stdout=out,
+                                         stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "system-key server listening" in log.read_text(errors="replace"):
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"system-key server exited {self.proc.returncode}:\n{log.read_text()[-3000:]}")
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"system-key server did not listen within {timeout}s")
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self.proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.log_paths if p.exists())

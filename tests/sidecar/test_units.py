@@ -1,0 +1,98 @@
+"""Pieces that need no server: config, access rules, path parsing, the cache's bookkeeping, attestation."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.errors import ConfigError, URLNotFound
+from sidecar.attest import read_mac
+from sidecar.cache import Cache
+from sidecar.local_api import parse_path
+from sidecar.settings import AccessRule, load_config
+from sidecar.upstream import UpstreamResponse, UpstreamUnavailable
+
+BASE = {"appkey": "App1", "upstream": {"cert": "/c.pem", "key": "/k.pem"}}
+
+
+def test_config_env_overrides_and_validation():
+    cfg = load_config(None, env={"SKM_SIDECAR_APPKEY": "FromEnv", "SKM_SIDECAR_UPSTREAM_CERT": "/c",
+                                 "SKM_SIDECAR_UPSTREAM_KEY": "/k", "SKM_SIDECAR_CACHE_TTL": "5",
+                                 "SKM_SIDECAR_UPSTREAM_URLS": "https://a:1,https://b:2",
+                                 "SKM_SIDECAR_ACCESS": f"key:{'a' * 32} uid:1 gid:2,keystore:7 uid:3"})
+    assert cfg.appkey == "FromEnv" and cfg.cache.ttl == 5.0 and cfg.upstream.urls == ("https://a:1", "https://b:2")
+    assert cfg.rules()[0] == AccessRule("key", "a" * 32, frozenset({1}), frozenset({2}))
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_config(None, env={}, overrides={**BASE, "cach": {}})
+    with pytest.raises(ConfigError, match="appkey"):
+        load_config(None, env={}, overrides={"upstream": BASE["upstream"]})
+    with pytest.raises(ConfigError, match="https"):
+        load_config(None, env={}, overrides={**BASE, "upstream": {**BASE["upstream"], "urls": ["http://x"]}})
+    for bad in ("key:xyz uid:1", "keystore:abc uid:1", "key:" + "a" * 32, "host:1 uid:1", "key:" + "a" * 32 + " u:1"):
+        with pytest.raises(ConfigError):
+            AccessRule.parse(bad)
+
+
+def test_paths_with_and_without_the_nhn_prefix():
+    k = "0123456789abcdef0123456789abcdef"
+    t = parse_path(f"/keymanager/v1.2/appkey/AppsKey/secrets/{k}", "v1.0")
+    assert (t.version, t.suffix, t.key_id, t.keystore_id) == ("v1.2", f"/secrets/{k}", k, None)
+    t = parse_path(f"/symmetric-keys/{k}/encrypt", "v1.3")
+    assert (t.version, t.key_id) == ("v1.3", k)
+    t = parse_path(f"/keystores/12/keys/{k}", "v1.0")
+    assert (t.keystore_id, t.key_id) == (12, k)
+    for bad in ("/events", "/keymanager/v1.0/appkey/A/events", "/secrets/../x", "/a//b", "/x y", "/"):
+        with pytest.raises(URLNotFound):
+            parse_path(bad, "v1.0")
+
+
+async def test_cache_singleflight_stale_and_bounds():
+    now = [0.0]
+    c = Cache(ttl=10, max_entries=3, max_bytes=10_000, stale_if_error=60, clock=lambda: now[0])
+    calls = 0
+
+    async def fetch():
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        return UpstreamResponse(200, b'{"v":%d}' % calls, "application/json", "u")
+
+    rs = await asyncio.gather(*(c.get("a", "k1", fetch) for _ in range(50)))
+    assert calls == 1 and {r.body for r in rs} == {b'{"v":1}'}
+    assert (await c.get("a", "k1", fetch)).source == "hit"
+
+    async def down():
+        raise UpstreamUnavailable("down")
+
+    now[0] = 30                                   # expired, within the stale bound
+    r = await c.get("a", "k1", down)
+    assert r.source == "stale" and r.age == 30
+    now[0] = 61                                   # past the bound: the error stands, the entry is gone
+    with pytest.raises(UpstreamUnavailable):
+        await c.get("a", "k1", down)
+    assert len(c) == 0
+
+    async def gone():
+        return UpstreamResponse(404, b"{}", "application/json", "u")
+    await c.get("b", "k2", fetch)
+    now[0] = 100
+    assert (await c.get("b", "k2", gone)).status == 404 and len(c) == 0   # a 4xx is never papered over
+
+    for i in range(5):
+        await c.get(f"e{i}", f"k{i}", fetch)
+    assert len(c) == 3 and c.bytes == sum(len(e.body) + 256 for e in c._entries.values())
+
+    # A drop while a fetch is in flight: the (possibly old) answer is returned but not stored.
+    async def slow():
+        await asyncio.sleep(0.05)
+        return UpstreamResponse(200, b"old", "application/json", "u")
+    task = asyncio.create_task(c.get("z", "kz", slow))
+    await asyncio.sleep(0.01)
+    c.drop_key("kz")
+    assert (await task).body == b"old" and "z" not in c._entries
+
+
+def test_attestation_reads_the_loopback_and_a_real_interface():
+    assert read_mac("127.0.0.1") == ("lo", "00:00:00:00:00:00")
+    with pytest.raises(OSError):
+        read_mac("127.0.0.1", interface="no-such-if0")

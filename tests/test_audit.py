@@ -1,0 +1,210 @@
+"""The audit log on a real server: who/what/result of every request, the hash chain, tamper detection
+with the real `skm audit verify` (online and offline), no values recorded, fail-closed writes."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+from pathlib import Path
+
+from server.audit import verify_chain
+
+SKM = [sys.executable, "-m", "server.cli.main"]
+SECRET = "s3cr3t-audit-value-7f1c"
+PLAINTEXT = "plaintext-audit-value-9e2d"
+
+
+async def skm_cli(h, *args: str, env: dict | None = None) -> tuple[int, str, str]:
+    e = {**os.environ, "SKM_ADDR": h.mgmt_url, "SKM_TOKEN": h.init.token, "SKM_CACERT": str(h.pki.ca_cert),
+         "SKM_CONFIG": "/nonexistent", "COLUMNS": "200", **(env or {})}
+    p = await asyncio.create_subprocess_exec(*SKM, *args, stdout=asyncio.subprocess.PIPE,
+                                             stderr=asyncio.subprocess.PIPE, env=e)
+    out, err = await p.communicate()
+    return p.returncode, out.decode(), err.decode()
+
+
+async def _workload(skm) -> dict:
+    store = await skm.keystore("audited", certificateAuthUse="N")
+    secret = await skm.key(store, "SECRET", "db", secretValue=SECRET)
+    aes = await skm.key(store, "SYMMETRIC_KEY", "aes")
+    cert, key = skm.client_cert("app1")
+    s = skm.session(cert, key)
+    st, out = await skm.client("GET", f"/secrets/{secret['keyId']}", session=s,
+                               headers={"X-TOAST-CLIENT-MAC-ADDR": "02:00:00:00:00:aa"})
+    assert st == 200 and out["body"]["secret"] == SECRET
+    st, out = await skm.client("POST", f"/symmetric-keys/{aes['keyId']}/encrypt", json={"plaintext": PLAINTEXT})
+    assert st == 200
+    ciphertext = out["body"]["ciphertext"]
+    st, out = await skm.client("POST", f"/symmetric-keys/{aes['keyId']}/decrypt", json={"ciphertext": ciphertext})
+    assert st == 200 and out["body"]["plaintext"] == PLAINTEXT
+    st, _ = await skm.mgmt("POST", f"/keys/{secret['keyId']}/rotate", json={"secretValue": SECRET + "-v2"})
+    assert st == 200
+    # A denial: an address the store does not allow (remove loopback, then read).
+    await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/auths/ipv4s/schedule-deletion",
+                   json={"value": "127.0.0.1"})
+    st, out = await skm.client("GET", f"/secrets/{secret['keyId']}")
+    assert st == 403
+    await skm.mgmt("GET", "/keystores", token="skm_0000000000000000_bogus")
+    return {"store": store, "secret": secret, "aes": aes, "cert": cert, "ciphertext": ciphertext}
+
+
+async def test_records_who_what_result_and_the_chain_verifies(skm):
+    w = await _workload(skm)
+    st, out = await skm.mgmt("GET", f"/audit?keyId={w['secret']['keyId']}&plane=data")
+    recs = out["body"]["records"]
+    read_ok, denied = recs[0], recs[-1]
+    der = __import__("ssl").PEM_cert_to_DER_cert(w["cert"].read_text())
+    assert read_ok["result"] == "ok" and read_ok["method"] == "GET" and read_ok["status"] == 200
+    assert read_ok["route"].endswith("/secrets/{keyid}") and read_ok["ip"] == "127.0.0.1"
+    assert read_ok["fingerprint"] == hashlib.sha256(der).hexdigest()
+    assert read_ok["mac"] == "02:00:00:00:00:aa" and read_ok["actor"] == "appkey"
+    assert read_ok["keyStoreId"] == w["store"]["keyStoreId"]
+    assert denied["result"] == "denied" and denied["status"] == 403 and "IPv4" in denied["reason"]
+    # Management plane: the operator, and a refused token as anonymous with its reason.
+    st, out = await skm.mgmt("GET", "/audit?plane=mgmt&result=denied")
+    assert any(r["actor"] == "anonymous" and "not valid" in r["reason"] for r in out["body"]["records"])
+    st, out = await skm.mgmt("GET", f"/audit?plane=mgmt&keyId={w['secret']['keyId']}")
+    assert [r["actor"] for r in out["body"]["records"]] == ["admin"]     # the rotation
+    assert out["body"]["records"][0]["detail"]["bodyHmac"].startswith("hmac-sha256:")
+    # Each record carries the hash of the one before.
+    st, out = await skm.mgmt("GET", "/audit?limit=1000")
+    allrecs = out["body"]["records"]
+    assert [r["seq"] for r in allrecs] == list(range(1, len(allrecs) + 1))
+    assert all(b["prevHash"] == a["hash"] for a, b in zip(allrecs, allrecs[1:]))
+    code, stdout, err = await skm_cli(skm, "audit", "verify")
+    assert code == 0 and "intact" in stdout, (stdout, err)
+    code, stdout, err = await skm_cli(skm, "audit", "verify", "--json")
+    assert code == 0 and json.loads(stdout)["ok"] is True
+
+
+async def test_no_audit_record_holds_a_value(skm):
+    w = await _workload(skm)
+    st, out = await skm.mgmt("GET", "/audit?limit=1000")
+    dump = json.dumps(out)
+    material = await skm.rt.keys._version_raw(await skm.rt.keys.key(w["aes"]["keyId"]), 0)
+    forbidden = [SECRET, SECRET + "-v2", PLAINTEXT, w["ciphertext"], base64.b64encode(material).decode(),
+                 material.hex(), skm.init.token]
+    for value in forbidden:
+        assert value not in dump
+    rows = await skm.rt.storage.fetchall("SELECT * FROM audit_log")
+    assert len(rows) > 10
+    text = json.dumps(rows, default=str)
+    for value in forbidden:
+        assert value not in text
+    # Nor anywhere in the database files (values are sealed; audit keeps HMACs).
+    await asyncio.sleep(0)
+    blob = b"".join(p.read_bytes() for p in (skm.tmp / "data").glob("skm.db*"))
+    for value in (SECRET, PLAINTEXT, w["ciphertext"]):
+        assert value.encode() not in blob
+
+
+async def test_editing_or_deleting_a_row_is_reported_by_the_cli(skm):
+    await _workload(skm)
+    db = skm.tmp / "data" / "skm.db"
+    n = await skm.rt.storage.fetchval("SELECT MAX(seq) AS n FROM audit_log")
+    target = n // 2
+    # Edit: make a denial look like a success.
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE audit_log SET result = 'ok', actor = 'someone-else' WHERE seq = ?", (target,))
+    code, out, err = await skm_cli(skm, "audit", "verify")
+    assert code == 1 and f"BROKEN at record {target}:" in out and "changed" in out, (out, err)
+    code, out, _ = await skm_cli(skm, "audit", "verify", "--json")
+    assert json.loads(out)["brokenSeq"] == target
+    # Offline, reading the database directly, the same answer.
+    code, out, err = await skm_cli(skm, "audit", "verify", "--data-dir", str(skm.tmp / "data"),
+                                   env={"SKM_ADDR": "https://127.0.0.1:9"})
+    assert code == 1 and f"BROKEN at record {target}:" in out, (out, err)
+    # Restore by recomputing that row's hash: the next record no longer chains to it.
+    with sqlite3.connect(db) as c:
+        c.row_factory = sqlite3.Row
+        row = dict(c.execute("SELECT * FROM audit_log WHERE seq = ?", (target,)).fetchone())
+        from server.audit import record_hash
+        c.execute("UPDATE audit_log SET hash = ? WHERE seq = ?", (record_hash(row), target))
+    res = await verify_chain(skm.rt.storage)
+    assert res.broken_seq == target + 1 and "does not chain" in res.reason
+    # Delete a row in the middle.
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE audit_log SET hash = ?, result = 'denied', actor = ? WHERE seq = ?",
+                  ("x", "y", target))    # irrelevant once deleted
+        c.execute("DELETE FROM audit_log WHERE seq = ?", (target,))
+    code, out, _ = await skm_cli(skm, "audit", "verify")
+    assert code == 1 and f"BROKEN at record {target}:" in out and "missing" in out
+
+
+async def test_deleting_the_last_rows_is_reported(skm):
+    await _workload(skm)
+    res = await verify_chain(skm.rt.storage)
+    assert res.ok
+    head = res.head_seq
+    # Stop the server so no new record lands, then truncate the tail offline.
+    await skm.server.stop()
+    db = skm.tmp / "data" / "skm.db"
+    with sqlite3.connect(db) as c:
+        c.execute("DELETE FROM audit_log WHERE seq >= ?", (head - 1,))
+    p = await asyncio.create_subprocess_exec(*SKM, "audit", "verify", "--data-dir", str(skm.tmp / "data"),
+                                             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                             env={**os.environ, "SKM_CONFIG": "/nonexistent"})
+    out, err = await p.communicate()
+    assert p.returncode == 1 and f"BROKEN at record {head - 1}:" in out.decode(), (out, err)
+
+
+async def test_chain_stays_linear_under_concurrent_requests(skm):
+    store = await skm.keystore("busy")
+    aes = await skm.key(store, "SYMMETRIC_KEY", "aes")
+    before = await skm.rt.storage.fetchval("SELECT MAX(seq) AS n FROM audit_log")
+
+    async def one(i: int):
+        if i % 3 == 0:
+            return await skm.mgmt("GET", "/keystores")
+        return await skm.client("POST", f"/symmetric-keys/{aes['keyId']}/encrypt", json={"plaintext": f"p{i}"})
+
+    results = await asyncio.gather(*[one(i) for i in range(120)])
+    assert all(st == 200 for st, _ in results)
+    await asyncio.sleep(0.1)
+    after = await skm.rt.storage.fetchval("SELECT MAX(seq) AS n FROM audit_log")
+    assert after - before >= 120
+    res = await verify_chain(skm.rt.storage)
+    assert res.ok and res.checked == res.head_seq, res
+
+
+async def test_audit_write_failure_fails_the_request_unless_configured(skm):
+    store = await skm.keystore("fc")
+    await skm.rt.storage.execute("ALTER TABLE audit_log RENAME TO audit_log_away")
+    try:
+        st, out = await skm.mgmt("GET", f"/keystores/{store['keyStoreId']}")
+        assert st == 503 and "audit" in out["header"]["resultDetail"]
+        st, out = await skm.client("GET", "/confirm")
+        assert st == 503
+        audit = skm.rt.audit
+        audit.settings = dataclasses.replace(audit.settings, fail_closed=False)
+        st, out = await skm.mgmt("GET", f"/keystores/{store['keyStoreId']}")
+        assert st == 200
+        audit.settings = dataclasses.replace(audit.settings, fail_closed=True)
+    finally:
+        await skm.rt.storage.execute("ALTER TABLE audit_log_away RENAME TO audit_log")
+    st, _ = await skm.mgmt("GET", f"/keystores/{store['keyStoreId']}")
+    assert st == 200
+    # The failed appends rolled back whole: the chain is intact.
+    assert (await verify_chain(skm.rt.storage)).ok
+
+
+async def test_export_json_lines_since(skm, tmp_path):
+    await _workload(skm)
+    st, out = await skm.mgmt("GET", "/audit?limit=1000")
+    recs = out["body"]["records"]
+    middle = recs[len(recs) // 2]["time"]
+    code, stdout, err = await skm_cli(skm, "audit", "export", "--since", middle)
+    assert code == 0, err
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert lines and all(r["time"] >= middle for r in lines)
+    assert {r["seq"] for r in lines} >= {r["seq"] for r in recs if r["time"] >= middle}
+    out_file = tmp_path / "audit.jsonl"
+    code, _, err = await skm_cli(skm, "audit", "export", "--data-dir", str(skm.tmp / "data"), "-o", str(out_file))
+    assert code == 0, err
+    offline = [json.loads(line) for line in Path(out_file).read_text().splitlines()]
+    assert [r["seq"] for r in offline][:len(recs)] == [r["seq"] for r in recs]
