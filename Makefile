@@ -20,7 +20,7 @@ $(TOOLS_STAMP):
 	$(TOOLS)/bin/pip install -q 'sslyze>=6.0'
 	touch $(TOOLS_STAMP)
 
-.PHONY: install demo test test-long test-postgres bench clean
+.PHONY: install demo test test-long test-postgres bench bench-smoke clean
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -34,10 +34,14 @@ test-long: $(STAMP) $(TOOLS_STAMP)
 
 # The API, key and storage tests again with every key server on a throwaway PostgreSQL.
 test-postgres: $(STAMP)
-	SKM_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/api tests/keys tests/storage
+	SKM_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/api tests/keys tests/storage tests/replicas/test_harness_backend.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# A few seconds per workload, our server + sidecar + floor only: checks the harness, not the numbers.
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench --systems skm,sidecar,floor --duration 2 --runs 1 --warmup 0 --scale 2000
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .skm build *.egg-info

@@ -13,7 +13,9 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -37,6 +39,7 @@ class Case:
     system: str
     request: load.Request
     proc: procs.Proc          # whose CPU time is charged to the requests
+    concurrency: int | None = None    # None: --concurrency
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma list of systems to run: " + ",".join(SYSTEMS) + " (default all)")
     p.add_argument("--scale", type=int, default=100_000, metavar="N",
                    help="keys in the large store of the scale workload, compared with 1,000 (0 skips it)")
+    p.add_argument("--scale-concurrency", type=int, default=4,
+                   help="connections for the scale workload, a latency measurement (default 4)")
     p.add_argument("--uvloop", action="store_true", help="run our key server and the floor on uvloop")
     p.add_argument("--authcache", action="store_true",
                    help="run our key server with server.access.authcache (cached client-auth data)")
@@ -116,9 +121,24 @@ def bao_cases(args, bao: openbao.OpenBao, pem: Path) -> list[Case]:
     return [Case(w, "openbao", r, bao.proc) for w, r in reqs.items() if wanted(args, w)]
 
 
+def settle(p: procs.Proc, timeout: float = 60.0) -> None:
+    """Wait until the process is idle: a server still draining the last run's queue (all servers
+    share one core) would otherwise be charged to the next case."""
+    deadline = time.monotonic() + timeout
+    last = p.cpu_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = p.cpu_seconds()
+        if now - last < 0.02:
+            return
+        last = now
+
+
 def measure(case: Case, args, run: int) -> Sample:
+    for p in args.procs:
+        settle(p)
     cpu0 = case.proc.cpu_seconds()
-    r = load.run(case.request, concurrency=args.concurrency, duration=args.duration)
+    r = load.run(case.request, concurrency=case.concurrency or args.concurrency, duration=args.duration)
     cpu = case.proc.cpu_seconds() - cpu0
     return Sample(case.workload, case.system, run, r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors,
                   cpu / r.requests * 1e6 if r.requests else 0.0, r.error_detail)
@@ -130,7 +150,7 @@ def run_cases(cases: list[Case], args, report: Report) -> None:
     if args.warmup > 0:
         for c in cases:
             console.print(f"warm-up {c.workload} / {c.system}")
-            load.run(c.request, concurrency=args.concurrency, duration=args.warmup)
+            load.run(c.request, concurrency=c.concurrency or args.concurrency, duration=args.warmup)
     for run in range(1, args.runs + 1):
         for w, group in by_workload.items():
             for c in group:        # A B A B: every system of a workload, then the next run
@@ -143,6 +163,8 @@ def run_cases(cases: list[Case], args, report: Report) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (and SIGINT where a background shell ignores it) unwinds like Ctrl-C: servers are stopped.
+    signal.signal(signal.SIGTERM, _interrupted)
     if not load.ab_available():
         console.print("[red]ab not found[/red]: apt-get install apache2-utils")
         return 2
@@ -153,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(settings={"duration": args.duration, "concurrency": args.concurrency, "runs": args.runs,
                               "warmup": args.warmup, "postgres": args.postgres, "only": args.only,
                               "systems": sorted(args.systems), "scale": args.scale, "uvloop": args.uvloop,
-                              "authcache": args.authcache, "server_cpu": procs.SERVER_CPU,
+                              "authcache": args.authcache,
+                              "scale_concurrency": args.scale_concurrency, "server_cpu": procs.SERVER_CPU,
                               "client_cpu": procs.CLIENT_CPU})
     side = None
     pg = None
@@ -206,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         _stop(started, pg)
         return 2
     try:
+        args.procs = started
         run_cases(cases, args, report)
         if side is not None:
             report.notes["sidecar_rss_mb_after"] = round(side.rss_mb(), 1)
@@ -216,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         _stop(started, pg)
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    report.print(Console())
+    report.print(Console(width=max(140, Console().width)))
     path = report.write(args.results) if args.results else report.write()
     console.print(f"results: {path}")
     return 1 if report.errors else 0
@@ -230,7 +254,8 @@ def scale_cases(args, work: Path, started: list[procs.Proc]) -> list[Case]:
         started.append(p)
         for w, path in scale.workloads(n, fx.keystore_id, fx.keys["secret"]).items():
             cases.append(Case(w, f"skm@{n:,}", load.Request(keyserver.client_url(p, fx, path),
-                                                             cert_pem=fx.client.combined), p))
+                                                             cert_pem=fx.client.combined), p,
+                              concurrency=args.scale_concurrency))
     return cases
 
 
@@ -252,5 +277,17 @@ def _stop(started: list[procs.Proc], pg) -> None:
             pg.__exit__(None, None, None)
 
 
+def _interrupted(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # A failed in-process set-up can leave a storage worker thread behind (KeyServer.start does not
+    # close storage when it fails); it must not keep the benchmark from exiting.
+    os._exit(code)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,7 +82,8 @@ async def prepare(root: Path, storage: str = "", *, bulk_keys: int = 0, quiet: b
     from server.init import init_server
     from server.settings import ServerConfig
 
-    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)       # a fresh data dir each time (--workdir reuse)
+    root.mkdir(parents=True)
     data = root / "data"
     cfg_path = root / "server.toml"
     cfg_path.write_text(config_text(data, storage))

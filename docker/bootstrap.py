@@ -31,7 +31,7 @@ def _say(msg: str) -> None:
 
 # ------------------------------------------------------------------ certs-init
 async def certs() -> int:
-    from server.access.pki import CA, cert_pem, key_pem, write_pem
+    import subprocess
     from server.barrier.keyring import new_keyring, save_keyring_file
     from server.barrier.rootkey import FileRootKey
 
@@ -39,27 +39,19 @@ async def certs() -> int:
     if done.exists():
         _say(f"{CERTS} already holds the demo PKI; nothing to do")
         return 0
-    ca = CA.create("SKM Demo CA")
-    ca.save(CERTS / "ca.pem", CERTS / "ca-key.pem")
-
-    def issue(path: str, name: str, **kw) -> None:
-        cert, key = ca.issue(name, **kw)
-        write_pem(CERTS / f"{path}.pem", cert_pem(cert), private=False)
-        write_pem(CERTS / f"{path}-key.pem", key_pem(key), private=True)
-
-    for d in ("keyserver", "systemkey", "sidecar"):
-        (CERTS / d).mkdir(parents=True, exist_ok=True)
-    issue("keyserver/server", "keyserver", server=True, dns=["keyserver", "localhost"], ips=["127.0.0.1"])
-    issue("keyserver/client", "keyserver", client=True)          # presented to the system-key server
-    issue("systemkey/server", "systemkey", server=True, dns=["systemkey", "localhost"], ips=["127.0.0.1"])
-    cert, key = ca.issue_host("sidecar", [SIDECAR_MAC])          # binds the sidecar's fixed MAC
-    write_pem(CERTS / "sidecar/host.pem", cert_pem(cert), private=False)
-    write_pem(CERTS / "sidecar/host-key.pem", key_pem(key), private=True)
-    root = FileRootKey.create(CERTS / "keyserver/root.key")
-    save_keyring_file(CERTS / "systemkey/keyring.json", await new_keyring(root))
+    # `skm certs init`: CA, server.pem (key server; server and client use, so it also
+    # authenticates to the system-key server), systemkey.pem, and sidecar.pem binding the MAC.
+    # --force: a run that stopped half-way left no .complete marker and starts over.
+    p = subprocess.run([sys.executable, "-m", "server.cli.main", "certs", "init", "--dir", str(CERTS), "--force",
+                        "--hostname", "keyserver", "--hostname", "systemkey",
+                        "--host", "sidecar", "--mac", SIDECAR_MAC], stdout=sys.stderr)
+    if p.returncode != 0:
+        return p.returncode
+    root = FileRootKey.create(CERTS / "root.key")
+    save_keyring_file(CERTS / "systemkey-keyring.json", await new_keyring(root))
     await root.close()
     done.write_text("ok\n")
-    _say(f"demo PKI, root key and wrapped system key written to {CERTS}")
+    _say(f"demo PKI (skm certs init), root key and wrapped system key written to {CERTS}")
     return 0
 
 
@@ -72,9 +64,9 @@ async def systemkey() -> int:
 
     cfg = load(os.environ.get("SKM_SYSTEMKEY_CONFIG", "/etc/skm/systemkey.toml"))
     if not SystemKeyState(cfg).exists():
-        admin.init_from_file(cfg, CERTS / "systemkey/keyring.json")
+        admin.init_from_file(cfg, CERTS / "systemkey-keyring.json")
         _say("system-key state initialised from the wrapped keyring")
-    if admin.allow(cfg, str(CERTS / "keyserver/client.pem"), "compose keyserver"):
+    if admin.allow(cfg, str(CERTS / "server.pem"), "compose keyserver"):
         _say("allowed the key server's client certificate")
     await run(cfg)
     return 0
@@ -104,6 +96,7 @@ async def provision() -> int:
     from server.access.operators import Operators
     from server.barrier.barrier import Barrier
     from server.config import load
+    from server.errors import NotFound
     from server.keys.service import KeyService
     from server.settings import ServerConfig
     from server.storage.base import open_storage
@@ -129,7 +122,7 @@ async def provision() -> int:
             ops = Operators(storage)
             try:
                 op = await ops.by_name("admin")
-            except Exception:  # noqa: BLE001 - not there yet
+            except NotFound:
                 op = await ops.create("admin", "admin")
             token = await ops.issue_token(op, "compose demo bootstrap", ttl_days=30)
         finally:

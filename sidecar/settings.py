@@ -9,7 +9,7 @@
     [listen]
     socket = "/run/skm/sidecar.sock"
     socket_group = "apps"
-    [[access]] is a list of strings: "key:<keyid> uid:1000 gid:50", "keystore:<id> uid:1001"
+    (top level) access = ["key:<keyid> uid:1000 gid:50", "keystore:<id> uid:1001"]
 """
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def load_config(path: str | os.PathLike | None, env=None, overrides=None) -> Sid
 
 
 def read_secret_file(path: str, what: str) -> str:
-    """A credential kept in a file; warn-free but refuse a world-readable one."""
+    """A credential kept in a file; one readable by others is refused."""
     p = Path(path)
     try:
         st = p.stat()

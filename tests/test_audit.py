@@ -8,11 +8,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import sqlite3
 import sys
 from pathlib import Path
 
-from server.audit import verify_chain
+from server.audit import record_hash, verify_chain
+from server.storage.base import open_storage
 
 SKM = [sys.executable, "-m", "server.cli.main"]
 SECRET = "s3cr3t-audit-value-7f1c"
@@ -26,6 +26,16 @@ async def skm_cli(h, *args: str, env: dict | None = None) -> tuple[int, str, str
                                              stderr=asyncio.subprocess.PIPE, env=e)
     out, err = await p.communicate()
     return p.returncode, out.decode(), err.decode()
+
+
+def _offline(skm) -> list[str]:
+    """Arguments that make the CLI read this harness's database directly (SQLite or PostgreSQL)."""
+    cfg = skm.tmp / "offline.toml"
+    lines = [f'data_dir = "{skm.tmp / "data"}"']
+    if skm.rt.config.storage:
+        lines.append(f'storage = "{skm.rt.config.storage}"')
+    cfg.write_text("\n".join(lines) + "\n")
+    return ["--config", str(cfg)]
 
 
 async def _workload(skm) -> dict:
@@ -97,7 +107,8 @@ async def test_no_audit_record_holds_a_value(skm):
     for value in forbidden:
         assert value not in text
     # Nor anywhere in the database files (values are sealed; audit keeps HMACs).
-    await asyncio.sleep(0)
+    if skm.rt.storage.dialect != "sqlite":
+        return
     blob = b"".join(p.read_bytes() for p in (skm.tmp / "data").glob("skm.db*"))
     for value in (SECRET, PLAINTEXT, w["ciphertext"]):
         assert value.encode() not in blob
@@ -105,33 +116,28 @@ async def test_no_audit_record_holds_a_value(skm):
 
 async def test_editing_or_deleting_a_row_is_reported_by_the_cli(skm):
     await _workload(skm)
-    db = skm.tmp / "data" / "skm.db"
-    n = await skm.rt.storage.fetchval("SELECT MAX(seq) AS n FROM audit_log")
+    db = skm.rt.storage
+    n = await db.fetchval("SELECT MAX(seq) AS n FROM audit_log")
     target = n // 2
     # Edit: make a denial look like a success.
-    with sqlite3.connect(db) as c:
-        c.execute("UPDATE audit_log SET result = 'ok', actor = 'someone-else' WHERE seq = ?", (target,))
+    await db.execute("UPDATE audit_log SET result = 'ok', actor = 'someone-else' WHERE seq = ?", target)
     code, out, err = await skm_cli(skm, "audit", "verify")
     assert code == 1 and f"BROKEN at record {target}:" in out and "changed" in out, (out, err)
     code, out, _ = await skm_cli(skm, "audit", "verify", "--json")
     assert json.loads(out)["brokenSeq"] == target
     # Offline, reading the database directly, the same answer.
-    code, out, err = await skm_cli(skm, "audit", "verify", "--data-dir", str(skm.tmp / "data"),
-                                   env={"SKM_ADDR": "https://127.0.0.1:9"})
+    code, out, err = await skm_cli(skm, "audit", "verify", *_offline(skm), env={"SKM_ADDR": "https://127.0.0.1:9"})
     assert code == 1 and f"BROKEN at record {target}:" in out, (out, err)
+    if db.dialect == "sqlite":
+        code, out, err = await skm_cli(skm, "audit", "verify", "--data-dir", str(skm.tmp / "data"))
+        assert code == 1 and f"BROKEN at record {target}:" in out, (out, err)
     # Restore by recomputing that row's hash: the next record no longer chains to it.
-    with sqlite3.connect(db) as c:
-        c.row_factory = sqlite3.Row
-        row = dict(c.execute("SELECT * FROM audit_log WHERE seq = ?", (target,)).fetchone())
-        from server.audit import record_hash
-        c.execute("UPDATE audit_log SET hash = ? WHERE seq = ?", (record_hash(row), target))
+    row = await db.fetchone("SELECT * FROM audit_log WHERE seq = ?", target)
+    await db.execute("UPDATE audit_log SET hash = ? WHERE seq = ?", record_hash(row), target)
     res = await verify_chain(skm.rt.storage)
     assert res.broken_seq == target + 1 and "does not chain" in res.reason
     # Delete a row in the middle.
-    with sqlite3.connect(db) as c:
-        c.execute("UPDATE audit_log SET hash = ?, result = 'denied', actor = ? WHERE seq = ?",
-                  ("x", "y", target))    # irrelevant once deleted
-        c.execute("DELETE FROM audit_log WHERE seq = ?", (target,))
+    await db.execute("DELETE FROM audit_log WHERE seq = ?", target)
     code, out, _ = await skm_cli(skm, "audit", "verify")
     assert code == 1 and f"BROKEN at record {target}:" in out and "missing" in out
 
@@ -142,11 +148,15 @@ async def test_deleting_the_last_rows_is_reported(skm):
     assert res.ok
     head = res.head_seq
     # Stop the server so no new record lands, then truncate the tail offline.
+    args = _offline(skm)
     await skm.server.stop()
-    db = skm.tmp / "data" / "skm.db"
-    with sqlite3.connect(db) as c:
-        c.execute("DELETE FROM audit_log WHERE seq >= ?", (head - 1,))
-    p = await asyncio.create_subprocess_exec(*SKM, "audit", "verify", "--data-dir", str(skm.tmp / "data"),
+    db = open_storage(skm.server.config.storage_url())
+    await db.open()
+    try:
+        await db.execute("DELETE FROM audit_log WHERE seq >= ?", head - 1)
+    finally:
+        await db.close()
+    p = await asyncio.create_subprocess_exec(*SKM, "audit", "verify", *args,
                                              stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                              env={**os.environ, "SKM_CONFIG": "/nonexistent"})
     out, err = await p.communicate()
@@ -204,7 +214,7 @@ async def test_export_json_lines_since(skm, tmp_path):
     assert lines and all(r["time"] >= middle for r in lines)
     assert {r["seq"] for r in lines} >= {r["seq"] for r in recs if r["time"] >= middle}
     out_file = tmp_path / "audit.jsonl"
-    code, _, err = await skm_cli(skm, "audit", "export", "--data-dir", str(skm.tmp / "data"), "-o", str(out_file))
+    code, _, err = await skm_cli(skm, "audit", "export", *_offline(skm), "-o", str(out_file))
     assert code == 0, err
     offline = [json.loads(line) for line in Path(out_file).read_text().splitlines()]
     assert [r["seq"] for r in offline][:len(recs)] == [r["seq"] for r in recs]

@@ -112,8 +112,8 @@ class _Limiter:
         if len(q) >= self.per_minute:
             return False
         q.append(now)
-        if len(self.by_ip) > 10000:           # forget the quietest sources
-            for k in [k for k, v in self.by_ip.items() if not v][:5000]:
+        if len(self.by_ip) > 10000:           # bounded memory: forget sources quiet for a minute
+            for k in [k for k, v in self.by_ip.items() if not v or v[-1] <= now - 60]:
                 self.by_ip.pop(k, None)
         return True
 

@@ -5,7 +5,6 @@ import dataclasses
 import statistics
 import time
 
-from server.access.operators import LoginSettings
 
 PW = "correct horse battery staple"
 

@@ -60,7 +60,7 @@ async def server_proc(tmp_path: Path, hygiene):
         await srv.stop()
         for p in srv.log_paths:
             hygiene.path(p)
-        if srv.init is not None:
+        if srv.init is not None and not srv.harvested:
             await hygiene.harvest(srv.config, f"server process {srv.tmp}")
 
 

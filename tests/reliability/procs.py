@@ -90,6 +90,7 @@ class ServerProcess:
     mgmt_port: int = 0
     starts: int = 0
     log_paths: list[Path] = field(default_factory=list)
+    harvested: bool = False           # the hygiene collector has its material already
 
     @classmethod
     async def create(cls, tmp: Path, *, storage: str | None = None, env: dict[str, str] | None = None,

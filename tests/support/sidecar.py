@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from server import timeutil
 from server.access.pki import CA, cert_pem, fingerprint, key_pem, write_pem
 from server.access.tls import server_context
-from server.barrier.barrier import Barrier, record_aad
+from server.barrier.barrier import Barrier, sealed_aad
 from server.config import load
 from sidecar.app import Sidecar
 from sidecar.settings import SidecarConfig
@@ -60,8 +60,8 @@ async def register_certificate(storage, barrier: Barrier, keystore_id: int, host
         cid = row["id"]
         await tx.execute(
             "UPDATE auth_certificates SET password_sealed = ?, bundle_sealed = ? WHERE id = ?",
-            barrier.seal(b"", record_aad("auth_certificates", cid)),
-            barrier.seal(host.pem, record_aad("auth_certificates", cid)), cid)
+            barrier.seal(b"", sealed_aad("auth_certificates", "password_sealed", cid)),
+            barrier.seal(host.pem, sealed_aad("auth_certificates", "bundle_sealed", cid)), cid)
     return cid
 
 

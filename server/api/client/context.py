@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from server.access.tls import peer_der
 from server.errors import InvalidAppkey, Sealed
 from server.keys.model import Key, KeyStore, Project
 from server.runtime import CLIENT_CTX, KEY, runtime
@@ -35,13 +36,7 @@ class ClientContext:
 
 
 def peer_certificate(request: web.Request) -> bytes | None:
-    transport = request.transport
-    if transport is None:
-        return None
-    ssl_obj = transport.get_extra_info("ssl_object")
-    if ssl_obj is None:
-        return None
-    return ssl_obj.getpeercert(binary_form=True) or None
+    return peer_der(request.transport)
 
 
 def peer_ip(request: web.Request) -> str:

@@ -1,0 +1,261 @@
+"""The console's plumbing: sessions, CSRF, security headers, rendering, errors as pages.
+
+A session is a cookie holding a short-lived operator API token issued at login
+(so revocation, expiry and roles are the API's), plus server-side state keyed
+by the token id: the CSRF token, the last activity (idle timeout) and flash
+messages. A token that has no server-side session (an API token pasted into the
+cookie, or a session this process forgot) is refused.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from server import logs
+from server.access.operators import Operator
+from server.errors import ApprovalRequired, Forbidden, Sealed, SKMError, Unauthenticated
+from server.runtime import ERROR, OPERATOR, Runtime, runtime
+
+log = logs.get("skm.console")
+
+PREFIX = "/console"
+COOKIE = "skm_console"
+LOGIN_COOKIE = "skm_console_login"     # double-submit CSRF token of the login form (no session yet)
+HERE = Path(__file__).parent
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; object-src 'none'; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """Read from SKM_CONSOLE_* (or ServerConfig.console once the config carries it)."""
+    idle_seconds: float = 900.0       # a session unused this long ends (its token is revoked)
+
+    @classmethod
+    def from_config(cls, config) -> "ConsoleSettings":
+        found = getattr(config, "console", None)
+        if isinstance(found, cls):
+            return found
+        from server.config import build
+        return build(cls, {}, os.environ, "SKM_CONSOLE_")
+
+
+@dataclass
+class Session:
+    token_id: str
+    csrf: str
+    last_seen: float
+    flash: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Console:
+    """Per-process console state: the live sessions."""
+
+    def __init__(self, settings: ConsoleSettings) -> None:
+        self.settings = settings
+        self.sessions: dict[str, Session] = {}
+
+    def open(self, token_id: str) -> Session:
+        self._forget_idle()
+        s = self.sessions[token_id] = Session(token_id, secrets.token_urlsafe(32), time.monotonic())
+        return s
+
+    def _forget_idle(self) -> None:
+        cutoff = time.monotonic() - self.settings.idle_seconds
+        for tid in [t for t, s in self.sessions.items() if s.last_seen < cutoff]:
+            self.sessions.pop(tid, None)
+
+
+CONSOLE = web.AppKey("skm_console", Console)
+
+
+class Redirect(Exception):
+    def __init__(self, location: str) -> None:
+        self.location = location
+
+
+@dataclass
+class Ctx:
+    """What a console view gets: the request, the runtime, the operator, the session, the form."""
+    request: web.Request
+    rt: Runtime
+    op: Operator | None
+    session: Session | None
+    form: Any = None
+
+    def match(self, name: str) -> str:
+        return self.request.match_info[name]
+
+    def flash(self, kind: str, text: str) -> None:
+        if self.session is not None:
+            self.session.flash.append((kind, text))
+
+    def require(self, *roles: str) -> Operator:
+        assert self.op is not None
+        self.op.require(*roles)
+        return self.op
+
+
+View = Callable[[Ctx], Awaitable[web.StreamResponse]]
+
+
+def see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location})
+
+
+def render(c: Ctx, template: str, status: int = 200, **ctx: Any) -> web.Response:
+    flash = []
+    if c.session is not None:
+        flash, c.session.flash = c.session.flash, []
+    base = {"op": c.op, "csrf": c.session.csrf if c.session else "", "flash": flash, "path": c.request.path,
+            "idle_minutes": int(c.request.config_dict[CONSOLE].settings.idle_seconds // 60)}
+    return aiohttp_jinja2.render_template(template, c.request, {**base, **ctx}, status=status)
+
+
+def error_page(c: Ctx, e: SKMError, back: str | None = None) -> web.Response:
+    c.request[ERROR] = e
+    status = e.status if e.status >= 400 else 400
+    return render(c, "error.html", status=status, error=e, back=back or c.request.headers.get("Referer"))
+
+
+def changed(c: Ctx, e: ApprovalRequired) -> web.Response:
+    """A form post on an approval store became a change request: say so and show it."""
+    c.request[ERROR] = e
+    c.flash("info", f"This key store requires approval: change request #{e.request_id} was created and waits for "
+                    "an approver. Nothing has changed yet.")
+    return see_other(f"{PREFIX}/approvals/{e.request_id}")
+
+
+def _headers(resp: web.StreamResponse) -> web.StreamResponse:
+    for k, v in SECURITY_HEADERS.items():
+        resp.headers.setdefault(k, v)
+    return resp
+
+
+def set_cookie(resp: web.StreamResponse, name: str, value: str, max_age: int | None = None) -> None:
+    resp.set_cookie(name, value, path=PREFIX, secure=True, httponly=True, samesite="Strict", max_age=max_age)
+
+
+def clear_cookie(resp: web.StreamResponse, name: str) -> None:
+    resp.del_cookie(name, path=PREFIX, secure=True, httponly=True, samesite="Strict")
+
+
+async def _session(request: web.Request) -> tuple[Operator, Session]:
+    rt = runtime(request)
+    console = request.config_dict[CONSOLE]
+    token = request.cookies.get(COOKIE, "")
+    nxt = quote(request.path_qs if request.method == "GET" else PREFIX + "/", safe="/?=&")
+    if not token:
+        raise Redirect(f"{PREFIX}/login?next={nxt}")
+    if rt.barrier.sealed:
+        raise Sealed(rt.barrier.sealed_reason)
+    try:
+        op = await rt.operators.authenticate_token(token)
+    except Unauthenticated:
+        raise Redirect(f"{PREFIX}/login?reason=ended&next={nxt}") from None
+    sess = console.sessions.get(op.token_id)
+    now = time.monotonic()
+    if sess is None:
+        # A valid token without a console session (an API token put in the cookie, or a session
+        # this process no longer knows): refused, but not revoked, since it may be a CLI's token.
+        raise Redirect(f"{PREFIX}/login?reason=ended&next={nxt}")
+    if now - sess.last_seen > console.settings.idle_seconds:
+        # Idle: end the session for good, not just here.
+        console.sessions.pop(op.token_id, None)
+        try:
+            await rt.operators.revoke_token(op.token_id)
+        except SKMError:
+            pass
+        raise Redirect(f"{PREFIX}/login?reason=idle&next={nxt}")
+    sess.last_seen = now
+    request[OPERATOR] = op      # the audit middleware records who acted
+    return op, sess
+
+
+def csrf_ok(expected: str, form) -> bool:
+    sent = form.get("_csrf", "") if form is not None else ""
+    if not isinstance(sent, str) or not sent or not expected:
+        return False
+    return hmac.compare_digest(sent.encode(), expected.encode())
+
+
+def page(view: View, *, method: str, auth: bool = True, roles: tuple[str, ...] = ()) -> Callable:
+    """Wrap a console view: session, CSRF on POST, role check, SKMError -> an HTML page, headers."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        c = Ctx(request, runtime(request), None, None)
+        try:
+            if auth:
+                c.op, c.session = await _session(request)
+            if method == "POST":
+                c.form = await request.post()
+                if auth and not csrf_ok(c.session.csrf, c.form):
+                    raise Forbidden("the form is missing its CSRF token or it does not match this session; "
+                                    "reload the page and try again")
+            if roles:
+                c.require(*roles)
+            resp = await view(c)
+        except Redirect as r:
+            resp = see_other(r.location)
+        except ApprovalRequired as e:
+            resp = changed(c, e)
+        except SKMError as e:
+            resp = error_page(c, e)
+        return _headers(resp)
+
+    handler.__name__ = getattr(view, "__name__", "console_view")
+    return handler
+
+
+class ConsoleRoutes:
+    """A page family's routes; registered on the management app by server.console.register()."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str, Callable]] = []
+
+    def get(self, path: str, *, auth: bool = True, roles: tuple[str, ...] = ()):
+        return self._add("GET", path, auth, roles)
+
+    def post(self, path: str, *, auth: bool = True, roles: tuple[str, ...] = ()):
+        return self._add("POST", path, auth, roles)
+
+    def _add(self, method: str, path: str, auth: bool, roles: tuple[str, ...]):
+        def deco(view: View) -> View:
+            self.entries.append((method, PREFIX + path, page(view, method=method, auth=auth, roles=roles)))
+            return view
+        return deco
+
+
+def form_str(c: Ctx, name: str, default: str = "", limit: int = 100_000) -> str:
+    v = c.form.get(name, default) if c.form is not None else default
+    return v[:limit] if isinstance(v, str) else default
+
+
+def form_bool(c: Ctx, name: str) -> bool:
+    return form_str(c, name) in ("on", "1", "true", "Y", "yes")
+
+
+def form_int(c: Ctx, name: str, default: int, lo: int, hi: int, what: str) -> int:
+    from server.errors import InvalidRequest
+    raw = form_str(c, name).strip()
+    if raw == "":
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise InvalidRequest(f"{what} must be a whole number from {lo} to {hi}")
+    return int(raw)

@@ -1,0 +1,112 @@
+"""The compose stack brought up for real on a private Docker engine (make test-long).
+
+No registry is reachable, so: the base image is a debootstrapped Debian (cached per machine,
+tests/support/docker.py), the project is installed in the image from wheels built here, and
+the PostgreSQL service runs Debian's postgresql from the same base (SKM_POSTGRES_IMAGE). Then
+`docker-compose up` with compose.yaml as users run it; the demo app must print its round trip
+and exit 0. Afterwards one key-server replica is killed and the app runs again through the
+sidecar's failover to the other one. Everything is torn down, engine included.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.docker import Dockerd, base_rootfs, cache_dir, docker_skip_reason
+
+pytestmark = pytest.mark.long
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _wheels(out: Path) -> None:
+    """The project and every dependency as wheels, the dependencies cached per machine."""
+    cache = cache_dir() / "wheels"
+    cache.mkdir(exist_ok=True)
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(cache),
+                        "--find-links", str(cache), str(REPO)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out.mkdir()
+    for whl in cache.glob("*.whl"):
+        if whl.name.startswith("secure_key_manager-"):
+            shutil.move(str(whl), out / whl.name)     # this tree's build, never a stale one
+        else:
+            shutil.copy2(whl, out / whl.name)
+
+
+def _context(tmp: Path) -> Path:
+    """A build context like the repository's for the Dockerfile, with wheels instead of sources."""
+    ctx = tmp / "context"
+    ctx.mkdir()
+    shutil.copy2(REPO / "Dockerfile", ctx / "Dockerfile")
+    shutil.copytree(REPO / "docker", ctx / "docker")
+    _wheels(ctx / "wheels")
+    return ctx
+
+
+def _containers(d: Dockerd, project: str, service: str) -> list[dict]:
+    ids = d.run("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}",
+                "--filter", f"label=com.docker.compose.service={service}").stdout.decode().split()
+    return [json.loads(d.run("inspect", i).stdout)[0] for i in ids]
+
+
+def _wait_exit(d: Dockerd, project: str, service: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = _containers(d, project, service)
+        done = [c for c in found if c["State"]["Status"] == "exited"]
+        if done:
+            return done[0]
+        time.sleep(1)
+    raise AssertionError(f"{service} did not finish in {timeout}s")
+
+
+def test_compose_up_runs_the_demo_app(tmp_path):
+    reason = docker_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    rootfs = base_rootfs()                 # about 2 minutes the first time on a machine, then cached
+    ctx = _context(tmp_path)
+    project = f"skmci{uuid.uuid4().hex[:8]}"
+    env = {"SKM_IMAGE": "skm:ci", "SKM_POSTGRES_IMAGE": "skm-postgres:ci"}
+    with Dockerd.start() as d:
+        d.import_image(rootfs, "skm-base")
+        d.run("build", "-q", "--build-arg", "BASE_IMAGE=skm-base", "-t", "skm:ci", str(ctx), timeout=900)
+        d.run("build", "-q", "-f", str(ctx / "docker" / "postgres.Dockerfile"), "--build-arg", "BASE_IMAGE=skm-base",
+              "-t", "skm-postgres:ci", str(ctx / "docker"), timeout=600)
+        compose = ["-p", project, "-f", str(REPO / "compose.yaml")]
+        try:
+            # `up` waits for each depends_on condition (healthy, completed) before starting the next.
+            d.compose(REPO, *compose, "up", "-d", "--no-build", env=env, timeout=600)
+            app = _wait_exit(d, project, "demo-app", 180)
+            logs = d.compose(REPO, *compose, "logs", "--no-color", "demo-app", env=env).stdout.decode()
+            assert app["State"]["ExitCode"] == 0, logs + _all_logs(d, compose, env)
+            assert "read secret db-password through the sidecar" in logs, logs
+            assert "round trip OK" in logs, logs
+            print(logs)                     # what a user sees (pytest -s)
+
+            keyservers = _containers(d, project, "keyserver")
+            assert len(keyservers) == 2 and all(c["State"]["Health"]["Status"] == "healthy" for c in keyservers)
+            sidecar = _containers(d, project, "sidecar")[0]
+            assert sidecar["Config"]["MacAddress"] == "02:42:0a:53:4b:4d"
+
+            # One replica dies: the app runs again, through the sidecar, on the survivor.
+            d.run("kill", "-s", "KILL", keyservers[0]["Id"])
+            again = d.compose(REPO, *compose, "run", "--rm", "--no-deps", "demo-app", env=env, check=False,
+                              timeout=180)
+            out = again.stdout.decode()
+            assert again.returncode == 0 and "round trip OK" in out, out + again.stderr.decode()[-2000:]
+        finally:
+            d.compose(REPO, *compose, "down", "-v", "--timeout", "5", env=env, check=False, timeout=180)
+
+
+def _all_logs(d: Dockerd, compose: list[str], env: dict) -> str:
+    return "\n--- all services ---\n" + d.compose(REPO, *compose, "logs", "--no-color", "--tail", "40", env=env,
+                                                  check=False).stdout.decode()[-12000:]

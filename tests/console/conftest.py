@@ -1,0 +1,1 @@
+from tests.support.browser import console  # noqa: F401  (fixture)

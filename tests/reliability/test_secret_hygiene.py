@@ -1,0 +1,60 @@
+"""The final check: no secret value or key material created during the run appears in any log
+line, audit record, test output, database or system-key file (runs last: see conftest.py).
+
+It makes its own traffic first, so it means something when run alone: secrets in
+failing requests (bad JSON around a secret, a secret too long for its field, a secret
+sent to a key that does not exist), a v1.2 access-key secret, an exported key.
+"""
+from __future__ import annotations
+
+import secrets
+
+from tests.access.helpers import access_key, v12_headers
+
+
+async def test_own_traffic_with_secrets_in_failing_requests(tracked, hygiene):
+    skm = tracked
+    value = "hygiene-" + secrets.token_hex(16)
+    hygiene.secret(value, "hygiene secret value")
+    store = await skm.keystore("hygiene")
+    kid = (await skm.key(store, "SECRET", "h", secretValue=value))["keyId"]
+    sym = (await skm.key(store, "SYMMETRIC_KEY", "hs", exportable=True))["keyId"]
+    st, out = await skm.client("GET", f"/secrets/{kid}")
+    assert st == 200 and out["body"]["secret"] == value
+    st, out = await skm.client("GET", f"/symmetric-keys/{sym}/symmetric-key")
+    assert st == 200
+    # Requests that fail while carrying secrets: none of them may echo or log the value.
+    other = "hygiene-fail-" + secrets.token_hex(16)
+    hygiene.secret(other, "hygiene secret in failing requests")
+    s = skm._default()
+    for body, ctype in (('{"secretValue": "' + other + '"', "application/json"),        # broken JSON
+                        ('{"secretValue": ["' + other + '"]}', "application/json"),     # wrong type
+                        ('{"secretValue": "' + other + '"}', "text/plain")):            # wrong content type
+        async with s.put(skm.client_path(f"/secrets/{kid}", "v1.2"), data=body.encode(),
+                         headers={"Content-Type": ctype}) as r:
+            assert 400 <= r.status < 500
+            assert other not in await r.text()
+    st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys",
+                             json={"keyType": "SECRET", "name": "h2", "secretValue": other, "bogus": other})
+    assert st == 400 and other not in str(out)
+    st, out = await skm.mgmt("POST", f"/keys/{'0' * 32}/rotate", json={"secretValue": other})
+    assert st == 404 and other not in str(out)
+    st, out = await skm.client("POST", f"/symmetric-keys/{sym}/decrypt", json={"ciphertext": other})
+    assert st == 400 and other not in str(out)
+    key_id, secret = await access_key(skm)
+    hygiene.secret(secret, "hygiene access key secret")
+    st, out = await skm.client("PUT", f"/secrets/{kid}", version="v1.2", headers=v12_headers(key_id, secret),
+                               json={"secretValue": other + "-new"})
+    assert st == 200
+    hygiene.secret(other + "-new", "hygiene rotated value")
+    st, _ = await skm.client("GET", f"/secrets/{kid}", version="v1.2", headers=v12_headers(key_id, secret[:-2] + "xx"))
+    assert st == 401
+
+
+def test_no_secret_anywhere(hygiene, numbers):
+    findings, stats = hygiene.scan()
+    numbers.add("hygiene", f"{stats['needles']} secrets and key materials from {stats['servers']} servers, grepped "
+                           f"in {stats['texts']} captured outputs/row dumps and {stats['files']} files "
+                           f"({stats['bytes'] // 1024} KiB): {len(findings)} found")
+    assert stats["needles"] > 0 and stats["servers"] > 0
+    assert not findings, "\n".join(sorted(set(findings))[:50])

@@ -1,0 +1,12 @@
+"""`make test-postgres` really moves the `skm` harness onto PostgreSQL (SKM_TEST_STORAGE)."""
+from __future__ import annotations
+
+from tests.support.server import harness_backend
+
+
+async def test_the_skm_fixture_runs_on_the_backend_asked_for(skm):
+    assert skm.rt.storage.dialect == harness_backend()
+    store = await skm.keystore("backend-check")
+    key = await skm.key(store, "SECRET", "s", secretValue="v")
+    rows = await skm.rt.storage.fetchall("SELECT id FROM keys WHERE id = ?", key["keyId"])
+    assert len(rows) == 1
