@@ -16,7 +16,7 @@ from aiohttp import web
 from server import logs, replication
 from server.access.authdata import AuthData
 from server.access.changes import ChangeGate
-from server.access.clientauth import ClientAccess
+from server.access.authcache import CachedClientAccess
 from server.access.operators import Operators
 from server.access.tls import server_context
 from server.api import middleware
@@ -141,8 +141,9 @@ def build_runtime(config: ServerConfig, storage, barrier: Barrier | None = None)
     keys = KeyService(storage, barrier, events, Limits(min_auto_rotation_days=config.min_auto_rotation_days,
                                                        deletion_grace_days=config.deletion_grace_days))
     authdata = AuthData(storage, events, config.deletion_grace_days)
+    # Auth data is cached per key store and dropped on every auth_changed event.
     rt = Runtime(config=config, storage=storage, barrier=barrier, keys=keys, events=events,
-                 access=ClientAccess(storage, config.trusted_proxies), authdata=authdata,
+                 access=CachedClientAccess(storage, config.trusted_proxies, events=events), authdata=authdata,
                  operators=Operators(storage), metrics=Metrics())
     rt.changes = ChangeGate(keys, authdata)
     _extend_runtime(rt)
@@ -205,6 +206,18 @@ class KeyServer:
         self.source = system_key_source(cfg)
         storage = open_storage(cfg.storage_url())
         await storage.open()
+        try:
+            await self._start(storage, wait_unsealed)
+        except BaseException:
+            # A half-started server must not keep the process alive (storage threads, listeners).
+            if self.runtime is None:
+                await storage.close()
+            await self.stop()
+            raise
+        return self
+
+    async def _start(self, storage, wait_unsealed: bool) -> None:
+        cfg = self.config
         rt = self.runtime = build_runtime(cfg, storage)
         await replication.enable(rt)   # PostgreSQL: events reach every replica via LISTEN/NOTIFY
         if cfg.systemkey.source == "local":
@@ -221,7 +234,6 @@ class KeyServer:
         log.info("listening", data_port=self.data_port, mgmt_port=self.mgmt_port, sealed=rt.barrier.sealed)
         if wait_unsealed and cfg.systemkey.source == "local":
             assert not rt.barrier.sealed
-        return self
 
     async def _unseal_remote(self) -> None:
         """Unseal in the background; only a configuration error stops trying, and nothing ends silently."""
@@ -300,7 +312,7 @@ async def run_jobs_once(rt: Runtime, now=None) -> dict:
     rotated = await rt.keys.rotate_due(now)
     auth_purged = await rt.authdata.purge_due(now)
     if purged or rotated or auth_purged:
-        log.info("jobs_ran", keys_purged=purged, keys_rotated=rotated, auth_purged=auth_purged)
+        log.info("jobs_ran", purged=purged, rotated=rotated, auth_entries_purged=auth_purged)
     return {"purged": purged, "rotated": rotated, "auth_purged": auth_purged}
 
 

@@ -6,18 +6,21 @@ import argparse
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the whole stack and show an app using it",
-                       description="Start the key server on the embedded default (SQLite, file root key, dev CA), "
-                                   "create a demo key store and keys, and walk an app through secrets, encryption, "
-                                   "envelope encryption, signing and rotation.")
+                       description="Start the system-key server (its own process), the key server on the embedded default "
+                                   "(SQLite, file root key, dev CA) and a sidecar; create a demo key store and keys, "
+                                   "and walk an app through secrets, encryption, envelope encryption, signing and "
+                                   "rotation via the sidecar's Unix socket.")
     p.add_argument("--once", action="store_true", help="run the flow in a temp dir and exit (non-zero if a step fails)")
     p.add_argument("--data-dir", help="data directory (default ./.skm; with --once a temp dir)")
-    p.add_argument("--port", type=int, default=8443, help="data-plane port (management is the next one)")
+    p.add_argument("--port", type=int, default=8443,
+                   help="data-plane port (management is the next one, the system-key server the one before)")
     p.set_defaults(func=_run)
 
 
 async def _run(args: argparse.Namespace) -> int:
     from server.demo import run_demo
     try:
-        return await run_demo(args.data_dir, args.once, port_data=args.port, port_mgmt=args.port + 1)
+        return await run_demo(args.data_dir, args.once, port_data=args.port, port_mgmt=args.port + 1,
+                              port_systemkey=args.port - 1)
     except KeyboardInterrupt:
         return 0

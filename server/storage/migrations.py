@@ -211,6 +211,10 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             hmac_key_sealed {blob})""",
         "INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000')",
     ]),
+    (5, [
+        # Paged key lists sort by (created_at, id) within a store: keep that an index walk at 100k keys.
+        "CREATE INDEX keys_keystore_order ON keys (keystore_id, created_at, id)",
+    ]),
 ]
 
 # (table, column, primary-key columns) of every sealed column: the rewrap job's map.
