@@ -37,6 +37,7 @@ test-postgres: $(STAMP)
 	SKM_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/api tests/keys tests/storage tests/replicas/test_harness_backend.py
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench
 
 # A few seconds per workload, our server + sidecar + floor only: checks the harness, not the numbers.

@@ -21,6 +21,7 @@ from server.access.operators import Operators
 from server.access.tls import server_context
 from server.api import middleware
 from server.api.routing import RouteTable
+from server.api.timeouts import HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, DeadlineAppRunner
 from server.barrier.barrier import Barrier
 from server.barrier.keyring import LocalKeyringSource, SystemKeySource
 from server.barrier.rootkey import RootKeyProvider, make_provider
@@ -144,7 +145,7 @@ def build_runtime(config: ServerConfig, storage, barrier: Barrier | None = None)
     # Auth data is cached per key store and dropped on every auth_changed event.
     rt = Runtime(config=config, storage=storage, barrier=barrier, keys=keys, events=events,
                  access=CachedClientAccess(storage, config.trusted_proxies, events=events), authdata=authdata,
-                 operators=Operators(storage), metrics=Metrics())
+                 operators=Operators(storage, config.login), metrics=Metrics())
     rt.changes = ChangeGate(keys, authdata)
     _extend_runtime(rt)
     return rt
@@ -264,7 +265,10 @@ class KeyServer:
         cfg = self.config
         cert, key, ca = cfg.listener_files(which)
         ctx = server_context(cert, key, ca if client_cert else None)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2)
+        # Header deadline (slow loris) and an explicit keep-alive idle limit (aiohttp's default is an hour).
+        runner = DeadlineAppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2,
+                                   header_timeout=getattr(cfg, "header_timeout", HEADER_TIMEOUT),
+                                   keepalive_timeout=getattr(cfg, "keepalive_timeout", KEEPALIVE_TIMEOUT))
         await runner.setup()
         lc = getattr(cfg, which)
         site = web.TCPSite(runner, lc.host, lc.port, ssl_context=ctx, reuse_port=False, backlog=1024)

@@ -6,13 +6,17 @@ deleting or reordering a record breaks the chain at that record. Values are
 never recorded: a request body appears only as an HMAC under the audit key (a
 random key of its own, sealed by the barrier in `audit_head`).
 
-Appends are linear under concurrency: an in-process lock, and inside one
-transaction the single `audit_head` row is updated first (a row lock on
-PostgreSQL, the one writer on SQLite), which yields the next sequence number
-and the previous hash; the record and the new head are written in that same
-transaction.
+Appends are group-committed: a request queues its record and waits; one writer
+task per process takes everything queued (up to `batch_max`) and writes it in
+ONE transaction: the single `audit_head` row is updated first (a row lock on
+PostgreSQL, the one writer on SQLite), which reserves the batch's sequence
+numbers and yields the previous hash; the records are chained in queue order,
+inserted together, and the head's hash is set once, all in that transaction.
+Only then are the waiting requests released, so a response never leaves before
+its record is durable. The chain stays linear across replicas (the head row
+lock) and within a process (one writer).
 
-A write failure fails the request (503) unless `fail_closed` is off.
+A write failure fails every request of its batch (503) unless `fail_closed` is off.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from server import logs, timeutil
 from server.barrier.barrier import sealed_aad
 from server.errors import ApprovalRequired, InvalidRequest, SKMError, Unavailable
 from server.runtime import CLIENT_CTX, ERROR, KEY, OPERATOR, _request_key, runtime
+from server.settings import AuditSettings   # [audit] in the server config
 from server.storage.base import Executor, Storage
 
 log = logs.get("skm.audit")
@@ -38,25 +43,14 @@ GENESIS = "0" * 64
 AUDIT_ACTION = _request_key("skm_audit_action")   # a handler may name what it did, e.g. "key.reveal"
 AUDIT_DETAIL = _request_key("skm_audit_detail")   # extra identifiers (never values) for the record
 SKIP_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+SKIP_PREFIXES = ("/console/static/",)                # the console's CSS/JS: no decision to record
+# Requests whose body is a password: no body HMAC (an HMAC of a low-entropy secret under a key the
+# server holds is a password hash an insider could test guesses against).
+NO_BODY_HMAC = frozenset({("POST", "/api/v1/login"), ("POST", "/console/login")})
 # The fields a record's hash covers, in this order.
 FIELDS = ("seq", "at", "plane", "actor", "actor_kind", "ip", "fingerprint", "mac", "method", "route", "action",
           "keystore_id", "key_id", "status", "result", "reason", "detail", "prev_hash")
 _HMAC_AAD = sealed_aad("audit_head", "hmac_key_sealed", 1)
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    """Read from SKM_AUDIT_* (or ServerConfig.audit once the config carries it)."""
-    enabled: bool = True
-    fail_closed: bool = True          # a request whose record cannot be written fails with 503
-
-    @classmethod
-    def from_config(cls, config) -> "AuditSettings":
-        found = getattr(config, "audit", None)
-        if isinstance(found, cls):
-            return found
-        from server.config import build
-        return build(cls, {}, os.environ, "SKM_AUDIT_")
 
 
 def record_hash(rec: dict) -> str:
@@ -131,8 +125,9 @@ class Audit:
         self.db = storage
         self.barrier = barrier
         self.settings = settings or AuditSettings()
-        self._lock = asyncio.Lock()
         self._key: bytes | None = None
+        self._queue: list[tuple[dict, asyncio.Future]] = []   # records waiting for the writer, in order
+        self._writer: asyncio.Task | None = None
 
     # ----------------------------------------------------------------- HMACs
     async def hmac_key(self) -> bytes | None:
@@ -162,7 +157,9 @@ class Audit:
 
     # ---------------------------------------------------------------- writing
     async def append(self, rec: dict[str, Any]) -> int:
-        """Append one record; returns its sequence number."""
+        """Append one record; returns its sequence number once the record is committed.
+
+        Raises what the write raised when its batch failed (the whole batch rolls back)."""
         row = {f: rec.get(f) for f in FIELDS if f not in ("seq", "prev_hash")}
         row["at"] = row.get("at") or timeutil.now_db()
         row["detail"] = json.dumps(rec.get("detail") or {}, separators=(",", ":"), sort_keys=True)
@@ -171,15 +168,69 @@ class Audit:
                 row[f] = row[f][:256]
         if isinstance(row.get("reason"), str):
             row["reason"] = row["reason"][:1000]
-        async with self._lock:
-            async with self.db.transaction() as tx:
-                head = await tx.fetchone("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
-                row["seq"], row["prev_hash"] = int(head["seq"]), head["hash"]
-                h = record_hash(row)
-                await tx.execute(f"INSERT INTO audit_log ({', '.join(FIELDS)}, hash) "
-                                 f"VALUES ({', '.join('?' * (len(FIELDS) + 1))})", *[row[f] for f in FIELDS], h)
-                await tx.execute("UPDATE audit_head SET hash = ? WHERE id = 1", h)
-        return row["seq"]
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._queue.append((row, fut))
+        w = self._writer
+        if w is None or w.done() or w.get_loop() is not loop:
+            self._writer = loop.create_task(self._drain(), name="audit-writer")
+        return await fut
+
+    async def _drain(self) -> None:
+        """The one writer: commit what is queued, a batch per transaction, until the queue is empty."""
+        me = asyncio.current_task()
+        batch: list[tuple[dict, asyncio.Future]] = []
+        try:
+            while self._queue:
+                n = min(max(1, int(self.settings.batch_max)), 1000)    # bound the statement's parameters
+                batch, self._queue[:n] = self._queue[:n], []
+                try:
+                    await self._write([row for row, _ in batch])
+                except Exception as e:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                else:
+                    for row, fut in batch:
+                        if not fut.done():
+                            fut.set_result(row["seq"])
+                batch = []
+        finally:
+            # Cancelled (the loop is stopping): nothing may wait forever, and nothing counts as written.
+            left = batch
+            if self._writer is me:
+                left, self._queue = left + self._queue, []
+                self._writer = None
+            for _, fut in left:
+                if not fut.done():
+                    fut.set_exception(Unavailable("the audit writer stopped"))
+
+    async def close(self) -> None:
+        """Let the writer commit what is queued (at shutdown, after the listeners have stopped)."""
+        w = self._writer
+        if w is not None and not w.done() and w.get_loop() is asyncio.get_running_loop():
+            try:
+                await asyncio.wait_for(asyncio.shield(w), 10)
+            except (asyncio.TimeoutError, Exception):
+                w.cancel()
+
+    async def _write(self, rows: list[dict]) -> None:
+        """One transaction: reserve len(rows) sequence numbers, chain the rows in order, insert, move the head."""
+        n = len(rows)
+        async with self.db.transaction() as tx:
+            head = await tx.fetchone("UPDATE audit_head SET seq = seq + ? WHERE id = 1 RETURNING seq, hash", n)
+            seq, prev = int(head["seq"]) - n, head["hash"]
+            values: list[Any] = []
+            for row in rows:
+                seq += 1
+                row["seq"], row["prev_hash"] = seq, prev
+                prev = record_hash(row)
+                values += [row[f] for f in FIELDS]
+                values.append(prev)
+            one = f"({', '.join('?' * (len(FIELDS) + 1))})"
+            await tx.execute(f"INSERT INTO audit_log ({', '.join(FIELDS)}, hash) VALUES {', '.join([one] * n)}",
+                             *values)
+            await tx.execute("UPDATE audit_head SET hash = ? WHERE id = 1", prev)
 
     async def event(self, action: str, *, actor: str, actor_kind: str = "system", keystore_id: int | None = None,
                     key_id: str | None = None, result: str = "ok", reason: str | None = None,
@@ -216,7 +267,7 @@ class Audit:
     def middleware(self, plane: str):
         @web.middleware
         async def audit(request: web.Request, handler):
-            if not self.settings.enabled or request.path in SKIP_PATHS:
+            if not self.settings.enabled or _skipped(request.path):
                 return await handler(request)
             der = _peer_der(request)          # the transport is gone once the peer leaves
             try:
@@ -255,7 +306,7 @@ class Audit:
         rid = request.headers.get("X-Request-Id")
         if rid and len(rid) <= 64:
             detail["requestId"] = rid
-        if request.body_exists:
+        if request.body_exists and (request.method, request.path.rstrip("/")) not in NO_BODY_HMAC:
             try:
                 body = await request.read()
             except Exception:      # too large, or the peer left: nothing to fingerprint
@@ -302,6 +353,10 @@ class Audit:
         return rec
 
 
+def _skipped(path: str) -> bool:
+    return path in SKIP_PATHS or path.startswith(SKIP_PREFIXES)
+
+
 def _peer_der(request: web.Request) -> bytes | None:
     transport = request.transport
     ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
@@ -331,3 +386,9 @@ def install(rt) -> None:
     rt.audit = Audit(rt.storage, rt.barrier, AuditSettings.from_config(rt.config))
     rt.extra.setdefault("data_middlewares", []).append(rt.audit.middleware("data"))
     rt.extra.setdefault("mgmt_middlewares", []).append(rt.audit.middleware("mgmt"))
+
+    async def stop(rt_) -> None:
+        if rt_.audit is not None:
+            await rt_.audit.close()
+
+    rt.extra.setdefault("on_stop", []).append(stop)

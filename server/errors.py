@@ -47,6 +47,10 @@ class PayloadTooLarge(SKMError):
     status, result_code, message = 413, -1004, "Request Too Large"
 
 
+class RequestTimeout(SKMError):
+    status, result_code, message = 408, -1007, "Request Timeout"
+
+
 class URLNotFound(SKMError):
     status, result_code, message = 404, -1005, "URL NOT FOUND"
 
@@ -128,6 +132,11 @@ class Conflict(SKMError):
 
 class NotFound(SKMError):
     status, result_code, message = 404, -1321, "Not Found"
+
+
+class ApprovalUnavailable(Conflict):
+    """Fail closed: a key store requires approval but nobody (or nothing) can approve the change."""
+    status, result_code, message = 409, -1322, "Approval Unavailable"
 
 
 class ApprovalRequired(SKMError):

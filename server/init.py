@@ -8,7 +8,7 @@ stored only as a digest.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.access.operators import Operators
@@ -26,7 +26,7 @@ from server.storage.base import open_storage
 class InitResult:
     appkey: str
     operator: str
-    token: str
+    token: str = field(repr=False)     # shown once; never in a repr, log or traceback
     data_dir: Path
     ca_cert: Path
 

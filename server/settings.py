@@ -1,8 +1,89 @@
-"""The key server's configuration (see server/config.py for the loader)."""
+"""The key server's configuration (see server/config.py for the loader).
+
+Each nested dataclass is a TOML table whose env names join the path:
+``[login] max_failures`` is ``SKM_LOGIN_MAX_FAILURES``, ``[audit] enabled`` is
+``SKM_AUDIT_ENABLED``, ``[approvals] webhook_url`` is ``SKM_APPROVALS_WEBHOOK_URL``,
+``[console] idle_seconds`` is ``SKM_CONSOLE_IDLE_SECONDS``.
+"""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
+
+_S = TypeVar("_S")
+
+
+def _from_config(cls: type[_S], config: Any, attr: str, env_prefix: str) -> _S:
+    """`config.<attr>` when the config carries it, else built from the environment alone."""
+    found = getattr(config, attr, None)
+    if isinstance(found, cls):
+        return found
+    from server.config import build
+    return build(cls, {}, os.environ, env_prefix)
+
+
+@dataclass(frozen=True)
+class LoginSettings:
+    """Operator login policy: [login] / SKM_LOGIN_*."""
+    max_failures: int = 5             # failed logins in a row before the name is locked
+    lockout_seconds: int = 900
+    rate_per_minute: int = 30         # login attempts per client IP per minute
+    token_ttl_hours: float = 12.0     # lifetime of a token issued by login
+    argon2_time_cost: int = 3
+    argon2_memory_kib: int = 65536
+    argon2_parallelism: int = 4
+
+    @classmethod
+    def from_config(cls, config) -> "LoginSettings":
+        return _from_config(cls, config, "login", "SKM_LOGIN_")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit log: [audit] / SKM_AUDIT_*."""
+    enabled: bool = True
+    fail_closed: bool = True          # a request whose record cannot be written fails with 503
+    batch_max: int = 256              # records committed in one transaction, at most
+
+    @classmethod
+    def from_config(cls, config) -> "AuditSettings":
+        return _from_config(cls, config, "audit", "SKM_AUDIT_")
+
+
+@dataclass(frozen=True)
+class ApprovalSettings:
+    """The approval workflow: [approvals] / SKM_APPROVALS_*."""
+    expiry_days: float = 7.0
+    webhook_url: str = ""             # approvers' webhook: JSON POST on every new change request
+    webhook_ca: str = ""              # CA file for an https webhook with a private CA
+    webhook_timeout: float = 5.0
+    webhook_retries: int = 3
+    expire_interval: float = 60.0     # how often pending requests past their expiry are marked EXPIRED
+
+    @classmethod
+    def from_config(cls, config) -> "ApprovalSettings":
+        return _from_config(cls, config, "approvals", "SKM_APPROVALS_")
+
+
+@dataclass(frozen=True)
+class _NoConsole:
+    """Stands in for the console's settings in a build without server.console."""
+    idle_seconds: float = 900.0
+
+
+def _console_settings():
+    """server.console.web.ConsoleSettings, imported lazily (the console imports the runtime, which
+    imports this module). Named as ServerConfig.console's annotation, so the config loader resolves
+    it when it builds the [console] table."""
+    try:
+        from server.console.web import ConsoleSettings
+    except ModuleNotFoundError as e:
+        if e.name not in ("server.console", "server.console.web"):
+            raise
+        return _NoConsole
+    return ConsoleSettings
 
 
 @dataclass(frozen=True)
@@ -54,6 +135,10 @@ class ServerConfig:
     log_format: str = "auto"          # auto | json | console
     log_level: str = "info"
     public_url: str = ""              # how clients reach the data plane, for messages only
+    login: LoginSettings = field(default_factory=LoginSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
+    console: "_console_settings()" = field(default_factory=lambda: _console_settings()())  # noqa: F821
 
     @property
     def data_path(self) -> Path:

@@ -218,3 +218,72 @@ async def test_export_json_lines_since(skm, tmp_path):
     assert code == 0, err
     offline = [json.loads(line) for line in Path(out_file).read_text().splitlines()]
     assert [r["seq"] for r in offline][:len(recs)] == [r["seq"] for r in recs]
+
+
+async def test_concurrent_records_are_group_committed_in_order(skm):
+    """Records queued together commit in one transaction each batch; the chain stays linear."""
+    db, audit = skm.rt.storage, skm.rt.audit
+    opened = 0
+    real = db.transaction
+
+    def counting():
+        nonlocal opened
+        opened += 1
+        return real()
+
+    before = int(await db.fetchval("SELECT seq FROM audit_head WHERE id = 1"))
+    db.transaction = counting
+    try:
+        seqs = await asyncio.gather(*[audit.event("test.batch", actor=f"t{i}", detail={"i": i}) for i in range(300)])
+    finally:
+        del db.transaction
+    assert sorted(seqs) == list(range(before + 1, before + 301))
+    assert seqs == sorted(seqs)                         # queue order is chain order
+    assert opened <= 10, f"{opened} transactions for 300 records: not batched"
+    rows = await db.fetchall("SELECT seq, actor FROM audit_log WHERE seq > ? ORDER BY seq", before)
+    assert [r["actor"] for r in rows] == [f"t{i}" for i in range(300)]
+    head = await db.fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
+    assert int(head["seq"]) == before + 300
+    res = await verify_chain(db)
+    assert res.ok and res.checked == res.head_seq, res
+
+
+async def test_a_failed_batch_fails_every_record_in_it(skm):
+    db, audit = skm.rt.storage, skm.rt.audit
+    before = await verify_chain(db)
+    await db.execute("ALTER TABLE audit_log RENAME TO audit_log_away")
+    try:
+        out = await asyncio.gather(*[audit.event("test.fail", actor=f"f{i}") for i in range(50)],
+                                   return_exceptions=True)
+    finally:
+        await db.execute("ALTER TABLE audit_log_away RENAME TO audit_log")
+    assert all(isinstance(r, Exception) for r in out), out
+    after = await verify_chain(db)
+    assert after.ok and after.head_seq == before.head_seq        # nothing half-written
+    assert isinstance(await audit.event("test.after", actor="ok"), int)     # the writer recovers
+
+
+async def test_static_files_and_login_passwords_stay_out_of_the_log(skm):
+    db = skm.rt.storage
+    s = skm._default()
+    async with s.get(f"{skm.mgmt_url}/console/static/console.css") as r:
+        assert r.status == 200
+    before = int(await db.fetchval("SELECT seq FROM audit_head WHERE id = 1"))
+    async with s.get(f"{skm.mgmt_url}/console/static/console.js") as r:
+        assert r.status == 200
+    await asyncio.sleep(0.05)
+    assert not await db.fetchall("SELECT seq FROM audit_log WHERE route LIKE '/console/static%'")
+    # Login bodies carry passwords: recorded (who, result) but with no body HMAC.
+    async with s.post(f"{skm.mgmt_url}/api/v1/login", json={"name": "admin", "password": "wrong-password-1"}) as r:
+        assert r.status == 401
+    async with s.post(f"{skm.mgmt_url}/console/login", data={"name": "admin", "password": "wrong-password-2"}) as r:
+        await r.read()
+    rows = await db.fetchall("SELECT route, detail FROM audit_log WHERE seq > ? AND method = 'POST'", before)
+    routes = {r["route"] for r in rows}
+    assert "/api/v1/login" in routes and "/console/login" in routes, routes
+    assert all("bodyHmac" not in json.loads(r["detail"]) for r in rows), rows
+    # Other bodies still get their HMAC.
+    st, _ = await skm.mgmt("POST", "/keystores", json={"name": "hmac-still", "description": ""})
+    row = await db.fetchone("SELECT detail FROM audit_log WHERE route = '/api/v1/keystores' AND method = 'POST' "
+                            "ORDER BY seq DESC LIMIT 1")
+    assert json.loads(row["detail"])["bodyHmac"].startswith("hmac-sha256:")

@@ -22,9 +22,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import ssl
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -32,9 +30,11 @@ import aiohttp
 from server import logs, timeutil
 from server.access.operators import Operator
 from server.barrier.barrier import sealed_aad
-from server.errors import ApprovalRequired, Conflict, Forbidden, InvalidRequest, NotFound, SKMError
+from server.errors import (ApprovalRequired, ApprovalUnavailable, Conflict, Forbidden, InvalidRequest, NotFound,
+                           SKMError)
 from server.events import Event
 from server.keys.model import Key, KeyStore
+from server.settings import ApprovalSettings   # [approvals] in the server config
 
 log = logs.get("skm.approvals")
 
@@ -43,25 +43,6 @@ MASKED_FIELDS = SECRET_FIELDS | {"password_sealed"}
 MASK = "********"
 STATUSES = ("PENDING", "APPROVED", "APPLIED", "FAILED", "DENIED", "CANCELLED", "EXPIRED")
 TERMINAL = ("APPLIED", "FAILED", "DENIED", "CANCELLED", "EXPIRED")
-
-
-@dataclass(frozen=True)
-class ApprovalSettings:
-    """Read from SKM_APPROVALS_* (or ServerConfig.approvals once the config carries it)."""
-    expiry_days: float = 7.0
-    webhook_url: str = ""             # approvers' webhook: JSON POST on every new change request
-    webhook_ca: str = ""              # CA file for an https webhook with a private CA
-    webhook_timeout: float = 5.0
-    webhook_retries: int = 3
-    expire_interval: float = 60.0     # how often pending requests past their expiry are marked EXPIRED
-
-    @classmethod
-    def from_config(cls, config) -> "ApprovalSettings":
-        found = getattr(config, "approvals", None)
-        if isinstance(found, cls):
-            return found
-        from server.config import build
-        return build(cls, {}, os.environ, "SKM_APPROVALS_")
 
 
 def _aad(request_id: int) -> bytes:
@@ -83,7 +64,7 @@ class Approvals:
     def __init__(self, rt, settings: ApprovalSettings | None = None) -> None:
         self.rt = rt
         self.db = rt.storage
-        self.settings = settings or ApprovalSettings()
+        self.settings = settings or ApprovalSettings.from_config(rt.config)
         self._tasks: set[asyncio.Task] = set()
 
     # --------------------------------------------------------------- requests
@@ -93,9 +74,9 @@ class Approvals:
         eligible = await self.rt.operators.eligible_approvers(actor)
         if eligible < needed:
             # Fail closed: a request nobody can approve would wait forever, or tempt a bypass.
-            raise Conflict(f"key store {ks.name!r} requires {needed} approval(s) but only {eligible} enabled "
-                           "operator(s) with the approver role (other than you) exist; add approvers or "
-                           "lower approvalsNeeded", message="Approval Unavailable")
+            raise ApprovalUnavailable(f"key store {ks.name!r} requires {needed} approval(s) but only {eligible} "
+                                      "enabled operator(s) with the approver role (other than you) exist; add "
+                                      "approvers or lower approvalsNeeded")
         public = {k: v for k, v in params.items() if k not in SECRET_FIELDS or v is None}
         hidden = {k: v for k, v in params.items() if k in SECRET_FIELDS and v is not None}
         diff = await self._diff(ks, op_name, params)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
-from server.errors import InvalidRequest, SKMError
+from server.errors import ApprovalUnavailable, InvalidRequest
 from server.keys.model import Key, KeyStore
 
 Op = Callable[["ChangeGate", dict, str], Awaitable[Any]]
@@ -36,8 +36,7 @@ class ChangeGate:
         if ks is not None and ks.approval_required:
             if self.approvals is None:
                 # Fail closed: approval is on but nothing can approve.
-                raise SKMError("approval is required but the approval workflow is not available",
-                               message="Approval Unavailable")
+                raise ApprovalUnavailable("approval is required but the approval workflow is not available")
             await self.approvals.request(actor, ks, name, params)   # raises ApprovalRequired
         return await self.apply(name, params, actor)
 

@@ -15,7 +15,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -26,32 +25,13 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from server import timeutil
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, TooManyAttempts, Unauthenticated
+from server.settings import LoginSettings   # [login] in the server config
 from server.storage.base import Storage
 
 ROLES = ("admin", "approver", "viewer")
 LOGIN_FAILED = "wrong operator name or password"
 MIN_PASSWORD = 10
 MAX_PASSWORD = 1024
-
-
-@dataclass(frozen=True)
-class LoginSettings:
-    """Login policy. Read from SKM_LOGIN_* (or ServerConfig.login once the config carries it)."""
-    max_failures: int = 5             # failed logins in a row before the name is locked
-    lockout_seconds: int = 900
-    rate_per_minute: int = 30         # login attempts per client IP per minute
-    token_ttl_hours: float = 12.0     # lifetime of a token issued by login
-    argon2_time_cost: int = 3
-    argon2_memory_kib: int = 65536
-    argon2_parallelism: int = 4
-
-    @classmethod
-    def from_config(cls, config) -> "LoginSettings":
-        found = getattr(config, "login", None)
-        if isinstance(found, cls):
-            return found
-        from server.config import build
-        return build(cls, {}, os.environ, "SKM_LOGIN_")
 
 
 @dataclass(frozen=True)
@@ -248,22 +228,35 @@ class Operators:
         name = (name or "")[:64]
         password = (password or "")[:MAX_PASSWORD]
         now = timeutil.now()
-        row = await self.db.fetchone("SELECT id, name, role, password_hash, disabled, failed_logins, locked_until "
+        stamp = timeutil.to_db(now)
+        row = await self.db.fetchone("SELECT id, name, role, password_hash, disabled, locked_until "
                                      "FROM operators WHERE name = ?", name)
         if row is None:
             return await self._unknown_failure(name, password, now)
-        if row["locked_until"] and row["locked_until"] > timeutil.to_db(now):
+        # Count the attempt as a failure before the (slow) password check, in one atomic statement,
+        # so concurrent attempts each see their own count: at most `max_failures` passwords are
+        # ever checked before the lock holds. A locked name is not counted (nor checked).
+        claim = await self.db.fetchone(
+            "UPDATE operators SET failed_logins = failed_logins + 1 WHERE id = ? "
+            "AND (locked_until IS NULL OR locked_until <= ?) RETURNING failed_logins, locked_until",
+            row["id"], stamp)
+        limit = max(1, self.settings.max_failures)
+        until = timeutil.to_db(now + dt.timedelta(seconds=self.settings.lockout_seconds))
+        if claim is not None and int(claim["failed_logins"]) > limit:
+            # The budget is spent by attempts still being checked (or abandoned mid-check): lock now,
+            # so an abandoned attempt cannot leave the name refused with no lockout that ends. An
+            # attempt still in flight with the right password lifts the lock when it succeeds.
+            await self.db.execute("UPDATE operators SET failed_logins = 0, locked_until = ? WHERE id = ? "
+                                  "AND (locked_until IS NULL OR locked_until <= ?)", until, row["id"], stamp)
+        if claim is None or int(claim["failed_logins"]) > limit:
             await self._verify(None, password)                     # same work as any other attempt
             raise TooManyAttempts(_locked_hint(self.settings))
         ok = await self._verify(row["password_hash"], password)
         if not ok or row["disabled"]:
-            failures = row["failed_logins"] + 1
-            if failures >= self.settings.max_failures:
-                until = timeutil.to_db(now + dt.timedelta(seconds=self.settings.lockout_seconds))
+            if int(claim["failed_logins"]) >= limit:
                 await self.db.execute("UPDATE operators SET failed_logins = 0, locked_until = ? WHERE id = ?",
                                       until, row["id"])
                 raise TooManyAttempts(_locked_hint(self.settings))
-            await self.db.execute("UPDATE operators SET failed_logins = ? WHERE id = ?", failures, row["id"])
             raise Unauthenticated(LOGIN_FAILED)
         await self.db.execute("UPDATE operators SET failed_logins = 0, locked_until = NULL WHERE id = ?", row["id"])
         if self._ph().check_needs_rehash(row["password_hash"]):

@@ -184,7 +184,7 @@ class DevPKI:
         names = ["localhost", *(hostnames or [])]
         dns = [n for n in names if not _is_ip(n)]
         ips = ["127.0.0.1", *[n for n in names if _is_ip(n)]]
-        cert, key = ca.issue(name, server=True, client=True, dns=dns, ips=ips, days=825)
+        cert, key = ca.issue(name, server=True, client=True, dns=dns, ips=ips, days=365)  # Mozilla intermediate: at most 366
         cp, kp = self.dir / f"{name}.pem", self.dir / f"{name}-key.pem"
         write_pem(cp, cert_pem(cert), private=False)
         write_pem(kp, key_pem(key), private=True)

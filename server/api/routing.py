@@ -8,6 +8,7 @@ and rendered by the error middleware.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -15,8 +16,10 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from server.errors import InvalidJSON, InvalidRequest, UnsupportedMediaType
-from server.runtime import KEY, runtime
+from server.api.timeouts import BODY_TIMEOUT
+from server.errors import (InvalidJSON, InvalidRequest, PayloadTooLarge, RequestTimeout, SKMError,
+                           UnsupportedMediaType)
+from server.runtime import KEY, RUNTIME, runtime
 
 Handler = Callable[[web.Request, Any], Awaitable[Any]]
 
@@ -31,11 +34,19 @@ def ok(body: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
+LOC_PART_MAX = 40      # a client's (unknown) field name is echoed this far, printable characters only
+
+
+def _loc_part(x: Any) -> str:
+    text = "".join(ch for ch in str(x) if ch.isprintable())
+    return text if len(text) <= LOC_PART_MAX else text[:LOC_PART_MAX] + "..."
+
+
 def describe_validation_error(e: ValidationError) -> str:
     """Field and problem only: pydantic's `input` may hold a secret, so it is never echoed."""
     parts = []
     for err in e.errors(include_url=False, include_input=False, include_context=False)[:5]:
-        loc = ".".join(str(x) for x in err["loc"]) or "body"
+        loc = ".".join(_loc_part(x) for x in err["loc"]) or "body"
         parts.append(f"{loc}: {err['msg']}")
     return "; ".join(parts)
 
@@ -46,7 +57,7 @@ async def read_model(request: web.Request, model: type[BaseModel], *, optional: 
     ctype = request.content_type
     if ctype != "application/json":
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
-    raw = await request.read()
+    raw = await read_body(request)
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -57,6 +68,36 @@ async def read_model(request: web.Request, model: type[BaseModel], *, optional: 
         return model.model_validate(data)
     except ValidationError as e:
         raise InvalidRequest(describe_validation_error(e)) from None
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The body, refused at once when its declared length is over the limit, and read within a deadline."""
+    limit = request.client_max_size
+    length = request.content_length
+    if limit and length is not None and length > limit:
+        _abandon_body(request)
+        raise PayloadTooLarge(f"the request body is larger than this server accepts ({limit} bytes)")
+    rt = request.config_dict.get(RUNTIME)
+    seconds = float(getattr(rt.config, "body_timeout", BODY_TIMEOUT)) if rt is not None else BODY_TIMEOUT
+    try:
+        async with asyncio.timeout(seconds):
+            return await request.read()
+    except TimeoutError:
+        _abandon_body(request)
+        raise RequestTimeout(f"the request body did not arrive within {seconds:g} s") from None
+    except web.HTTPRequestEntityTooLarge:
+        _abandon_body(request)
+        raise PayloadTooLarge(f"the request body is larger than this server accepts ({limit} bytes)") from None
+
+
+def _abandon_body(request: web.Request) -> None:
+    """A refused body is never read: later `request.read()` calls (the audit middleware's body HMAC)
+    get b"" at once instead of waiting for bytes that may never come (Content-Length 10 GiB, 1 KiB sent).
+    aiohttp caches the body in `_read_bytes`; there is no public way to say "no body"."""
+    try:
+        request._read_bytes = b""
+    except AttributeError:       # a future aiohttp without the cache: the caller waits as before
+        pass
 
 
 def _all_optional(model: type[BaseModel]) -> bool:
@@ -77,6 +118,10 @@ class Route:
     body_optional: bool = False
     raw: bool = False              # handler returns a web.Response itself
     status: int = 200
+    media_type: str = "application/json"    # of the success response
+    response_schema: dict | None = None     # success body schema when not from `response` (raw routes)
+    enveloped: bool = True         # success body is {"header", "body"}; False: raw routes answering their own format
+    public: bool = False           # management plane: no operator token needed (login)
 
 
 class RouteTable:
@@ -87,10 +132,22 @@ class RouteTable:
     def route(self, method: str, path: str, *, summary: str, body: type[BaseModel] | None = None,
               response: type[BaseModel] | None = None, query: dict[str, dict] | None = None,
               tags: tuple[str, ...] = (), versions: tuple[str, ...] | None = None,
-              body_optional: bool = False, raw: bool = False, status: int = 200):
+              body_optional: bool = False, raw: bool = False, status: int = 200,
+              media_type: str = "application/json", response_schema: dict | None = None,
+              enveloped: bool | None = None, public: bool = False):
+        """`enveloped` defaults to True for JSON and False for any other media type."""
+        if enveloped is None:
+            enveloped = media_type == "application/json"
+        if enveloped and media_type != "application/json":
+            raise ValueError("an enveloped response is JSON")
+        if not (raw or enveloped):
+            raise ValueError("only a raw route answers without the envelope")
+
         def deco(fn: Handler) -> Handler:
-            self.routes.append(Route(method, path, fn, summary, body, response, query or {}, tags, versions,
-                                     body_optional, raw, status))
+            self.routes.append(Route(method, path, fn, summary, body=body, response=response, query=query or {},
+                                     tags=tags, versions=versions, body_optional=body_optional, raw=raw,
+                                     status=status, media_type=media_type, response_schema=response_schema,
+                                     enveloped=enveloped, public=public))
             return fn
         return deco
 
@@ -99,7 +156,7 @@ class RouteTable:
 
     def register(self, app: web.Application) -> None:
         for r in self.routes:
-            app.router.add_route(r.method, self.prefix + r.path, _wrap(r))
+            app.router.add_route(r.method, self.prefix + r.path, _wrap(r, self.prefix + r.path))
 
     def openapi(self, title: str, version: str, *, servers: list[dict] | None = None,
                 security: dict | None = None) -> dict:
@@ -123,20 +180,27 @@ class RouteTable:
             if r.body is not None:
                 op["requestBody"] = {"required": not r.body_optional,
                                      "content": {"application/json": {"schema": _ref(r.body, schemas)}}}
-            body_schema = _ref(r.response, schemas) if r.response else {}
-            ok_schema = {"type": "object", "required": ["header", "body"],
-                         "properties": {"header": {"$ref": "#/components/schemas/ResultHeader"},
-                                        "body": body_schema}}
+            if r.response is not None:
+                body_schema = _ref(r.response, schemas)
+            else:
+                body_schema = r.response_schema
+            if r.enveloped:
+                ok_schema: dict | None = {"type": "object", "required": ["header", "body"],
+                                          "properties": {"header": {"$ref": "#/components/schemas/ResultHeader"},
+                                                         "body": body_schema or {}}}
+            else:
+                ok_schema = body_schema
+            ok_media = {"schema": ok_schema} if ok_schema is not None else {}
             op["responses"] = {
-                str(r.status): {"description": "success",
-                                "content": {"application/json": {"schema": ok_schema}}},
+                str(r.status): {"description": "success", "content": {r.media_type: ok_media}},
                 "4XX": {"description": "error envelope",
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
             }
             if security:
                 op["security"] = [{name: []} for name in security]
             paths.setdefault(path, {})[r.method.lower()] = op
-        doc: dict[str, Any] = {"openapi": "3.0.3", "info": {"title": title, "version": version},
+        # pydantic's schemas are JSON Schema 2020-12, which is OpenAPI 3.1's dialect.
+        doc: dict[str, Any] = {"openapi": "3.1.0", "info": {"title": title, "version": version},
                                "paths": paths, "components": {"schemas": schemas}}
         if servers:
             doc["servers"] = servers
@@ -186,11 +250,27 @@ def _openapi_path(path: str, versions: tuple[str, ...] | None) -> tuple[str, lis
     return clean, params
 
 
-def _wrap(r: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+MGMT_PREFIX = "/api/v1"
+
+
+def _wrap(r: Route, full_path: str | None = None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    full_path = r.path if full_path is None else full_path
+    # Management plane: authenticate before reading a body, so an anonymous caller cannot make the
+    # server buffer and parse one (the handler's own admin()/operator() check still decides the role).
+    auth_first = r.body is not None and not r.public and (
+        full_path == MGMT_PREFIX or full_path.startswith(MGMT_PREFIX + "/"))
+
     async def handler(request: web.Request) -> web.StreamResponse:
-        if r.versions is not None and request.match_info.get("version") not in r.versions:
-            from server.errors import URLNotFound
-            raise URLNotFound(f"this endpoint exists in API {', '.join(r.versions)} only")
+        try:
+            if r.versions is not None and request.match_info.get("version") not in r.versions:
+                from server.errors import URLNotFound
+                raise URLNotFound(f"this endpoint exists in API {', '.join(r.versions)} only")
+            if auth_first:
+                from server.api.mgmt.auth import operator
+                await operator(request)
+        except SKMError:
+            _abandon_body(request)     # refused before its body was read: nobody waits for it
+            raise
         body = await read_model(request, r.body, optional=r.body_optional) if r.body is not None else None
         result = await r.handler(request, body)
         used = request.get(KEY)

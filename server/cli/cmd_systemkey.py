@@ -126,7 +126,7 @@ def issue_certificate(cfg: SystemKeyServerConfig, pki_dir: Path, hostnames: list
     cert_path, key_path, ca_path = cfg.tls_files()
     names = ["localhost", *(hostnames or [])]
     cert, key = ca.issue("systemkey", server=True, dns=[n for n in names if not _is_ip(n)],
-                         ips=["127.0.0.1", *[n for n in names if _is_ip(n)]], days=825)
+                         ips=["127.0.0.1", *[n for n in names if _is_ip(n)]], days=365)
     write_pem(cert_path, cert_pem(cert), private=False)
     write_pem(key_path, key_pem(key), private=True)
     ca_path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def _raise_for(status: int, envelope: dict) -> None:
     if status == 202 and (envelope.get("body") or {}).get("changeRequestId") is not None:
         raise errors.ApprovalRequired(envelope["body"]["changeRequestId"], detail)
     cls = {401: errors.Unauthenticated, 403: errors.Forbidden, 404: errors.NotFound, 409: errors.Conflict,
-           503: errors.Unavailable}.get(status, ApiError)
+           429: errors.TooManyAttempts, 503: errors.Unavailable}.get(status, ApiError)
     raise cls(detail, message=msg)
 
 

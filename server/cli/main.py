@@ -18,10 +18,11 @@ import sys
 import aiohttp
 
 from server.errors import (ApprovalRequired, ConfigError, Conflict, Forbidden, InvalidAppkey, KeyStoreNotFound,
-                           NotFound, InvalidKeyId, Sealed, SKMError, Unauthenticated, Unavailable)
+                           NotFound, InvalidKeyId, Sealed, SKMError, TooManyAttempts, Unauthenticated, Unavailable)
 
-EXIT = [((Unauthenticated, Forbidden, InvalidAppkey), 3), ((NotFound, KeyStoreNotFound, InvalidKeyId), 4),
-        ((Conflict,), 5), ((Sealed, Unavailable), 6), ((ApprovalRequired,), 7)]
+EXIT = [((Unauthenticated, Forbidden, InvalidAppkey, TooManyAttempts), 3),
+        ((NotFound, KeyStoreNotFound, InvalidKeyId), 4), ((Conflict,), 5), ((Sealed, Unavailable), 6),
+        ((ApprovalRequired,), 7)]
 
 
 def build_parser() -> argparse.ArgumentParser:

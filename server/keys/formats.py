@@ -22,9 +22,13 @@ def b64decode_strict(text: str, what: str = "value") -> bytes:
     if not isinstance(text, str):
         raise InvalidUserData(f"{what} must be a base64 string")
     try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise InvalidUserData(f"{what} is not valid base64") from None
+    # Canonical only: no stray bits in the last character, no missing padding.
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise InvalidUserData(f"{what} is not canonical base64 (standard alphabet, padded, unused bits zero)")
+    return raw
 
 
 def b64(data: bytes) -> str:

@@ -9,6 +9,7 @@ import json
 from aiohttp import web
 
 from server import timeutil
+from server.errors import ApprovalUnavailable, Conflict
 from server.events import Event
 
 
@@ -165,6 +166,7 @@ async def test_no_eligible_approver_refuses_changes(skm):
     st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys", json={"keyType": "SYMMETRIC_KEY",
                                                                                      "name": "x"})
     assert st == 409 and out["header"]["resultMessage"] == "Approval Unavailable", out
+    assert out["header"]["resultCode"] == ApprovalUnavailable.result_code != Conflict.result_code
     assert "approver" in out["header"]["resultDetail"]
     # A disabled approver does not count; two needed but one present does not pass either.
     await _operator(skm, "frank", "approver")
@@ -237,3 +239,36 @@ async def test_approvers_are_notified_by_webhook_without_secrets(skm):
         assert "webhook-must-not-see" not in json.dumps(received)
     finally:
         await runner.cleanup()
+
+
+async def test_approval_unavailable_when_the_workflow_is_missing(skm):
+    store = await _approval_store(skm)
+    gate = skm.rt.changes
+    saved, gate.approvals = gate.approvals, None
+    try:
+        st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys",
+                                 json={"keyType": "SYMMETRIC_KEY", "name": "x"})
+    finally:
+        gate.approvals = saved
+    assert st == 409 and out["header"]["resultMessage"] == "Approval Unavailable", out
+    assert out["header"]["resultCode"] == ApprovalUnavailable.result_code
+    assert await skm.rt.storage.fetchall("SELECT id FROM change_requests") == []
+
+
+async def test_client_event_streams_do_not_carry_approval_requests(skm):
+    """approval_requested is for approvers (management plane), not for sidecars."""
+    from tests.sidecar.test_event_stream import next_event
+    await _operator(skm, "alice", "approver")
+    store = await _approval_store(skm)
+    cert, k = skm.client_cert("sidecar-approvals")
+    s = skm.session(cert, k)
+    async with s.get(skm.client_path("/events")) as resp:
+        assert resp.status == 200
+        assert (await next_event(resp))[0] == "hello"
+        st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys",
+                                 json={"keyType": "SYMMETRIC_KEY", "name": "held"})
+        assert st == 202, out
+        await skm.rt.events.publish(Event(store["keyStoreId"], "something_new"))      # unknown kinds too
+        await skm.rt.events.publish(Event(store["keyStoreId"], "auth_changed"))
+        kind, data, _ = await next_event(resp)
+        assert kind == "auth_changed", (kind, data)     # the first event through: the others were dropped

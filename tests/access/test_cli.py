@@ -99,3 +99,16 @@ async def test_certs_init_and_host(skm, tmp_path):
     assert pkcs12.load_key_and_certificates((d / "web1.p12").read_bytes(), b"p12-password")[1] == cert
     rc, _, err = await run(skm, "certs", "host", "bad", "--mac", "zz", "--dir", "pki", cwd=tmp_path)
     assert rc == 2
+
+
+def test_too_many_attempts_maps_to_its_error_and_exit_3():
+    import pytest
+
+    from server.cli.common import _raise_for
+    from server.cli.main import exit_code
+    from server.errors import TooManyAttempts
+    env = {"header": {"resultCode": -1220, "resultMessage": "Too Many Attempts", "isSuccessful": False,
+                      "resultDetail": "wait a minute"}, "body": None}
+    with pytest.raises(TooManyAttempts) as e:
+        _raise_for(429, env)
+    assert e.value.detail == "wait a minute" and exit_code(e.value) == 3

@@ -1,6 +1,7 @@
 """Operators, passwords, login lockout, tokens and roles through the management API."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import statistics
 import time
@@ -73,6 +74,60 @@ async def test_lockout_after_n_failures_even_with_the_right_password(skm):
     assert out["body"]["locked"] is False
     st, out = await _login(skm, "lock", PW)
     assert st == 200
+
+
+async def test_concurrent_wrong_logins_check_at_most_the_limit(skm):
+    """The failure count is claimed atomically before the password check: 16 attempts at once
+    check at most `max_failures` passwords, and the name ends locked."""
+    _fast(skm, max_failures=5, lockout_seconds=600)
+    await skm.mgmt("POST", "/operators", json={"name": "flood", "role": "viewer", "password": PW})
+    results = await asyncio.gather(*[_login(skm, "flood", f"wrong-password-{i:02d}") for i in range(16)])
+    statuses = [st for st, _ in results]
+    assert set(statuses) <= {401, 429}, statuses
+    assert statuses.count(401) <= 4, statuses           # the 5th failure locks (429), never a 6th check
+    st, _ = await _login(skm, "flood", PW)
+    assert st == 429                                     # locked: the right password is refused too
+    row = await skm.rt.storage.fetchone("SELECT failed_logins, locked_until FROM operators WHERE name = 'flood'")
+    assert row["locked_until"] is not None and row["failed_logins"] == 0
+    st, out = await skm.mgmt("PATCH", "/operators/flood", json={"unlock": True})
+    assert out["body"]["locked"] is False
+    # After the unlock the budget is whole again; a success resets the count.
+    for _ in range(3):
+        assert (await _login(skm, "flood", "still-wrong-pw"))[0] == 401
+    assert (await _login(skm, "flood", PW))[0] == 200
+    assert await skm.rt.storage.fetchval("SELECT failed_logins FROM operators WHERE name = 'flood'") == 0
+
+
+async def test_login_audit_and_approval_settings_are_config_tables(tmp_path):
+    from server.access.approvals import ApprovalSettings
+    from server.access.operators import LoginSettings
+    from server.audit import AuditSettings
+    from server.config import load
+    from server.settings import ServerConfig
+    toml = tmp_path / "server.toml"
+    toml.write_text("[login]\nmax_failures = 3\nargon2_time_cost = 1\n[audit]\nfail_closed = false\n"
+                    "[approvals]\nexpiry_days = 2.5\n[console]\nidle_seconds = 60\n")
+    cfg = load(ServerConfig, toml, env={"SKM_LOGIN_LOCKOUT_SECONDS": "60", "SKM_AUDIT_ENABLED": "0"})
+    assert cfg.login == LoginSettings(max_failures=3, argon2_time_cost=1, lockout_seconds=60)
+    assert cfg.audit == AuditSettings(enabled=False, fail_closed=False)
+    assert cfg.approvals == ApprovalSettings(expiry_days=2.5)
+    assert cfg.console.idle_seconds == 60.0
+    assert LoginSettings.from_config(cfg) is cfg.login and AuditSettings.from_config(cfg) is cfg.audit
+    assert ApprovalSettings.from_config(cfg) is cfg.approvals
+    from server.console.web import ConsoleSettings
+    assert ConsoleSettings.from_config(cfg) is cfg.console
+    # The defaults, and the environment alone when there is no config (the old SKM_* names).
+    assert load(ServerConfig, None, env={}).login == LoginSettings()
+    import os
+    from unittest import mock
+    with mock.patch.dict(os.environ, {"SKM_APPROVALS_WEBHOOK_RETRIES": "7"}):
+        assert ApprovalSettings.from_config(None).webhook_retries == 7
+
+
+async def test_the_servers_login_policy_comes_from_the_config(skm):
+    assert skm.rt.operators.settings == skm.rt.config.login
+    assert skm.rt.audit.settings == skm.rt.config.audit
+    assert skm.rt.approvals.settings == skm.rt.config.approvals
 
 
 async def test_login_rate_limit_per_address(skm):

@@ -19,6 +19,10 @@ from server.errors import CertificateAuthFailure
 from server.runtime import runtime
 
 routes = RouteTable(PREFIX)
+# What a client may hear: changes to keys, to a store's access rules or settings, and `reset`. Anything
+# else on the bus (approval_requested: the management plane's business) stays off client streams.
+CLIENT_EVENTS = frozenset({"secret_updated", "key_rotated", "key_created", "key_scheduled_deletion",
+                           "key_deletion_cancelled", "key_deleted", "auth_changed", "keystore_updated", "reset"})
 HEARTBEAT_SECONDS = 15.0
 TICK_SECONDS = 0.25          # how often a stream looks whether the server is shutting down
 
@@ -32,7 +36,8 @@ def _server_closing(request: web.Request) -> bool:
 
 
 @routes.route("GET", "/events", summary="Key-change events of the project's key stores (text/event-stream, "
-              "sidecars only: requires a client certificate)", raw=True, tags=("client-events",))
+              "sidecars only: requires a client certificate)", raw=True, tags=("client-events",),
+              media_type="text/event-stream", response_schema={"type": "string"})
 async def events(request: web.Request, _body) -> web.StreamResponse:
     ctx = await client_context(request)
     if not ctx.sent_certificate:
@@ -56,6 +61,8 @@ async def events(request: web.Request, _body) -> web.StreamResponse:
                 if idle >= heartbeat:
                     idle = 0.0
                     await resp.write(b": ping\n\n")
+                continue
+            if ev.kind not in CLIENT_EVENTS:
                 continue
             if ev.kind != "reset" and ev.keystore_id not in stores:
                 # A store created after we subscribed belongs to the project too.

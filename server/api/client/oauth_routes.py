@@ -15,6 +15,11 @@ from server.runtime import runtime
 
 routes = RouteTable("")
 FORM = "application/x-www-form-urlencoded"
+# NHN's OAuth token responses: plain JSON, not the result envelope.
+TOKEN_SCHEMA = {"type": "object", "required": ["access_token", "token_type", "expires_in"],
+                "properties": {"access_token": {"type": "string"}, "token_type": {"type": "string"},
+                               "expires_in": {"type": "integer"}}}
+REVOKED_SCHEMA = {"type": "object"}
 
 
 async def _form(request: web.Request) -> dict:
@@ -40,7 +45,7 @@ async def _access_key(request: web.Request):
 
 
 @routes.route("POST", "/oauth2/token/create", summary="Issue a v1.3 bearer token from a user access key",
-              tags=("oauth",), raw=True)
+              tags=("oauth",), raw=True, enveloped=False, response_schema=TOKEN_SCHEMA)
 async def create_token(request: web.Request, _body) -> web.Response:
     key = await _access_key(request)
     form = await _form(request)
@@ -53,7 +58,8 @@ async def create_token(request: web.Request, _body) -> web.Response:
     return web.json_response(out, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
 
-@routes.route("POST", "/oauth2/token/revoke", summary="Revoke a v1.3 bearer token", tags=("oauth",), raw=True)
+@routes.route("POST", "/oauth2/token/revoke", summary="Revoke a v1.3 bearer token", tags=("oauth",), raw=True,
+              enveloped=False, response_schema=REVOKED_SCHEMA)
 async def revoke_token(request: web.Request, _body) -> web.Response:
     key = await _access_key(request)
     form = await _form(request)

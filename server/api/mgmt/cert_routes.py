@@ -84,7 +84,7 @@ async def get_certificate(request: web.Request, _body) -> dict:
 
 
 @routes.route("GET", _P + _NAME + "/bundle", summary="Download the PKCS#12 bundle (application/x-pkcs12)",
-              tags=("certificates",), raw=True)
+              tags=("certificates",), raw=True, media_type="application/x-pkcs12")
 async def download_certificate(request: web.Request, _body) -> web.Response:
     await admin(request)
     name = request.match_info["name"]

@@ -105,7 +105,7 @@ class RevealOut(BaseModel):
 
 # ------------------------------------------------------------------- login
 @routes.route("POST", "/login", summary="Log in with name and password; returns an operator token",
-              body=LoginIn, response=LoginOut, tags=("operators",))
+              body=LoginIn, response=LoginOut, tags=("operators",), public=True)
 async def login(request: web.Request, body: LoginIn) -> dict:
     rt = runtime(request)
     if rt.barrier.sealed:

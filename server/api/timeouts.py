@@ -1,0 +1,115 @@
+"""Connection deadlines for both listeners: a request's headers must arrive in time.
+
+aiohttp (3.14) has no header-read timeout: a client that opens a connection and
+sends half a request line ("slow loris") holds a socket, a TLS session and a
+protocol object until the keep-alive timer finally closes it. Here every
+connection gets a header deadline:
+
+* armed when the connection opens, and again when the first byte of a next
+  request arrives on a kept-alive connection (or arrived while the previous
+  request was being handled: pipelining);
+* cancelled when a request's handler starts, so long-lived responses (the SSE
+  event stream) and slow handlers are never cut;
+* when it fires while the connection still waits for a complete request, the
+  transport is closed.
+
+A kept-alive connection that is merely idle (no byte since the last response) is
+aiohttp's keepalive_timeout's business, not this one's. Body reads have their
+own deadline (server/api/routing.py read_model).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
+
+HEADER_TIMEOUT = 10.0        # seconds from a request's first byte (or the connection's opening) to its last header
+KEEPALIVE_TIMEOUT = 75.0     # idle kept-alive connection
+BODY_TIMEOUT = 10.0          # reading a request body (read_model)
+
+
+class DeadlineRequestHandler(RequestHandler):
+    """aiohttp's protocol with a header deadline (see the module docstring)."""
+
+    def __init__(self, manager: Server, *, header_timeout: float = HEADER_TIMEOUT, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_handle: asyncio.TimerHandle | None = None
+        self._next_started = False   # bytes of a next request arrived while one was being handled
+
+    # --- the timer ---------------------------------------------------------
+    def _arm_header_deadline(self) -> None:
+        if self._header_handle is None and self._header_timeout > 0:
+            self._header_handle = self._loop.call_later(self._header_timeout, self._header_deadline)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_handle is not None:
+            self._header_handle.cancel()
+            self._header_handle = None
+
+    def _header_deadline(self) -> None:
+        self._header_handle = None
+        if self._request_in_progress or self._messages or self.transport is None:
+            return                   # a complete request is being (or about to be) handled
+        self.force_close()
+
+    # --- protocol hooks ----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if data:
+            if not self._request_in_progress:
+                if not self._messages:
+                    self._arm_header_deadline()
+            else:
+                current = self._current_request
+                # Bytes after the current request's body: the start of a pipelined next request.
+                if current is None or current.content.is_eof():
+                    self._next_started = True
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    async def _handle_request(self, request, start_time, request_handler):  # type: ignore[override]
+        self._cancel_header_deadline()
+        if not self._messages:
+            self._next_started = False
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            if self._next_started and not self._messages:
+                self._next_started = False
+                self._arm_header_deadline()
+
+
+class _DeadlineServer(Server):
+    _header_timeout: float = HEADER_TIMEOUT
+
+    def __call__(self) -> RequestHandler:
+        return DeadlineRequestHandler(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)
+
+
+class DeadlineAppRunner(web.AppRunner):
+    """web.AppRunner whose connections use DeadlineRequestHandler.
+
+    Takes AppRunner's arguments plus header_timeout; pass keepalive_timeout too
+    (aiohttp's default is an hour)."""
+
+    __slots__ = ("_header_timeout",)
+
+    def __init__(self, app: web.Application, *, header_timeout: float = HEADER_TIMEOUT, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = float(header_timeout)
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        server.__class__ = _DeadlineServer
+        server._header_timeout = self._header_timeout  # type: ignore[attr-defined]
+        return server
