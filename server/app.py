@@ -21,7 +21,7 @@ from server.access.operators import Operators
 from server.access.tls import server_context
 from server.api import middleware
 from server.api.routing import RouteTable
-from server.api.timeouts import HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, DeadlineAppRunner
+from server.api.timeouts import DeadlineAppRunner
 from server.barrier.barrier import Barrier
 from server.barrier.keyring import LocalKeyringSource, SystemKeySource
 from server.barrier.rootkey import RootKeyProvider, make_provider
@@ -63,7 +63,7 @@ def _prefixed(t: RouteTable):
 
 
 def _optional_tables(plane: str) -> list[RouteTable]:
-    """Route tables contributed by other modules (certificates, credentials, approvals, audit...)."""
+    """The route tables of the other API families (certificates, credentials, approvals, audit, ...)."""
     import importlib
     names = {
         "client": ["server.api.client.cert_routes", "server.api.client.oauth_routes",
@@ -72,16 +72,7 @@ def _optional_tables(plane: str) -> list[RouteTable]:
                  "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes",
                  "server.api.mgmt.credential_routes"],
     }[plane]
-    out = []
-    for name in names:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        out.append(mod.routes)
-    return out
+    return [importlib.import_module(name).routes for name in names]
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -156,15 +147,7 @@ def _extend_runtime(rt: Runtime) -> None:
     import importlib
     for name in ("server.access.certificates", "server.access.callers", "server.access.approvals",
                  "server.audit", "server.console"):
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        hook = getattr(mod, "install", None)
-        if hook is not None:
-            hook(rt)
+        importlib.import_module(name).install(rt)
 
 
 def system_key_source(config: ServerConfig) -> SystemKeySource:
@@ -267,8 +250,8 @@ class KeyServer:
         ctx = server_context(cert, key, ca if client_cert else None)
         # Header deadline (slow loris) and an explicit keep-alive idle limit (aiohttp's default is an hour).
         runner = DeadlineAppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2,
-                                   header_timeout=getattr(cfg, "header_timeout", HEADER_TIMEOUT),
-                                   keepalive_timeout=getattr(cfg, "keepalive_timeout", KEEPALIVE_TIMEOUT))
+                                   header_timeout=cfg.header_timeout,
+                                   keepalive_timeout=cfg.keepalive_timeout)
         await runner.setup()
         lc = getattr(cfg, which)
         site = web.TCPSite(runner, lc.host, lc.port, ssl_context=ctx, reuse_port=False, backlog=1024)

@@ -131,6 +131,9 @@ class ServerConfig:
     deletion_grace_days: int = 7
     purge_interval: float = 60.0
     max_body_bytes: int = 256 * 1024
+    header_timeout: float = 10.0      # a connection must finish a request's headers within this (slow-loris)
+    keepalive_timeout: float = 75.0
+    body_timeout: float = 10.0
     trusted_proxies: tuple[str, ...] = ()
     log_format: str = "auto"          # auto | json | console
     log_level: str = "info"

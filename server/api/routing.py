@@ -78,7 +78,7 @@ async def read_body(request: web.Request) -> bytes:
         _abandon_body(request)
         raise PayloadTooLarge(f"the request body is larger than this server accepts ({limit} bytes)")
     rt = request.config_dict.get(RUNTIME)
-    seconds = float(getattr(rt.config, "body_timeout", BODY_TIMEOUT)) if rt is not None else BODY_TIMEOUT
+    seconds = rt.config.body_timeout if rt is not None else BODY_TIMEOUT
     try:
         async with asyncio.timeout(seconds):
             return await request.read()
