@@ -243,7 +243,7 @@ def install(rt) -> None:
                     n = await rt_.certificates.purge_due()
                     t = await rt_.callers.purge_expired() if rt_.callers is not None else 0
                     if n or t:
-                        log.info("access_data_purged", certificates=n, expired_tokens=t)
+                        log.info("access_data_purged", certificates=n, expired_bearers=t)
             except asyncio.CancelledError:
                 raise
             except Exception:
