@@ -77,9 +77,6 @@ def _fill(path) -> int:
 
 
 async def test_audit_disk_full_fails_closed_and_recovers(tmp_path, server_proc, hygiene, numbers):
-    from importlib.util import find_spec
-    if find_spec("server.audit") is None:
-        pytest.skip("server.audit is not there yet")
     with tiny_tmpfs(tmp_path / "full" / "data"):
         srv = await server_proc("full")
         try:
