@@ -131,7 +131,8 @@ def build_runtime(config: ServerConfig, storage, barrier: Barrier | None = None)
     barrier = barrier or Barrier()
     events = EventBus()
     keys = KeyService(storage, barrier, events, Limits(min_auto_rotation_days=config.min_auto_rotation_days,
-                                                       deletion_grace_days=config.deletion_grace_days))
+                                                       deletion_grace_days=config.deletion_grace_days,
+                                                       material_cache_entries=config.material_cache_entries))
     authdata = AuthData(storage, events, config.deletion_grace_days)
     # Auth data is cached per key store and dropped on every auth_changed event.
     rt = Runtime(config=config, storage=storage, barrier=barrier, keys=keys, events=events,

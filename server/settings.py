@@ -128,6 +128,7 @@ class ServerConfig:
     rootkey: RootKeyConfig = field(default_factory=RootKeyConfig)
     systemkey: SystemKeySourceConfig = field(default_factory=SystemKeySourceConfig)
     min_auto_rotation_days: int = 30
+    material_cache_entries: int = 4096   # loaded key versions kept in memory (parsed RSA keys are costly)
     deletion_grace_days: int = 7
     purge_interval: float = 60.0
     max_body_bytes: int = 256 * 1024

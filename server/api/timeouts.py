@@ -40,6 +40,35 @@ class DeadlineRequestHandler(RequestHandler):
         self._header_handle: asyncio.TimerHandle | None = None
         self._next_started = False   # bytes of a next request arrived while one was being handled
 
+    # --- protocol-level errors ----------------------------------------------
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None):
+        """Errors aiohttp finds before any handler runs (an oversized request line, bad HTTP) get the
+        same JSON envelope as everything else, with a fixed text: the parser's message may quote
+        the request."""
+        import json
+
+        from aiohttp import web
+
+        from server.errors import PayloadTooLarge, SKMError
+        # Not super(): aiohttp logs the parser's message, which can quote a header (a token).
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already sent; cannot send the error")
+        from server import logs
+        logs.get("skm.http").info("bad_http_request", status=status, error=type(exc).__name__ if exc else None)
+        if status == 413:
+            err: SKMError = PayloadTooLarge("the request is larger than this server accepts")
+        elif status >= 500:
+            err = SKMError(message="Internal Error")
+            err.result_code = -9999
+        else:
+            err = SKMError("the request is not valid HTTP or its request line or headers are too long "
+                           "(at most 8 KB each)", message="Bad Request")
+        out = web.Response(status=status, text=json.dumps(err.envelope(), separators=(",", ":")),
+                           content_type="application/json")
+        out.force_close()
+        return out
+
     # --- the timer ---------------------------------------------------------
     def _arm_header_deadline(self) -> None:
         if self._header_handle is None and self._header_timeout > 0:
