@@ -418,7 +418,9 @@ class KeyService:
                 "VALUES (?, ?, 'ACTIVE', ?, ?, ?)", key.id, v, sealed, public, timeutil.to_db(now))
         kind = "secret_updated" if key.key_type is KeyType.SECRET else "key_rotated"
         await self._publish(Event(key.keystore_id, kind, key.id, v))
-        return await self.key(key.id, with_versions=True)
+        # Not with_versions: a secret updated every second has tens of thousands of versions, and a
+        # write should not load them all (GET /keys/{id} lists them).
+        return await self.key(key.id)
 
     async def update_key(self, key: Key, *, actor: str, description: str | None = None,
                          auto_rotation_days: int | None = None) -> Key:
@@ -433,7 +435,7 @@ class KeyService:
                               "updated_by = ?, updated_at = ? WHERE id = ?",
                               desc, days, next_rot, actor, timeutil.now_db(), key.id)
         self._meta.drop_key(key.id)
-        return await self.key(key.id, with_versions=True)
+        return await self.key(key.id)
 
     async def schedule_deletion(self, key: Key, *, actor: str, days: int | None = None) -> Key:
         self._require_active(key)
