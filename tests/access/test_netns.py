@@ -95,7 +95,7 @@ async def _prepare(tmp: Path, server_ip: str, net: str, lab: Lab) -> tuple[str, 
 def lab_server(tmp_path_factory):
     require_netns()
     if shutil.which("curl") is None:
-        pytest.skip("the L2 tests use curl as the client (apt-get install curl)")
+        pytest.skip(reason="the L2 tests use curl as the client (apt-get install curl)")
     tmp = tmp_path_factory.mktemp("lab")
     with Lab("acc", subnet=252) as lab:
         lab.add_host("a", MAC_A)

@@ -41,7 +41,7 @@ def compose() -> dict:
 
 def test_matches_the_compose_specification(compose):
     if not SCHEMA.exists():
-        pytest.skip(f"{SCHEMA} not found (shared/ is checked out beside the repository)")
+        pytest.skip(reason=f"{SCHEMA} not found (shared/ is checked out beside the repository)")
     schema = json.loads(SCHEMA.read_text())
     errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose), key=lambda e: list(e.path))
     assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
@@ -49,7 +49,7 @@ def test_matches_the_compose_specification(compose):
 
 def test_docker_compose_v1_accepts_it():
     if shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose not found: apt-get install docker-compose")
+        pytest.skip(reason="docker-compose not found: apt-get install docker-compose")
     # v1 rejects what the spec allows but it does not know (top-level name:, per-network mac_address).
     p = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
                        cwd=REPO, env={k: v for k, v in os.environ.items() if not k.startswith("SKM_")}, timeout=60)

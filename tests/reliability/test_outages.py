@@ -51,7 +51,7 @@ async def test_system_key_server_down_at_start_then_unseals_by_itself(tmp_path, 
 @contextlib.contextmanager
 def tiny_tmpfs(path, size: str = "24m"):
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
+        pytest.skip(reason="mounting a tmpfs needs root and mount(8)")
     path.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
     try:

@@ -32,9 +32,9 @@ def shared_dir():
 async def curl_as(uid: int, gid: int, sock: Path, path: str) -> tuple[int, dict]:
     """curl as another uid/gid with no supplementary groups (async: the sidecar runs on this loop)."""
     if shutil.which("setpriv") is None or shutil.which("curl") is None:
-        pytest.skip("needs setpriv (util-linux) and curl")
+        pytest.skip(reason="needs setpriv (util-linux) and curl")
     if os.geteuid() != 0:
-        pytest.skip("running a client as another uid needs root")
+        pytest.skip(reason="running a client as another uid needs root")
     p = await asyncio.create_subprocess_exec(
         "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "curl", "-s", "-o", "-",
         "-w", "\n%{http_code}", "--unix-socket", str(sock), f"http://sidecar{path}",

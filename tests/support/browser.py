@@ -91,7 +91,7 @@ class ConsoleDriver:
 async def console(skm, request):
     """A logged-out driver; the bootstrap `admin` operator gets the password PASSWORD."""
     if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
-        pytest.skip("apt-get install chromium")
+        pytest.skip(reason="apt-get install chromium")
     from playwright.async_api import async_playwright
     os.environ["NODE_EXTRA_CA_CERTS"] = str(skm.pki.ca_cert)
     await skm.rt.operators.update("admin", password=PASSWORD)

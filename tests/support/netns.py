@@ -22,9 +22,9 @@ import pytest
 
 def require_netns() -> None:
     if os.geteuid() != 0:
-        pytest.skip("network namespace tests need root")
+        pytest.skip(reason="network namespace tests need root")
     if shutil.which("ip") is None:
-        pytest.skip("network namespace tests need iproute2 (apt-get install iproute2)")
+        pytest.skip(reason="network namespace tests need iproute2 (apt-get install iproute2)")
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:

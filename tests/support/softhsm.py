@@ -113,7 +113,7 @@ class SoftHSM:
 @pytest.fixture(scope="session")
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHSM]:
     if shutil.which("softhsm2-util") is None or not os.path.exists(MODULE):
-        pytest.skip("apt-get install softhsm2")
+        pytest.skip(reason="apt-get install softhsm2")
     d = tmp_path_factory.mktemp("softhsm")
     (d / "tokens").mkdir()
     conf = d / "softhsm2.conf"
