@@ -32,6 +32,7 @@ from server.metrics import Metrics
 from server.runtime import RUNTIME, Runtime
 from server.settings import ServerConfig
 from server.storage.base import open_storage
+from server.workers import WorkerPlace
 
 log = logs.get("skm.server")
 VERSION = "0.1.0"
@@ -80,7 +81,10 @@ async def _health(request: web.Request) -> web.Response:
     if rt.barrier.sealed:
         return web.json_response({"status": "sealed", "sealed": True, "reason": rt.barrier.sealed_reason},
                                  status=503)
-    return web.json_response({"status": "ok", "sealed": False})
+    body = {"status": "ok", "sealed": False}
+    if "worker" in rt.extra:
+        body["worker"] = rt.extra["worker"]     # which of several worker processes answered
+    return web.json_response(body)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -184,6 +188,7 @@ class KeyServer:
     _tasks: list[asyncio.Task] = field(default_factory=list)
     root: RootKeyProvider | None = None
     source: SystemKeySource | None = None
+    place: WorkerPlace | None = None       # set when this process is one of several workers (server/workers.py)
 
     async def start(self, *, wait_unsealed: bool = True) -> "KeyServer":
         cfg = self.config
@@ -203,20 +208,36 @@ class KeyServer:
 
     async def _start(self, storage, wait_unsealed: bool) -> None:
         cfg = self.config
+        place = self.place
         rt = self.runtime = build_runtime(cfg, storage)
-        await replication.enable(rt)   # PostgreSQL: events reach every replica via LISTEN/NOTIFY
+        channel = None
+        if place is not None and place.count > 1 and getattr(storage, "dialect", "") != "postgresql":
+            from server.workers import DatagramChannel
+            channel = DatagramChannel(place.rundir, place.index, place.count)
+            rt.extra["worker_channel"] = channel
+        if place is not None:
+            rt.extra["worker"] = place.index
+        # PostgreSQL: events reach every replica (and worker) via LISTEN/NOTIFY; SQLite workers: datagrams.
+        await replication.enable(rt, transport=channel)
         if cfg.systemkey.source == "local":
             # A local keyring is there or not: a wrong root key stops the start here.
             await unseal_once(rt.barrier, self.source, self.root)
         else:
             self._tasks.append(asyncio.create_task(self._unseal_remote(), name="unseal"))
         data_app, mgmt_app = build_apps(rt)
-        self.data_port = await self._listen(data_app, "data", client_cert=True)
-        self.mgmt_port = await self._listen(mgmt_app, "mgmt", client_cert=False)
-        self._tasks.append(asyncio.create_task(self._jobs(), name="jobs"))
-        for hook in rt.extra.get("on_start", []):
-            await hook(rt)
-        log.info("listening", data_port=self.data_port, mgmt_port=self.mgmt_port, sealed=rt.barrier.sealed)
+        if place is None:
+            self.data_port = await self._listen(data_app, "data", client_cert=True)
+        else:
+            self.data_port = await self._listen(data_app, "data", client_cert=True, port=place.data_port,
+                                                reuse_port=True)
+        if place is None or place.primary:
+            # The management plane, console and background jobs run in one process only.
+            self.mgmt_port = await self._listen(mgmt_app, "mgmt", client_cert=False)
+            self._tasks.append(asyncio.create_task(self._jobs(), name="jobs"))
+            for hook in rt.extra.get("on_start", []):
+                await hook(rt)
+        log.info("listening", data_port=self.data_port, mgmt_port=self.mgmt_port, sealed=rt.barrier.sealed,
+                 worker=None if place is None else place.index)
         if wait_unsealed and cfg.systemkey.source == "local":
             assert not rt.barrier.sealed
 
@@ -245,7 +266,8 @@ class KeyServer:
                 log.exception("unseal_error", error_type=type(e).__name__)
                 await asyncio.sleep(max(sk.retry_max, 0.1))
 
-    async def _listen(self, app: web.Application, which: str, *, client_cert: bool) -> int:
+    async def _listen(self, app: web.Application, which: str, *, client_cert: bool, port: int | None = None,
+                      reuse_port: bool = False) -> int:
         cfg = self.config
         cert, key, ca = cfg.listener_files(which)
         ctx = server_context(cert, key, ca if client_cert else None)
@@ -255,7 +277,8 @@ class KeyServer:
                                    keepalive_timeout=cfg.keepalive_timeout)
         await runner.setup()
         lc = getattr(cfg, which)
-        site = web.TCPSite(runner, lc.host, lc.port, ssl_context=ctx, reuse_port=False, backlog=1024)
+        site = web.TCPSite(runner, lc.host, lc.port if port is None else port, ssl_context=ctx,
+                           reuse_port=reuse_port, backlog=1024)
         await site.start()
         self._runners.append(runner)
         return site._server.sockets[0].getsockname()[1]
@@ -288,6 +311,9 @@ class KeyServer:
         if self.runtime is not None:
             for hook in self.runtime.extra.get("on_stop", []):
                 await hook(self.runtime)
+            channel = self.runtime.extra.pop("worker_channel", None)
+            if channel is not None:
+                await channel.close()
             await self.runtime.storage.close()
         if self.root is not None:
             await self.root.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,13 +26,22 @@ class Metrics:
                                ["reason"], registry=self.registry)
 
     def middleware(self, plane: str):
+        # Children looked up once per (route, status): labels() validates and locks on every call.
+        # Bounded by the route tables times the statuses this server answers.
+        counters: dict[tuple[str, int], Any] = {}
+        latency = self.latency.labels(plane)
+
         @web.middleware
         async def measure(request: web.Request, handler):
             start = time.perf_counter()
             resp = await handler(request)
-            route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-            self.requests.labels(plane, route, str(resp.status)).inc()
-            self.latency.labels(plane).observe(time.perf_counter() - start)
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource else "unmatched"
+            child = counters.get((route, resp.status))
+            if child is None:
+                child = counters[(route, resp.status)] = self.requests.labels(plane, route, str(resp.status))
+            child.inc()
+            latency.observe(time.perf_counter() - start)
             return resp
         return measure
 

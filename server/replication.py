@@ -35,6 +35,7 @@ PAYLOAD_LIMIT = 7900          # PostgreSQL refuses NOTIFY payloads of 8000 bytes
 class Relay:
     """One replica's end of the channel: publish as NOTIFY, deliver what is heard."""
     rt: object
+    transport: object = None          # has listen/notify: the PostgreSQL storage, or a workers' DatagramChannel
     channel: str = CHANNEL
     heartbeat: float = HEARTBEAT_SECONDS
     ident: str = field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -50,7 +51,7 @@ class Relay:
             # Cannot travel: every replica must drop what it cached instead.
             payload = Event(keystore_id=0, kind="reset").to_json()
         try:
-            await self.rt.storage.notify(self.channel, payload)
+            await self.transport.notify(self.channel, payload)
         except Exception as e:  # noqa: BLE001 - the change is committed; tell local subscribers anyway
             log.warning("event_notify_failed", kind=event.kind, error_type=type(e).__name__)
             self.gap = True
@@ -83,7 +84,7 @@ class Relay:
         while True:
             self._seq += 1
             with contextlib.suppress(Exception):
-                await self.rt.storage.notify(self.channel, json.dumps({"ping": f"{self.ident}:{self._seq}"}))
+                await self.transport.notify(self.channel, json.dumps({"ping": f"{self.ident}:{self._seq}"}))
             await asyncio.sleep(self.heartbeat)
             if time.monotonic() - self.last_heard > 2 * self.heartbeat and not self.gap:
                 log.warning("event_channel_silent", seconds=round(time.monotonic() - self.last_heard, 1))
@@ -100,12 +101,15 @@ class Relay:
                 await task
 
 
-async def enable(rt, *, heartbeat: float = HEARTBEAT_SECONDS) -> Relay | None:
-    """Relay rt.events through the database when it is PostgreSQL; None (nothing to do) otherwise."""
-    if getattr(rt.storage, "dialect", "") != "postgresql":
-        return None
-    relay = Relay(rt, heartbeat=heartbeat)
-    await rt.storage.listen(relay.channel, relay.heard)
+async def enable(rt, *, heartbeat: float = HEARTBEAT_SECONDS, transport=None) -> Relay | None:
+    """Relay rt.events through `transport` (the workers' channel), else through the database when it is
+    PostgreSQL; None (nothing to do) for a single process on SQLite."""
+    if transport is None:
+        if getattr(rt.storage, "dialect", "") != "postgresql":
+            return None
+        transport = rt.storage
+    relay = Relay(rt, transport, heartbeat=heartbeat)
+    await transport.listen(relay.channel, relay.heard)
     rt.events.relay = relay.publish
     relay.start()
     rt.extra["replication"] = relay

@@ -50,4 +50,9 @@ ERROR = _request_key("skm_error")     # the SKMError a request ended with, for a
 
 
 def runtime(request: web.Request) -> Runtime:
-    return request.config_dict[RUNTIME]
+    # The root application of either listener holds the runtime; config_dict builds a ChainMap
+    # per call, and this runs several times per request.
+    try:
+        return request.match_info.apps[0][RUNTIME]
+    except (IndexError, KeyError, AttributeError):
+        return request.config_dict[RUNTIME]

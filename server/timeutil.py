@@ -11,12 +11,21 @@ def now() -> dt.datetime:
 
 
 def to_db(t: dt.datetime | None) -> str | None:
-    """Fixed-width UTC text: sorts and compares correctly as a string in SQL."""
-    return None if t is None else t.astimezone(dt.timezone.utc).strftime(_FMT)
+    """Fixed-width UTC text (`_FMT`): sorts and compares correctly as a string in SQL.
+
+    isoformat with fixed microseconds gives exactly `_FMT`, at half strftime's cost (hot path)."""
+    if t is None:
+        return None
+    return t.astimezone(dt.timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def from_db(s: str | None) -> dt.datetime | None:
-    return None if s is None else dt.datetime.strptime(s, _FMT).replace(tzinfo=dt.timezone.utc)
+    """Parse what to_db wrote (a value from our own database, never client input)."""
+    if s is None:
+        return None
+    if len(s) != 27 or s[-1] != "Z":        # not our fixed format: the strict parser says why
+        return dt.datetime.strptime(s, _FMT).replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.fromisoformat(s)
 
 
 def to_api(s: str | dt.datetime | None) -> str | None:

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from server import timeutil
-from server.access.clientauth import ClientAccess, _is_ipv4
+from server.access.clientauth import ClientAccess, parse_ipv4
 from server.errors import CertificateAuthFailure, IPv4AuthFailure
 from server.events import EventBus
 from server.keys.model import KeyStore
@@ -38,9 +38,9 @@ class AuthEntries:
     certs: dict[str, str] = field(default_factory=dict)      # fingerprint -> expires_at (db time)
 
     def ipv4_allows(self, ip: str) -> bool:
-        if not _is_ipv4(ip):
+        addr = parse_ipv4(ip)
+        if addr is None:
             return False
-        addr = ipaddress.IPv4Address(ip)
         return any(addr in net for net in self.ipv4)
 
     def mac_registered(self, claim: str) -> bool:

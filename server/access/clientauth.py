@@ -16,6 +16,7 @@ MAC verification modes (the key store's `macVerification`):
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 
@@ -83,10 +84,10 @@ class ClientAccess:
             raise failures[0]
 
     async def _check_ipv4(self, request, ctx, ks: KeyStore) -> None:
-        if not _is_ipv4(ctx.peer_ip):
+        addr = parse_ipv4(ctx.peer_ip)
+        if addr is None:
             raise IPv4AuthFailure()
         rows = await self.db.fetchall("SELECT value FROM auth_ipv4s WHERE keystore_id = ? AND status = 'ACTIVE'", ks.id)
-        addr = ipaddress.IPv4Address(ctx.peer_ip)
         for r in rows:
             if addr in ipaddress.IPv4Network(r["value"], strict=False):
                 return
@@ -141,12 +142,18 @@ class ClientAccess:
             raise CertificateAuthFailure()
 
 
-def _is_ipv4(s: str) -> bool:
+@functools.lru_cache(maxsize=4096)
+def parse_ipv4(s: str) -> ipaddress.IPv4Address | None:
+    """A dotted-quad peer address, or None. Memoised: the same few peers ask on every request,
+    and ipaddress parses in pure Python (~6 µs)."""
     try:
-        ipaddress.IPv4Address(s)
-        return True
+        return ipaddress.IPv4Address(s)
     except ValueError:
-        return False
+        return None
+
+
+def _is_ipv4(s: str) -> bool:
+    return parse_ipv4(s) is not None
 
 
 def _in_any(addr: str, nets) -> bool:

@@ -1,7 +1,7 @@
 """Middlewares shared by both listeners: errors to envelopes, request ids, sealed state."""
 from __future__ import annotations
 
-import uuid
+import os
 
 import structlog
 from aiohttp import web
@@ -49,7 +49,7 @@ async def errors(request: web.Request, handler):
 async def request_context(request: web.Request, handler):
     rid = request.headers.get("X-Request-Id", "")
     if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
-        rid = uuid.uuid4().hex
+        rid = os.urandom(16).hex()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=rid)
     resp = await handler(request)

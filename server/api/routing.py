@@ -54,8 +54,8 @@ def describe_validation_error(e: ValidationError) -> str:
 async def read_model(request: web.Request, model: type[BaseModel], *, optional: bool = False) -> BaseModel | None:
     if optional and not request.can_read_body:
         return model() if _all_optional(model) else None
-    ctype = request.content_type
-    if ctype != "application/json":
+    # The exact common value skips aiohttp's media-type parser; anything else is parsed as before.
+    if request.headers.get("Content-Type") != "application/json" and request.content_type != "application/json":
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
     raw = await read_body(request)
     try:

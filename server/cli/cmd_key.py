@@ -89,15 +89,16 @@ async def _create(args: argparse.Namespace) -> int:
 async def _list(args: argparse.Namespace) -> int:
     params = {k: v for k, v in (("type", args.key_type), ("status", args.status)) if v}
     rows: list[dict] = []
-    page = 1
+    after: dict[str, str] = {}
     async with client(args) as c:
         while True:
-            out = await c.call("GET", f"/keystores/{args.keystore}/keys", params={**params, "page": str(page),
+            # Keyset paging: each page starts after the last key seen, so deep pages cost what the first does.
+            out = await c.call("GET", f"/keystores/{args.keystore}/keys", params={**params, **after,
                                                                                    "pageSize": "1000"})
             rows += out["keyList"]
             if len(out["keyList"]) < 1000:
                 break
-            page += 1
+            after = {"after": out["keyList"][-1]["keyId"]}
     output(args, {"keyList": rows}, COLUMNS, rows, title=f"keys of key store {args.keystore}")
     return 0
 

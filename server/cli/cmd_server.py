@@ -17,6 +17,8 @@ def load_server_config(args: argparse.Namespace) -> ServerConfig:
     overrides = {}
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
+    if getattr(args, "workers", None):
+        overrides["workers"] = args.workers
     return load(ServerConfig, args.config, overrides=overrides)
 
 
@@ -29,6 +31,9 @@ def register(sub) -> None:
     run = s.add_parser("run", help="serve the data and management planes",
                        description="Start the key server: it comes up sealed and serves once it has the system key.")
     _config_args(run)
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="data-plane processes sharing the data port (SO_REUSEPORT); worker 0 also serves "
+                          "management and runs the jobs (default: the config's `workers`, 1)")
     run.set_defaults(func=_run)
 
     init = s.add_parser("init", help="create data dir, root key, system key, dev CA, first project and operator",
@@ -80,23 +85,72 @@ async def _init(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     from server.app import KeyServer
+    from server.workers import WorkerPlace
     cfg = load_server_config(args)
     logs.configure(cfg.log_format, cfg.log_level)
-    server = KeyServer(cfg)
+    place = WorkerPlace.from_env()
+    if place is None and cfg.workers != 1:
+        return await _supervise(cfg, _worker_argv(args))
+    server = KeyServer(cfg, place=place)
     try:
         await server.start()
     except BaseException:
         # A refused start (wrong root key or PIN) must release storage too, or its thread keeps us alive.
         await server.stop()
         raise
-    print(f"key server: data plane https://{cfg.data.host}:{server.data_port}, "
-          f"management https://{cfg.mgmt.host}:{server.mgmt_port}", file=sys.stderr, flush=True)
+    if place is not None:
+        place.ready(server.data_port, server.mgmt_port)     # the supervisor prints the one listening line
+    else:
+        print(f"key server: data plane https://{cfg.data.host}:{server.data_port}, "
+              f"management https://{cfg.mgmt.host}:{server.mgmt_port}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop()
+    return 0
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """`skm server run` as a worker runs it: the same config and data dir (SKM_* variables are inherited)."""
+    argv = ["server", "run"]
+    if args.config:
+        argv += ["--config", str(args.config)]
+    if getattr(args, "data_dir", None):
+        argv += ["--data-dir", str(args.data_dir)]
+    return argv
+
+
+async def _supervise(cfg: ServerConfig, argv: list[str]) -> int:
+    """`workers > 1`: start the workers on one data port and keep them running (server/workers.py)."""
+    from server.errors import ConfigError
+    from server.workers import MAX_WORKERS, Supervisor, WorkerFailed, reserve_port
+    if not 1 <= cfg.workers <= MAX_WORKERS:
+        raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}")
+    placeholder = reserve_port(cfg.data.host, cfg.data.port)
+    port = placeholder.getsockname()[1]
+    sup = Supervisor(cfg.workers, cfg.data.host, port, cfg.data_path / "run", argv)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sup.start()
+    except WorkerFailed as e:
+        print(f"error: {e}; see its messages above", file=sys.stderr)
+        return e.code or 1
+    except asyncio.TimeoutError:
+        print("error: a worker did not become ready in time; see its messages above", file=sys.stderr)
+        return 1
+    finally:
+        placeholder.close()      # the workers hold the port now
+    print(f"key server: data plane https://{cfg.data.host}:{port}, management https://{cfg.mgmt.host}:"
+          f"{sup.mgmt_port} ({cfg.workers} workers)", file=sys.stderr, flush=True)
+    try:
+        await sup.watch(stop)
+    finally:
+        await sup.stop()
     return 0
 
 

@@ -6,7 +6,6 @@ rule says (states, versions, limits, export) is decided in this module.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import os
 import secrets
@@ -30,6 +29,8 @@ from server.keys.model import (DEFAULT_SPEC, MAX_SECRET_BYTES, SPECS, AuthMode, 
 from server.storage.base import Executor, Storage
 
 _APPKEY_ALPHABET = string.ascii_letters + string.digits
+TOUCH_INTERVAL = 60.0          # seconds between last-access writes for one key
+TOUCHED_MAX = 100_000
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,15 @@ class _LRU:
         return len(self._d)
 
 
+def _copy(obj: Any) -> Any:
+    """A shallow copy of a row dataclass, so a caller's edits never reach the cache.
+
+    dataclasses.replace re-runs __init__ and costs ~10 µs; this is the hot path's copy."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    return new
+
+
 def _wipe(v: Any) -> None:
     if isinstance(v, bytearray):
         v[:] = bytes(len(v))
@@ -129,16 +139,19 @@ class _MetaCache:
         hit = self._keys.get(key_id)
         if hit is None or time.monotonic() - hit[0] > self.max_age:
             return None
-        self._keys.move_to_end(key_id)
-        return dataclasses.replace(hit[1])
+        return _copy(hit[1])
 
     def put_key(self, key: Key, gen: int) -> None:
         if self.generation != gen:
             return
-        self._keys[key.id] = (time.monotonic(), dataclasses.replace(key))
+        now = time.monotonic()
+        self._keys[key.id] = (now, _copy(key))
         self._keys.move_to_end(key.id)
-        while len(self._keys) > self.size:
-            self._keys.popitem(last=False)
+        # Oldest fill first (a hit does not reorder): drop what is over the size or too old to be served,
+        # so the cache holds the keys used in the last max_age seconds, not the last `size` ever used.
+        keys = self._keys
+        while keys and (len(keys) > self.size or now - next(iter(keys.values()))[0] > self.max_age):
+            keys.popitem(last=False)
 
     def drop_key(self, key_id: str) -> None:
         self._gen += 1
@@ -149,14 +162,14 @@ class _MetaCache:
         hit = self._stores.get(keystore_id)
         if hit is None or time.monotonic() - hit[0] > self.max_age:
             return None
-        return dataclasses.replace(hit[1])
+        return _copy(hit[1])
 
     def put_store(self, ks: KeyStore, gen: int) -> None:
         if self.generation != gen:
             return
         if len(self._stores) >= self.size:
             self._stores.clear()
-        self._stores[ks.id] = (time.monotonic(), dataclasses.replace(ks))
+        self._stores[ks.id] = (time.monotonic(), _copy(ks))
 
     def drop_store(self, keystore_id: int) -> None:
         self._gen += 1
@@ -184,6 +197,7 @@ class KeyService:
         self._meta = _MetaCache(self.events, self.limits.meta_cache_entries, self.limits.meta_cache_max_age)
         self._projects: dict[str, Project] = {}
         self._touch_pending: set[str] = set()
+        self._touched: dict[str, float] = {}       # key id -> monotonic time its last access was known recent
 
     # ------------------------------------------------------------------ projects
     async def create_project(self, name: str, appkey: str | None = None) -> Project:
@@ -368,21 +382,35 @@ class KeyService:
         return k
 
     async def keys(self, keystore_id: int, *, key_type: str | None = None, name: str | None = None,
-                   status: str | None = None, page: int = 1, page_size: int = 100) -> list[Key]:
-        sql = "SELECT * FROM keys WHERE keystore_id = ?"
+                   status: str | None = None, page: int = 1, page_size: int = 100,
+                   after: str | None = None) -> list[Key]:
+        """One page in creation order: by page number (NHN), or after a key id (keyset, for deep pages)."""
+        where = "keystore_id = ?"
         args: list[Any] = [keystore_id]
         if key_type:
-            sql += " AND key_type = ?"
+            where += " AND key_type = ?"
             args.append(_key_type(key_type).value)
         if name:
-            sql += " AND name = ?"
+            where += " AND name = ?"
             args.append(name)
         if status == "active":
-            sql += " AND status = 'ACTIVE'"
+            where += " AND status = 'ACTIVE'"
         elif status == "inactive":
-            sql += " AND status <> 'ACTIVE'"
-        sql += " ORDER BY created_at, id LIMIT ? OFFSET ?"
-        args += [page_size, (page - 1) * page_size]
+            where += " AND status <> 'ACTIVE'"
+        offset = (page - 1) * page_size
+        if after is not None:
+            if not _is_key_id(after) or await self.db.fetchone(
+                    "SELECT 1 AS x FROM keys WHERE id = ? AND keystore_id = ?", after, keystore_id) is None:
+                raise InvalidRequest("after must be the id of a key in this key store (the last key of the "
+                                     "previous page)")
+            # Row-value comparison walks the (keystore_id, created_at, id) index from the cursor on.
+            where += " AND (created_at, id) > (SELECT created_at, id FROM keys WHERE id = ? AND keystore_id = ?)"
+            args += [after, keystore_id]
+            offset = 0
+        # Deferred join: the page's ids come from the covering index, so skipped rows are never read.
+        sql = (f"SELECT k.* FROM keys k JOIN (SELECT id FROM keys WHERE {where} ORDER BY created_at, id "
+               "LIMIT ? OFFSET ?) p ON p.id = k.id ORDER BY k.created_at, k.id")
+        args += [page_size, offset]
         return [Key.from_row(r) for r in await self.db.fetchall(sql, *args)]
 
     async def key_ids(self, keystore_id: int) -> list[str]:
@@ -525,12 +553,20 @@ class KeyService:
 
     def touch(self, key: Key) -> None:
         """Record last access at most once a minute per key, off the request path."""
+        mono = time.monotonic()
+        seen = self._touched.get(key.id)
+        if seen is not None and mono - seen < TOUCH_INTERVAL:
+            return                                   # the common case: no date parsing per request
         last = timeutil.from_db(key.last_access_at)
-        if last and (timeutil.now() - last).total_seconds() < 60:
-            return
+        if last:
+            age = (timeutil.now() - last).total_seconds()
+            if 0 <= age < TOUCH_INTERVAL:
+                self._remember_touch(key.id, mono - age)
+                return
         if key.id in self._touch_pending:
             return
         self._touch_pending.add(key.id)
+        self._remember_touch(key.id, mono)
 
         async def _write() -> None:
             try:
@@ -541,6 +577,11 @@ class KeyService:
             finally:
                 self._touch_pending.discard(key.id)
         asyncio.get_running_loop().create_task(_write())
+
+    def _remember_touch(self, key_id: str, at: float) -> None:
+        if len(self._touched) >= TOUCHED_MAX:     # bounded: forgetting only costs one date parse
+            self._touched.clear()
+        self._touched[key_id] = at
 
     async def secret_value(self, key: Key) -> str:
         self._require_type(key, KeyType.SECRET)

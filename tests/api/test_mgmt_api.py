@@ -52,6 +52,35 @@ async def test_key_metadata_versions_and_listing(skm):
     assert '"v"' not in str(out) and "secretValue" not in str(out)
 
 
+async def test_key_list_pages_by_number_and_after_a_key(skm):
+    store = await skm.keystore("paged")
+    other = await skm.keystore("other")
+    stranger = await skm.key(other, "SECRET", "elsewhere", secretValue="v")
+    ids = [(await skm.key(store, "SECRET", f"k{i:02d}", secretValue="v"))["keyId"] for i in range(23)]
+    base = f"/keystores/{store['keyStoreId']}/keys"
+
+    async def page(q: str) -> list[str]:
+        st, out = await skm.mgmt("GET", f"{base}?{q}")
+        assert st == 200, out
+        return [k["keyId"] for k in out["body"]["keyList"]]
+    # Page numbers and the keyset cursor walk the same creation order, without gaps or repeats.
+    by_number = [k for n in (1, 2, 3) for k in await page(f"page={n}&pageSize=10")]
+    walked, after = [], None
+    while True:
+        got = await page("pageSize=10" + (f"&after={after}" if after else ""))
+        if not got:
+            break
+        walked += got
+        after = got[-1]
+    assert by_number == walked == ids
+    assert await page("page=4&pageSize=10") == []
+    assert await page(f"type=SECRET&pageSize=5&after={ids[20]}") == ids[21:]
+    # A cursor from another store, or not a key id, is a clear 400, not an empty page.
+    for bad in (stranger["keyId"], "0" * 32, "not-a-key"):
+        st, out = await skm.mgmt("GET", f"{base}?after={bad}")
+        assert st == 400 and out["header"]["isSuccessful"] is False, (bad, out)
+
+
 async def test_secret_rotation_needs_a_new_value(skm):
     store = await skm.keystore("rot")
     key = await skm.key(store, "SECRET", "s", secretValue="one")

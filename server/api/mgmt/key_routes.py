@@ -28,7 +28,8 @@ async def create_key(request: web.Request, body: m.KeyCreate) -> dict:
 
 @routes.route("GET", _KS + "/keys", summary="List a key store's keys", response=m.KeyList, tags=("keys",),
               query={"type": {"type": "string"}, "status": {"type": "string"}, "name": {"type": "string"},
-                     "page": {"type": "integer"}, "pageSize": {"type": "integer"}})
+                     "page": {"type": "integer"}, "pageSize": {"type": "integer"},
+                     "after": {"type": "string", "pattern": "^[0-9a-f]{32}$"}})
 async def list_keys(request: web.Request, _body) -> dict:
     await operator(request)
     from server.api.client.manage_routes import _int_query
@@ -41,7 +42,8 @@ async def list_keys(request: web.Request, _body) -> dict:
     keys = await rt.keys.keys(ks.id, key_type=request.query.get("type") or None,
                               name=request.query.get("name") or None, status=status,
                               page=_int_query(request, "page", 1, 1, 10**6),
-                              page_size=_int_query(request, "pageSize", 100, 1, 1000))
+                              page_size=_int_query(request, "pageSize", 100, 1, 1000),
+                              after=request.query.get("after") or None)
     return {"keyList": [k.to_api() for k in keys]}
 
 

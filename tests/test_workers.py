@@ -1,0 +1,199 @@
+"""`skm server run --workers N`: several real processes on one data port (SO_REUSEPORT).
+
+What a user relies on: connections reach every worker; a change made through the
+management plane (worker 0) counts on the very next request a *different* worker
+answers, on a connection that stayed open; the audit chain stays linear with
+every worker writing; a worker that dies comes back; one that cannot start stops
+the group with a clear error instead of a restart loop; SIGTERM leaves no process.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from server.config import load
+from server.init import init_server
+from server.settings import ServerConfig
+from tests.support.server import Harness
+
+SKM = [sys.executable, "-c", "import sys; from server.cli.main import main; sys.exit(main())"]
+READY = re.compile(r"data plane https://[\d.]+:(\d+), management https://[\d.]+:(\d+) \((\d+) workers\)")
+
+
+def write_config(tmp: Path, workers: int) -> Path:
+    cfg = tmp / "server.toml"
+    cfg.write_text(f'data_dir = "{tmp / "data"}"\nlog_format = "json"\nlog_level = "info"\n'
+                   f"purge_interval = 3600.0\nworkers = {workers}\n[data]\nport = 0\n[mgmt]\nport = 0\n")
+    return cfg
+
+
+@dataclass
+class Group:
+    """The supervisor process, seen as the harness's `server`."""
+    proc: subprocess.Popen
+    config: ServerConfig
+    data_port: int
+    mgmt_port: int
+    log: Path
+
+    def children(self) -> list[int]:
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(p) for p in text.split()]
+
+    async def stop(self) -> None:
+        kids = self.children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for pid in kids:            # nothing may outlive the supervisor; kill leftovers so the run stays clean
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def start_group(tmp: Path, workers: int = 2, env: dict | None = None) -> Group:
+    cfg_path = write_config(tmp, workers)
+    cfg = load(ServerConfig, cfg_path, env={})
+    log = tmp / "server.log"
+    proc = subprocess.Popen([*SKM, "server", "run", "--config", str(cfg_path)], stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        m = READY.search(log.read_text(errors="replace"))
+        if m:
+            return Group(proc, cfg, int(m.group(1)), int(m.group(2)), log)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"workers did not come up (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+async def group(tmp_path):
+    cfg = load(ServerConfig, write_config(tmp_path, 2), env={})
+    init = await init_server(cfg)
+    g = start_group(tmp_path)
+    h = Harness(g, init, tmp_path)     # the harness's helpers, pointed at the supervisor's ports
+    try:
+        yield h
+    finally:
+        await h.close()
+        assert not [p for p in g.children() if _alive(p)]
+
+
+async def worker_of(session: aiohttp.ClientSession, h: Harness) -> int:
+    async with session.get(f"{h.data_url}/healthz") as r:
+        return (await r.json())["worker"]
+
+
+async def session_on_worker(h: Harness, want: int, tries: int = 60) -> aiohttp.ClientSession:
+    """A keep-alive session (one connection) whose connection the kernel gave to worker `want`."""
+    for _ in range(tries):
+        s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=h.ssl(), limit=1))
+        if await worker_of(s, h) == want:
+            h.sessions.append(s)
+            return s
+        await s.close()
+    raise AssertionError(f"no connection reached worker {want} in {tries} tries")
+
+
+async def test_workers_share_the_port_and_hear_each_others_changes(group: Harness):
+    h = group
+    seen = set()
+    for _ in range(40):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=h.ssl(), force_close=True)) as s:
+            seen.add(await worker_of(s, h))
+        if seen == {0, 1}:
+            break
+    assert seen == {0, 1}, f"new connections reached only worker(s) {seen}"
+
+    store = await h.keystore("spread")
+    key = await h.key(store, "SECRET", "db-password", secretValue="first value")
+    w1 = await session_on_worker(h, 1)
+    st, out = await h.client("GET", f"/secrets/{key['keyId']}", session=w1)
+    assert st == 200 and out["body"]["secret"] == "first value"
+
+    # A new value made through worker 0 is what worker 1 serves next, on the same connection.
+    st, out = await h.mgmt("POST", f"/keys/{key['keyId']}/rotate",
+                           json={"secretValue": "second value"})
+    assert st == 200, out
+    st, out = await h.client("GET", f"/secrets/{key['keyId']}", session=w1)
+    assert st == 200 and out["body"]["secret"] == "second value"
+
+    # Scheduling the store's only IPv4 entry for deletion cuts worker 1's open connection off at once.
+    st, out = await h.mgmt("POST", f"/keystores/{store['keyStoreId']}/auths/ipv4s/schedule-deletion",
+                           json={"value": "127.0.0.1"})
+    assert st == 200, out
+    assert await worker_of(w1, h) == 1                     # still the same worker and connection
+    st, out = await h.client("GET", f"/secrets/{key['keyId']}", session=w1)
+    assert st == 403 and out["header"]["isSuccessful"] is False, out
+
+    # Both workers wrote audit records concurrently; the chain is one line.
+    async def read(i):
+        return await h.client("GET", f"/secrets/{key['keyId']}", session=w1)
+    await asyncio.gather(*(read(i) for i in range(20)))
+    st, out = await h.mgmt("GET", "/audit/verify")
+    assert st == 200 and out["body"]["ok"] is True, out
+    assert out["body"]["checked"] > 25
+
+
+async def test_a_dead_worker_is_restarted(group: Harness):
+    g: Group = group.server
+    before = g.children()
+    assert len(before) == 2
+    # Worker 1 is the one started second; kill it the hard way.
+    victim = max(before)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        kids = [p for p in g.children() if _alive(p)]
+        if len(kids) == 2 and victim not in kids and "worker_restarted" in g.log.read_text():
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError(f"worker not restarted; log:\n{g.log.read_text()[-2000:]}")
+    assert "worker 1 exited with status -9; restarting" in g.log.read_text()
+    s = await session_on_worker(group, 1)          # and the new one serves
+    assert await worker_of(s, group) == 1
+
+
+async def test_a_worker_that_cannot_start_stops_the_group(tmp_path):
+    cfg = load(ServerConfig, write_config(tmp_path, 2), env={})
+    await init_server(cfg)
+    (tmp_path / "data" / "root.key").chmod(0o644)          # refused: others could read the root key
+    with pytest.raises(AssertionError, match="did not come up"):
+        start_group(tmp_path)
+    text = (tmp_path / "server.log").read_text()
+    assert "worker 0 exited with status" in text and "before it was ready" in text
+    assert "restarting" not in text
+
+
+def test_run_help_names_workers():
+    out = subprocess.run([*SKM, "server", "run", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--workers" in out and "SO_REUSEPORT" in out
