@@ -60,8 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale-concurrency", type=int, default=4,
                    help="connections for the scale workload, a latency measurement (default 4)")
     p.add_argument("--uvloop", action="store_true", help="run our key server and the floor on uvloop")
-    p.add_argument("--authcache", action="store_true",
-                   help="run our key server with server.access.authcache (cached client-auth data)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run our key server with N worker processes on its data port (server/workers.py); "
+                        "they share the server's core, so this measures their overhead here, not a gain")
     p.add_argument("--workdir", type=Path, help="keep data dirs and logs here (default: a temp dir, removed)")
     p.add_argument("--results", type=Path, default=None, help="directory for the JSON (default bench/results)")
     a = p.parse_args(argv)
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(settings={"duration": args.duration, "concurrency": args.concurrency, "runs": args.runs,
                               "warmup": args.warmup, "postgres": args.postgres, "only": args.only,
                               "systems": sorted(args.systems), "scale": args.scale, "uvloop": args.uvloop,
-                              "authcache": args.authcache,
+                              "workers": args.workers,
                               "scale_concurrency": args.scale_concurrency, "server_cpu": procs.SERVER_CPU,
                               "client_cpu": procs.CLIENT_CPU})
     side = None
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         pem = fx.client.combined
         core_workloads = [w for w in WORKLOADS if w not in ("floor", "scale") and wanted(args, w)]
         if "skm" in args.systems and core_workloads:
-            ks = keyserver.launch(fx, uvloop=args.uvloop, authcache=args.authcache)
+            ks = keyserver.launch(fx, uvloop=args.uvloop, workers=args.workers)
             started.append(ks)
             cases += skm_cases(args, fx, ks, "skm")
             if args.postgres:
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 pg = PostgresCluster()
                 pg.__enter__()
                 fxp = asyncio.run(keyserver.prepare(work / "skm-pg", pg.create_database()))
-                kp = keyserver.launch(fxp, uvloop=args.uvloop, authcache=args.authcache, name="skm-pg")
+                kp = keyserver.launch(fxp, uvloop=args.uvloop, workers=args.workers, name="skm-pg")
                 started.append(kp)
                 cases += skm_cases(args, fxp, kp, "skm-pg")
             if "sidecar" in args.systems and wanted(args, "secret-read"):
@@ -250,7 +251,7 @@ def scale_cases(args, work: Path, started: list[procs.Proc]) -> list[Case]:
     cases = []
     for n in (1_000, args.scale):
         fx = asyncio.run(keyserver.prepare(work / f"scale-{n}", bulk_keys=n))
-        p = keyserver.launch(fx, uvloop=args.uvloop, authcache=args.authcache, name=f"skm-{n}")
+        p = keyserver.launch(fx, uvloop=args.uvloop, workers=args.workers, name=f"skm-{n}")
         started.append(p)
         for w, path in scale.workloads(n, fx.keystore_id, fx.keys["secret"]).items():
             cases.append(Case(w, f"skm@{n:,}", load.Request(keyserver.client_url(p, fx, path),

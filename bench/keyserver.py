@@ -124,12 +124,11 @@ async def prepare(root: Path, storage: str = "", *, bulk_keys: int = 0, quiet: b
                    ciphertext=ciphertext, ca=init.ca_cert, client=client, sidecar=side)
 
 
-def launch(fx: Fixture, *, uvloop: bool = False, authcache: bool = False, name: str = "skm") -> procs.Proc:
-    """`skm server run --config` pinned to the server core (through bench.serve when a switch is on)."""
-    args = ["server", "run", "--config", str(fx.config)]
-    if uvloop or authcache:
-        flags = (["--uvloop"] if uvloop else []) + (["--authcache"] if authcache else [])
-        cmd = [sys.executable, "-m", "bench.serve", *flags, "--", *args]
+def launch(fx: Fixture, *, uvloop: bool = False, workers: int = 1, name: str = "skm") -> procs.Proc:
+    """`skm server run --config` pinned to the server core(s) (through bench.serve for uvloop)."""
+    args = ["server", "run", "--config", str(fx.config)] + (["--workers", str(workers)] if workers > 1 else [])
+    if uvloop:
+        cmd = [sys.executable, "-m", "bench.serve", "--uvloop", "--", *args]
     else:
         cmd = [procs.venv_bin("skm"), *args]
     p = procs.start(name, cmd, fx.dir / f"{name}.log")

@@ -75,20 +75,36 @@ class Proc:
         self.stop()
         raise RuntimeError(f"{self.name} did not come up (exit {self.popen.poll()}); log tail:\n{tail}")
 
+    def tree(self) -> list[int]:
+        """This process and its live descendants (a key server with workers is a supervisor and N children)."""
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return out
+
     def cpu_seconds(self) -> float:
-        """User + system CPU of the process and its reaped children, from /proc."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
+        """User + system CPU of the process tree (and reaped children), from /proc."""
+        total = 0.0
+        for pid in self.tree():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
+        return total
 
     def rss_mb(self) -> float:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        """Resident memory of the process tree."""
+        total = 0.0
+        for pid in self.tree():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        return total
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.popen.poll() is not None:

@@ -84,13 +84,13 @@ async def _init(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from server.app import KeyServer
     from server.workers import WorkerPlace
     cfg = load_server_config(args)
     logs.configure(cfg.log_format, cfg.log_level)
     place = WorkerPlace.from_env()
     if place is None and cfg.workers != 1:
-        return await _supervise(cfg, _worker_argv(args))
+        return await _supervise(cfg, _worker_argv(args))     # without loading the server: it only watches
+    from server.app import KeyServer
     server = KeyServer(cfg, place=place)
     try:
         await server.start()
