@@ -30,9 +30,10 @@ SKM = [sys.executable, "-c", "import sys; from server.cli.main import main; sys.
 READY = re.compile(r"data plane https://[\d.]+:(\d+), management https://[\d.]+:(\d+) \((\d+) workers\)")
 
 
-def write_config(tmp: Path, workers: int) -> Path:
+def write_config(tmp: Path, workers: int, storage: str = "") -> Path:
     cfg = tmp / "server.toml"
-    cfg.write_text(f'data_dir = "{tmp / "data"}"\nlog_format = "json"\nlog_level = "info"\n'
+    store = f'storage = "{storage}"\n' if storage.startswith("postgresql") else ""
+    cfg.write_text(f'data_dir = "{tmp / "data"}"\n{store}log_format = "json"\nlog_level = "info"\n'
                    f"purge_interval = 3600.0\nworkers = {workers}\n[data]\nport = 0\n[mgmt]\nport = 0\n")
     return cfg
 
@@ -75,8 +76,8 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_group(tmp: Path, workers: int = 2, env: dict | None = None) -> Group:
-    cfg_path = write_config(tmp, workers)
+def start_group(tmp: Path, workers: int = 2, env: dict | None = None, storage: str = "") -> Group:
+    cfg_path = write_config(tmp, workers, storage)
     cfg = load(ServerConfig, cfg_path, env={})
     log = tmp / "server.log"
     proc = subprocess.Popen([*SKM, "server", "run", "--config", str(cfg_path)], stdout=open(log, "wb"),
@@ -95,10 +96,12 @@ def start_group(tmp: Path, workers: int = 2, env: dict | None = None) -> Group:
 
 
 @pytest.fixture
-async def group(tmp_path):
-    cfg = load(ServerConfig, write_config(tmp_path, 2), env={})
+async def group(tmp_path, request):
+    # Events between workers: Unix datagrams on SQLite, LISTEN/NOTIFY on PostgreSQL.
+    storage = request.getfixturevalue("storage_url") if "storage_url" in request.fixturenames else ""
+    cfg = load(ServerConfig, write_config(tmp_path, 2, storage), env={})
     init = await init_server(cfg)
-    g = start_group(tmp_path)
+    g = start_group(tmp_path, storage=storage)
     h = Harness(g, init, tmp_path)     # the harness's helpers, pointed at the supervisor's ports
     try:
         yield h
@@ -123,7 +126,7 @@ async def session_on_worker(h: Harness, want: int, tries: int = 60) -> aiohttp.C
     raise AssertionError(f"no connection reached worker {want} in {tries} tries")
 
 
-async def test_workers_share_the_port_and_hear_each_others_changes(group: Harness):
+async def test_workers_share_the_port_and_hear_each_others_changes(storage_url, group: Harness):
     h = group
     seen = set()
     for _ in range(40):
