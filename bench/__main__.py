@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keys in the large store of the scale workload, compared with 1,000 (0 skips it)")
     p.add_argument("--scale-concurrency", type=int, default=4,
                    help="connections for the scale workload, a latency measurement (default 4)")
-    p.add_argument("--uvloop", action="store_true", help="run our key server and the floor on uvloop")
+    p.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="our key server's event_loop setting (server/loops.py); the floor runs on the same loop "
+                        "(default auto: uvloop when installed)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run our key server with N worker processes on its data port (server/workers.py); "
                         "they share the server's core, so this measures their overhead here, not a gain")
@@ -162,6 +164,11 @@ def run_cases(cases: list[Case], args, report: Report) -> None:
                               f"p50 {s.p50_ms:6.1f} ms  p99 {s.p99_ms:6.1f} ms  {s.cpu_us_per_req:7,.0f} µs CPU/req{flag}")
 
 
+def _uvloop(choice: str) -> bool:
+    from server.loops import loop_factory
+    return loop_factory(choice) is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM (and SIGINT where a background shell ignores it) unwinds like Ctrl-C: servers are stopped.
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     cases: list[Case] = []
     report = Report(settings={"duration": args.duration, "concurrency": args.concurrency, "runs": args.runs,
                               "warmup": args.warmup, "postgres": args.postgres, "only": args.only,
-                              "systems": sorted(args.systems), "scale": args.scale, "uvloop": args.uvloop,
+                              "systems": sorted(args.systems), "scale": args.scale, "event_loop": args.event_loop,
                               "workers": args.workers,
                               "scale_concurrency": args.scale_concurrency, "server_cpu": procs.SERVER_CPU,
                               "client_cpu": procs.CLIENT_CPU})
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         pem = fx.client.combined
         core_workloads = [w for w in WORKLOADS if w not in ("floor", "scale") and wanted(args, w)]
         if "skm" in args.systems and core_workloads:
-            ks = keyserver.launch(fx, uvloop=args.uvloop, workers=args.workers)
+            ks = keyserver.launch(fx, event_loop=args.event_loop, workers=args.workers)
             started.append(ks)
             cases += skm_cases(args, fx, ks, "skm")
             if args.postgres:
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 pg = PostgresCluster()
                 pg.__enter__()
                 fxp = asyncio.run(keyserver.prepare(work / "skm-pg", pg.create_database()))
-                kp = keyserver.launch(fxp, uvloop=args.uvloop, workers=args.workers, name="skm-pg")
+                kp = keyserver.launch(fxp, event_loop=args.event_loop, workers=args.workers, name="skm-pg")
                 started.append(kp)
                 cases += skm_cases(args, fxp, kp, "skm-pg")
             if "sidecar" in args.systems and wanted(args, "secret-read"):
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if "floor" in args.systems and wanted(args, "floor"):
             pki_dir = fx.ca.parent
             cmd = [sys.executable, "-m", "bench.floor", "--cert", str(pki_dir / "server.pem"),
-                   "--key", str(pki_dir / "server-key.pem"), "--ca", str(fx.ca)] + (["--uvloop"] if args.uvloop else [])
+                   "--key", str(pki_dir / "server-key.pem"), "--ca", str(fx.ca)] + (["--uvloop"] if _uvloop(args.event_loop) else [])
             fl = procs.start("floor", cmd, work / "floor.log")
             started.append(fl)
             m = fl.wait_for(r"floor: (https://\S+)")
@@ -251,7 +258,7 @@ def scale_cases(args, work: Path, started: list[procs.Proc]) -> list[Case]:
     cases = []
     for n in (1_000, args.scale):
         fx = asyncio.run(keyserver.prepare(work / f"scale-{n}", bulk_keys=n))
-        p = keyserver.launch(fx, uvloop=args.uvloop, workers=args.workers, name=f"skm-{n}")
+        p = keyserver.launch(fx, event_loop=args.event_loop, workers=args.workers, name=f"skm-{n}")
         started.append(p)
         for w, path in scale.workloads(n, fx.keystore_id, fx.keys["secret"]).items():
             cases.append(Case(w, f"skm@{n:,}", load.Request(keyserver.client_url(p, fx, path),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import secrets
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -124,14 +123,11 @@ async def prepare(root: Path, storage: str = "", *, bulk_keys: int = 0, quiet: b
                    ciphertext=ciphertext, ca=init.ca_cert, client=client, sidecar=side)
 
 
-def launch(fx: Fixture, *, uvloop: bool = False, workers: int = 1, name: str = "skm") -> procs.Proc:
-    """`skm server run --config` pinned to the server core(s) (through bench.serve for uvloop)."""
+def launch(fx: Fixture, *, event_loop: str = "auto", workers: int = 1, name: str = "skm") -> procs.Proc:
+    """`skm server run --config` pinned to the server core, on the given event loop."""
     args = ["server", "run", "--config", str(fx.config)] + (["--workers", str(workers)] if workers > 1 else [])
-    if uvloop:
-        cmd = [sys.executable, "-m", "bench.serve", "--uvloop", "--", *args]
-    else:
-        cmd = [procs.venv_bin("skm"), *args]
-    p = procs.start(name, cmd, fx.dir / f"{name}.log")
+    cmd = [procs.venv_bin("skm"), *args]
+    p = procs.start(name, cmd, fx.dir / f"{name}.log", env={"SKM_EVENT_LOOP": event_loop})
     m = p.wait_for(r"data plane https://[\d.]+:(\d+), management https://[\d.]+:(\d+)")
     p.info = {"data_url": f"https://127.0.0.1:{m.group(1)}", "mgmt_url": f"https://127.0.0.1:{m.group(2)}"}
     return p

@@ -236,8 +236,9 @@ class KeyServer:
             self._tasks.append(asyncio.create_task(self._jobs(), name="jobs"))
             for hook in rt.extra.get("on_start", []):
                 await hook(rt)
+        from server.loops import loop_name
         log.info("listening", data_port=self.data_port, mgmt_port=self.mgmt_port, sealed=rt.barrier.sealed,
-                 worker=None if place is None else place.index)
+                 worker=None if place is None else place.index, event_loop=loop_name())
         if wait_unsealed and cfg.systemkey.source == "local":
             assert not rt.barrier.sealed
 

@@ -132,6 +132,7 @@ class ServerConfig:
     deletion_grace_days: int = 7
     purge_interval: float = 60.0
     workers: int = 1                  # data-plane processes on one port (SO_REUSEPORT); see server/workers.py
+    event_loop: str = "auto"          # auto (uvloop when installed) | uvloop | asyncio; see server/loops.py
     max_body_bytes: int = 256 * 1024
     header_timeout: float = 10.0      # a connection must finish a request's headers within this (slow-loris)
     keepalive_timeout: float = 75.0

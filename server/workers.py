@@ -119,9 +119,11 @@ class DatagramChannel:
             me = self.path(self.index)
             with contextlib.suppress(FileNotFoundError):
                 me.unlink()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)     # bound here: uvloop takes no path
+            sock.bind(str(me))
+            sock.setblocking(False)
             loop = asyncio.get_running_loop()
-            self._transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Receiver(self._heard), local_addr=str(me), family=socket.AF_UNIX)
+            self._transport, _ = await loop.create_datagram_endpoint(lambda: _Receiver(self._heard), sock=sock)
 
     def _heard(self, text: str) -> None:
         channel, _, payload = text.partition("\n")

@@ -135,6 +135,7 @@ async def test_workers_share_the_port_and_hear_each_others_changes(storage_url, 
         if seen == {0, 1}:
             break
     assert seen == {0, 1}, f"new connections reached only worker(s) {seen}"
+    assert h.server.log.read_text().count('"event_loop": "uvloop"') == 2      # the default loop, both workers
 
     store = await h.keystore("spread")
     key = await h.key(store, "SECRET", "db-password", secretValue="first value")

@@ -34,7 +34,7 @@ def register(sub) -> None:
     run.add_argument("--workers", type=int, metavar="N",
                      help="data-plane processes sharing the data port (SO_REUSEPORT); worker 0 also serves "
                           "management and runs the jobs (default: the config's `workers`, 1)")
-    run.set_defaults(func=_run)
+    run.set_defaults(func=_run_on_loop)
 
     init = s.add_parser("init", help="create data dir, root key, system key, dev CA, first project and operator",
                         description="Initialise a fresh key server. Prints the appkey and a bootstrap operator "
@@ -81,6 +81,12 @@ async def _init(args: argparse.Namespace) -> int:
     print(f"  operator token:  {res.token}")
     print("The token is shown only this once; export it as SKM_TOKEN for the CLI.")
     return 0
+
+
+def _run_on_loop(args: argparse.Namespace) -> int:
+    """`skm server run` on the configured event loop (uvloop when installed, by default)."""
+    from server import loops
+    return loops.run(_run(args), load_server_config(args).event_loop)
 
 
 async def _run(args: argparse.Namespace) -> int:
