@@ -17,6 +17,12 @@ its record is durable. The chain stays linear across replicas (the head row
 lock) and within a process (one writer).
 
 A write failure fails every request of its batch (503) unless `fail_closed` is off.
+
+The body HMAC covers a body the request's handler read; the middleware itself never
+reads from the connection. A request refused before its body was read (no operator
+token, too large, too slow, an unknown API version) is recorded with
+`bodyHmac: "not read"`: waiting for that body here would let a client that declared
+10 GiB and sent 1 KiB hold the request (and its audit record) open.
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ SKIP_PREFIXES = ("/console/static/",)                # the console's CSS/JS: no 
 # Requests whose body is a password: no body HMAC (an HMAC of a low-entropy secret under a key the
 # server holds is a password hash an insider could test guesses against).
 NO_BODY_HMAC = frozenset({("POST", "/api/v1/login"), ("POST", "/console/login")})
+BODY_NOT_READ = "not read"      # bodyHmac of a body nobody read (the request was refused before that)
 # The fields a record's hash covers, in this order.
 FIELDS = ("seq", "at", "plane", "actor", "actor_kind", "ip", "fingerprint", "mac", "method", "route", "action",
           "keystore_id", "key_id", "status", "result", "reason", "detail", "prev_hash")
@@ -279,8 +286,8 @@ class Audit:
                 raise
             try:
                 await self._record(request, plane, der, resp.status)
-            except Exception:
-                log.exception("audit_write_failed", plane=plane, path=request.rel_url.path)
+            except Exception as e:
+                _log_write_failure(e, plane, request)
                 if self.settings.fail_closed and not resp.prepared:
                     from server.api.middleware import error_response
                     return error_response(Unavailable("the audit log cannot be written, so the request is "
@@ -291,8 +298,8 @@ class Audit:
     async def _record_quietly(self, request: web.Request, plane: str, der: bytes | None, status: int) -> None:
         try:
             await self._record(request, plane, der, status)
-        except Exception:
-            log.exception("audit_write_failed", plane=plane, path=request.rel_url.path)
+        except Exception as e:
+            _log_write_failure(e, plane, request)
 
     async def _record(self, request: web.Request, plane: str, der: bytes | None, status: int) -> None:
         rec = await self.describe(request, plane, der, status)
@@ -307,11 +314,10 @@ class Audit:
         if rid and len(rid) <= 64:
             detail["requestId"] = rid
         if request.body_exists and (request.method, request.path.rstrip("/")) not in NO_BODY_HMAC:
-            try:
-                body = await request.read()
-            except Exception:      # too large, or the peer left: nothing to fingerprint
-                body = None
-            if body:
+            body = await _body_read_by_handler(request)
+            if body is None:
+                detail["bodyHmac"] = BODY_NOT_READ
+            elif body:
                 mac = await self.hmac(body)
                 detail["bodyHmac"] = mac if mac is not None else "unavailable (sealed)"
         rec: dict[str, Any] = {"plane": plane, "method": request.method, "route": route, "status": status,
@@ -351,6 +357,30 @@ class Audit:
                 rec["reason"] = f"HTTP {status}"
         rec["detail"] = detail
         return rec
+
+
+async def _body_read_by_handler(request: web.Request) -> bytes | None:
+    """The body the handler read, or None when it was not read to its end.
+
+    `at_eof()` (all of the body received and consumed) says the handler read it; aiohttp keeps
+    what `read()`/`json()`/`post()` read, so `read()` returns it without touching the connection.
+    Otherwise the body was refused unread (or only partly read): reading it now would wait on the
+    client, so it is left alone."""
+    if not request.content.at_eof():
+        return None
+    try:
+        return await request.read()
+    except Exception:      # nothing to fingerprint
+        return None
+
+
+def _log_write_failure(e: Exception, plane: str, request: web.Request) -> None:
+    if isinstance(e, SKMError):
+        # Expected (e.g. the database is unreachable): the reason, no stack trace.
+        log.warning("audit_write_failed", plane=plane, path=request.rel_url.path, result=e.message,
+                    error_type=type(e).__name__)
+    else:
+        log.exception("audit_write_failed", plane=plane, path=request.rel_url.path)
 
 
 def _skipped(path: str) -> bool:

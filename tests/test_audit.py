@@ -287,3 +287,68 @@ async def test_static_files_and_login_passwords_stay_out_of_the_log(skm):
     row = await db.fetchone("SELECT detail FROM audit_log WHERE route = '/api/v1/keystores' AND method = 'POST' "
                             "ORDER BY seq DESC LIMIT 1")
     assert json.loads(row["detail"])["bodyHmac"].startswith("hmac-sha256:")
+
+
+async def _send_unfinished(h, port: int, head: str, body: bytes, timeout: float) -> tuple[int, float]:
+    """Send headers and (part of) a body over TLS, never the rest; the status line and how long it took."""
+    import time
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=h.ssl(), server_hostname="127.0.0.1")
+    t0 = time.monotonic()
+    try:
+        writer.write(head.encode() + body)
+        await writer.drain()
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+        except asyncio.TimeoutError:
+            return 0, time.monotonic() - t0           # the server waits for the body: the bug
+        return int(line.split()[1]), time.monotonic() - t0
+    finally:
+        writer.close()
+
+
+async def test_refused_bodies_are_audited_without_being_read(skm):
+    """A request refused before its handler read the body is audited with bodyHmac "not read", at once:
+    the audit middleware never reads from the connection (a client that declares 10 GiB and sends 1 KiB
+    does not hold the request open), and a complete body that was refused is not fingerprinted either."""
+    from server.audit import BODY_NOT_READ
+    db = skm.rt.storage
+    store = await skm.keystore("unread")
+    aes = await skm.key(store, "SYMMETRIC_KEY", "aes")
+    before = int(await db.fetchval("SELECT seq FROM audit_head WHERE id = 1"))
+    limit = skm.rt.config.body_timeout / 2        # far below the body deadline: nobody waited for the body
+    mgmt_port, data_port = skm.server.mgmt_port, skm.server.data_port
+    huge = "Content-Type: application/json\r\nContent-Length: 10737418240\r\n\r\n"
+    small = b'{"name": "refused-before-read", "description": "unread"}'
+    encrypt = f"/keymanager/v1.0/appkey/{skm.appkey}/symmetric-keys/{aes['keyId']}/encrypt"
+    cases = {
+        # management plane, no operator token: refused before the body is read
+        "mgmt 10 GiB declared, 1 KiB sent, no token": (
+            mgmt_port, "/api/v1/keystores", f"POST /api/v1/keystores HTTP/1.1\r\nHost: x\r\n{huge}", b"{" * 1024, 401),
+        "mgmt small complete body, no token": (
+            mgmt_port, "/api/v1/keystores", "POST /api/v1/keystores HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(small)}\r\n\r\n", small, 401),
+        # data plane: a declared length over the limit is refused before reading
+        "data 10 GiB declared, 1 KiB sent": (
+            data_port, "/symmetric-keys/", f"POST {encrypt} HTTP/1.1\r\nHost: x\r\n{huge}", b"{" * 1024, 413),
+    }
+    seen = {}
+    for what, (port, route_part, head, body, expect) in cases.items():
+        status, took = await _send_unfinished(skm, port, head, body, limit)
+        seen[what] = (status, round(took, 3))
+        assert status == expect, f"{what}: got {status or 'no answer'} after {took:.1f} s, expected {expect}"
+    await asyncio.sleep(0.05)
+    rows = await db.fetchall("SELECT route, status, actor, result, detail FROM audit_log WHERE seq > ? "
+                             "AND method = 'POST' ORDER BY seq", before)
+    refused = [r for r in rows if r["status"] in (401, 413)]
+    assert len(refused) == len(cases), rows
+    for r in refused:
+        assert json.loads(r["detail"]).get("bodyHmac") == BODY_NOT_READ, r
+        assert r["result"] in ("denied", "refused") and r["actor"] == "anonymous", r
+    # A body its handler did read is still fingerprinted.
+    st, _ = await skm.client("POST", f"/symmetric-keys/{aes['keyId']}/encrypt", json={"plaintext": "read me"})
+    assert st == 200
+    row = await db.fetchone("SELECT detail FROM audit_log WHERE route LIKE '%/encrypt' AND status = 200 "
+                            "ORDER BY seq DESC LIMIT 1")
+    assert json.loads(row["detail"])["bodyHmac"].startswith("hmac-sha256:")
+    print(f"audit of refused bodies: {seen} (status, seconds); {len(refused)} records with bodyHmac "
+          f"{BODY_NOT_READ!r}")

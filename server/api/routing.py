@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from server.api.timeouts import BODY_TIMEOUT
-from server.errors import (InvalidJSON, InvalidRequest, PayloadTooLarge, RequestTimeout, SKMError,
+from server.errors import (InvalidJSON, InvalidRequest, PayloadTooLarge, RequestTimeout,
                            UnsupportedMediaType)
 from server.runtime import KEY, RUNTIME, runtime
 
@@ -75,7 +75,6 @@ async def read_body(request: web.Request) -> bytes:
     limit = request.client_max_size
     length = request.content_length
     if limit and length is not None and length > limit:
-        _abandon_body(request)
         raise PayloadTooLarge(f"the request body is larger than this server accepts ({limit} bytes)")
     rt = request.config_dict.get(RUNTIME)
     seconds = rt.config.body_timeout if rt is not None else BODY_TIMEOUT
@@ -83,21 +82,9 @@ async def read_body(request: web.Request) -> bytes:
         async with asyncio.timeout(seconds):
             return await request.read()
     except TimeoutError:
-        _abandon_body(request)
         raise RequestTimeout(f"the request body did not arrive within {seconds:g} s") from None
     except web.HTTPRequestEntityTooLarge:
-        _abandon_body(request)
         raise PayloadTooLarge(f"the request body is larger than this server accepts ({limit} bytes)") from None
-
-
-def _abandon_body(request: web.Request) -> None:
-    """A refused body is never read: later `request.read()` calls (the audit middleware's body HMAC)
-    get b"" at once instead of waiting for bytes that may never come (Content-Length 10 GiB, 1 KiB sent).
-    aiohttp caches the body in `_read_bytes`; there is no public way to say "no body"."""
-    try:
-        request._read_bytes = b""
-    except AttributeError:       # a future aiohttp without the cache: the caller waits as before
-        pass
 
 
 def _all_optional(model: type[BaseModel]) -> bool:
@@ -261,16 +248,14 @@ def _wrap(r: Route, full_path: str | None = None) -> Callable[[web.Request], Awa
         full_path == MGMT_PREFIX or full_path.startswith(MGMT_PREFIX + "/"))
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        try:
-            if r.versions is not None and request.match_info.get("version") not in r.versions:
-                from server.errors import URLNotFound
-                raise URLNotFound(f"this endpoint exists in API {', '.join(r.versions)} only")
-            if auth_first:
-                from server.api.mgmt.auth import operator
-                await operator(request)
-        except SKMError:
-            _abandon_body(request)     # refused before its body was read: nobody waits for it
-            raise
+        # A request refused here or in read_body leaves its body unread; the audit middleware
+        # records it without reading it (server/audit.py).
+        if r.versions is not None and request.match_info.get("version") not in r.versions:
+            from server.errors import URLNotFound
+            raise URLNotFound(f"this endpoint exists in API {', '.join(r.versions)} only")
+        if auth_first:
+            from server.api.mgmt.auth import operator
+            await operator(request)
         body = await read_model(request, r.body, optional=r.body_optional) if r.body is not None else None
         result = await r.handler(request, body)
         used = request.get(KEY)

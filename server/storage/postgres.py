@@ -5,6 +5,13 @@ Statements arrive with `?` placeholders and are translated to `$1..$n` once
 starting together migrate once. Job leadership uses session-level advisory
 locks on a dedicated connection; change notifications use LISTEN/NOTIFY on
 another dedicated connection that reconnects by itself.
+
+While the database cannot be reached (restarting, down, refusing connections)
+every statement raises `Unavailable` (503, a clean envelope, nothing of the
+driver's text), logged once per outage; the pool replaces the dead connections
+on next use, so service resumes by itself when the database is back. The pool
+keeps no connection floor (min_size 0): restoring one in the background while
+the database is down only fills the log with the driver's stack traces.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import asyncio
 import hashlib
 import inspect
 import re
+import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager, suppress
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
@@ -19,10 +27,30 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from server import logs
+from server.errors import Unavailable
 from server.storage.base import Executor, Row, Storage
 from server.storage.migrations import MIGRATIONS, render
 
 Callback = Callable[[str], Awaitable[None] | None]
+log = logs.get("skm.storage")
+
+# What the database being down, restarting or out of connections looks like from here. (TimeoutError:
+# connect, acquire or command timeout; it is an OSError on 3.11 but named for clarity.)
+_OUTAGE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+           asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError)
+
+
+def is_outage(e: BaseException) -> bool:
+    """The database cannot be reached or is going away (not a statement's own error)."""
+    if isinstance(e, _OUTAGE):
+        return True
+    # asyncpg reports a connection that died under it as InterfaceError "connection is closed" too, and
+    # one the server terminated while idle as InternalClientError "another operation is in progress"
+    # on its next statement (seen on `pg_ctl restart -m fast`).
+    if isinstance(e, asyncpg.InterfaceError):
+        return "closed" in str(e)
+    return isinstance(e, asyncpg.exceptions.InternalClientError)
 
 _MIGRATION_LOCK = "skm:schema-migrations"
 
@@ -126,6 +154,7 @@ class PostgresStorage(Storage):
         self._sql = _SqlCache()
         self._pool: asyncpg.Pool | None = None
         self._closing = False
+        self._down_since: float | None = None     # monotonic time the current outage was first seen
         # leadership locks
         self._lock_conn: asyncpg.Connection | None = None
         self._lock_mutex = asyncio.Lock()
@@ -147,7 +176,7 @@ class PostgresStorage(Storage):
     async def open(self) -> None:
         self._closing = False
         self._pool = await asyncpg.create_pool(
-            self._dsn, min_size=1, max_size=self._max_size, timeout=self._connect_timeout,
+            self._dsn, min_size=0, max_size=self._max_size, timeout=self._connect_timeout,
             command_timeout=self._command_timeout, server_settings={"application_name": "skm"})
         try:
             await self._migrate()
@@ -200,26 +229,78 @@ class PostgresStorage(Storage):
             raise RuntimeError("storage is not open")
         return self._pool.acquire(timeout=self._acquire_timeout)
 
+    def _unavailable(self, e: BaseException) -> Unavailable:
+        """The error a caller sees while the database is unreachable; the first one of an outage is logged."""
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("database_unavailable", error_type=type(e).__name__)
+        return Unavailable("the database cannot be reached; try again shortly")
+
+    def _reachable(self) -> None:
+        if self._down_since is not None:
+            log.info("database_available", seconds_unavailable=round(time.monotonic() - self._down_since, 1))
+            self._down_since = None
+
     async def fetchone(self, sql: str, *args: Any) -> Row | None:
-        async with self._acquire() as conn:
-            return await _Conn(conn, self._sql).fetchone(sql, *args)
+        try:
+            async with self._acquire() as conn:
+                row = await _Conn(conn, self._sql).fetchone(sql, *args)
+        except Exception as e:
+            if is_outage(e):
+                raise self._unavailable(e) from None
+            raise
+        if self._down_since is not None:
+            self._reachable()
+        return row
 
     async def fetchall(self, sql: str, *args: Any) -> list[Row]:
-        async with self._acquire() as conn:
-            return await _Conn(conn, self._sql).fetchall(sql, *args)
+        try:
+            async with self._acquire() as conn:
+                rows = await _Conn(conn, self._sql).fetchall(sql, *args)
+        except Exception as e:
+            if is_outage(e):
+                raise self._unavailable(e) from None
+            raise
+        if self._down_since is not None:
+            self._reachable()
+        return rows
 
     async def execute(self, sql: str, *args: Any) -> int:
-        async with self._acquire() as conn:
-            return await _Conn(conn, self._sql).execute(sql, *args)
+        try:
+            async with self._acquire() as conn:
+                n = await _Conn(conn, self._sql).execute(sql, *args)
+        except Exception as e:
+            if is_outage(e):
+                raise self._unavailable(e) from None
+            raise
+        if self._down_since is not None:
+            self._reachable()
+        return n
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        async with self._acquire() as conn, conn.transaction():
-            await conn.executemany(self._sql(sql), rows)
+        try:
+            async with self._acquire() as conn, conn.transaction():
+                await conn.executemany(self._sql(sql), rows)
+        except Exception as e:
+            if is_outage(e):
+                raise self._unavailable(e) from None
+            raise
+        if self._down_since is not None:
+            self._reachable()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
-        async with self._acquire() as conn, conn.transaction():
-            yield _Conn(conn, self._sql)
+        # A connection lost mid-transaction (or at COMMIT) is Unavailable too: the caller never
+        # acknowledges that write, whether or not the database kept it.
+        try:
+            async with self._acquire() as conn, conn.transaction():
+                yield _Conn(conn, self._sql)
+        except Exception as e:
+            if is_outage(e):
+                raise self._unavailable(e) from None
+            raise
+        if self._down_since is not None:
+            self._reachable()
 
     # -- leadership --------------------------------------------------------
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.hygiene import Hygiene
-from tests.reliability.procs import ServerProcess
+from tests.reliability.procs import ServerProcess, SidecarProcess
 
 _HYGIENE = Hygiene()
 _NUMBERS: list[tuple[str, str]] = []
@@ -62,6 +62,25 @@ async def server_proc(tmp_path: Path, hygiene):
             hygiene.path(p)
         if srv.init is not None and not srv.harvested:
             await hygiene.harvest(srv.config, f"server process {srv.tmp}")
+
+
+@pytest.fixture
+async def sidecar_proc(tmp_path: Path, hygiene, server_proc):
+    """Factory of `skm sidecar` subprocesses in front of a server_proc; each is stopped (before the servers)
+    and its logs kept."""
+    made: list[SidecarProcess] = []
+
+    async def make(srv: ServerProcess, keystore_id: int, sub: str = "sidecar", **kw) -> SidecarProcess:
+        sc = await SidecarProcess.create(tmp_path / sub, srv, keystore_id, **kw)
+        hygiene.secret(sc.password, f"{sub} PKCS#12 password")
+        made.append(sc)
+        return sc
+
+    yield make
+    for sc in made:
+        await sc.stop()
+        for p in sc.log_paths:
+            hygiene.path(p)
 
 
 def pytest_collection_modifyitems(session, config, items):

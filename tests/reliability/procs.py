@@ -283,3 +283,94 @@ class SystemKeyProcess:
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.log_paths if p.exists())
+
+
+# -- the sidecar as a process ------------------------------------------------------------------
+_SIDECAR_SERVING = "sidecar: serving"
+
+
+@dataclass
+class SidecarProcess:
+    """`skm sidecar --config FILE` in front of a ServerProcess, with a host certificate the key
+    server issued for one key store (PKCS#12 bundle and password file, both 0600)."""
+    tmp: Path
+    config_path: Path
+    socket: Path
+    env: dict[str, str]
+    password: str
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+    log_paths: list[Path] = field(default_factory=list)
+
+    @classmethod
+    async def create(cls, tmp: Path, srv: ServerProcess, keystore_id: int, *, name: str = "sidecar-host",
+                     **settings: Any) -> "SidecarProcess":
+        import secrets as _secrets
+        tmp.mkdir(parents=True, exist_ok=True)
+        password = _secrets.token_urlsafe(18)
+        async with srv.session() as s:
+            st, out = await mgmt(s, srv, "POST", f"/keystores/{keystore_id}/certificates",
+                                 {"name": name, "password": password, "lifeTime": 30})
+            assert st == 201, out
+            async with s.get(f"{srv.mgmt_url}/api/v1/keystores/{keystore_id}/certificates/{name}/bundle",
+                             headers=srv.bearer()) as r:
+                assert r.status == 200, await r.text()
+                bundle = await r.read()
+        p12, pw = tmp / "host.p12", tmp / "host.p12.password"
+        for path, data in ((p12, bundle), (pw, password.encode())):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        sock = tmp / "sidecar.sock"
+        data: dict[str, Any] = {"appkey": srv.appkey, "log_format": "json", "log_level": "info",
+                                "upstream": {"urls": [srv.data_url], "ca": str(srv.ca), "pkcs12": str(p12),
+                                             "pkcs12_password_file": str(pw)},
+                                "listen": {"socket": str(sock)}}
+        for k, v in settings.items():
+            data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
+        path = tmp / "sidecar.toml"
+        write_toml(path, data)
+        return cls(tmp, path, sock, clean_env(), password)
+
+    async def start(self, timeout: float = 30) -> "SidecarProcess":
+        self.starts += 1
+        log = self.tmp / f"sidecar-{self.starts}.log"
+        self.log_paths.append(log)
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([str(SKM), "sidecar", "--config", str(self.config_path)], stdout=out,
+                                         stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _SIDECAR_SERVING in log.read_text(errors="replace"):
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"skm sidecar exited {self.proc.returncode}:\n{log.read_text()[-3000:]}")
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"skm sidecar did not serve within {timeout}s:\n{log.read_text()[-3000:]}")
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(self.proc.wait, 15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def session(self, **kw: Any) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession("http://sidecar", connector=aiohttp.UnixConnector(path=str(self.socket),
+                                                                                      limit=kw.pop("limit", 100)),
+                                     timeout=aiohttp.ClientTimeout(total=kw.pop("total", 30)), **kw)
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.log_paths if p.exists())

@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from server.errors import Unavailable
 from server.storage.base import Storage, open_storage
 from server.storage.migrations import MIGRATIONS, render
 from server.storage.postgres import PostgresStorage, lock_key, rowcount, translate_placeholders
@@ -312,8 +313,13 @@ async def test_survives_postgres_restart(pg_cluster: PostgresCluster) -> None:
             assert await a.try_lock("skm-jobs") is True
             await pg_cluster.stop_async()
             try:
-                with pytest.raises((OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+                # A clean 503 error, none of the driver's own exceptions (or their text).
+                with pytest.raises(Unavailable) as err:
                     await b.fetchval("SELECT 1 AS one")
+                assert err.value.status == 503 and err.value.__cause__ is None
+                with pytest.raises(Unavailable):
+                    async with b.transaction() as tx:
+                        await tx.execute("SELECT 1")
             finally:
                 await pg_cluster.start_async()
             # pooled connections the server closed are replaced on next use
