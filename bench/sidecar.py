@@ -4,6 +4,7 @@ drive with the anti-SSRF header). A long cache TTL keeps the secret a cache hit 
 push invalidation stays on, as in production."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from bench import procs
@@ -22,11 +23,14 @@ def config_text(fx: Fixture, upstream: str, socket: Path) -> str:
     ]) + "\n"
 
 
-def launch(fx: Fixture, upstream: str, name: str = "sidecar") -> procs.Proc:
+def launch(fx: Fixture, upstream: str, name: str = "sidecar", *, uvloop: bool = False) -> procs.Proc:
+    """`skm sidecar --config` pinned to the server core; on uvloop (through bench.serve) when asked."""
     sock = fx.dir / f"{name}.sock"
     cfg = fx.dir / f"{name}.toml"
     cfg.write_text(config_text(fx, upstream, sock))
-    p = procs.start(name, [procs.venv_bin("skm"), "sidecar", "--config", str(cfg)], fx.dir / f"{name}.log")
+    args = ["sidecar", "--config", str(cfg)]
+    cmd = [sys.executable, "-m", "bench.serve", "--uvloop", "--", *args] if uvloop else [procs.venv_bin("skm"), *args]
+    p = procs.start(name, cmd, fx.dir / f"{name}.log")
     m = p.wait_for(r"sidecar: serving (\S+) and http://127\.0\.0\.1:(\d+)")
     p.info = {"socket": m.group(1), "tcp_url": f"http://127.0.0.1:{m.group(2)}"}
     return p

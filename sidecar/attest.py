@@ -2,10 +2,13 @@
 
 The sidecar sends it (X-TOAST-CLIENT-MAC-ADDR) over mTLS with the host
 certificate that binds it; an `attested` key store accepts the claim only in
-that combination. The route and address come from scapy (only the submodules
-needed, imported lazily in a thread: `scapy.all` costs 1-2 s), with
-/proc/net/route + /sys/class/net as the fallback. It is re-read periodically so
-a changed NIC or address is picked up without a restart.
+that combination. The route and the address come from the kernel's own files:
+/proc/net/route (longest prefix, then lowest metric, routes that are up; the
+table scapy reads too) and /sys/class/net/<if>/address. scapy is the fallback
+where those files do not answer (no /proc, an interface without a sysfs entry):
+it is imported only then (in a thread), since loading it costs ~20 MB of
+resident memory and its route resync costs CPU on every re-read. The MAC is
+re-read periodically so a changed NIC or address is picked up without a restart.
 """
 from __future__ import annotations
 
@@ -37,23 +40,28 @@ def _hwaddr_scapy(iface: str) -> str:
     return get_if_hwaddr(iface)
 
 
-def _route_proc(ip: str) -> str | None:
-    """Longest-prefix match over /proc/net/route (IPv4), loopback for 127/8."""
+RTF_UP = 0x1
+
+
+def _route_proc(ip: str, table: Path = Path("/proc/net/route")) -> str | None:
+    """Longest-prefix match over /proc/net/route (IPv4; lowest metric among equals), lo for 127/8."""
     addr = ipaddress.IPv4Address(ip)
     if addr.is_loopback:
         return "lo"
-    best: tuple[int, str] | None = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+    best: tuple[int, int, str] | None = None          # (prefix length, -metric, interface)
+    with contextlib.suppress(OSError, ValueError):
+        for line in table.read_text().splitlines()[1:]:
             f = line.split()
-            if len(f) < 8:
+            if len(f) < 8 or not int(f[3], 16) & RTF_UP:
                 continue
             dest = ipaddress.IPv4Address(struct.pack("<I", int(f[1], 16)))
             mask = ipaddress.IPv4Address(struct.pack("<I", int(f[7], 16)))
             net = ipaddress.IPv4Network(f"{dest}/{mask}", strict=False)
-            if addr in net and (best is None or net.prefixlen > best[0]):
-                best = (net.prefixlen, f[0])
-    return best[1] if best else None
+            if addr in net:
+                cand = (net.prefixlen, -int(f[6]), f[0])
+                if best is None or cand[:2] > best[:2]:
+                    best = cand
+    return best[2] if best else None
 
 
 def _hwaddr_sys(iface: str) -> str:
@@ -62,19 +70,21 @@ def _hwaddr_sys(iface: str) -> str:
 
 def read_mac(server_ip: str, interface: str = "") -> tuple[str, str]:
     """(interface, MAC) of the interface that routes to `server_ip`. Blocking: call in a thread."""
-    iface = interface or None
-    if iface is None:
+    iface = interface or _route_proc(server_ip)
+    if not iface:
         try:
             iface = _route_scapy(server_ip)
-        except Exception:       # scapy missing or its route table unreadable: the kernel's files
+        except Exception:       # scapy missing or its route table unreadable too
             iface = None
-        iface = iface or _route_proc(server_ip)
     if not iface:
         raise OSError(f"no interface routes to {server_ip}")
     try:
-        mac = _hwaddr_scapy(iface)
-    except Exception:
         mac = _hwaddr_sys(iface)
+    except OSError:
+        try:
+            mac = _hwaddr_scapy(iface)
+        except Exception:
+            raise OSError(f"cannot read the MAC address of {iface}") from None
     return iface, normalize_mac(mac)
 
 
@@ -100,8 +110,9 @@ class Attestor:
 
     async def refresh(self) -> bool:
         try:
-            ip = await asyncio.to_thread(resolve_ip, self.server_host)
-            iface, mac = await asyncio.to_thread(read_mac, ip, self.interface)
+            # One hop to a thread per re-read: each hop can hold the event loop up to the GIL switch
+            # interval (5 ms) while the loop is busy serving.
+            iface, mac = await asyncio.to_thread(lambda: read_mac(resolve_ip(self.server_host), self.interface))
         except (OSError, ValueError) as e:
             self.error = f"cannot read the MAC of the interface to the key server: {e}"
             log.warning("attest_failed", reason=self.error)

@@ -8,6 +8,12 @@ When the key server fails (unreachable or 5xx), an entry up to
 A push event drops a key's entries at once; a fetch that raced a drop is not
 stored, so a value the server has replaced never comes back from the cache.
 Values live only in this process's memory.
+
+A reader may pass `encode(body, content_type) -> bytes` (the local API's encoded
+response: its fixed headers and the body, built once per entry); the bytes live and
+die with the entry (replaced on refill, dropped by TTL eviction, push events and
+drops) and count against the byte bound. `peek()` is the synchronous hit check the
+local fast path uses; everything else goes through `get()`.
 """
 from __future__ import annotations
 
@@ -29,10 +35,11 @@ class Entry:
     content_type: str
     fetched: float              # monotonic
     expired: bool = False       # set when events may have been missed: usable only as an outage fallback
+    wire: bytes = b""           # the reader's encoding of this entry (Cache(encode=...)), built once
 
     @property
     def size(self) -> int:
-        return len(self.body) + ENTRY_OVERHEAD
+        return len(self.body) + len(self.wire) + ENTRY_OVERHEAD
 
 
 @dataclass
@@ -45,21 +52,32 @@ class Result:
 
 
 Fetch = Callable[[], Awaitable[UpstreamResponse]]
+Encode = Callable[[bytes, str], bytes]
 
 
 class Cache:
     def __init__(self, ttl: float = 30.0, max_entries: int = 10_000, max_bytes: int = 16 << 20,
-                 stale_if_error: float = 300.0, metrics=None, clock=time.monotonic) -> None:
+                 stale_if_error: float = 300.0, metrics=None, clock=time.monotonic,
+                 encode: Encode | None = None) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.stale_if_error = stale_if_error
         self.metrics = metrics
         self.clock = clock
+        self.encode = encode
+        # Misses and stale answers count straight into Prometheus; hits (the hot path) in self.hits,
+        # added to the metric when it is scraped (SidecarMetrics.pending).
+        self._counters = {w: metrics.cache_requests.labels(w) for w in ("miss", "stale")} \
+            if metrics is not None else {}
+        self._hits_exported = 0
+        if metrics is not None:
+            metrics.pending.append(self._export_hits)
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._by_key: dict[str, set[str]] = {}
         self._inflight: dict[str, asyncio.Future[Result]] = {}
-        self._gen: dict[str, int] = {}        # per key id, bumped by every drop
+        self._gen: dict[str, int] = {}        # per key id with a fill in flight, bumped by a drop meanwhile
+        self._filling: dict[str, int] = {}    # key id -> fills in flight (only those can race with a drop)
         self._epoch = 0                       # bumped by drop_all / expire_all
         self.bytes = 0
         self.hits = self.misses = self.stale = 0
@@ -79,13 +97,23 @@ class Cache:
                 "hits": self.hits, "misses": self.misses, "staleServed": self.stale,
                 "hitRatio": self.hit_ratio}
 
-    async def get(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
-        now = self.clock()
+    def peek(self, ckey: str) -> tuple[Entry, float] | None:
+        """(entry, age) when `ckey` is a fresh hit, counted as one; None otherwise (then call get())."""
         e = self._entries.get(ckey)
-        if e is not None and not e.expired and now - e.fetched < self.ttl:
-            self._entries.move_to_end(ckey)
-            self._count("hit")
-            return Result(200, e.body, e.content_type, "hit", now - e.fetched)
+        if e is None or e.expired:
+            return None
+        age = self.clock() - e.fetched
+        if age >= self.ttl:
+            return None
+        self._entries.move_to_end(ckey)
+        self._count("hit")
+        return e, age
+
+    async def get(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
+        hit = self.peek(ckey)
+        if hit is not None:
+            e, age = hit
+            return Result(200, e.body, e.content_type, "hit", age)
         fut = self._inflight.get(ckey)
         if fut is not None:
             return await asyncio.shield(fut)
@@ -105,6 +133,18 @@ class Cache:
             self._inflight.pop(ckey, None)
 
     async def _fill(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
+        self._filling[key_id] = self._filling.get(key_id, 0) + 1
+        try:
+            return await self._fill_once(ckey, key_id, fetch)
+        finally:
+            left = self._filling[key_id] - 1
+            if left:
+                self._filling[key_id] = left
+            else:                      # nothing in flight: no generation to remember (bounded by fills)
+                del self._filling[key_id]
+                self._gen.pop(key_id, None)
+
+    async def _fill_once(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
         gen, epoch = self._gen.get(key_id, 0), self._epoch
         try:
             resp = await fetch()
@@ -116,7 +156,10 @@ class Cache:
         if resp.status == 200:
             self._count("miss")
             if self._gen.get(key_id, 0) == gen and self._epoch == epoch:
-                self._store(ckey, Entry(key_id, resp.body, resp.content_type, self.clock()))
+                e = Entry(key_id, resp.body, resp.content_type, self.clock())
+                if self.encode is not None:
+                    e.wire = self.encode(e.body, e.content_type)
+                self._store(ckey, e)
             return Result(200, resp.body, resp.content_type, "miss")
         if resp.server_error:
             stale = self._stale(ckey)
@@ -164,7 +207,8 @@ class Cache:
 
     def drop_key(self, key_id: str) -> int:
         """A push event or a write through the sidecar: this key's values are no longer current."""
-        self._gen[key_id] = self._gen.get(key_id, 0) + 1
+        if key_id in self._filling:   # a fill that started before this drop must not store its answer
+            self._gen[key_id] = self._gen.get(key_id, 0) + 1
         n = 0
         for ckey in list(self._by_key.get(key_id, ())):
             self._remove(ckey)
@@ -202,8 +246,14 @@ class Cache:
             self.misses += 1
         else:
             self.stale += 1
-        if self.metrics is not None:
-            self.metrics.cache_requests.labels(what).inc()
+        c = self._counters.get(what)
+        if c is not None:
+            c.inc()
+
+    def _export_hits(self) -> None:
+        n, self._hits_exported = self.hits - self._hits_exported, self.hits
+        if n:
+            self.metrics.cache_requests.labels("hit").inc(n)
 
     def _gauge(self) -> None:
         if self.metrics is not None:

@@ -9,6 +9,13 @@ socket each caller's uid/gid comes from SO_PEERCRED and an optional allow-list
 per key or key store decides; the TCP listener answers 127.0.0.1 only and
 requires `X-SKM-Request: 1` so a browser or an SSRF-able service on the host
 cannot be steered into it.
+
+Connections are served by `sidecar.fastpath.LocalConnection`: a plain GET of a
+cacheable path (a secret, a public key) is answered by `answer()` below without
+aiohttp's request pipeline, the rest by the aiohttp application built here. Both
+use the same gate, policy, cache and error envelopes, count the same metrics and
+bind the same request id to log lines. The caller's credentials (SO_PEERCRED)
+are read once per connection, when it is made.
 """
 from __future__ import annotations
 
@@ -24,12 +31,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 from aiohttp import web
 
 from server import logs
-from server.api import middleware
-from server.errors import ConfigError, Forbidden, Unavailable, URLNotFound
-from sidecar.cache import Cache
+from server.errors import (ConfigError, Forbidden, MethodNotAllowed, PayloadTooLarge, SKMError, Unavailable,
+                           URLNotFound)
+from sidecar import fastpath
+from sidecar.cache import Cache, Result
 from sidecar.settings import AccessRule, SidecarConfig
 from sidecar.upstream import Upstream, UpstreamUnavailable
 
@@ -44,6 +53,11 @@ _KEY = re.compile(r"^/(?:secrets|symmetric-keys|asymmetric-keys|keys)/([0-9a-f]{
 _STORE = re.compile(r"^/keystores/(\d{1,12})(?:/keys/([0-9a-f]{32}))?(?:/|$)")
 CALLER = web.RequestKey("skm_sidecar_caller", object) if hasattr(web, "RequestKey") else "skm_sidecar_caller"
 _CACHEABLE = re.compile(r"^/(?:secrets/[0-9a-f]{32}|asymmetric-keys/[0-9a-f]{32}/publicKey)$")
+_CREDENTIALS_LOWER = tuple(h.lower().encode() for h in CREDENTIAL_HEADERS)
+# The key server's envelope encoding (server.api.routing), without importing the server's API stack.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_INTERNAL = {"header": {"resultCode": -9999, "resultMessage": "Internal Error", "isSuccessful": False}, "body": None}
+_JSON_UTF8 = "application/json; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,12 @@ class Caller:
 
 
 def peer_of(request: web.Request) -> Caller:
-    transport = request.transport
+    return caller_of(request.transport)
+
+
+def caller_of(transport, groups: bool = True) -> Caller:
+    """Who is on the other end: SO_PEERCRED (fixed when the peer connected) for the Unix socket.
+    `groups` reads the peer's supplementary groups from /proc (only the allow-list needs them)."""
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None:
         raise Forbidden("the caller went away")
@@ -64,7 +83,7 @@ def peer_of(request: web.Request) -> Caller:
         return Caller("tcp")
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                         struct.calcsize("3i")))
-    return Caller("unix", uid, gid, pid, frozenset({gid, *_supplementary_groups(pid)}))
+    return Caller("unix", uid, gid, pid, frozenset({gid, *(_supplementary_groups(pid) if groups else ())}))
 
 
 def _supplementary_groups(pid: int) -> set[int]:
@@ -136,14 +155,23 @@ class Policy:
         # Fail closed: a rule we cannot evaluate must not fall through to the default.
         raise Unavailable("cannot check the local access rules: the key server did not list the key store's keys")
 
-    async def check(self, caller: Caller, t: Target) -> None:
+    def _fresh_keys(self, sid: int) -> frozenset[str] | None:
+        cached = self._members.get(sid)
+        if cached is not None and time.monotonic() - cached[1] < self.ttl:
+            return cached[0]
+        return None
+
+    def _rules(self, t: Target, members: dict[int, frozenset[str]]) -> list[AccessRule]:
         rules = list(self.key_rules.get(t.key_id, ())) if t.key_id else []
         if t.keystore_id is not None:
             rules += self.store_rules.get(t.keystore_id, ())
         if t.key_id:
             for sid, srules in self.store_rules.items():
-                if sid != t.keystore_id and t.key_id in await self._store_keys(sid):
+                if sid != t.keystore_id and t.key_id in members[sid]:
                     rules += srules
+        return rules
+
+    def _decide(self, caller: Caller, rules: list[AccessRule]) -> None:
         if not rules:
             if self.default == "allow":
                 return
@@ -153,6 +181,27 @@ class Policy:
         if any(caller.uid in r.uids or (caller.groups & r.gids) for r in rules):
             return
         raise Forbidden("this local user is not on the allow-list for that key")
+
+    def _stores_to_ask(self, t: Target) -> list[int]:
+        return [sid for sid in self.store_rules if sid != t.keystore_id] if t.key_id else []
+
+    def allows_now(self, caller: Caller, t: Target) -> bool:
+        """True when `check` would pass without asking the key server; False: call `check`."""
+        members = {}
+        for sid in self._stores_to_ask(t):
+            keys = self._fresh_keys(sid)
+            if keys is None:
+                return False
+            members[sid] = keys
+        try:
+            self._decide(caller, self._rules(t, members))
+        except Forbidden:
+            return False
+        return True
+
+    async def check(self, caller: Caller, t: Target) -> None:
+        members = {sid: await self._store_keys(sid) for sid in self._stores_to_ask(t)}
+        self._decide(caller, self._rules(t, members))
 
 
 @dataclass
@@ -167,13 +216,26 @@ class LocalAPI:
     started: float = field(default_factory=time.monotonic)
     tcp_port: int | None = None
     credential_requests: int = 0
+    connections: dict = field(default_factory=dict)      # transport -> fastpath.LocalConnection
     _runners: list[web.AppRunner] = field(default_factory=list)
+    _servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    _reaper: asyncio.Task | None = None
     _logged: set = field(default_factory=set)
+    _targets: dict = field(default_factory=dict)         # raw path -> Target | None (not cacheable)
+
+    fast_hits: int = 0                                    # answered by the fast path, not yet in metrics
+
+    def __post_init__(self) -> None:
+        self.metrics.pending.append(self._export_hits)
+
+    def _export_hits(self) -> None:
+        n, self.fast_hits = self.fast_hits, 0
+        if n:
+            self.metrics.requests.labels("proxy", "200").inc(n)
 
     # ------------------------------------------------------------ app
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.cfg.listen.max_body_bytes,
-                              middlewares=[middleware.request_context, self._measure, middleware.errors, self._gate])
+        app = web.Application(client_max_size=self.cfg.listen.max_body_bytes, middlewares=[self._edge])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/metrics", self.prometheus)
@@ -181,17 +243,47 @@ class LocalAPI:
         return app
 
     @web.middleware
-    async def _measure(self, request: web.Request, handler):
-        resp = await handler(request)
+    async def _edge(self, request: web.Request, handler):
+        """Request id, the request counter, error envelopes and the gate, in that order (outside in)."""
+        rid = request.headers.get("X-Request-Id", "")
+        if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
+            rid = os.urandom(16).hex()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        try:
+            self._gate(request)
+            resp = await handler(request)
+        except SKMError as e:
+            resp = self._refused(e, request.rel_url.path)
+        except web.HTTPRequestEntityTooLarge:
+            resp = _error_response(PayloadTooLarge("the request body is larger than this server accepts"))
+        except web.HTTPNotFound:
+            resp = _error_response(URLNotFound("no such endpoint; check the path and API version"))
+        except web.HTTPMethodNotAllowed as e:
+            resp = _error_response(MethodNotAllowed(f"use {', '.join(sorted(e.allowed_methods))}"))
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            resp = _error_response(SKMError(e.reason, message=e.reason))
+        except Exception:
+            # Never echo an exception's text: it may hold anything.
+            log.exception("request_failed", path=request.rel_url.path)
+            resp = web.Response(text=_dumps(_INTERNAL), status=500, content_type="application/json")
         path = request.path
         kind = path.strip("/").replace("v1/", "") if path in ("/healthz", "/v1/status", "/metrics") else "proxy"
         self.metrics.requests.labels(kind, str(resp.status)).inc()
+        resp.headers["X-Request-Id"] = rid
         return resp
 
-    @web.middleware
-    async def _gate(self, request: web.Request, handler):
+    @staticmethod
+    def _refused(e: SKMError, path: str) -> web.Response:
+        log.info("request_refused", status=e.status, result=e.message, path=path)
+        return _error_response(e)
+
+    def _gate(self, request: web.Request) -> None:
         """Who may talk to the sidecar at all (before any route)."""
-        caller = peer_of(request)
+        conn = self.connections.get(request.transport)
+        caller = conn.caller if conn is not None and conn.caller is not None else peer_of(request)
         if caller.transport == "tcp":
             if request.remote != "127.0.0.1":
                 self.metrics.denials.labels("tcp_remote").inc()
@@ -200,7 +292,6 @@ class LocalAPI:
                 self.metrics.denials.labels("anti_ssrf").inc()
                 raise Forbidden(f"requests over TCP must carry the header {ANTI_SSRF_HEADER}: 1")
         request[CALLER] = caller
-        return await handler(request)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -243,28 +334,37 @@ class LocalAPI:
             raise Forbidden("this sidecar refuses requests carrying credentials; remove the "
                             f"{', '.join(sent)} header(s): the sidecar authenticates for you")
 
+    async def _check_policy(self, caller: Caller, t: Target) -> None:
+        if self.policy is None:
+            return
+        try:
+            await self.policy.check(caller, t)
+        except Forbidden:
+            self.metrics.denials.labels("allow_list").inc()
+            log.info("local_caller_refused", uid=caller.uid, key_id=t.key_id, keystore_id=t.keystore_id)
+            raise
+
+    async def _read_cached(self, t: Target, query: str) -> tuple[Result, dict[str, str]]:
+        """A cacheable read through the cache; the answer and its cache headers."""
+        ckey = f"{t.version} {t.suffix}?{query}"
+        res = await self.cache.get(ckey, t.key_id, lambda: self.upstream.request(
+            "GET", t.version, t.suffix, query=query))
+        headers = {"X-SKM-Cache": res.source}
+        if res.source in ("hit", "stale"):
+            headers["Age"] = str(int(res.age))
+        if res.source == "stale":
+            headers["X-SKM-Stale"] = f"true; age={int(res.age)}"
+            headers["Warning"] = '110 - "Response is Stale"'
+        return res, headers
+
     async def proxy(self, request: web.Request) -> web.Response:
         caller: Caller = request[CALLER]
         self._app_credentials(request, caller)
         t = parse_path(request.path, self.cfg.upstream.api_version)
-        if self.policy is not None:
-            try:
-                await self.policy.check(caller, t)
-            except Forbidden:
-                self.metrics.denials.labels("allow_list").inc()
-                log.info("local_caller_refused", uid=caller.uid, key_id=t.key_id, keystore_id=t.keystore_id)
-                raise
+        await self._check_policy(caller, t)
         query = request.rel_url.raw_query_string
         if request.method == "GET" and _CACHEABLE.match(t.suffix):
-            ckey = f"{t.version} {t.suffix}?{query}"
-            res = await self.cache.get(ckey, t.key_id, lambda: self.upstream.request(
-                "GET", t.version, t.suffix, query=query))
-            headers = {"X-SKM-Cache": res.source}
-            if res.source in ("hit", "stale"):
-                headers["Age"] = str(int(res.age))
-            if res.source == "stale":
-                headers["X-SKM-Stale"] = f"true; age={int(res.age)}"
-                headers["Warning"] = '110 - "Response is Stale"'
+            res, headers = await self._read_cached(t, query)
             return _response(res.status, res.body, res.content_type, headers)
         body = await request.read() if request.can_read_body else None
         resp = await self.upstream.request(request.method, t.version, t.suffix, query=query, body=body,
@@ -273,18 +373,93 @@ class LocalAPI:
             self.cache.drop_key(t.key_id)       # a write through the sidecar: our copy is out of date
         return _response(resp.status, resp.body, resp.content_type, {"X-SKM-Cache": "bypass"})
 
+    # ------------------------------------------------------------ the fast path (sidecar.fastpath)
+    def identify(self, transport, kind: str) -> tuple[Caller, bool]:
+        """The connection's caller, once; and for TCP whether the peer is 127.0.0.1."""
+        caller = caller_of(transport, groups=self.policy is not None)
+        local = kind == "unix" or (transport.get_extra_info("peername") or ("",))[0] == "127.0.0.1"
+        return caller, local
+
+    def _cacheable(self, path: str) -> Target | None:
+        try:
+            return self._targets[path]
+        except KeyError:
+            pass
+        try:
+            t = parse_path(path, self.cfg.upstream.api_version)
+        except URLNotFound:
+            t = None
+        if t is not None and not _CACHEABLE.match(t.suffix):
+            t = None
+        if len(self._targets) < 4096:
+            self._targets[path] = t
+        return t
+
+    def answer(self, conn, head: fastpath.Head):
+        """A plain GET on a connection: the response bytes (a fresh hit), an awaitable of them (anything
+        else the cacheable route answers), or None: aiohttp's pipeline must answer it."""
+        h = head.headers
+        if conn.kind == "tcp" and (not conn.local or h.get(b"x-skm-request") != b"1"):
+            return None                          # refused by the gate: aiohttp renders and counts it
+        for name in _CREDENTIALS_LOWER:
+            if name in h:
+                return None
+        t = self._cacheable(head.path)
+        if t is None:
+            return None
+        rid = fastpath.request_id(h)
+        if rid is None:
+            return None
+        if self.policy is None or self.policy.allows_now(conn.caller, t):
+            hit = self.cache.peek(f"{t.version} {t.suffix}?{head.query}")
+            if hit is not None:
+                e, age = hit
+                self.fast_hits += 1
+                if e.wire:
+                    return fastpath.encode_hit(e.wire, age, rid, head)
+                return fastpath.encode_response(200, [("X-SKM-Cache", "hit"), ("Age", str(int(age))),
+                                                      ("Content-Type", e.content_type or "application/json"),
+                                                      ("Cache-Control", "no-store")], e.body, rid, head)
+        return self._answer_later(conn.caller, t, head, rid)
+
+    async def _answer_later(self, caller: Caller, t: Target, head: fastpath.Head, rid: str) -> bytes:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        headers: list[tuple[str, str]]
+        try:
+            await self._check_policy(caller, t)
+            res, cache_headers = await self._read_cached(t, head.query)
+            status, body = res.status, res.body
+            headers = [*cache_headers.items(), ("Content-Type", res.content_type or "application/json"),
+                       ("Cache-Control", "no-store")]
+        except SKMError as e:
+            log.info("request_refused", status=e.status, result=e.message, path=head.path)
+            status, body, headers = e.status, _dumps(e.envelope()).encode(), [("Content-Type", _JSON_UTF8)]
+        except Exception:
+            log.exception("request_failed", path=head.path)
+            status, body, headers = 500, _dumps(_INTERNAL).encode(), [("Content-Type", _JSON_UTF8)]
+        self.metrics.requests.labels("proxy", str(status)).inc()
+        return fastpath.encode_response(status, headers, body, rid, head)
+
+    def make_handler(self):
+        """aiohttp's protocol for a connection the fast path hands over."""
+        return self._runners[0].server()
+
     # ------------------------------------------------------------ listeners
     async def start(self) -> None:
         runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False, shutdown_timeout=2)
         await runner.setup()
         self._runners.append(runner)
-        await self._unix_site(runner)
+        loop = asyncio.get_running_loop()
+        await self._unix_site(loop)
         if self.cfg.listen.tcp_port >= 0:
-            site = web.TCPSite(runner, "127.0.0.1", self.cfg.listen.tcp_port, reuse_port=False)
-            await site.start()
-            self.tcp_port = site._server.sockets[0].getsockname()[1]
+            srv = await loop.create_server(lambda: fastpath.LocalConnection(self, "tcp"), "127.0.0.1",
+                                           self.cfg.listen.tcp_port, backlog=128, reuse_address=True)
+            self._servers.append(srv)
+            self.tcp_port = srv.sockets[0].getsockname()[1]
+        self._reaper = asyncio.create_task(self._reap_idle(), name="sidecar-idle-connections")
 
-    async def _unix_site(self, runner: web.AppRunner) -> None:
+    async def _unix_site(self, loop) -> None:
         path = Path(self.cfg.listen.socket)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink() or path.exists():
@@ -295,22 +470,52 @@ class LocalAPI:
             path.unlink()                      # a stale socket left by a previous run
         old = os.umask(0o117)                  # born 0660: no window where others may connect
         try:
-            await web.UnixSite(runner, str(path)).start()
+            srv = await loop.create_unix_server(lambda: fastpath.LocalConnection(self, "unix"), str(path),
+                                                backlog=128)
         finally:
             os.umask(old)
+        self._servers.append(srv)
         gid = self.cfg.socket_gid()
         if gid is not None:
             os.chown(path, -1, gid)
         os.chmod(path, 0o660)
 
+    async def _reap_idle(self) -> None:
+        """Close fast-path connections idle past aiohttp's keep-alive timeout (aiohttp closes its own)."""
+        while True:
+            await asyncio.sleep(fastpath.IDLE_TIMEOUT / 5)
+            now = time.monotonic()
+            for conn in [c for c in self.connections.values() if c.idle_for(now) > fastpath.IDLE_TIMEOUT]:
+                conn.transport.close()
+
     async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reaper
+            self._reaper = None
+        servers, self._servers = self._servers, []
+        for srv in servers:
+            srv.close()
+        for conn in list(self.connections.values()):
+            if conn.inner is None:             # aiohttp's own are shut down (gracefully) by the runner
+                if conn.task is not None:
+                    conn.task.cancel()
+                conn.transport.close()
         for r in self._runners:
             await r.cleanup()
         self._runners.clear()
+        for srv in servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 2)
         with contextlib.suppress(FileNotFoundError):
             p = Path(self.cfg.listen.socket)
             if stat.S_ISSOCK(p.lstat().st_mode):
                 p.unlink()
+
+
+def _error_response(err: SKMError) -> web.Response:
+    return web.Response(text=_dumps(err.envelope()), status=err.status, content_type="application/json")
 
 
 def _response(status: int, body: bytes, content_type: str, headers: dict[str, str]) -> web.Response:

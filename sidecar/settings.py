@@ -51,6 +51,7 @@ class ListenConfig:
     socket_group: str = ""                # group name or gid owning the socket (mode 0660)
     tcp_port: int = -1                    # -1 off, 0 any free port; always 127.0.0.1 only
     max_body_bytes: int = 256 * 1024
+    fast_path: bool = True                # cached reads answered without aiohttp's pipeline (sidecar/fastpath.py)
 
 
 @dataclass(frozen=True)

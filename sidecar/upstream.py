@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from server import logs
 from server.access.tls import client_context
-from server.api.client.context import MAC_HEADER
 from server.errors import ConfigError, Unavailable
 from sidecar.attest import Attestor
 from sidecar.settings import SidecarConfig, read_secret_file
@@ -34,6 +33,9 @@ from sidecar.settings import SidecarConfig, read_secret_file
 log = logs.get("skm.sidecar.upstream")
 
 RETRY_STATUSES = frozenset({502, 503, 504})
+# The key server's MAC claim header (server.api.client.context.MAC_HEADER), spelt out here: importing
+# the server's API modules would load its whole runtime into every sidecar.
+MAC_HEADER = "X-TOAST-CLIENT-MAC-ADDR"
 
 
 class UpstreamUnavailable(Unavailable):

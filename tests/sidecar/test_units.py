@@ -90,9 +90,87 @@ async def test_cache_singleflight_stale_and_bounds():
     await asyncio.sleep(0.01)
     c.drop_key("kz")
     assert (await task).body == b"old" and "z" not in c._entries
+    assert (await c.get("z", "kz", fetch)).source == "miss" and "z" in c._entries     # the next fill stores
+
+    # Events for keys this sidecar never cached (another app's store churning) leave nothing behind:
+    # the bookkeeping that protects in-flight fills lasts only as long as they do.
+    for i in range(10_000):
+        c.drop_key(f"elsewhere-{i}")
+    assert not c._gen and not c._filling
 
 
 def test_attestation_reads_the_loopback_and_a_real_interface():
     assert read_mac("127.0.0.1") == ("lo", "00:00:00:00:00:00")
     with pytest.raises(OSError):
         read_mac("127.0.0.1", interface="no-such-if0")
+
+
+def test_route_table_longest_prefix_then_metric_and_only_routes_that_are_up(tmp_path):
+    from sidecar.attest import _route_proc
+    table = tmp_path / "route"
+    # Iface Destination Gateway Flags RefCnt Use Metric Mask MTU Window IRTT (little-endian hex, as the kernel)
+    table.write_text("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+                     "eth0\t00000000\t0102000A\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"       # default
+                     "eth1\t0000000A\t00000000\t0001\t0\t0\t200\t0000FFFF\t0\t0\t0\n"       # 10.0/16 m200
+                     "eth2\t0000000A\t00000000\t0001\t0\t0\t50\t0000FFFF\t0\t0\t0\n"        # 10.0/16 m50
+                     "eth3\t0001000A\t00000000\t0000\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")        # 10.0.1/24, down
+    assert _route_proc("10.0.1.5", table) == "eth2"
+    assert _route_proc("192.0.2.1", table) == "eth0"
+    assert _route_proc("127.0.0.1", table) == "lo"
+    assert _route_proc("10.0.1.5", tmp_path / "missing") is None
+
+
+def test_the_sidecar_does_not_load_the_server_runtime_or_scapy():
+    """Resident memory: importing the sidecar and attesting over the kernel's files pulls in neither
+    the key server's runtime/API stack (pydantic, the key service) nor scapy (~20 MB)."""
+    code = ("import sys, server.cli.main, sidecar.app, sidecar.local_api\n"
+            "from sidecar.attest import read_mac\n"
+            "assert read_mac('127.0.0.1')[0] == 'lo'\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('scapy', 'pydantic') or m in "
+            "('server.runtime', 'server.keys.service', 'server.api.middleware', 'server.api.routing')]\n"
+            "assert not bad, bad\n")
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_mac_header_matches_the_key_servers():
+    from server.api.client.context import MAC_HEADER
+    from sidecar.upstream import MAC_HEADER as SIDECAR_MAC_HEADER
+    assert SIDECAR_MAC_HEADER == MAC_HEADER
+
+
+async def test_the_allow_list_decides_without_io_exactly_as_check_does():
+    """Policy.allows_now (the fast path's synchronous check) passes only where check() passes, and
+    defers (False) whenever a key store's member list would have to be fetched first."""
+    from server.errors import Forbidden
+    from sidecar.local_api import Caller, Policy, Target
+    k1, k2, k3 = "1" * 32, "2" * 32, "3" * 32
+
+    class Upstream:
+        calls = 0
+
+        async def request(self, *_a, **_k):
+            Upstream.calls += 1
+            return UpstreamResponse(200, b'{"body":{"keyIdList":["%s"]}}' % k2.encode(), "application/json", "u")
+
+    rules = [AccessRule.parse(f"key:{k1} uid:1000"), AccessRule.parse("keystore:7 gid:50")]
+    for default in ("allow", "deny"):
+        p = Policy(rules, default, Upstream(), "v1.0", ttl=30)
+        callers = [Caller("unix", 1000, 1, 1, frozenset({1})), Caller("unix", 2000, 50, 2, frozenset({50})),
+                   Caller("unix", 3000, 3, 3, frozenset({3})), Caller("tcp")]
+        targets = [Target("v1.0", f"/secrets/{k}", k, None) for k in (k1, k2, k3)]
+        before = Upstream.calls
+        assert not p.allows_now(callers[0], targets[0])          # store 7's members are not known yet
+        assert Upstream.calls == before                          # and it asked nobody
+        for c in callers:
+            for t in targets:
+                try:
+                    await p.check(c, t)
+                    allowed = True
+                except Forbidden:
+                    allowed = False
+                assert p.allows_now(c, t) is allowed, (default, c, t)
+        p.forget(7)
+        assert not p.allows_now(callers[0], targets[0])
