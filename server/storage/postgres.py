@@ -241,66 +241,46 @@ class PostgresStorage(Storage):
             log.info("database_available", seconds_unavailable=round(time.monotonic() - self._down_since, 1))
             self._down_since = None
 
-    async def fetchone(self, sql: str, *args: Any) -> Row | None:
+    @asynccontextmanager
+    async def _connection(self, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection (in a transaction when asked), with an outage turned into Unavailable.
+
+        A connection lost mid-transaction (or at COMMIT) is Unavailable too: the caller never
+        acknowledges that write, whether or not the database kept it."""
         try:
             async with self._acquire() as conn:
-                row = await _Conn(conn, self._sql).fetchone(sql, *args)
+                if transaction:
+                    async with conn.transaction():
+                        yield conn
+                else:
+                    yield conn
         except Exception as e:
             if is_outage(e):
                 raise self._unavailable(e) from None
             raise
         if self._down_since is not None:
             self._reachable()
-        return row
+
+    async def fetchone(self, sql: str, *args: Any) -> Row | None:
+        async with self._connection() as conn:
+            return await _Conn(conn, self._sql).fetchone(sql, *args)
 
     async def fetchall(self, sql: str, *args: Any) -> list[Row]:
-        try:
-            async with self._acquire() as conn:
-                rows = await _Conn(conn, self._sql).fetchall(sql, *args)
-        except Exception as e:
-            if is_outage(e):
-                raise self._unavailable(e) from None
-            raise
-        if self._down_since is not None:
-            self._reachable()
-        return rows
+        async with self._connection() as conn:
+            return await _Conn(conn, self._sql).fetchall(sql, *args)
 
     async def execute(self, sql: str, *args: Any) -> int:
-        try:
-            async with self._acquire() as conn:
-                n = await _Conn(conn, self._sql).execute(sql, *args)
-        except Exception as e:
-            if is_outage(e):
-                raise self._unavailable(e) from None
-            raise
-        if self._down_since is not None:
-            self._reachable()
-        return n
+        async with self._connection() as conn:
+            return await _Conn(conn, self._sql).execute(sql, *args)
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        try:
-            async with self._acquire() as conn, conn.transaction():
-                await conn.executemany(self._sql(sql), rows)
-        except Exception as e:
-            if is_outage(e):
-                raise self._unavailable(e) from None
-            raise
-        if self._down_since is not None:
-            self._reachable()
+        async with self._connection(transaction=True) as conn:
+            await conn.executemany(self._sql(sql), rows)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
-        # A connection lost mid-transaction (or at COMMIT) is Unavailable too: the caller never
-        # acknowledges that write, whether or not the database kept it.
-        try:
-            async with self._acquire() as conn, conn.transaction():
-                yield _Conn(conn, self._sql)
-        except Exception as e:
-            if is_outage(e):
-                raise self._unavailable(e) from None
-            raise
-        if self._down_since is not None:
-            self._reachable()
+        async with self._connection(transaction=True) as conn:
+            yield _Conn(conn, self._sql)
 
     # -- leadership --------------------------------------------------------
 
