@@ -78,6 +78,40 @@ def openssl_conf(tmp: Path) -> Path:
     return p
 
 
+def spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """A child in its own session (a signal to the test run does not reach it), output to `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+
+
+async def wait_for_log(proc: subprocess.Popen, log: Path, pattern: "re.Pattern[str] | str", what: str,
+                       timeout: float) -> "re.Match[str] | str":
+    """The first match of `pattern` in `log` (or the marker string itself); a clear error when `proc`
+    exits first or `timeout` passes, with the log's tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        found = pattern.search(text) if not isinstance(pattern, str) else (pattern if pattern in text else None)
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode}:\n{text[-3000:]}")
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{what} did not come up within {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+async def terminate(proc: subprocess.Popen | None, timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL after `timeout`; nothing when it is not running."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.to_thread(proc.wait, timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class ServerProcess:
     tmp: Path
@@ -113,21 +147,10 @@ class ServerProcess:
         self.starts += 1
         log = self.tmp / f"server-{self.starts}.log"
         self.log_paths.append(log)
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen([str(SKM), "server", "run", "--config", str(self.config_path)],
-                                         stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp,
-                                         start_new_session=True)
+        self.proc = spawn([str(SKM), "server", "run", "--config", str(self.config_path)], log, self.env, self.tmp)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = _LISTENING.search(log.read_text(errors="replace"))
-            if m:
-                self.data_port, self.mgmt_port = int(m.group(1)), int(m.group(2))
-                break
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"skm server run exited {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            await asyncio.sleep(0.05)
-        else:
-            raise RuntimeError(f"skm server run did not listen within {timeout}s:\n{log.read_text()[-3000:]}")
+        m = await wait_for_log(self.proc, log, _LISTENING, "skm server run", timeout)
+        self.data_port, self.mgmt_port = int(m.group(1)), int(m.group(2))
         if wait_unsealed:
             await self.wait_unsealed(deadline - time.monotonic())
         return self
@@ -156,13 +179,7 @@ class ServerProcess:
             self.proc.wait(timeout=20)
 
     async def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(self.proc.wait, 15)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        await terminate(self.proc)
 
     @property
     def pid(self) -> int:
@@ -260,26 +277,12 @@ class SystemKeyProcess:
         self.starts += 1
         log = self.tmp / f"systemkey-{self.starts}.log"
         self.log_paths.append(log)
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-c", _SK_MAIN, str(self.config_path)], stdout=out,
-                                         stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "system-key server listening" in log.read_text(errors="replace"):
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"system-key server exited {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"system-key server did not listen within {timeout}s")
+        self.proc = spawn([sys.executable, "-c", _SK_MAIN, str(self.config_path)], log, self.env, REPO)
+        await wait_for_log(self.proc, log, "system-key server listening", "system-key server", timeout)
+        return self
 
     async def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self.proc.wait, 10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        await terminate(self.proc, 10)
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.log_paths if p.exists())
@@ -336,28 +339,12 @@ class SidecarProcess:
         self.starts += 1
         log = self.tmp / f"sidecar-{self.starts}.log"
         self.log_paths.append(log)
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen([str(SKM), "sidecar", "--config", str(self.config_path)], stdout=out,
-                                         stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if _SIDECAR_SERVING in log.read_text(errors="replace"):
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"skm sidecar exited {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"skm sidecar did not serve within {timeout}s:\n{log.read_text()[-3000:]}")
+        self.proc = spawn([str(SKM), "sidecar", "--config", str(self.config_path)], log, self.env, self.tmp)
+        await wait_for_log(self.proc, log, _SIDECAR_SERVING, "skm sidecar", timeout)
+        return self
 
     async def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(self.proc.wait, 15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        await terminate(self.proc)
 
     @property
     def pid(self) -> int:
