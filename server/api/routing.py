@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from server.api.timeouts import BODY_TIMEOUT
 from server.errors import (InvalidJSON, InvalidRequest, PayloadTooLarge, RequestTimeout,
                            UnsupportedMediaType)
-from server.runtime import KEY, RUNTIME, runtime
+from server.runtime import KEY, runtime
 
 Handler = Callable[[web.Request, Any], Awaitable[Any]]
 
@@ -76,9 +76,14 @@ async def read_body(request: web.Request) -> bytes:
     length = request.content_length
     if limit and length is not None and length > limit:
         raise PayloadTooLarge(f"the request body is larger than this server accepts ({limit} bytes)")
-    rt = request.config_dict.get(RUNTIME)
+    try:
+        rt = runtime(request)
+    except KeyError:
+        rt = None
     seconds = rt.config.body_timeout if rt is not None else BODY_TIMEOUT
     try:
+        if request.content.is_eof():
+            return await request.read()       # all of it is here already: no deadline to arm
         async with asyncio.timeout(seconds):
             return await request.read()
     except TimeoutError:

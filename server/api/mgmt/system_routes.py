@@ -26,6 +26,7 @@ routes = RouteTable("/api/v1")
 log = logs.get("skm.barrier")
 
 MAX_BATCH = 5000
+KEYRING_REFRESHED = "keyring_refreshed"     # the event other processes follow (server/barrier/remote.py)
 _JOB = "rewrap_job"
 
 
@@ -128,25 +129,6 @@ async def _stop_rewrap(rt: Runtime) -> None:
             pass
 
 
-# --- source and root key of this server --------------------------------------
-async def _key_sources(rt: Runtime):
-    """The server's system-key source and root key (set at unseal; built from config for a local keyring)."""
-    source, root = rt.extra.get("systemkey_source"), rt.extra.get("rootkey")
-    if source is None or root is None:
-        from server.app import system_key_source
-        from server.barrier.rootkey import make_provider
-        cfg = rt.config
-        source = system_key_source(cfg)
-        root = await asyncio.to_thread(make_provider, cfg.rootkey, cfg.root_key_path())
-        rt.extra["systemkey_source"], rt.extra["rootkey"] = source, root
-
-        async def close(_rt: Runtime) -> None:
-            await root.close()
-            await source.close()
-        rt.extra.setdefault("on_stop", []).append(close)
-    return source, root
-
-
 # --- routes --------------------------------------------------------------------
 @routes.route("GET", "/system/status", summary="Barrier state, system-key versions and records per version",
               response=SystemStatusOut, tags=("system",))
@@ -165,10 +147,14 @@ async def system_status(request: web.Request, _body) -> dict:
 async def refresh(request: web.Request, _body) -> dict:
     op = await admin(request)
     rt = runtime(request)
-    from server.barrier.remote import refresh_keyring
-    source, root = await _key_sources(rt)
+    from server.barrier.remote import key_sources, refresh_keyring
+    source, root = await key_sources(rt)
     added = await refresh_keyring(rt.barrier, source, root, log=log)
     log.info("keyring_refreshed", actor=op.name, added=added, system_key_version=rt.barrier.current_version)
+    if added:
+        # Other replicas and workers fetch it too: records sealed here under the new version must open there.
+        from server.events import Event
+        await rt.events.publish(Event(keystore_id=0, kind=KEYRING_REFRESHED))
     return {"added": added, "currentVersion": rt.barrier.current_version, "versions": rt.barrier.versions()}
 
 
