@@ -112,8 +112,24 @@ async def terminate(proc: subprocess.Popen | None, timeout: float = 15) -> None:
         proc.wait()
 
 
+class _Child:
+    """What the test processes share: `proc`, stopped with SIGTERM (then SIGKILL), its pid and RSS."""
+    proc: subprocess.Popen | None
+
+    async def stop(self) -> None:
+        await terminate(self.proc)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+
 @dataclass
-class ServerProcess:
+class ServerProcess(_Child):
     tmp: Path
     config_path: Path
     config: ServerConfig
@@ -178,16 +194,6 @@ class ServerProcess:
             os.kill(self.proc.pid, sig)
             self.proc.wait(timeout=20)
 
-    async def stop(self) -> None:
-        await terminate(self.proc)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def rss(self) -> int:
-        return rss_bytes(self.pid)
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.log_paths if p.exists())
@@ -293,7 +299,7 @@ _SIDECAR_SERVING = "sidecar: serving"
 
 
 @dataclass
-class SidecarProcess:
+class SidecarProcess(_Child):
     """`skm sidecar --config FILE` in front of a ServerProcess, with a host certificate the key
     server issued for one key store (PKCS#12 bundle and password file, both 0600)."""
     tmp: Path
@@ -343,16 +349,6 @@ class SidecarProcess:
         await wait_for_log(self.proc, log, _SIDECAR_SERVING, "skm sidecar", timeout)
         return self
 
-    async def stop(self) -> None:
-        await terminate(self.proc)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def rss(self) -> int:
-        return rss_bytes(self.pid)
 
     def session(self, **kw: Any) -> aiohttp.ClientSession:
         return aiohttp.ClientSession("http://sidecar", connector=aiohttp.UnixConnector(path=str(self.socket),
