@@ -289,7 +289,7 @@ class Audit:
             except Exception as e:
                 _log_write_failure(e, plane, request)
                 if self.settings.fail_closed and not resp.prepared:
-                    from server.api.middleware import error_response
+                    from server.api.envelope import error_response
                     return error_response(Unavailable("the audit log cannot be written, so the request is "
                                                       "refused (audit is fail-closed)"))
             return resp

@@ -35,8 +35,8 @@ import structlog
 from aiohttp import web
 
 from server import logs
-from server.errors import (ConfigError, Forbidden, MethodNotAllowed, PayloadTooLarge, SKMError, Unavailable,
-                           URLNotFound)
+from server.api import envelope
+from server.errors import ConfigError, Forbidden, SKMError, Unavailable, URLNotFound
 from sidecar import fastpath
 from sidecar.cache import Cache, Result
 from sidecar.settings import AccessRule, SidecarConfig
@@ -54,10 +54,6 @@ _STORE = re.compile(r"^/keystores/(\d{1,12})(?:/keys/([0-9a-f]{32}))?(?:/|$)")
 CALLER = web.RequestKey("skm_sidecar_caller", object) if hasattr(web, "RequestKey") else "skm_sidecar_caller"
 _CACHEABLE = re.compile(r"^/(?:secrets/[0-9a-f]{32}|asymmetric-keys/[0-9a-f]{32}/publicKey)$")
 _CREDENTIALS_LOWER = tuple(h.lower().encode() for h in CREDENTIAL_HEADERS)
-# The key server's envelope encoding (server.api.routing), without importing the server's API stack.
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_INTERNAL = {"header": {"resultCode": -9999, "resultMessage": "Internal Error", "isSuccessful": False}, "body": None}
-_JSON_UTF8 = "application/json; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -255,20 +251,14 @@ class LocalAPI:
             resp = await handler(request)
         except SKMError as e:
             resp = self._refused(e, request.rel_url.path)
-        except web.HTTPRequestEntityTooLarge:
-            resp = _error_response(PayloadTooLarge("the request body is larger than this server accepts"))
-        except web.HTTPNotFound:
-            resp = _error_response(URLNotFound("no such endpoint; check the path and API version"))
-        except web.HTTPMethodNotAllowed as e:
-            resp = _error_response(MethodNotAllowed(f"use {', '.join(sorted(e.allowed_methods))}"))
         except web.HTTPException as e:
-            if e.status < 400:
+            err = envelope.from_http(e)
+            if err is None:
                 raise
-            resp = _error_response(SKMError(e.reason, message=e.reason))
+            resp = envelope.error_response(err)
         except Exception:
-            # Never echo an exception's text: it may hold anything.
             log.exception("request_failed", path=request.rel_url.path)
-            resp = web.Response(text=_dumps(_INTERNAL), status=500, content_type="application/json")
+            resp = envelope.internal_error_response()
         path = request.path
         kind = path.strip("/").replace("v1/", "") if path in ("/healthz", "/v1/status", "/metrics") else "proxy"
         self.metrics.requests.labels(kind, str(resp.status)).inc()
@@ -278,7 +268,7 @@ class LocalAPI:
     @staticmethod
     def _refused(e: SKMError, path: str) -> web.Response:
         log.info("request_refused", status=e.status, result=e.message, path=path)
-        return _error_response(e)
+        return envelope.error_response(e)
 
     def _gate(self, request: web.Request) -> None:
         """Who may talk to the sidecar at all (before any route)."""
@@ -434,10 +424,10 @@ class LocalAPI:
                        ("Cache-Control", "no-store")]
         except SKMError as e:
             log.info("request_refused", status=e.status, result=e.message, path=head.path)
-            status, body, headers = e.status, _dumps(e.envelope()).encode(), [("Content-Type", _JSON_UTF8)]
+            status, body, headers = e.status, envelope.dumps(e.envelope()).encode(), [("Content-Type", envelope.JSON_UTF8)]
         except Exception:
             log.exception("request_failed", path=head.path)
-            status, body, headers = 500, _dumps(_INTERNAL).encode(), [("Content-Type", _JSON_UTF8)]
+            status, body, headers = 500, envelope.dumps(envelope.INTERNAL).encode(), [("Content-Type", envelope.JSON_UTF8)]
         self.metrics.requests.labels("proxy", str(status)).inc()
         return fastpath.encode_response(status, headers, body, rid, head)
 
@@ -512,10 +502,6 @@ class LocalAPI:
             p = Path(self.cfg.listen.socket)
             if stat.S_ISSOCK(p.lstat().st_mode):
                 p.unlink()
-
-
-def _error_response(err: SKMError) -> web.Response:
-    return web.Response(text=_dumps(err.envelope()), status=err.status, content_type="application/json")
 
 
 def _response(status: int, body: bytes, content_type: str, headers: dict[str, str]) -> web.Response:

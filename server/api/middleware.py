@@ -7,17 +7,12 @@ import structlog
 from aiohttp import web
 
 from server import logs
-from server.errors import MethodNotAllowed, PayloadTooLarge, SKMError, URLNotFound
+from server.api import envelope
+from server.api.envelope import error_response
+from server.errors import SKMError
 from server.runtime import ERROR
 
 log = logs.get("skm.api")
-
-_INTERNAL = {"header": {"resultCode": -9999, "resultMessage": "Internal Error", "isSuccessful": False}, "body": None}
-
-
-def error_response(err: SKMError) -> web.Response:
-    from server.api.routing import _dumps
-    return web.Response(text=_dumps(err.envelope()), status=err.status, content_type="application/json")
 
 
 @web.middleware
@@ -28,21 +23,14 @@ async def errors(request: web.Request, handler):
         request[ERROR] = e
         log.info("request_refused", status=e.status, result=e.message, path=request.rel_url.path)
         return error_response(e)
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(PayloadTooLarge("the request body is larger than this server accepts"))
-    except web.HTTPNotFound:
-        return error_response(URLNotFound("no such endpoint; check the path and API version"))
-    except web.HTTPMethodNotAllowed as e:
-        return error_response(MethodNotAllowed(f"use {', '.join(sorted(e.allowed_methods))}"))
     except web.HTTPException as e:
-        if e.status >= 400:
-            return error_response(SKMError(e.reason, message=e.reason))
-        raise
+        err = envelope.from_http(e)
+        if err is None:
+            raise
+        return error_response(err)
     except Exception:
-        # Never echo an exception's text: it may hold anything.
         log.exception("request_failed", path=request.rel_url.path)
-        from server.api.routing import _dumps
-        return web.Response(text=_dumps(_INTERNAL), status=500, content_type="application/json")
+        return envelope.internal_error_response()
 
 
 @web.middleware

@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from server.api.envelope import ok_response
 from server.api.timeouts import BODY_TIMEOUT
 from server.errors import (InvalidJSON, InvalidRequest, PayloadTooLarge, RequestTimeout,
                            UnsupportedMediaType)
@@ -23,15 +24,11 @@ from server.runtime import KEY, runtime
 
 Handler = Callable[[web.Request, Any], Awaitable[Any]]
 
-SUCCESS_HEADER = {"resultCode": 0, "resultMessage": "success", "isSuccessful": True}
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
 
 def ok(body: Any, status: int = 200) -> web.Response:
     if isinstance(body, BaseModel):
         body = body.model_dump(by_alias=True)
-    return web.Response(text=_dumps({"header": SUCCESS_HEADER, "body": body}), status=status,
-                        content_type="application/json")
+    return ok_response(body, status)
 
 
 LOC_PART_MAX = 40      # a client's (unknown) field name is echoed this far, printable characters only

@@ -46,10 +46,9 @@ class DeadlineRequestHandler(RequestHandler):
         """Errors aiohttp finds before any handler runs (an oversized request line, bad HTTP) get the
         same JSON envelope as everything else, with a fixed text: the parser's message may quote
         the request."""
-        import json
-
         from aiohttp import web
 
+        from server.api.envelope import dumps
         from server.errors import PayloadTooLarge, SKMError
         # Not super(): aiohttp logs the parser's message, which can quote a header (a token).
         if request.writer.output_size > 0:
@@ -64,7 +63,7 @@ class DeadlineRequestHandler(RequestHandler):
         else:
             err = SKMError("the request is not valid HTTP or its request line or headers are too long "
                            "(at most 8 KB each)", message="Bad Request")
-        out = web.Response(status=status, text=json.dumps(err.envelope(), separators=(",", ":")),
+        out = web.Response(status=status, text=dumps(err.envelope()),
                            content_type="application/json")
         out.force_close()
         return out

@@ -86,12 +86,12 @@ async def _init(args: argparse.Namespace) -> int:
 def _run_on_loop(args: argparse.Namespace) -> int:
     """`skm server run` on the configured event loop (uvloop when installed, by default)."""
     from server import loops
-    return loops.run(_run(args), load_server_config(args).event_loop)
-
-
-async def _run(args: argparse.Namespace) -> int:
-    from server.workers import WorkerPlace
     cfg = load_server_config(args)
+    return loops.run(_run(args, cfg), cfg.event_loop)
+
+
+async def _run(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    from server.workers import WorkerPlace
     logs.configure(cfg.log_format, cfg.log_level)
     place = WorkerPlace.from_env()
     if place is None and cfg.workers != 1:
