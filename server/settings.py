@@ -46,6 +46,14 @@ class AuditSettings:
     enabled: bool = True
     fail_closed: bool = True          # a request whose record cannot be written fails with 503
     batch_max: int = 256              # records committed in one transaction, at most
+    # Signed checkpoints of the chain's head, kept where the database's owner cannot rewrite them
+    # (docs/audit.md): every `checkpoint_every` records or `checkpoint_interval` seconds.
+    checkpoint_every: int = 1000
+    checkpoint_interval: float = 60.0
+    checkpoint_file: str = ""         # JSON lines, appended; meant to live outside the data dir
+    checkpoint_url: str = ""          # webhook: a JSON POST per checkpoint
+    checkpoint_url_ca: str = ""       # CA file for an https webhook with a private CA
+    checkpoint_systemkey: bool = True  # also send them to the system-key server(s) when one is configured
 
     @classmethod
     def from_config(cls, config) -> "AuditSettings":
