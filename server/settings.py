@@ -161,6 +161,14 @@ class ServerConfig:
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self.data_path / 'skm.db'}"
 
+    def systemkey_client(self) -> SystemKeySourceConfig:
+        """[systemkey] with the key server's own TLS identity and dev CA as the mTLS defaults."""
+        import dataclasses
+        pki, sk = self.pki_dir(), self.systemkey
+        return dataclasses.replace(sk, client_cert=sk.client_cert or str(pki / "server.pem"),
+                                   client_key=sk.client_key or str(pki / "server-key.pem"),
+                                   ca=sk.ca or str(pki / "ca.pem"))
+
     def root_key_path(self) -> Path:
         return Path(self.rootkey.path) if self.rootkey.path else self.data_path / "root.key"
 

@@ -267,7 +267,7 @@ def sinks_for(config, settings) -> list:
         out.append(WebhookSink(settings.checkpoint_url, settings.checkpoint_url_ca))
     sk = getattr(config, "systemkey", None)
     if settings.checkpoint_systemkey and sk is not None and sk.source == "remote" and sk.urls:
-        out.append(SystemKeySink(sk))
+        out.append(SystemKeySink(config.systemkey_client()))
     if not any(isinstance(s, (FileSink, SystemKeySink)) for s in out) and config is not None:
         # The embedded default: no system-key server, no file named. Keep them beside the data dir
         # (warned at start: the database's owner can rewrite this one).

@@ -90,7 +90,7 @@ def middleware(audit, plane: str):
             await _record_quietly(audit, request, plane, der, 500)
             raise
         try:
-            await audit.append(await describe(audit, request, plane, der, resp.status))
+            await audit.append(await describe(audit, request, plane, der, resp.status, resp))
         except Exception as e:
             _log_write_failure(e, plane, request)
             if audit.settings.fail_closed and not resp.prepared:
@@ -112,6 +112,8 @@ async def _names(rt, rec: dict, detail: dict, key) -> None:
     """Key and store names beside their ids, and the record's project (from cached metadata)."""
     if key is not None:
         detail["keyName"] = key.name
+    if detail.get("keyName") is None:
+        detail.pop("keyName", None)
     ks_id = rec.get("keystore_id")
     if ks_id is None or rt.keys is None:
         return
@@ -124,7 +126,21 @@ async def _names(rt, rec: dict, detail: dict, key) -> None:
         rec["project_id"] = ks.project_id
 
 
-async def describe(audit, request: web.Request, plane: str, der: bytes | None, status: int) -> dict:
+def _created(resp) -> dict:
+    """What a create answered with (its new key's or store's id), from the response body."""
+    body = getattr(resp, "body", None)
+    if not isinstance(body, (bytes, bytearray)) or len(body) > 65536:
+        return {}
+    try:
+        out = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    inner = out.get("body") if isinstance(out, dict) else None
+    return inner if isinstance(inner, dict) else {}
+
+
+async def describe(audit, request: web.Request, plane: str, der: bytes | None, status: int,
+                   resp: web.StreamResponse | None = None) -> dict:
     err: SKMError | None = request.get(ERROR)
     resource = request.match_info.route.resource if request.match_info.route is not None else None
     route = resource.canonical if resource is not None else None
@@ -173,9 +189,17 @@ async def describe(audit, request: web.Request, plane: str, der: bytes | None, s
     rec["key_id"] = key_id[:64] if key_id else None
     ks = request.match_info.get("keystore_id") or request.match_info.get("keystoreid")
     rec["keystore_id"] = key.keystore_id if key is not None else (int(ks) if ks and ks.isdigit() else None)
-    await _names(rt, rec, detail, key)
     named = request.get(AUDIT_ACTION)
     act = lookup(request.method, route, dict(request.match_info))
+    if act is not None and act.name in ("key.create", "keystore.create") and status < 300 and resp is not None:
+        made = _created(resp)
+        kid, ksid = made.get("keyId"), made.get("keyStoreId")
+        if isinstance(kid, str) and rec["key_id"] is None:
+            rec["key_id"] = kid[:64]
+            detail.setdefault("keyName", made.get("name") if isinstance(made.get("name"), str) else None)
+        if isinstance(ksid, int) and rec["keystore_id"] is None:
+            rec["keystore_id"] = ksid
+    await _names(rt, rec, detail, key)
     if named:
         rec["action"] = named
         rec["change"] = act.change if act is not None else None
