@@ -303,8 +303,9 @@ class Upstream:
                 async with self.session.request(method, base + path, data=body, headers=headers,
                                                 allow_redirects=False, server_hostname=server_name) as r:
                     resp = UpstreamResponse(r.status, await r.read(), r.content_type, t.url)
-            except aiohttp.ClientConnectorError as e:
-                # Never connected: safe to try the next server even for a write.
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                # Never connected (refused, unreachable, or no answer to the SYN: a replica whose container is
+                # gone): nothing was sent, so the next address is safe even for a write.
                 last = f"cannot connect ({type(e).__name__})"
                 refused.add(id(t))
                 self._down(t, last)
@@ -357,7 +358,7 @@ class Upstream:
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 last = type(e).__name__
                 self._down(t, last)
-                if isinstance(e, aiohttp.ClientConnectorError):
+                if isinstance(e, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
                     self._name(t).resolved_at = None
                 continue
             try:

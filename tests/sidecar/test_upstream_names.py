@@ -127,3 +127,38 @@ async def test_a_name_that_resolves_to_nothing_is_a_clear_503(skm, store, tmp_pa
         assert names.lookups >= 1
     finally:
         await sc.stop()
+
+
+async def test_an_address_that_never_answers_is_passed_over_for_writes(skm, store, replicas, tmp_path):
+    """A replica whose container is gone answers nothing (no refusal): the SYN goes unanswered until the
+    connect timeout. Nothing was sent, so a write moves on to the next address."""
+    key = (await skm.key(store, "SYMMETRIC_KEY", "k"))["keyId"]
+    await replicas("127.0.0.7")
+    # A listener whose accept queue is full drops new SYNs: as silent as an address nobody holds.
+    silent = socket.socket()
+    silent.bind(("127.0.0.6", replicas.port))
+    silent.listen(0)
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.6", replicas.port))
+        fillers.append(c)
+    names = Names({"localhost": ["127.0.0.6", "127.0.0.7"]})
+    host = issue_host_cert(skm.pki.load_ca(), tmp_path, "silent-host")
+    await register_certificate(skm.rt.storage, skm.rt.barrier, store["keyStoreId"], host, "silent-host")
+    cfg = sidecar_config(appkey=skm.appkey, urls=[f"https://localhost:{replicas.port}"], ca=skm.pki.ca_cert,
+                         host=host, socket=tmp_path / "s.sock", events={"enabled": False},
+                         upstream={"unhealthy_for": 30, "connect_timeout": 0.5})
+    sc = await Sidecar(cfg, resolver=names).start()
+    try:
+        async with unix_session(cfg.listen.socket) as s:
+            for _ in range(2):                      # one of the two starts with the silent address
+                async with s.post(f"/symmetric-keys/{key}/encrypt", json={"plaintext": "eA=="}) as r:
+                    assert r.status == 200, await r.text()
+        (gone,) = [t for t in sc.upstream.targets if t.address == "127.0.0.6"]
+        assert gone.failures == 1 and gone.last_error == "cannot connect (ConnectionTimeoutError)"
+    finally:
+        await sc.stop()
+        for c in [*fillers, silent]:
+            c.close()
