@@ -24,7 +24,7 @@ import socket
 import ssl
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -63,8 +63,8 @@ class UpstreamResponse:
         return self.status >= 500
 
 
-# How long the addresses behind a name are used before it is resolved again (sooner after a refused
-# connection): short, so a scaled-up replica gets traffic soon, and one lookup per second at most.
+# How long the addresses behind a name are used before it is looked up again, in the background (at once,
+# before the next request, after a refused connection): short, so a scaled-up replica gets traffic soon.
 RESOLVE_TTL = 2.0
 
 
@@ -91,6 +91,7 @@ class Name:
     targets: list[Target]
     resolved_at: float | None = None
     turn: int = 0                      # round-robin offset over the healthy addresses
+    lookup: asyncio.Task | None = field(default=None, repr=False)     # the lookup in flight, shared
 
     @classmethod
     def parse(cls, url: str) -> "Name":
@@ -110,8 +111,6 @@ class Name:
         addr = f"[{t.address}]" if ":" in t.address else t.address
         return f"https://{addr}:{self.port}"
 
-    def stale(self, now: float) -> bool:
-        return not self.literal and (self.resolved_at is None or now - self.resolved_at >= RESOLVE_TTL)
 
 
 @dataclass
@@ -182,6 +181,11 @@ class Upstream:
         if self.session is not None:
             await self.session.close()
             self.session = None
+        for n in self.names:
+            if n.lookup is not None and not n.lookup.done():
+                n.lookup.cancel()
+                with contextlib.suppress(BaseException):
+                    await n.lookup
         await self.resolver.close()
 
     @property
@@ -223,11 +227,26 @@ class Upstream:
         return f"/keymanager/{version}/appkey/{self.cfg.appkey}{suffix}"
 
     # ---------------------------------------------------------------- health
+    def _lookup(self, name: Name) -> asyncio.Task:
+        """One lookup per name at a time, whoever asks."""
+        if name.lookup is None or name.lookup.done():
+            name.lookup = asyncio.ensure_future(self._resolve(name))
+        return name.lookup
+
     async def _fresh(self) -> None:
+        """Names with no addresses yet, or whose address refused a connection, are looked up before the
+        request; names merely past RESOLVE_TTL in the background (the request uses what is known)."""
         now = time.monotonic()
-        stale = [n for n in self.names if n.stale(now)]
-        if stale:
-            await asyncio.gather(*(self._resolve(n) for n in stale))
+        wait = []
+        for n in self.names:
+            if n.literal:
+                continue
+            if not n.targets or n.resolved_at is None:
+                wait.append(self._lookup(n))
+            elif now - n.resolved_at >= RESOLVE_TTL:
+                self._lookup(n)
+        if wait:
+            await asyncio.gather(*wait)
 
     def ordered(self) -> list[Target]:
         """Healthy targets first (URLs in configured order, the addresses behind one name taken in turn),
@@ -289,7 +308,7 @@ class Upstream:
                     break
                 # Every known address refused: the replicas may have moved (restarted) since the last lookup.
                 reresolved = True
-                await asyncio.gather(*(self._resolve(n) for n in self.names if not n.literal))
+                await asyncio.gather(*(self._lookup(n) for n in self.names if not n.literal))
                 continue
             tries += 1
             base, extra, server_name = self._base(t)
