@@ -35,13 +35,14 @@ class Sidecar:
     cache: Cache | None = None
     events: EventStream | None = None
     api: LocalAPI | None = None
+    resolver: object | None = None        # an aiohttp resolver for the upstream names (tests); default getaddrinfo
     _sweeper: asyncio.Task | None = None
 
     async def start(self) -> "Sidecar":
         cfg = self.config.validate()
         self.attestor = Attestor(Upstream.first_host(cfg), cfg.attest.interface, cfg.attest.recheck)
         await self.attestor.start()
-        self.upstream = Upstream(cfg, self.attestor, self.metrics)
+        self.upstream = Upstream(cfg, self.attestor, self.metrics, self.resolver)
         await self.upstream.start()
         c = cfg.cache
         self.cache = Cache(c.ttl, c.max_entries, c.max_bytes, c.stale_if_error, metrics=self.metrics,

@@ -290,7 +290,8 @@ class LocalAPI:
         now = time.monotonic()
         return web.json_response({
             "upstream": {"reachable": self.upstream.reachable, "requestsSent": self.upstream.sent,
-                         "servers": [{"url": t.url, "healthy": t.healthy(now), "failures": t.failures,
+                         "servers": [{"url": t.url, "address": t.address or None, "healthy": t.healthy(now),
+                                      "failures": t.failures,
                                       "lastError": t.last_error} for t in self.upstream.targets]},
             "attestation": {"mac": getattr(self.attestor, "mac", None),
                             "interface": getattr(self.attestor, "iface", None),
