@@ -25,9 +25,10 @@ class KeyUnavailable(Exception):
     """A referenced key cannot be had. `definitive`: the key server said no (missing, refused), as opposed
     to not answering. The message names the reference, never a value."""
 
-    def __init__(self, message: str, *, definitive: bool) -> None:
+    def __init__(self, message: str, *, definitive: bool, status: int | None = None) -> None:
         super().__init__(message)
         self.definitive = definitive
+        self.status = status            # the key server's HTTP status, when it answered
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def parse_body(raw: bytes) -> dict:
 def refusal(status: int, body: dict, what: str) -> KeyUnavailable:
     """A non-200 answer as a KeyUnavailable: 4xx is the server's word (definitive), 5xx is not."""
     msg = message_of(body) or f"HTTP {status}"
-    return KeyUnavailable(f"{what}: {msg}", definitive=400 <= status < 500 and status not in (408, 429))
+    return KeyUnavailable(f"{what}: {msg}", definitive=400 <= status < 500 and status not in (408, 429),
+                          status=status)
 
 
 class Resolver:
