@@ -272,3 +272,29 @@ def test_bad_render_blocks_are_refused_at_start(tmp_path, block, message):
     assert r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert list(d.iterdir()) == []
+
+
+async def test_without_events_the_ttl_picks_up_a_change(skm, store, sidecars, run_dir):
+    key = await skm.key(store, "SECRET", "ttl-secret", secretValue="old")
+    dest = run_dir / "ttl.txt"
+    sc = await sidecars({"name": "ttl", "template": "{{ secret('apps/ttl-secret') }}", "destination": str(dest)},
+                        events={"enabled": False}, cache={"ttl": 0.5})
+    assert sc.events is None and read(dest) == "old"
+    st, _ = await skm.mgmt("POST", f"/keys/{key['keyId']}/rotate", json={"secretValue": "new"})
+    assert st == 200
+    await until(lambda: read(dest) == "new", "the TTL re-render", timeout=5)
+
+
+async def test_a_burst_of_changes_makes_one_render(skm, store, sidecars, run_dir):
+    key = await skm.key(store, "SECRET", "bursty", secretValue="v")
+    sc = await sidecars({"name": "burst", "template": "{{ secret('apps/bursty') }}",
+                         "destination": str(run_dir / "burst"), "debounce": 0.2})
+    await until(lambda: sc.events.state == "connected", "the event stream")
+    await until(sc.renderer.idle, "the renderer to settle")
+    (block,) = sc.renderer.blocks
+    before = block.renders
+    for _ in range(20):
+        sc.renderer.on_event("secret_updated", {"key_id": key["keyId"]})
+    sc.renderer.on_event("secret_updated", {"key_id": "f" * 32})      # another key: no render of its own
+    await until(sc.renderer.idle, "the renderer to settle")
+    assert block.renders == before + 1
