@@ -32,7 +32,8 @@ from sidecar import filewrite
 from sidecar.keyref import KeyInfo, KeyRef, KeyUnavailable, Resolver, parse_body, refusal
 from sidecar.reload import ReloadOutcome, run_reload
 from sidecar.render_config import ReloadAction, RenderConfig
-from sidecar.templates import MAX_OUTPUT, Rendering, TemplateFailed, compile_template, pem_public_key
+from sidecar.templates import (MAX_OUTPUT, Rendering, TemplateFailed, compile_template, data_key_b64,
+                               pem_public_key)
 from sidecar.upstream import UpstreamUnavailable
 
 log = logs.get("skm.sidecar.render")
@@ -325,9 +326,10 @@ class Renderer:
                 raise KeyUnavailable(f"{what}: the key server returned no public key", definitive=False) from None
             return kid, pem, _version(out, info)
         out = await self._read(f"/symmetric-keys/{kid}/symmetric-key", kid, what, False)
-        value = out.get("symmetricKey")
-        if not isinstance(value, str):
-            raise KeyUnavailable(f"{what}: the key server returned no key", definitive=False)
+        try:
+            value = data_key_b64(out["symmetricKey"])
+        except (KeyError, ValueError, TypeError):
+            raise KeyUnavailable(f"{what}: the key server returned no key", definitive=False) from None
         return kid, value, _version(out, info)
 
 

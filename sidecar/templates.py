@@ -2,7 +2,7 @@
 
     {{ secret("payments/db-password") }}     a SECRET's value
     {{ public_key("3f2a...e1") }}            an asymmetric key's public key, PEM (SPKI)
-    {{ data_key("payments/file-key") }}      an exportable symmetric key, base64 (what the key server exports)
+    {{ data_key("payments/file-key") }}      an exportable symmetric key's raw bytes, base64
 
 A key is named by id or `store-name/key-name` (sidecar.keyref). The sandbox refuses attribute
 access to Python internals; StrictUndefined makes a typo an error instead of an empty string.
@@ -53,6 +53,14 @@ def pem_public_key(encoded_b64: str) -> str:
     """The SPKI DER the key server returns (base64) as a PEM block."""
     body = "\n".join(textwrap.wrap(base64.b64encode(base64.b64decode(encoded_b64)).decode(), 64))
     return f"-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----\n"
+
+
+def data_key_b64(hex_literals: str) -> str:
+    """NHN's export format for a symmetric key ("0x98, 0xa5, ...") as base64 of the raw bytes."""
+    raw = bytes(int(b.strip(), 16) for b in hex_literals.split(","))
+    if len(raw) not in (16, 24, 32):
+        raise ValueError("not an AES key")
+    return base64.b64encode(raw).decode()
 
 
 class Rendering:

@@ -298,3 +298,25 @@ async def test_a_burst_of_changes_makes_one_render(skm, store, sidecars, run_dir
     sc.renderer.on_event("secret_updated", {"key_id": "f" * 32})      # another key: no render of its own
     await until(sc.renderer.idle, "the renderer to settle")
     assert block.renders == before + 1
+
+
+async def test_public_keys_and_data_keys_render_too(skm, store, sidecars, run_dir):
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    signing = await skm.key(store, "ASYMMETRIC_KEY", "signing")
+    data = await skm.key(store, "SYMMETRIC_KEY", "file-key", exportable=True)
+    await skm.key(store, "SYMMETRIC_KEY", "locked-key")
+    sc = await sidecars(
+        {"name": "keys", "template": "{{ public_key('apps/signing') }}KEY={{ data_key('" + data["keyId"] + "') }}\n",
+         "destination": str(run_dir / "keys")},
+        {"name": "locked", "template": "{{ data_key('apps/locked-key') }}", "destination": str(run_dir / "locked")})
+    text = (run_dir / "keys").read_text()
+    pem, _, rest = text.partition("-----END PUBLIC KEY-----\n")
+    load_pem_public_key((pem + "-----END PUBLIC KEY-----\n").encode())          # a valid SPKI PEM
+    assert rest.startswith("KEY=") and len(base64.b64decode(rest[4:].strip())) == 32
+    by_name = {d.name: d for d in sc.renderer.delivered()}
+    assert {(k.key_id, k.version) for k in by_name["keys"].keys} == {(signing["keyId"], 0), (data["keyId"], 0)}
+    # A key that may not leave the server fails closed.
+    assert not (run_dir / "locked").exists() and "Export" in by_name["locked"].error
