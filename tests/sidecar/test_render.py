@@ -320,3 +320,34 @@ async def test_public_keys_and_data_keys_render_too(skm, store, sidecars, run_di
     assert {(k.key_id, k.version) for k in by_name["keys"].keys} == {(signing["keyId"], 0), (data["keyId"], 0)}
     # A key that may not leave the server fails closed.
     assert not (run_dir / "locked").exists() and "Export" in by_name["locked"].error
+
+
+async def test_owner_group_and_mode_decide_who_reads_the_file(skm, store, sidecars, request):
+    import pwd
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip(reason="needs root and setpriv (util-linux) to give the file away and read it as others")
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    d = Path(tempfile.mkdtemp(prefix="skm-render-"))     # outside pytest's 0700 tree, so others can reach it
+    request.addfinalizer(lambda: shutil.rmtree(d, ignore_errors=True))
+    d.chmod(0o755)
+    dest = d / "app.conf"
+    await skm.key(store, "SECRET", "owned", secretValue="for-nobody-only")
+    await sidecars({"name": "owned", "template": "{{ secret('apps/owned') }}", "destination": str(dest),
+                    "owner": "nobody", "group": str(nobody.pw_gid), "mode": "0400"})
+    st = dest.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, nobody.pw_gid, 0o400)
+
+    async def cat_as(uid: int, gid: int) -> tuple[int, str]:
+        p = await asyncio.create_subprocess_exec(
+            "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "cat", str(dest),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await p.communicate()
+        return p.returncode, (out or err).decode()
+
+    assert await cat_as(nobody.pw_uid, nobody.pw_gid) == (0, "for-nobody-only")
+    rc, err = await cat_as(54321, 54321)
+    assert rc != 0 and "Permission denied" in err
