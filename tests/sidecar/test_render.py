@@ -190,6 +190,7 @@ async def test_the_file_is_never_seen_half_written_or_wider(skm, store, sidecars
     finally:
         stop.set()
         await asyncio.to_thread(t.join, 5)
+    await until(sc.renderer.idle, "the renderer to settle")
     assert metric(sc, "skm_sidecar_renders_total", block="blob", outcome="written") >= 31
     assert reads[0] > 30
     assert bad == []
