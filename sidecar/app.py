@@ -20,8 +20,10 @@ from sidecar.events import EventStream
 from sidecar.fastpath import encode_tail
 from sidecar.local_api import LocalAPI, Policy
 from sidecar.metrics import SidecarMetrics
+from sidecar.render import Renderer
 from sidecar.settings import SidecarConfig
 from sidecar.upstream import Upstream
+from sidecar.watch import ChangeFeed, watch_handler
 
 log = logs.get("skm.sidecar")
 
@@ -36,6 +38,8 @@ class Sidecar:
     events: EventStream | None = None
     api: LocalAPI | None = None
     resolver: object | None = None        # an aiohttp resolver for the upstream names (tests); default getaddrinfo
+    feed: ChangeFeed = field(default_factory=ChangeFeed)
+    renderer: Renderer | None = None
     _sweeper: asyncio.Task | None = None
 
     async def start(self) -> "Sidecar":
@@ -55,10 +59,18 @@ class Sidecar:
             self.events = EventStream(self.upstream, self.cache, version=cfg.upstream.api_version,
                                       backoff_initial=e.backoff_initial, backoff_max=e.backoff_max,
                                       read_timeout=e.read_timeout, metrics=self.metrics,
-                                      on_keystore=policy.forget if policy else None)
+                                      on_keystore=policy.forget if policy else None, on_event=self._on_event)
         self.api = LocalAPI(cfg, self.upstream, self.cache, self.attestor, self.metrics, self.events, policy)
+        self.api.routes.append(("GET", "/v1/watch", watch_handler(
+            self.feed, self.api, lambda: self.events.state if self.events is not None else "disabled")))
+        if cfg.render:
+            self.renderer = Renderer(cfg.render, self.upstream, self.cache, self.metrics,
+                                     version=cfg.upstream.api_version, ttl=c.ttl)
+            self.api.reporters["render"] = self.renderer
         try:
             await self.api.start()
+            if self.renderer is not None:
+                await self.renderer.start()
         except BaseException:
             await self.stop()
             raise
@@ -68,6 +80,11 @@ class Sidecar:
         log.info("sidecar_started", socket=cfg.listen.socket, tcp_port=self.api.tcp_port,
                  upstreams=len(cfg.upstream.urls), mac=self.attestor.mac)
         return self
+
+    def _on_event(self, kind: str, event: dict) -> None:
+        self.feed.publish(kind, event)
+        if self.renderer is not None:
+            self.renderer.on_event(kind, event)
 
     async def _sweep(self) -> None:
         while True:
@@ -80,6 +97,8 @@ class Sidecar:
             with contextlib.suppress(BaseException):
                 await self._sweeper
             self._sweeper = None
+        if self.renderer is not None:
+            await self.renderer.stop()
         if self.events is not None:
             await self.events.stop()
         if self.api is not None:

@@ -218,6 +218,8 @@ class LocalAPI:
     _reaper: asyncio.Task | None = None
     _logged: set = field(default_factory=set)
     _targets: dict = field(default_factory=dict)         # raw path -> Target | None (not cacheable)
+    routes: list = field(default_factory=list)           # (method, path, handler): the sidecar's own, e.g. /v1/watch
+    reporters: dict = field(default_factory=dict)        # name -> .status() (in /v1/status), .problem() (/healthz)
 
     fast_hits: int = 0                                    # answered by the fast path, not yet in metrics
 
@@ -235,6 +237,8 @@ class LocalAPI:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/metrics", self.prometheus)
+        for method, path, handler in self.routes:
+            app.router.add_route(method, path, handler)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
         return app
 
@@ -284,6 +288,9 @@ class LocalAPI:
         request[CALLER] = caller
 
     async def healthz(self, _request: web.Request) -> web.Response:
+        problems = {name: p for name, r in self.reporters.items() if (p := r.problem())}
+        if problems:
+            return web.json_response({"status": "degraded", "problems": problems}, status=503)
         return web.json_response({"status": "ok"})
 
     async def status(self, _request: web.Request) -> web.Response:
@@ -301,6 +308,7 @@ class LocalAPI:
             "stream": self.events.status() if self.events is not None else {"state": "disabled"},
             "appCredentialRequests": self.credential_requests,
             "uptimeSeconds": round(now - self.started, 1),
+            **{name: r.status() for name, r in self.reporters.items()},
         })
 
     async def prometheus(self, _request: web.Request) -> web.Response:
