@@ -38,6 +38,13 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 MAC_HEADER = "X-TOAST-CLIENT-MAC-ADDR"
 
 
+KEY_VERSION_HEADER = "X-SKM-Key-Version"
+
+
+def _key_version(v: str | None) -> int | None:
+    return int(v) if v is not None and v.isdigit() and len(v) < 10 else None
+
+
 class UpstreamUnavailable(Unavailable):
     """No key server answered (or every one answered 5xx)."""
 
@@ -48,6 +55,7 @@ class UpstreamResponse:
     body: bytes
     content_type: str
     url: str
+    version: int | None = None          # the key version a read answered (X-SKM-Key-Version), if said
 
     @property
     def server_error(self) -> bool:
@@ -195,7 +203,8 @@ class Upstream:
             try:
                 async with self.session.request(method, t.url + path, data=body, headers=headers,
                                                 allow_redirects=False) as r:
-                    resp = UpstreamResponse(r.status, await r.read(), r.content_type, t.url)
+                    resp = UpstreamResponse(r.status, await r.read(), r.content_type, t.url,
+                                            _key_version(r.headers.get(KEY_VERSION_HEADER)))
             except aiohttp.ClientConnectorError as e:
                 # Never connected: safe to try the next server even for a write.
                 last = f"cannot connect ({type(e).__name__})"
