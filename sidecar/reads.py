@@ -153,9 +153,12 @@ class Spool:
         """Write what fits; returns how many records did not fit (the caller counts them as dropped)."""
         lines, lost = [], 0
         for b in batches:
-            if self.records + len(b.reads) > self.max_records:
-                lost += len(b.reads)
-                continue
+            room = self.max_records - self.records
+            if len(b.reads) > room:
+                lost += len(b.reads) - max(room, 0)
+                if room <= 0:
+                    continue
+                b = Batch(b.id, b.reads[:room], b.dropped)      # the oldest are kept
             self.records += len(b.reads)
             lines.append(self._seal(b))
         if lines:

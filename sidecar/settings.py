@@ -80,7 +80,7 @@ class AttestConfig:
 class ReadsConfig:
     """[reads]: a record of every local read, shipped to the key server's audit (sidecar/reads.py)."""
     enabled: bool = True
-    spool: str = ""                       # on-disk buffer while the key server is away; "" = reads.spool
+    spool: str = ""                       # on-disk buffer while the key server is away; "" = <socket>.reads-spool
                                           # beside listen.socket (choose a persistent dir to survive reboots)
     spool_max_records: int = 100_000      # beyond: counted as dropped and reported to the server
     flush_interval: float = 1.0           # seconds between shipments
@@ -89,7 +89,7 @@ class ReadsConfig:
                                           # (caller, key, version, source) become one record with a count
 
     def spool_path(self, cfg: "SidecarConfig") -> str:
-        return self.spool or str(Path(cfg.listen.socket).parent / "reads.spool")
+        return self.spool or str(Path(cfg.listen.socket).with_suffix(".reads-spool"))
 
 
 @dataclass(frozen=True)
