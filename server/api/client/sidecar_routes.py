@@ -186,7 +186,7 @@ def _finish(request: web.Request, accepted: int, refused: list[dict], errors: li
         raise errors[0]                       # nothing usable: the batch is refused as a whole, nothing changed
     if refused:
         log.info("sidecar_records_refused", accepted=accepted, refused=len(refused), first=refused[0]["reason"])
-    return {"accepted": accepted, "refused": refused[:100]}
+    return {"accepted": accepted, "refused": refused[:100], "duplicate": False}
 
 
 # ------------------------------------------------------------------ routes
