@@ -63,6 +63,8 @@ async def test_cache_hits_become_audit_records_with_the_callers_identity(skm, st
     for r in recs:
         assert r["plane"] == "sidecar" and r["actor"] == "reader-host" and r["actorKind"] == "host"
         assert r["action"] == "secret.read" and r["result"] == "ok" and r["keyStoreId"] == store["keyStoreId"]
+        assert r["change"] is False and r["projectId"] == skm.rt.keys._projects[skm.appkey].id
+        assert r["status"] is None and r["method"] is None
         d = r["detail"]
         assert d["uid"] == os.getuid() and d["pid"] == os.getpid() and d["exe"] == exe()
         assert d["version"] == 0 and d["host"] == "reader-host" and d["readAt"].endswith("Z")
@@ -131,7 +133,7 @@ async def test_a_full_spool_drops_counts_and_reports_the_loss(skm, store, make_s
     await restart_server(skm, port)
     end = time.monotonic() + 10
     while True:
-        st, out = await skm.mgmt("GET", "/audit", params={"action": "sidecar.reads_dropped", "plane": "sidecar"})
+        st, out = await skm.mgmt("GET", "/audit", params={"action": "sidecar.reads-dropped", "plane": "sidecar"})
         if out["body"]["records"]:
             break
         assert time.monotonic() < end, "no loss report reached the server"

@@ -132,7 +132,7 @@ async def test_force_disables_a_version_a_host_holds_and_is_audited_as_forced(sk
     code, out, err = await skm_cli(skm, "key", "version", "disable", kid, "0", "--force", "--json")
     assert code == 0, err
     assert json.loads(out)["forced"] is True and json.loads(out)["heldBy"] == ["holder-host"]
-    st, out = await skm.mgmt("GET", "/audit", params={"keyId": kid, "action": "key.version_disable"})
+    st, out = await skm.mgmt("GET", "/audit", params={"keyId": kid, "action": "key.version-disable"})
     assert st == 200
     results = [(r["result"], r["detail"].get("force")) for r in out["body"]["records"]]
     assert results == [("refused", None), ("ok", True)]

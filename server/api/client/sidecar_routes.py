@@ -43,9 +43,9 @@ _KEY_ID = r"^[0-9a-f]{32}$"
 _EPOCH_MIN = 946_684_800.0            # 2000-01-01: a read time before this is a broken clock
 _CLOCK_SKEW = 86_400.0                # ... and one more than a day ahead of ours too
 # What the app read -> the audit action of the sidecar record (the data plane's names for the same reads).
-ACTIONS = {"secret": "secret.read", "publicKey": "key.public_key", "privateKey": "key.export_private",
-           "symmetricKey": "key.export_symmetric"}
-DROPPED_ACTION = "sidecar.reads_dropped"
+ACTIONS = {"secret": "secret.read", "publicKey": "publickey.read", "privateKey": "key.export",
+           "symmetricKey": "key.export"}
+DROPPED_ACTION = "sidecar.reads-dropped"
 _seen_batches: OrderedDict[str, None] = OrderedDict()    # recent batch ids: a retried batch is not appended twice
 _SEEN_MAX = 4096
 
@@ -272,11 +272,6 @@ async def reads(request: web.Request, body: ReadsIn) -> dict:
 
 
 async def append_many(audit, records: list[dict]) -> None:
-    """One group commit, order kept: `Audit.append_many` once main has it, else the same through `append`."""
-    many = getattr(audit, "append_many", None)
-    if many is not None:
-        await many(records)
-        return
-    import asyncio
-    # Each append queues its record before its first await, so the tasks keep the records' order.
-    await asyncio.gather(*(asyncio.ensure_future(audit.append(r)) for r in records))
+    """One group commit, order kept; nothing when the audit log is switched off ([audit] enabled = false)."""
+    if audit.settings.enabled:
+        await audit.append_many(records)

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from server.api.mgmt.auth import admin, operator
 from server.api.mgmt.models import _In
 from server.api.routing import RouteTable
-from server.audit import AUDIT_ACTION, AUDIT_DETAIL
+from server.audit import AUDIT_DETAIL
 from server.keys import rollout, versions  # noqa: F401  (versions registers its ChangeGate ops)
 from server.runtime import runtime
 
@@ -86,7 +86,6 @@ async def _version_change(request: web.Request, name: str, params: dict) -> dict
               body_optional=True, response=VersionChangeOut, tags=("keys",))
 async def disable_version(request: web.Request, body: VersionDisableIn | None) -> dict:
     force = bool(body and body.force)
-    request[AUDIT_ACTION] = "key.version_disable"
     request[AUDIT_DETAIL] = {"keyVersion": int(request.match_info["version"]), **({"force": True} if force else {})}
     return await _version_change(request, "key.version_disable", {"force": force})
 
@@ -94,6 +93,5 @@ async def disable_version(request: web.Request, body: VersionDisableIn | None) -
 @routes.route("POST", _VERSION + "/enable", summary="Enable a disabled key version again", response=VersionChangeOut,
               tags=("keys",))
 async def enable_version(request: web.Request, _body) -> dict:
-    request[AUDIT_ACTION] = "key.version_enable"
     request[AUDIT_DETAIL] = {"keyVersion": int(request.match_info["version"])}
     return await _version_change(request, "key.version_enable", {})
