@@ -58,12 +58,13 @@ async def test_cache_hits_become_audit_records_with_the_callers_identity(skm, st
     assert sources == ["miss"] + ["hit"] * n
     recs = await until_records(skm, kid, n + 1)
     assert len(recs) == n + 1
+    project = await skm.rt.keys.project_by_appkey(skm.appkey)
     hits = [r for r in recs if r["detail"]["source"] == "cache"]
     assert len(hits) == n and [r["detail"]["source"] for r in recs].count("upstream") == 1
     for r in recs:
         assert r["plane"] == "sidecar" and r["actor"] == "reader-host" and r["actorKind"] == "host"
         assert r["action"] == "secret.read" and r["result"] == "ok" and r["keyStoreId"] == store["keyStoreId"]
-        assert r["change"] is False and r["projectId"] == skm.rt.keys._projects[skm.appkey].id
+        assert r["change"] is False and r["projectId"] == project.id
         assert r["status"] is None and r["method"] is None
         d = r["detail"]
         assert d["uid"] == os.getuid() and d["pid"] == os.getpid() and d["exe"] == exe()
