@@ -150,3 +150,45 @@ async def test_a_full_spool_drops_counts_and_reports_the_loss(skm, store, make_s
 def test_the_executable_of_this_process_is_what_a_record_names():
     from sidecar.local_api import _executable
     assert _executable(os.getpid()) == exe() and exe().startswith("/")
+
+
+async def test_a_flood_of_reads_is_summarised_with_counts_not_dropped(skm, store, make_sidecar):
+    kid = (await skm.key(store, "SECRET", "hot", secretValue="v"))["keyId"]
+    # No timed shipping: the test ships by hand, so all the reads fall into one interval.
+    sc = await make_sidecar("flood", reads={"flush_interval": 3600, "detail_max": 5})
+    await read_n(sc, kid, 1)
+    await sc.reads.tick()
+    await read_n(sc, kid, 50)
+    await sc.reads.tick()
+    recs = await until_records(skm, kid, 2)
+    cache = [r for r in recs if r["detail"]["source"] == "cache"]
+    assert len(cache) == 1                              # one caller (one connection), one key, one source
+    d = cache[0]["detail"]
+    assert d["count"] == 50 and d["lastReadAt"] >= d["readAt"] and d["uid"] == os.getuid()
+
+
+async def test_a_spool_sealed_under_another_host_key_is_reported_lost(skm, store, make_sidecar):
+    kid = (await skm.key(store, "SECRET", "db", secretValue="v"))["keyId"]
+    spool = skm.tmp / "shared.reads-spool"
+    first = await make_sidecar("first", reads={"flush_interval": 0.1, "spool": str(spool)}, cache={"ttl": 300})
+    await read_n(first, kid, 1)
+    await until_records(skm, kid, 1)
+    port = skm.server.data_port
+    await skm.server.stop()
+    await read_n(first, kid, 4)
+    await first.stop()
+    assert first.config.reads.spool and spool.exists()
+    await restart_server(skm, port)
+    # The host's certificate (and key) changed: the old spool cannot be opened, and says so.
+    second = await make_sidecar("second", reads={"flush_interval": 0.1, "spool": str(spool)})
+    end = time.monotonic() + 10
+    while True:
+        st, out = await skm.mgmt("GET", "/audit", params={"action": "sidecar.reads-dropped"})
+        if out["body"]["records"]:
+            break
+        assert time.monotonic() < end, second.reads.status()
+        await asyncio.sleep(0.05)
+    [loss] = out["body"]["records"]
+    assert loss["detail"]["count"] == 4 and loss["detail"]["cause"] == "unreadable_spool"
+    assert loss["actor"] == "second-host" and "another host key" in loss["reason"]
+    assert len(await sidecar_records(skm, kid)) == 1 and not spool.exists()
