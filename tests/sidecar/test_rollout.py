@@ -141,3 +141,36 @@ async def test_force_disables_a_version_a_host_holds_and_is_audited_as_forced(sk
 async def _holds(skm, kid: str, version: int) -> bool:
     r = await rollout(skm, kid)
     return bool(r["hostList"]) and all(h["version"] == version for h in r["hostList"])
+
+
+async def test_another_holder_plugs_in_and_its_reload_result_and_oldest_version_are_reported(
+        skm, store, make_sidecar):
+    """What sidecar/render.py does: add a holdings source; the host reports the oldest version any source
+    holds (the one a disable must wait for) and whether the reload after rendering it succeeded."""
+    kid = (await skm.key(store, "SECRET", "rendered", secretValue="one"))["keyId"]
+    st, _ = await skm.mgmt("POST", f"/keys/{kid}/rotate", json={"secretValue": "two"})
+    assert st == 200
+    sc = await make_sidecar("renderer", **FAST)
+    assert await read_secret(sc, kid) == "two"                      # the reads source holds version 1
+    rendered = [(kid, 0, time.time(), False)]                          # a template still holds 0; reload failed
+    sc.acks.add_source(lambda: rendered)
+
+    async def reported():
+        r = await rollout(skm, kid)
+        return r if r["hostList"] and r["hostList"][0]["version"] == 0 else None
+    r = await until(reported, "the rendered holding to be reported")
+    h = r["hostList"][0]
+    assert h["reloadOk"] is False and r["summary"] == "version 1 on 0 of 1 host"
+    rendered[:] = [(kid, 1, time.time(), True)]
+    sc.acks.poke()
+
+    async def moved():
+        r = await rollout(skm, kid)
+        return r if r["hostList"][0]["version"] == 1 and r["hostList"][0]["reloadOk"] is True else None
+    r = await until(moved, "the re-rendered holding to be reported")
+    assert r["summary"] == "version 1 on 1 of 1 host"
+    async with unix_session(sc.config.listen.socket) as s:
+        async with s.get("/v1/status") as resp:
+            status = await resp.json()
+    assert status["acks"]["keys"] == 1 and status["acks"]["reportsSent"] >= 2 and status["acks"]["lastError"] is None
+    assert status["reads"]["shipped"] >= 1 and status["reads"]["spooled"] == 0
