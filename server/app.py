@@ -68,10 +68,10 @@ def _optional_tables(plane: str) -> list[RouteTable]:
     import importlib
     names = {
         "client": ["server.api.client.cert_routes", "server.api.client.oauth_routes",
-                   "server.api.client.event_routes"],
+                   "server.api.client.event_routes", "server.api.client.sidecar_routes"],
         "mgmt": ["server.api.mgmt.cert_routes", "server.api.mgmt.operator_routes", "server.api.mgmt.approval_routes",
                  "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes",
-                 "server.api.mgmt.credential_routes"],
+                 "server.api.mgmt.credential_routes", "server.api.mgmt.version_routes"],
     }[plane]
     return [importlib.import_module(name).routes for name in names]
 

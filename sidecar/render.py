@@ -165,6 +165,20 @@ class Renderer:
     def status(self) -> list[dict]:
         return [b.delivery().to_json() for b in self.blocks]
 
+    def holdings(self) -> list[tuple[str, int, float | None, bool | None]]:
+        """(key id, version, delivered at (epoch seconds), reload ok) of every rendered key: a source of
+        the roll-out acknowledgements (sidecar/acks.py)."""
+        import datetime as dt
+        out = []
+        for d in self.delivered():
+            at = None
+            if d.delivered_at:
+                at = dt.datetime.strptime(d.delivered_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                    tzinfo=dt.timezone.utc).timestamp()
+            ok = None if d.reload is None else d.reload.outcome == "ok"
+            out += [(k.key_id, k.version, at, ok) for k in d.keys if k.version is not None]
+        return out
+
     def problem(self) -> str | None:
         bad = [b for b in self.blocks if b.error is not None]
         if not bad:

@@ -47,6 +47,13 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 MAC_HEADER = "X-TOAST-CLIENT-MAC-ADDR"
 
 
+KEY_VERSION_HEADER = "X-SKM-Key-Version"
+
+
+def _key_version(v: str | None) -> int | None:
+    return int(v) if v is not None and v.isdigit() and len(v) < 10 else None
+
+
 class UpstreamUnavailable(Unavailable):
     """No key server answered (or every one answered 5xx)."""
 
@@ -57,6 +64,7 @@ class UpstreamResponse:
     body: bytes
     content_type: str
     url: str
+    version: int | None = None          # the key version a read answered (X-SKM-Key-Version), if said
 
     @property
     def server_error(self) -> bool:
@@ -321,7 +329,8 @@ class Upstream:
             try:
                 async with self.session.request(method, base + path, data=body, headers=headers,
                                                 allow_redirects=False, server_hostname=server_name) as r:
-                    resp = UpstreamResponse(r.status, await r.read(), r.content_type, t.url)
+                    resp = UpstreamResponse(r.status, await r.read(), r.content_type, t.url,
+                                            _key_version(r.headers.get(KEY_VERSION_HEADER)))
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
                 # Never connected (refused, unreachable, or no answer to the SYN: a replica whose container is
                 # gone): nothing was sent, so the next address is safe even for a write.

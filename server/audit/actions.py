@@ -60,6 +60,8 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", "/oauth2/token/create", "bearer.create", True),
     ("POST", "/oauth2/token/revoke", "bearer.revoke", True),
     ("GET", _C + "/events", "events.subscribe", False),
+    ("POST", _C + "/sidecar/acks", "sidecar.ack", True),
+    ("POST", _C + "/sidecar/reads", "sidecar.report-reads", False),
     # ---- management API
     ("GET", "/api/v1/projects", "project.list", False),
     ("POST", "/api/v1/keystores", "keystore.create", True),
@@ -75,6 +77,9 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", _KEY + "/cancel-deletion", "key.cancel-deletion", True),
     ("DELETE", _KEY, "key.delete", True),
     ("POST", _KEY + "/reveal", "key.reveal", False),
+    ("GET", _KEY + "/rollout", "key.rollout", False),
+    ("POST", _KEY + "/versions/{version}/disable", "key.version-disable", True),
+    ("POST", _KEY + "/versions/{version}/enable", "key.version-enable", True),
     ("GET", _KS + "/auths/{kind}", "auth.list", False),
     ("POST", _KS + "/auths/{kind}", "auth.add", True),
     ("POST", _KS + "/auths/{kind}/schedule-deletion", "auth.schedule-deletion", True),

@@ -232,6 +232,25 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE audit_head ADD COLUMN restore_note TEXT",
         "UPDATE audit_head SET keyed_from = seq + 1 WHERE id = 1",
     ]),
+    (9, [
+        # Rotation roll-out: the version each sidecar host last acknowledged holding, per key. A host is
+        # its certificate (SHA-256 fingerprint); `ttl_seconds` is how long its report stays current (the
+        # host's own heartbeat promise), after which the roll-out marks it stale. No foreign key to keys:
+        # a purged key's rows are simply never asked for again. key_versions.status gains 'DISABLED'.
+        """CREATE TABLE key_holdings (
+            host_fp TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            project_id {bigint} NOT NULL,
+            host_name TEXT NOT NULL,
+            mac TEXT,
+            version INTEGER NOT NULL,
+            delivered_at TEXT,
+            acked_at TEXT NOT NULL,
+            ttl_seconds INTEGER NOT NULL,
+            reload_ok INTEGER,
+            PRIMARY KEY (host_fp, key_id))""",
+        "CREATE INDEX key_holdings_key ON key_holdings (key_id, version)",
+    ]),
 ]
 
 # (table, column, primary-key columns) of every sealed column: the rewrap job's map.
