@@ -81,6 +81,7 @@ class Sidecar:
                 self.api.reporters["render"] = self.renderer
                 if self.acks is not None:
                     self.acks.add_source(self.renderer.holdings)
+                    self.renderer.on_change = self.acks.poke
             await self.api.start()
             if self.renderer is not None:
                 await self.renderer.start()

@@ -130,6 +130,7 @@ class Renderer:
         self.resolver = Resolver(self._inventory, ttl)
         self.blocks = [Block(c, compile_template(c.template_text(), c.label), c.destination_path(), c.mode_bits(),
                              c.uid(), c.gid(), c.reload_action()) for c in blocks]
+        self.on_change = None           # called after a file got new content (the roll-out reports soon)
 
     # ------------------------------------------------------------ lifetime
     async def start(self) -> None:
@@ -276,6 +277,8 @@ class Renderer:
             self.metrics.reloads.labels(b.name, out.action, out.outcome).inc()
             (log.info if out.outcome != "failed" else log.warning)(
                 "render_reload", block=b.name, action=out.action, outcome=out.outcome, detail=out.detail)
+        if outcome == "written" and self.on_change is not None:
+            self.on_change()
 
     async def _failed(self, b: Block, why: str, definitive: bool, r: Rendering) -> None:
         b.error, b.failures = why, b.failures + 1
