@@ -1,6 +1,7 @@
 """Management API: the audit log (query with filters, verify the hash chain)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 from aiohttp import web
@@ -74,10 +75,18 @@ def _int(q, name: str, default: int | None, lo: int, hi: int) -> int | None:
                      "result": {"type": "string", "enum": ["ok", "denied", "refused", "error", "approval_required"]},
                      "action": {"type": "string"}, "afterSeq": {"type": "integer"}, "limit": {"type": "integer"}})
 async def query(request: web.Request, _body) -> dict:
-    await operator(request)
+    op = await operator(request)
     q = request.query
     limit = _int(q, "limit", 100, 1, 1000)
-    records = await _audit(request).query(
+    audit = _audit(request)
+    scope = {}
+    if op.projects() is not None:
+        # A project-scoped operator reads its projects' records only (records carry project_id).
+        if "project_ids" not in inspect.signature(audit.query).parameters:
+            raise Unavailable("this server's audit log cannot filter by project; project-scoped operators "
+                              "cannot read it here (ask a global operator)")   # fail closed
+        scope = {"project_ids": sorted(op.projects())}
+    records = await audit.query(**scope,
         since=parse_time(q.get("since"), "since"), until=parse_time(q.get("until"), "until"),
         actor=q.get("actor") or None, plane=q.get("plane") or None, key_id=q.get("keyId") or None,
         keystore_id=_int(q, "keyStoreId", None, 0, 10**12), result=q.get("result") or None,
@@ -88,5 +97,6 @@ async def query(request: web.Request, _body) -> dict:
 @routes.route("GET", "/audit/verify", summary="Walk the hash chain; report the first broken link",
               response=VerifyOut, tags=("audit",))
 async def verify(request: web.Request, _body) -> dict:
-    await operator(request)
+    op = await operator(request)
+    op.require("admin", "approver", "viewer")      # the whole chain: global operators only
     return (await _audit(request).verify()).to_api()
