@@ -61,3 +61,23 @@ async def test_migration_7_keeps_operators_requests_and_approvals(storage_url: s
             await s.execute("INSERT INTO change_approvals (request_id, operator, created_at) VALUES (99, 'x', ?)", T)
     finally:
         await s.close()
+
+
+async def test_a_lower_migration_merged_later_still_runs(storage_url: str,  # noqa: F811
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Branches take numbers in parallel: a database that has 7 but not 6 gets 6 when it appears."""
+    without = [m for m in MIGRATIONS if m[0] != 5]
+    for mod in (sqlite_mod, pg_mod):
+        monkeypatch.setattr(mod, "MIGRATIONS", without)
+    s = open_storage(storage_url)
+    await s.open()
+    await s.close()
+    monkeypatch.undo()
+    s = open_storage(storage_url)
+    await s.open()
+    try:
+        versions = [r["version"] for r in await s.fetchall("SELECT version FROM schema_version ORDER BY version")]
+        assert versions == sorted(v for v, _ in MIGRATIONS)
+        assert 5 in versions
+    finally:
+        await s.close()
