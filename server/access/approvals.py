@@ -186,6 +186,10 @@ class Approvals:
             requester_id = await self._requester_id(tx, row)
             refusal = (await Lineage.load(tx)).refusal(by.id, requester_id, role, row["project_id"],
                                                        row["created_at"])
+            if refusal is None and row["keystore_id"] is None:
+                target = json.loads(row["params"]).get("name")
+                if target is not None and target == by.name:
+                    refusal = "a change to your own account is decided by another admin"
             if refusal is not None:
                 raise Forbidden(refusal)
             done = await tx.fetchval("SELECT COUNT(*) AS n FROM change_approvals WHERE request_id = ? AND "

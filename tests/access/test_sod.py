@@ -213,6 +213,13 @@ async def test_operator_management_under_approval(skm):
     assert me["body"]["name"] == "mallory"
     st, again = await skm.mgmt("POST", f"/approvals/{rid}/collect", token=a)
     assert st == 409
+    # Nobody decides a change to their own account, nor grants themselves a role.
+    st, out = await skm.mgmt("POST", "/operators/admin-b/roles", token=a, json={"role": "approver", "projectId": 1})
+    assert st == 202, out
+    st, out = await skm.mgmt("POST", f"/approvals/{out['body']['changeRequestId']}/approve", token=b)
+    assert st == 403 and "your own account" in out["header"]["resultDetail"], out
+    st, out = await skm.mgmt("POST", "/operators/admin-a/roles", token=a, json={"role": "approver", "projectId": 1})
+    assert st == 409 and "your own roles" in out["header"]["resultDetail"], out
     # Revoking and disabling still take effect at once.
     st, out = await skm.mgmt("PATCH", "/operators/mallory", token=a, json={"disabled": True})
     assert st == 200 and out["body"]["disabled"] is True

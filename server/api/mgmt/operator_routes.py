@@ -219,7 +219,8 @@ async def grant_role(request: web.Request, body: GrantIn) -> dict:
     op = await admin(request)
     rt = runtime(request)
     name = request.match_info["name"]
-    await rt.operators.by_name(name)
+    if (await rt.operators.by_name(name)).id == op.id:
+        raise Conflict("you cannot change your own roles; ask another admin")
     if body.projectId is not None and await rt.keys.project(body.projectId) is None:
         raise NotFound(f"no project with id {body.projectId}")
     return await rt.changes.submit_operator_change(op, "operator.grant", {
