@@ -65,6 +65,7 @@ async def test_a_project_operator_sees_and_changes_nothing_of_another_project(sk
     b, ids = two["b"], two["ids"]
     sb, kb, rb = ids["store-b"]["sid"], ids["store-b"]["kid"], ids["store-b"]["rid"]
     sa = ids["store-a"]["sid"]
+    await access_key(skm, description="the global admin's")
     before = await _snapshot(skm)
     for role, token in two["tokens"].items():
         # Listings hold A only.
@@ -74,6 +75,8 @@ async def test_a_project_operator_sees_and_changes_nothing_of_another_project(sk
         assert [p["id"] for p in out["body"]["projects"]] == [1], (role, out)
         st, out = await skm.mgmt("GET", "/approvals", token=token)
         assert [c["changeRequestId"] for c in out["body"]["changeRequests"]] == [ids["store-a"]["rid"]], role
+        st, out = await skm.mgmt("GET", "/access-keys", token=token)
+        assert out["body"]["accessKeys"] == [], (role, out)          # the global admin's key is not theirs
         st, out = await skm.mgmt("GET", "/operators", token=token)
         names = {o["name"] for o in out["body"]["operators"]}
         assert "appr-store-b" not in names and "admin" not in names and "a-viewer" in names, (role, names)
@@ -91,8 +94,15 @@ async def test_a_project_operator_sees_and_changes_nothing_of_another_project(sk
                 ("POST", f"/keys/{kb}/rotate", {"secretValue": "x"}),
                 ("POST", f"/keys/{kb}/schedule-deletion", None),
                 ("POST", f"/keys/{kb}/reveal", None),
+                ("PATCH", f"/keys/{kb}", {"description": "x"}),
+                ("POST", f"/keys/{kb}/cancel-deletion", None),
+                ("DELETE", f"/keys/{kb}", None),
                 ("POST", f"/keystores/{sb}/auths/ipv4s", {"value": "10.9.9.9"}),
+                ("POST", f"/keystores/{sb}/auths/ipv4s/schedule-deletion", {"value": "127.0.0.1"}),
+                ("POST", f"/keystores/{sb}/auths/ipv4s/delete", {"value": "127.0.0.1"}),
                 ("POST", f"/keystores/{sb}/certificates", {"name": "c", "password": "long enough pw"}),
+                ("POST", f"/keystores/{sb}/certificates/schedule-deletion", {"name": "c"}),
+                ("GET", f"/keystores/{sb}/certificates/c/bundle", None),
                 ("POST", f"/approvals/{rb}/approve", None), ("POST", f"/approvals/{rb}/deny", None),
                 ("POST", f"/approvals/{rb}/cancel", None)):
             st, out = await skm.mgmt(method, path, json=body, token=token)

@@ -158,3 +158,20 @@ async def test_projects_and_scoped_operators_through_the_cli(skm):
     assert code == 4
     hist = await _json(skm, "operator", "roles", "ann")
     assert [(g["role"], g["projectId"], g["revokedBy"]) for g in hist["grants"]] == [("admin", created["id"], "admin")]
+
+
+def test_new_commands_have_help_and_a_description():
+    import argparse
+    import subprocess
+
+    from server.cli.main import build_parser
+    from tests.cli.test_cli import SKM
+    from tests.cli.test_cli_operators import _walk
+    wanted = {("project", "create"), ("project", "list"), ("project", "show"), ("operator", "grant"),
+              ("operator", "revoke"), ("operator", "roles"), ("approval", "collect")}
+    found = {tuple(path): p for path, p in _walk(build_parser(), []) if tuple(path) in wanted}
+    assert set(found) == wanted
+    for path, p in found.items():
+        assert isinstance(p, argparse.ArgumentParser) and p.description, path
+        r = subprocess.run([*SKM, *path, "--help"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "usage: skm" in r.stdout, (path, r.stderr)
