@@ -346,9 +346,9 @@ class Operators:
 
     async def _keep_an_admin(self, leaving: Operator) -> None:
         n = await self.db.fetchval(
-            "SELECT COUNT(*) AS n FROM operator_roles g JOIN operators o ON o.id = g.operator_id WHERE g.role = 'admin' "
-            "AND g.project_id IS NULL AND g.revoked_at IS NULL AND o.disabled = 0 AND o.deleted_at IS NULL "
-            "AND o.id <> ?", leaving.id)
+            "SELECT COUNT(*) AS n FROM operator_roles g JOIN operators o ON o.id = g.operator_id "
+            "WHERE g.role = 'admin' AND g.project_id IS NULL AND g.revoked_at IS NULL AND o.disabled = 0 "
+            "AND o.deleted_at IS NULL AND o.id <> ?", leaving.id)
         if not n:
             raise Conflict("this is the last enabled global admin; create another admin first")
 

@@ -53,7 +53,8 @@ async def test_lone_admin_puppet_approver_is_refused_through_the_cli(skm):
     assert code == 3 and "created, given a role or handed a credential by the requester" in err, err
     # A puppet approver made after the request: its role is too recent, and it descends from the admin.
     await _json(skm, "operator", "create", "late-sock", "--role", "approver", "--password-stdin", stdin=PW + "\n")
-    code, _, err = await skm_cli(skm, "approval", "approve", str(rid), env={"SKM_TOKEN": await _login(skm, "late-sock")})
+    late = await _login(skm, "late-sock")
+    code, _, err = await skm_cli(skm, "approval", "approve", str(rid), env={"SKM_TOKEN": late})
     assert code == 3 and "granted after this change request" in err, err
     cr = await _json(skm, "approval", "show", str(rid))
     assert cr["status"] == "PENDING" and cr["approvals"] == []
