@@ -188,7 +188,12 @@ async def test_project_routes(skm):
     st, out = await skm.mgmt("GET", "/projects/999")
     assert st == 404
     st, out = await skm.mgmt("GET", "/projects/2")
-    assert out["body"]["name"] == "dup" and "dataPlaneUrl" not in out["body"] or out["body"]["dataPlaneUrl"] is None
+    assert out["body"]["name"] == "dup" and out["body"].get("dataPlaneUrl") is None
+    # When the server knows how clients reach it (`public_url`), the project says where its client API is.
+    import dataclasses
+    skm.rt.config = dataclasses.replace(skm.rt.config, public_url="https://keys.example:8443/")
+    st, out = await skm.mgmt("POST", "/projects", json={"name": "hinted"})
+    assert out["body"]["dataPlaneUrl"] == f"https://keys.example:8443/keymanager/v1.0/appkey/{out['body']['appkey']}"
 
 
 async def test_audit_of_a_project_operator_holds_its_projects_only(skm, two):
