@@ -153,7 +153,7 @@ async def test_http10_keep_alive_and_connection_close(skm, store, make_sidecar):
 
 async def test_tcp_listener_fast_path_keeps_the_anti_ssrf_check(skm, store, make_sidecar):
     kid = (await skm.key(store, "SECRET", "db", secretValue="v"))["keyId"]
-    sc = await make_sidecar(listen={"tcp_port": 0})
+    sc = await make_sidecar(listen={"tcp_port": 0, "tcp_allow_default": True})
     reader, writer = await asyncio.open_connection("127.0.0.1", sc.api.tcp_port)
     try:
         for _ in range(2):                                                     # a miss, then a hit
