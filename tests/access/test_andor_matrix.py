@@ -4,8 +4,8 @@ The key server runs as `skm server run` in the lab's server namespace; clients a
 host namespaces whose veths carry the MAC addresses we set, so the MAC check is the kernel's
 neighbour entry of the TCP peer (`neighbor` mode), not a header anyone can type. Four hosts give
 every IPv4 × MAC combination; presenting the store's registered certificate, the other store's
-(same CA, registered elsewhere), or none gives the third. AND passes only when all three pass and names the first that failed; OR
-fails only when all three fail. The `attested` mode (the claimed MAC bound in the presented host
+(same CA, registered elsewhere), or none gives the third. AND passes only when all three pass and
+names the first that failed; OR fails only when all three fail. The `attested` mode (the claimed MAC bound in the presented host
 certificate) is checked under AND too.
 """
 from __future__ import annotations
