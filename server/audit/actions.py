@@ -64,6 +64,12 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", _C + "/sidecar/reads", "sidecar.report-reads", False),
     # ---- management API
     ("GET", "/api/v1/projects", "project.list", False),
+    ("POST", "/api/v1/projects", "project.create", True),
+    ("GET", "/api/v1/projects/{project_id}", "project.read", False),
+    ("GET", "/api/v1/operators/{name}/roles", "operator.roles", False),
+    ("POST", "/api/v1/operators/{name}/roles", "operator.grant", True),
+    ("DELETE", "/api/v1/operators/{name}/roles", "operator.revoke", True),
+    ("POST", "/api/v1/approvals/{request_id}/collect", "approval.collect", True),
     ("POST", "/api/v1/keystores", "keystore.create", True),
     ("GET", "/api/v1/keystores", "keystore.list", False),
     ("GET", _KS, "keystore.read", False),
