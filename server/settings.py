@@ -135,12 +135,14 @@ class ServerConfig:
     event_loop: str = "auto"          # auto (uvloop when installed) | uvloop | asyncio; see server/loops.py
     max_body_bytes: int = 256 * 1024
     header_timeout: float = 10.0      # a connection must finish a request's headers within this (slow-loris)
+    handshake_timeout: float = 10.0   # ... and its TLS handshake within this, from the TCP connect
     keepalive_timeout: float = 75.0
     body_timeout: float = 10.0
     trusted_proxies: tuple[str, ...] = ()
     log_format: str = "auto"          # auto | json | console
     log_level: str = "info"
     public_url: str = ""              # how clients reach the data plane, for messages only
+    hsts_max_age: int = 31536000      # Strict-Transport-Security on the management listener (console); 0: none
     login: LoginSettings = field(default_factory=LoginSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
