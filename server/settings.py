@@ -68,6 +68,15 @@ class ApprovalSettings:
 
 
 @dataclass(frozen=True)
+class CompatSettings:
+    """Where this server is stricter than NHN's, the switch back: [compat] / SKM_COMPAT_*."""
+    # The v1.0+ inventory (GET /keystores...) lists a store's keys, IPs, MACs and certificate names.
+    # false (default): only to a caller that passes that store's own checks; true: to anyone holding
+    # the appkey, as NHN's does.
+    inventory_appkey_only: bool = False
+
+
+@dataclass(frozen=True)
 class _NoConsole:
     """Stands in for the console's settings in a build without server.console."""
     idle_seconds: float = 900.0
@@ -146,6 +155,7 @@ class ServerConfig:
     login: LoginSettings = field(default_factory=LoginSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
+    compat: CompatSettings = field(default_factory=CompatSettings)
     console: "_console_settings()" = field(default_factory=lambda: _console_settings()())  # noqa: F821
 
     @property
