@@ -1,11 +1,22 @@
 """Client API: the key-change event stream (SSE) that sidecars follow.
 
-Only for callers presenting a client certificate (the TLS layer has already
-checked it chains to this server's CA; one must be presented). Events are those
-of the appkey's project's key stores; an event says what changed (kind, key
-store, key id, version), never a value. `hello` opens the stream, a comment
-line every 15 s keeps it (and the caller's read timeout) alive, and `reset`
-means the subscriber fell behind and must drop everything it cached.
+Who hears what: the caller must present a client certificate (the TLS layer has
+already checked it chains to this server's CA) AND pass the client checks of at
+least one key store of the appkey's project, exactly as a key use would; it hears
+only the events of the stores it passes (plus `reset`). A certificate alone, one
+deleted from its store or one of another project's store, opens nothing.
+
+The checks are re-run while the stream is open: for a store whenever its access
+rules or settings change (`auth_changed`, `keystore_updated`, `keystore_deleted`),
+for every store on `reset` and at each heartbeat (a certificate that expired, a
+neighbour-table MAC that moved). The event that took a store away is still sent
+(the sidecar drops what it cached from it); once the caller passes no store the
+stream ends, so a deleted certificate stops receiving at once.
+
+An event says what changed (kind, key store, key id, version), never a value.
+`hello` opens the stream, a comment line every 15 s keeps it (and the caller's
+read timeout) alive, and `reset` means the subscriber fell behind and must drop
+everything it cached.
 """
 from __future__ import annotations
 
@@ -13,9 +24,9 @@ import asyncio
 
 from aiohttp import web
 
-from server.api.client.context import PREFIX, client_context
+from server.api.client.context import PREFIX, client_context, passes_keystore
 from server.api.routing import RouteTable
-from server.errors import CertificateAuthFailure
+from server.errors import CertificateAuthFailure, SKMError
 from server.runtime import runtime
 
 routes = RouteTable(PREFIX)
@@ -35,8 +46,49 @@ def _server_closing(request: web.Request) -> bool:
     return bool(getattr(request.protocol, "_force_close", False))
 
 
-@routes.route("GET", "/events", summary="Key-change events of the project's key stores (text/event-stream, "
-              "sidecars only: requires a client certificate)", raw=True, tags=("client-events",),
+RECHECK = frozenset({"auth_changed", "keystore_updated", "keystore_deleted"})
+
+
+class _Admission:
+    """The project's stores this stream's caller passes, kept current while the stream is open."""
+
+    def __init__(self, request: web.Request, ctx) -> None:
+        self.request, self.ctx = request, ctx
+        self.rt = runtime(request)
+        self.admitted: set[int] = set()
+        self.refused: set[int] = set()          # known stores of the project the caller does not pass
+
+    async def _passes(self, store_id: int) -> bool:
+        try:
+            ks = await self.rt.keys.keystore(store_id, project_id=self.ctx.project.id)
+        except SKMError:                         # deleted, or another project's
+            return False
+        return await passes_keystore(self.request, self.ctx, ks)
+
+    async def recheck(self, store_id: int) -> bool:
+        """Re-run the store's checks; True when it was or is admitted (the event about it is this caller's)."""
+        was = store_id in self.admitted
+        self.admitted.discard(store_id)
+        self.refused.discard(store_id)
+        (self.admitted if await self._passes(store_id) else self.refused).add(store_id)
+        return was or store_id in self.admitted
+
+    async def recheck_all(self) -> None:
+        stores = await self.rt.keys.keystores(self.ctx.project.id)
+        self.admitted, self.refused = set(), set()
+        for ks in stores:
+            (self.admitted if await passes_keystore(self.request, self.ctx, ks) else self.refused).add(ks.id)
+
+    async def hears(self, store_id: int) -> bool:
+        if store_id in self.admitted:
+            return True
+        if store_id in self.refused:
+            return False
+        return await self.recheck(store_id)      # a store created after the stream opened
+
+
+@routes.route("GET", "/events", summary="Key-change events of the key stores whose checks the caller passes "
+              "(text/event-stream, sidecars only: requires a client certificate)", raw=True, tags=("client-events",),
               media_type="text/event-stream", response_schema={"type": "string"})
 async def events(request: web.Request, _body) -> web.StreamResponse:
     ctx = await client_context(request)
@@ -45,11 +97,15 @@ async def events(request: web.Request, _body) -> web.StreamResponse:
                                      "issued by this server's CA")
     rt = runtime(request)
     heartbeat = float(rt.extra.get("sse_heartbeat", HEARTBEAT_SECONDS))
-    stores = {s.id for s in await rt.keys.keystores(ctx.project.id)}
-    queue = rt.events.subscribe()
+    queue = rt.events.subscribe()                # before the checks: nothing that changes them is missed
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                        "X-Accel-Buffering": "no"})
     try:
+        seen = _Admission(request, ctx)
+        await seen.recheck_all()
+        if not seen.admitted:
+            raise CertificateAuthFailure("this connection passes the client checks of no key store of this "
+                                         "project; register the host (IPv4, MAC or certificate) with a key store")
         await resp.prepare(request)
         await resp.write(b": skm key-change events\n\nevent: hello\ndata: {}\n\n")
         idle = 0.0
@@ -60,16 +116,24 @@ async def events(request: web.Request, _body) -> web.StreamResponse:
                 idle += TICK_SECONDS
                 if idle >= heartbeat:
                     idle = 0.0
+                    await seen.recheck_all()
+                    if not seen.admitted:
+                        break
                     await resp.write(b": ping\n\n")
                 continue
-            if ev.kind not in CLIENT_EVENTS:
+            if ev.kind == "reset":
+                await seen.recheck_all()
+                send = True
+            elif ev.kind in RECHECK:
+                send = await seen.recheck(ev.keystore_id)
+            elif ev.kind in CLIENT_EVENTS:
+                send = await seen.hears(ev.keystore_id)
+            else:
                 continue
-            if ev.kind != "reset" and ev.keystore_id not in stores:
-                # A store created after we subscribed belongs to the project too.
-                stores = {s.id for s in await rt.keys.keystores(ctx.project.id)}
-                if ev.keystore_id not in stores:
-                    continue
-            await resp.write(f"event: {ev.kind}\ndata: {ev.to_json()}\n\n".encode())
+            if send and ev.kind in CLIENT_EVENTS:
+                await resp.write(f"event: {ev.kind}\ndata: {ev.to_json()}\n\n".encode())
+            if not seen.admitted:
+                break                            # no store admits this caller any more: end the stream
     except ConnectionResetError:
         pass                              # the sidecar went away
     finally:
