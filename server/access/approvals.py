@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from server import logs, timeutil
+from server import logs, text, timeutil
 from server.access.operators import Operator
 from server.barrier.barrier import sealed_aad
 from server.errors import (ApprovalRequired, ApprovalUnavailable, Conflict, Forbidden, InvalidRequest, NotFound,
@@ -136,6 +136,7 @@ class Approvals:
     # -------------------------------------------------------------- decisions
     async def approve(self, by: Operator, request_id: int, comment: str = "") -> dict:
         by.require("approver")
+        text.check(comment, "comment")
         await self.expire_due()
         apply_now = False
         async with self.db.transaction() as tx:
@@ -161,6 +162,7 @@ class Approvals:
 
     async def deny(self, by: Operator, request_id: int, reason: str = "") -> dict:
         by.require("approver")
+        text.check(reason, "comment")
         await self.expire_due()
         async with self.db.transaction() as tx:
             row = await self._lock_pending(tx, request_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
+from server import text
 from server.errors import ApprovalUnavailable, InvalidRequest
 from server.keys.model import Key, KeyStore
 
@@ -33,6 +34,7 @@ class ChangeGate:
         """Apply now, or hold as a change request when the key store requires approval."""
         if name not in OPS:
             raise InvalidRequest(f"unknown change {name}")
+        text.check_params(params)        # before a change is held for approval, not only when applied
         if ks is not None and ks.approval_required:
             if self.approvals is None:
                 # Fail closed: approval is on but nothing can approve.

@@ -16,6 +16,7 @@ from server.api.client.context import PREFIX, authorize_inventory, authorize_key
 from server.api.client.crypto_routes import V12
 from server.api.routing import RouteTable
 from server.runtime import runtime
+from server.text import SafeText
 
 routes = RouteTable(PREFIX)
 
@@ -25,7 +26,7 @@ class CertCreateIn(m._In):
     name: str = Field(min_length=1, max_length=100)
     password: str = Field(min_length=certs.MIN_PASSWORD, max_length=certs.MAX_PASSWORD)
     lifeTime: int = Field(ge=1, le=certs.MAX_LIFETIME_DAYS)
-    description: str = Field(default="", max_length=1000)
+    description: SafeText = Field(default="", max_length=1000)
 
 
 class CertRefIn(m._In):

@@ -31,6 +31,7 @@ from server.api.routing import RouteTable
 from server.errors import InvalidRequest
 from server.keys.model import KeyType
 from server.runtime import runtime
+from server.text import SafeText
 
 routes = RouteTable(PREFIX)
 
@@ -99,7 +100,7 @@ async def delete_key(request: web.Request, _body) -> dict:
 class AuthAddIn(m._In):
     keyStoreName: str = Field(min_length=1, max_length=100)
     value: str = Field(min_length=1, max_length=64)
-    description: str = Field(default="", max_length=1000)
+    description: SafeText = Field(default="", max_length=1000)
 
 
 class AuthRefIn(m._In):

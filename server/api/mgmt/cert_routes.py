@@ -14,6 +14,7 @@ from server.access import certificates as certs
 from server.api.mgmt.auth import admin, operator
 from server.api.routing import RouteTable
 from server.runtime import runtime
+from server.text import SafeText
 
 routes = RouteTable("/api/v1")
 _P = r"/keystores/{keystore_id:\d{1,12}}/certificates"
@@ -28,7 +29,7 @@ class CertIn(_In):
     name: str = Field(min_length=1, max_length=100, pattern=certs.NAME_RE.pattern)
     password: str = Field(min_length=certs.MIN_PASSWORD, max_length=certs.MAX_PASSWORD)
     lifeTime: int = Field(default=365, ge=1, le=certs.MAX_LIFETIME_DAYS)
-    description: str = Field(default="", max_length=1000)
+    description: SafeText = Field(default="", max_length=1000)
 
 
 class CertRefIn(_In):
