@@ -88,3 +88,19 @@ async def test_deleting_the_certificate_ends_its_stream(skm):
         assert await _rest(resp) == ["auth_changed"]
     st, out = await skm.client("GET", "/events", session=s, timeout=BOUND)
     assert_err(st, out, 403, "Certificate Auth Failure")
+
+
+async def test_a_certificate_that_stops_passing_without_an_event_is_cut_at_a_heartbeat(skm):
+    """Expiry publishes nothing: the heartbeat's re-check ends the stream (within the auth cache's age)."""
+    import datetime as dt
+
+    from server import timeutil
+    skm.rt.extra["sse_heartbeat"] = 0.3
+    a = await _cert_only_store(skm, "a")
+    cert = await cert_files(skm, a, "app")
+    async with skm.session(*cert).get(skm.client_path("/events")) as resp:
+        assert resp.status == 200
+        assert (await next_event(resp))[0] == "hello"
+        past = timeutil.to_db(timeutil.now() - dt.timedelta(days=1))
+        await skm.rt.storage.execute("UPDATE auth_certificates SET expires_at = ? WHERE name = 'app'", past)
+        assert await _rest(resp, timeout=20) == []

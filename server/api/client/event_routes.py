@@ -24,10 +24,13 @@ import asyncio
 
 from aiohttp import web
 
+from server import logs
 from server.api.client.context import PREFIX, client_context, passes_keystore
 from server.api.routing import RouteTable
 from server.errors import CertificateAuthFailure, SKMError
 from server.runtime import runtime
+
+log = logs.get("skm.events")
 
 routes = RouteTable(PREFIX)
 # What a client may hear: changes to keys, to a store's access rules or settings, and `reset`. Anything
@@ -108,34 +111,51 @@ async def events(request: web.Request, _body) -> web.StreamResponse:
                                          "project; register the host (IPv4, MAC or certificate) with a key store")
         await resp.prepare(request)
         await resp.write(b": skm key-change events\n\nevent: hello\ndata: {}\n\n")
-        idle = 0.0
-        while not _server_closing(request):
-            try:
-                ev = await asyncio.wait_for(queue.get(), TICK_SECONDS)
-            except asyncio.TimeoutError:
-                idle += TICK_SECONDS
-                if idle >= heartbeat:
-                    idle = 0.0
-                    await seen.recheck_all()
-                    if not seen.admitted:
-                        break
-                    await resp.write(b": ping\n\n")
-                continue
-            if ev.kind == "reset":
-                await seen.recheck_all()
-                send = True
-            elif ev.kind in RECHECK:
-                send = await seen.recheck(ev.keystore_id)
-            elif ev.kind in CLIENT_EVENTS:
-                send = await seen.hears(ev.keystore_id)
-            else:
-                continue
-            if send and ev.kind in CLIENT_EVENTS:
-                await resp.write(f"event: {ev.kind}\ndata: {ev.to_json()}\n\n".encode())
-            if not seen.admitted:
-                break                            # no store admits this caller any more: end the stream
+        await _follow(request, resp, queue, seen, heartbeat)
     except ConnectionResetError:
         pass                              # the sidecar went away
     finally:
         rt.events.unsubscribe(queue)
     return resp
+
+
+async def _follow(request: web.Request, resp: web.StreamResponse, queue: asyncio.Queue, seen: _Admission,
+                  heartbeat: float) -> None:
+    idle = 0.0
+    while not _server_closing(request):
+        try:
+            ev = await asyncio.wait_for(queue.get(), TICK_SECONDS)
+        except asyncio.TimeoutError:
+            idle += TICK_SECONDS
+            if idle >= heartbeat:
+                idle = 0.0
+                if not await _recheck(seen, None):
+                    return
+                await resp.write(b": ping\n\n")
+            continue
+        if ev.kind == "reset":
+            await _recheck(seen, None)
+            send = True                          # names no store; tells the sidecar to drop everything
+        elif ev.kind in RECHECK:
+            send = await _recheck(seen, ev.keystore_id)
+        elif ev.kind in CLIENT_EVENTS:
+            send = await _recheck(seen, ev.keystore_id, use=True)
+        else:
+            continue
+        if send and ev.kind in CLIENT_EVENTS:
+            await resp.write(f"event: {ev.kind}\ndata: {ev.to_json()}\n\n".encode())
+        if not seen.admitted:
+            return                               # no store admits this caller any more: end the stream
+
+
+async def _recheck(seen: _Admission, store_id: int | None, *, use: bool = False) -> bool:
+    """Run a check; one that cannot run (storage away) ends the stream: fail closed, the sidecar reconnects."""
+    try:
+        if store_id is None:
+            await seen.recheck_all()
+            return bool(seen.admitted)
+        return await (seen.hears(store_id) if use else seen.recheck(store_id))
+    except Exception as e:  # noqa: BLE001 - the response is already streaming: no error envelope can follow
+        log.warning("event_stream_recheck_failed", error_type=type(e).__name__)
+        seen.admitted.clear()
+        return False
