@@ -9,7 +9,7 @@ from server.text import is_unsafe
 from tests.cli.test_cli import skm_cli
 
 EVIL_NAME = "evil\x1b[2J\x1b[31m\u202eexe.gpj"
-EVIL_DESC = "line1\nline2 [bold]x[/bold] \x00\x9b31m\u2066"
+EVIL_DESC = "line1\nline2 [bold]x[/bold] \x07\x9b31m\u2066"      # (PostgreSQL stores no NUL)
 
 
 def _raw_controls(text: str) -> list[str]:
@@ -33,7 +33,7 @@ async def test_tables_and_json_escape_control_and_bidi_characters(skm):
         assert _raw_controls(out) == [], (args, out)
         assert "evil\\x1b[2J\\x1b[31m\\u202eexe.gpj" in out, out           # shown, escaped
         if args[1] == "show":
-            assert "line1\\nline2 [bold]x[/bold] \\x00\\x9b31m\\u2066" in out   # markup stays text too
+            assert "line1\\nline2 [bold]x[/bold] \\x07\\x9b31m\\u2066" in out   # markup stays text too
         code, out, err = await skm_cli(skm, *args, "--json")
         assert code == 0, err
         assert _raw_controls(out) == [], (args, out)
