@@ -3,7 +3,8 @@
 Each nested dataclass is a TOML table whose env names join the path:
 ``[login] max_failures`` is ``SKM_LOGIN_MAX_FAILURES``, ``[audit] enabled`` is
 ``SKM_AUDIT_ENABLED``, ``[approvals] webhook_url`` is ``SKM_APPROVALS_WEBHOOK_URL``,
-``[console] idle_seconds`` is ``SKM_CONSOLE_IDLE_SECONDS``.
+``[console] idle_seconds`` is ``SKM_CONSOLE_IDLE_SECONDS``, ``[compat] inventory_appkey_only`` is
+``SKM_COMPAT_INVENTORY_APPKEY_ONLY``.
 """
 from __future__ import annotations
 
