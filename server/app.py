@@ -21,7 +21,7 @@ from server.access.operators import Operators
 from server.access.tls import server_context
 from server.api import middleware
 from server.api.routing import RouteTable
-from server.api.timeouts import DeadlineAppRunner
+from server.api.timeouts import DeadlineAppRunner, DeadlineTCPSite
 from server.barrier.barrier import Barrier
 from server.barrier.keyring import LocalKeyringSource, SystemKeySource
 from server.barrier.rootkey import RootKeyProvider, make_provider
@@ -110,6 +110,7 @@ def build_apps(rt: Runtime) -> tuple[web.Application, web.Application]:
         middleware.request_context, rt.metrics.middleware("mgmt"), *rt.extra.get("mgmt_middlewares", []),
         middleware.errors])
     mgmt[RUNTIME] = rt
+    middleware.add_hsts(mgmt, rt.config.hsts_max_age)
     table = mgmt_routes()
     table.register(mgmt)
     doc = table.openapi("Secure Key Manager management API", VERSION,
@@ -274,8 +275,8 @@ class KeyServer:
                                    keepalive_timeout=cfg.keepalive_timeout)
         await runner.setup()
         lc = getattr(cfg, which)
-        site = web.TCPSite(runner, lc.host, lc.port if port is None else port, ssl_context=ctx,
-                           reuse_port=reuse_port, backlog=1024)
+        site = DeadlineTCPSite(runner, lc.host, lc.port if port is None else port, ssl_context=ctx,
+                               reuse_port=reuse_port, backlog=1024, handshake_timeout=cfg.handshake_timeout)
         await site.start()
         self._runners.append(runner)
         return site._server.sockets[0].getsockname()[1]

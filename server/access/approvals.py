@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from server import logs, timeutil
+from server import logs, text, timeutil
 from server.access.changes import Requester
 from server.access.lineage import Lineage
 from server.access.operators import Operator
@@ -177,6 +177,7 @@ class Approvals:
             raise NotFound(f"no change request {row['id']}")
 
     async def approve(self, by: Operator, request_id: int, comment: str = "") -> dict:
+        text.check(comment, "comment")
         await self.expire_due()
         apply_now = False
         async with self.db.transaction() as tx:
@@ -210,6 +211,7 @@ class Approvals:
         return await self.get(request_id)
 
     async def deny(self, by: Operator, request_id: int, reason: str = "") -> dict:
+        text.check(reason, "comment")
         await self.expire_due()
         async with self.db.transaction() as tx:
             row = await self._lock_pending(tx, request_id, by)

@@ -83,6 +83,24 @@ async def authorize_keystore(request: web.Request, ctx: ClientContext, ks: KeySt
     await rt.access.authorize(request, ctx, ks)
 
 
+async def passes_keystore(request: web.Request, ctx: ClientContext, ks: KeyStore) -> bool:
+    rt = runtime(request)
+    return rt.access is not None and await rt.access.passes(request, ctx, ks)
+
+
+def inventory_appkey_only(request: web.Request) -> bool:
+    """`[compat] inventory_appkey_only`: the v1.0 inventory answers anyone with the appkey, as NHN's does."""
+    compat = getattr(runtime(request).config, "compat", None)
+    return bool(getattr(compat, "inventory_appkey_only", False))
+
+
+async def authorize_inventory(request: web.Request, ctx: ClientContext, ks: KeyStore) -> None:
+    """The inventory of a store (its keys, IPs, MACs, certificate names) is for whoever passes the store's
+    own checks; NHN hands it to any holder of the appkey, which `[compat] inventory_appkey_only` restores."""
+    if not inventory_appkey_only(request):
+        await authorize_keystore(request, ctx, ks)
+
+
 async def key_for_use(request: web.Request, *, check_access: bool = True) -> tuple[ClientContext, Key]:
     """Resolve `{keyid}` in the caller's project and pass its key store's client checks."""
     rt = runtime(request)
