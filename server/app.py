@@ -71,7 +71,8 @@ def _optional_tables(plane: str) -> list[RouteTable]:
                    "server.api.client.event_routes", "server.api.client.sidecar_routes"],
         "mgmt": ["server.api.mgmt.cert_routes", "server.api.mgmt.operator_routes", "server.api.mgmt.approval_routes",
                  "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes",
-                 "server.api.mgmt.credential_routes", "server.api.mgmt.version_routes"],
+                 "server.api.mgmt.credential_routes", "server.api.mgmt.version_routes",
+                 "server.api.mgmt.usage_routes"],
     }[plane]
     return [importlib.import_module(name).routes for name in names]
 
@@ -151,7 +152,7 @@ def _extend_runtime(rt: Runtime) -> None:
     """Hooks for modules that add services (certificates, credentials, approvals, audit, console)."""
     import importlib
     for name in ("server.access.certificates", "server.access.callers", "server.access.approvals",
-                 "server.audit", "server.console"):
+                 "server.audit", "server.usage", "server.console"):
         importlib.import_module(name).install(rt)
 
 

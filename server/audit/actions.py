@@ -119,6 +119,7 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", "/api/v1/access-keys", "accesskey.create", True),
     ("GET", "/api/v1/access-keys", "accesskey.list", False),
     ("DELETE", "/api/v1/access-keys/{key_id}", "accesskey.delete", True),
+    ("GET", "/api/v1/usage", "usage.read", False),
     # ---- console (its page views are not recorded; its forms are)
     ("POST", _CON + "/login", "operator.login", False),
     ("POST", _CON + "/logout", "operator.logout", False),
