@@ -227,6 +227,7 @@ class KeyServer:
         else:
             self.data_port = await self._listen(data_app, "data", client_cert=True, port=place.data_port,
                                                 reuse_port=True)
+        rt.extra["data_port"] = self.data_port      # the console's connection panel names it
         if place is None or place.primary:
             # The management plane, console and background jobs run in one process only.
             self.mgmt_port = await self._listen(mgmt_app, "mgmt", client_cert=False)
