@@ -10,7 +10,7 @@ from server.usage import RANGES
 
 routes = ConsoleRoutes()
 _KS = r"/keystores/{keystore_id:\d{1,12}}"
-W, H, PAD_L, PAD_B, PAD_T = 720, 200, 44, 22, 10
+W, H, PAD_L, PAD_B, PAD_T = 1000, 240, 44, 22, 10
 LABELS = {"hour": "last hour", "day": "last 24 hours", "month": "last 30 days"}
 
 
