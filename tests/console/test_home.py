@@ -237,3 +237,28 @@ async def test_lists_deletion_self_service_and_narrow(console, skm):
     scroller = await page.locator(".scroll").first.evaluate("e => e.scrollWidth > e.clientWidth")
     assert scroller
     await _shot(console, page, "narrow")
+
+
+async def test_approver_sees_what_waits_for_them(console, skm):
+    await console.operator("alice", "approver")
+    store = await skm.keystore("guarded")
+    st, out = await skm.mgmt("PATCH", f"/keystores/{store['keyStoreId']}",
+                             json={"approvalRequired": True, "approvalsNeeded": 1})
+    assert st == 200, out
+    st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys",
+                             json={"keyType": "SECRET", "name": "waiting", "secretValue": "v"})
+    assert st == 202, out
+    rid = out["body"]["changeRequestId"]
+    page = await console.page("alice")
+    await expect(page.locator("#nav-pending")).to_have_text("1")
+    await expect(page.locator("#tile-approvals .tile-n")).to_have_text("1")
+    await expect(page.locator("#waiting")).to_contain_text(f"#{rid}")
+    # The requester (an admin) has nothing to decide: no badge.
+    admin = await console.page("admin")
+    await expect(admin.locator("#tile-approvals .tile-n")).to_have_text("0")
+    assert await admin.locator("#nav-pending").count() == 0
+    # Once decided it is gone from the approver's nav.
+    await page.goto(f"{console.url}/approvals/{rid}")
+    await page.click("#approve")
+    await expect(page.locator(".flash-ok")).to_be_visible()
+    assert await page.locator("#nav-pending").count() == 0
