@@ -225,6 +225,36 @@ async def test_lists_deletion_self_service_and_narrow(console, skm):
     await expect(vpage.locator(".flash-ok")).to_contain_text("revoked")
     st, _o = await skm.mgmt("GET", "/whoami", token=cli_token)
     assert st == 401
+    # Another operator's token is not vera's to revoke (a 404 page, nothing changes).
+    admin_token = await skm.rt.operators.issue_token(await skm.rt.operators.by_name("admin"), "admin's")
+    admin_tid = admin_token.split("_")[1]
+    csrf = await vpage.locator("input[name=_csrf]").first.get_attribute("value")
+    resp = await vpage.request.post(f"{console.url}/me/tokens/{admin_tid}/revoke", form={"_csrf": csrf})
+    assert resp.status == 404
+    st, _o = await skm.mgmt("GET", "/whoami", token=admin_token)
+    assert st == 200
+    # Her access keys: listed and deleted here.
+    ak, _secret = await skm.rt.callers.create_key(vera, actor="vera", description="ci job")
+    await vpage.goto(console.url + "/me")
+    await expect(vpage.locator(f"tr[data-access-key='{ak.id}']")).to_contain_text("ci job")
+    await vpage.locator(f"tr[data-access-key='{ak.id}'] button").click()
+    await expect(vpage.locator(".flash-ok")).to_contain_text("Access key deleted")
+    assert await skm.rt.callers.keys(vera.id) == []
+    recs = await skm.rt.audit.query(action="accesskey.delete")
+    assert recs and recs[-1]["actor"] == "vera" and recs[-1]["change"] is True
+
+    # Keys of a store: search, sort, pages.
+    for i in range(27):
+        await skm.key(full, "SECRET", f"app-{i:02d}", secretValue="v")
+    await page.goto(f"{console.url}/keystores/{full['keyStoreId']}")
+    await expect(page.locator("#page-of")).to_have_text("Page 1 of 2")
+    await page.fill("#search", "app-2")
+    await page.click("#search-go")
+    await expect(page.locator("#keys tbody tr")).to_have_count(7)
+    await page.click("th a[data-sort=name]")
+    await expect(page.locator("#keys tbody tr").first).to_have_attribute("data-key", "app-26")
+    await page.goto(f"{console.url}/keystores/{full['keyStoreId']}?q=50%25_off")   # LIKE wildcards are literal
+    await expect(page.locator(".empty")).to_contain_text("50%_off")
 
     # Narrow window: the nav is behind a button, tables scroll inside their box, the page does not.
     await page.set_viewport_size({"width": 420, "height": 800})
