@@ -135,9 +135,10 @@ async def test_a_missing_key_fails_closed_and_recovers_when_it_appears(skm, stor
         key = await skm.key(store, "SECRET", "api-token", secretValue="tok-1")     # key_created: rendered at once
         await until(lambda: read(dest) == "API_TOKEN=tok-1\n", "the file to appear", timeout=3)
         assert stat.S_IMODE(dest.stat().st_mode) == 0o440
+        # The file is in place a moment before the renderer marks the block healthy again.
+        await until(lambda: metric(sc, "skm_sidecar_render_failing", block="api") == 0, "the block healthy")
         async with s.get("/healthz") as r:
             assert r.status == 200
-        assert metric(sc, "skm_sidecar_render_failing", block="api") == 0
 
         # Scheduled for deletion: the server refuses the key, and the file goes (fail closed).
         st, _ = await skm.mgmt("POST", f"/keys/{key['keyId']}/schedule-deletion")
