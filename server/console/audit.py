@@ -39,7 +39,7 @@ def filters(c: Ctx, **fixed: str) -> dict:
 
 async def records(c: Ctx, q: dict, *, before: int | None, limit: int) -> list[dict]:
     from server.audit import parse_time
-    scope = getattr(c.op, "project_ids", None)
+    scope = c.op.projects()
     recs = await audit_of(c).query(
         since=parse_time(q["since"], "since"), until=parse_time(q["until"], "until"), actor=q["actor"] or None,
         plane=q["plane"] or None, key_id=q["keyId"] or None,

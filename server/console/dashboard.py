@@ -17,7 +17,7 @@ DENIAL_HOURS = 24
 
 def visible_store_ids(c: Ctx, stores) -> set[int]:
     """Stores this operator may see (a project-scoped operator: only those projects')."""
-    scope = getattr(c.op, "project_ids", None)
+    scope = c.op.projects()
     return {s.id for s in stores if scope is None or s.project_id in scope}
 
 
@@ -47,7 +47,7 @@ async def _denials(c: Ctx, names: dict[int, str]) -> list[dict]:
     if audit is None:
         return []
     since = timeutil.to_db(timeutil.now() - dt.timedelta(hours=DENIAL_HOURS))
-    scope = getattr(c.op, "project_ids", None)
+    scope = c.op.projects()
     recs = await audit.query(result="denied", plane="data", since=since, newest_first=True, limit=5000,
                              project_ids=None if scope is None else list(scope))
     by: dict[int | None, dict] = {}

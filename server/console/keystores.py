@@ -44,7 +44,7 @@ async def list_keystores(c: Ctx) -> web.Response:
     from server.console.lists import listing
     lst = listing(c.request.query, STORE_SORTS)
     stores = await c.rt.keys.keystores()
-    scope = getattr(c.op, "project_ids", None)
+    scope = c.op.projects()
     if scope is not None:
         stores = [s for s in stores if s.project_id in scope]
     if lst.q:

@@ -233,12 +233,14 @@ def page(view: View, *, method: str, auth: bool = True, roles: tuple[str, ...] =
 
 
 async def waiting_for(c: Ctx, limit: int = 200) -> list[dict]:
-    """Pending change requests this operator may decide (an approver's, not their own, not yet voted)."""
+    """Pending change requests this operator may decide (key-store changes: approvers; operator management:
+    admins), not their own, not yet voted on."""
+    from server.console.approvals import _decider      # the approvals page's own rule
     svc = getattr(c.rt.changes, "approvals", None)
-    if svc is None or c.op is None or not c.op.can_approve:
+    if svc is None or c.op is None or c.op.role not in ("approver", "admin"):
         return []
     pending = await svc.list(status="PENDING", limit=limit)
-    return [r for r in pending if r["requestedBy"] != c.op.name
+    return [r for r in pending if r["requestedBy"] != c.op.name and c.op.role == _decider(r)
             and c.op.name not in {a["operator"] for a in r["approvals"]}]
 
 

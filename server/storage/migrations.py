@@ -324,6 +324,7 @@ MIGRATIONS: list[tuple[int, list[str | dict[str, str]]]] = [
         "UPDATE change_approvals SET operator_id = (SELECT o.id FROM operators o "
         "WHERE o.name = change_approvals.operator)",
         "CREATE INDEX change_requests_project ON change_requests (project_id, status)",
+    ]),
     (9, [
         # Rotation roll-out: the version each sidecar host last acknowledged holding, per key. A host is
         # its certificate (SHA-256 fingerprint); `ttl_seconds` is how long its report stays current (the

@@ -36,7 +36,7 @@ async def usage_for(rt, op, *, range_: str, keystore_id: int | None, key_id: str
     usage = rt.extra.get("usage")
     if usage is None:
         raise Unavailable("usage counting is off on this server (SKM_USAGE_ENABLED)")
-    scope = getattr(op, "project_ids", None)
+    scope = op.projects()
     ids = None
     if key_id is not None:
         key = await rt.keys.key(key_id)
