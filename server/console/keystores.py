@@ -106,7 +106,7 @@ async def delete_keystore(c: Ctx) -> web.Response:
     if form_str(c, "confirm_name", limit=200) != ks.name:
         from server.errors import InvalidRequest
         raise InvalidRequest("type the key store's name to confirm its deletion")
-    await c.rt.changes.submit(c.op.name, ks, "keystore.delete", {"keystore_id": ks.id})
+    await c.rt.changes.submit(c.op, ks, "keystore.delete", {"keystore_id": ks.id})
     c.flash("ok", f"Key store {ks.name!r} deleted.")
     return see_other(f"{PREFIX}/keystores")
 
