@@ -267,6 +267,13 @@ async def test_lists_deletion_self_service_and_narrow(console, skm):
     scroller = await page.locator(".scroll").first.evaluate("e => e.scrollWidth > e.clientWidth")
     assert scroller
     await _shot(console, page, "narrow")
+    key_id = (await skm.rt.keys.keys(full["keyStoreId"], page_size=1))[0].id
+    for path in ("/", f"/keys/{key_id}", f"/keys/{key_id}/activity", "/audit", "/me",
+                 f"/keystores/{full['keyStoreId']}/usage", f"/keystores/{full['keyStoreId']}/connect",
+                 f"/keystores/{full['keyStoreId']}/auth", f"/keystores/{full['keyStoreId']}/settings"):
+        await page.goto(console.url + path)
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 430, (path, width)
 
 
 async def test_approver_sees_what_waits_for_them(console, skm):
