@@ -1,4 +1,4 @@
-"""The data-plane usage rollup: counted on the hot path, flushed by adding, compacted, served by the API and /metrics."""
+"""The data-plane usage rollup: counted on the hot path, flushed by adding, compacted, served by API and metrics."""
 from __future__ import annotations
 
 import time
