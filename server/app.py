@@ -71,7 +71,8 @@ def _optional_tables(plane: str) -> list[RouteTable]:
                    "server.api.client.event_routes", "server.api.client.sidecar_routes"],
         "mgmt": ["server.api.mgmt.cert_routes", "server.api.mgmt.operator_routes", "server.api.mgmt.approval_routes",
                  "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes",
-                 "server.api.mgmt.credential_routes", "server.api.mgmt.version_routes"],
+                 "server.api.mgmt.credential_routes", "server.api.mgmt.version_routes",
+                 "server.api.mgmt.usage_routes"],
     }[plane]
     return [importlib.import_module(name).routes for name in names]
 
@@ -152,7 +153,7 @@ def _extend_runtime(rt: Runtime) -> None:
     """Hooks for modules that add services (certificates, credentials, approvals, audit, console)."""
     import importlib
     for name in ("server.access.certificates", "server.access.callers", "server.access.approvals",
-                 "server.audit", "server.console"):
+                 "server.audit", "server.usage", "server.console"):
         importlib.import_module(name).install(rt)
 
 
@@ -227,6 +228,7 @@ class KeyServer:
         else:
             self.data_port = await self._listen(data_app, "data", client_cert=True, port=place.data_port,
                                                 reuse_port=True)
+        rt.extra["data_port"] = self.data_port      # the console's connection panel names it
         if place is None or place.primary:
             # The management plane, console and background jobs run in one process only.
             self.mgmt_port = await self._listen(mgmt_app, "mgmt", client_cert=False)

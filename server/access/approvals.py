@@ -207,7 +207,14 @@ class Approvals:
                     "WHERE id = ? AND status = 'PENDING'", by.name, timeutil.now_db(), timeutil.now_db(),
                     request_id) == 1
         if apply_now:
+            before = await self.get(request_id)
             await self._apply(request_id, by)
+            try:
+                return await self.get(request_id)
+            except NotFound:
+                # Applying deleted the request with its key store (keystore.delete): answer from the snapshot.
+                return {**before, "status": "APPLIED", "decidedBy": by.name,
+                        "decisionDatetime": timeutil.to_api(timeutil.now_db())}
         return await self.get(request_id)
 
     async def deny(self, by: Operator, request_id: int, reason: str = "") -> dict:

@@ -125,6 +125,7 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", "/api/v1/access-keys", "accesskey.create", True),
     ("GET", "/api/v1/access-keys", "accesskey.list", False),
     ("DELETE", "/api/v1/access-keys/{key_id}", "accesskey.delete", True),
+    ("GET", "/api/v1/usage", "usage.read", False),
     # ---- console (its page views are not recorded; its forms are)
     ("POST", _CON + "/login", "operator.login", False),
     ("POST", _CON + "/logout", "operator.logout", False),
@@ -149,6 +150,11 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", _CON + "/operators/{name}/{action}", "operator.{action}", True),
     ("POST", _CON + "/tokens/new", "token.create", True),
     ("POST", _CON + "/tokens/{token_id}/revoke", "token.revoke", True),
+    ("POST", _CON + "/keystores/{keystore_id}/delete", "keystore.delete", True),
+    ("POST", _CON + "/keystores/{keystore_id}/certificates/pem", "cert.download", False),
+    ("POST", _CON + "/me/password", "operator.password-change", True),
+    ("POST", _CON + "/me/tokens/{token_id}/revoke", "token.revoke", True),
+    ("POST", _CON + "/me/access-keys/{key_id}/delete", "accesskey.delete", True),
 )
 
 UNMATCHED = Action("http.unmatched", False)      # no route: a 404/405 for an unknown path

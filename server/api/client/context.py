@@ -106,8 +106,10 @@ async def key_for_use(request: web.Request, *, check_access: bool = True) -> tup
     rt = runtime(request)
     ctx = await client_context(request)
     key = await rt.keys.key(request.match_info["keyid"], project_id=ctx.project.id)
+    # Set before the checks: a denial is then counted and audited against its key and store. The
+    # routing wrapper records an access only once the request succeeds.
+    request[KEY] = key
     if check_access:
         ks = await rt.keys.keystore(key.keystore_id)
         await authorize_keystore(request, ctx, ks)
-    request[KEY] = key       # the routing wrapper records the access once the request succeeds
     return ctx, key
