@@ -127,6 +127,7 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("DELETE", "/api/v1/access-keys/{key_id}", "accesskey.delete", True),
     ("GET", "/api/v1/usage", "usage.read", False),
     # ---- console (its page views are not recorded; its forms are)
+    ("GET", _CON + "/audit/export", "audit.export", False),
     ("POST", _CON + "/login", "operator.login", False),
     ("POST", _CON + "/logout", "operator.logout", False),
     ("POST", _CON + "/approvals/{request_id}/approve", "approval.approve", True),
@@ -178,8 +179,13 @@ def lookup(method: str, route: str | None, match: dict | None = None) -> Action 
     return Action(filled, a.change)
 
 
+# Console GETs that are more than a page view: taking the audit log away is itself audited.
+_CONSOLE_RECORDED = frozenset({_CON + "/audit/export"})
+
+
 def is_console_view(method: str, path: str) -> bool:
-    return method in ("GET", "HEAD") and (path == _CON or path.startswith(_CON + "/"))
+    return method in ("GET", "HEAD") and (path == _CON or path.startswith(_CON + "/")) \
+        and path not in _CONSOLE_RECORDED
 
 
 def change_actions() -> list[str]:
