@@ -97,7 +97,7 @@ async def test_no_audit_record_holds_a_value(skm):
     w = await _workload(skm)
     st, out = await skm.mgmt("GET", "/audit?limit=1000")
     dump = json.dumps(out)
-    material = await skm.rt.keys._version_raw(await skm.rt.keys.key(w["aes"]["keyId"]), 0)
+    material = await skm.rt.keys.crypto.version_raw(await skm.rt.keys.key(w["aes"]["keyId"]), 0)
     forbidden = [SECRET, SECRET + "-v2", PLAINTEXT, w["ciphertext"], base64.b64encode(material).decode(),
                  material.hex(), skm.init.token]
     for value in forbidden:

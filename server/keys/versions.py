@@ -8,7 +8,7 @@ is checked when the change is applied.
 
 A disabled version keeps its material (re-enabling restores it exactly); its status is
 `DISABLED` in key_versions, and every key-server process drops that key's loaded versions on the
-`key_version_disabled` event (KeyService.forget_material), so the next use reads the status.
+`key_version_disabled` event (KeyService.forget_material, server/keys/crypto.py), so the next use reads the status.
 """
 from __future__ import annotations
 

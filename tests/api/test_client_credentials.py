@@ -170,7 +170,7 @@ async def test_a_viewers_key_uses_keys_but_changes_nothing(skm, kid):
     h = v12_headers(out["body"]["accessKeyId"], out["body"]["secretAccessKey"])
     assert assert_ok(*await skm.client("GET", f"/secrets/{kid}", version="v1.2", headers=h)) == {"secret": "v"}
     from tests.access.test_clientauth import snapshot
-    while skm.rt.keys._touch_pending:          # let the successful read's last-access write land
+    while skm.rt.keys.last_access.pending:          # let the successful read's last-access write land
         await asyncio.sleep(0.01)
     before = await snapshot(skm)
     for method, path, body in (

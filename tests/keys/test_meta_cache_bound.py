@@ -13,12 +13,12 @@ async def test_rows_too_old_to_serve_are_freed(skm, monkeypatch):  # noqa: F811
     project = await rt.keys.default_project()
     ks = await rt.keys.create_keystore(project.id, "bound", ip4_auth=True, actor="t")
     made = [await rt.keys.create_key(ks, "SECRET", f"s{i}", actor="t", secret_value=f"value-{i}") for i in range(40)]
-    meta = rt.keys._meta
+    meta = rt.keys.ctx.meta
     assert len(meta._keys) >= 40                  # each created key was looked up (and cached) once
     hot = made[-1].id
     assert (await rt.keys.key(hot)).id == hot
     later = time.monotonic() + meta.max_age + 1
-    monkeypatch.setattr("server.keys.service.time.monotonic", lambda: later)
+    monkeypatch.setattr("server.keys.caches.time.monotonic", lambda: later)
     await rt.keys.key(hot)                         # expired: read again, and the old rows go
     assert list(meta._keys) == [hot], len(meta._keys)
     # A hit does not reorder: the cache stays oldest-first, so pruning from the front is exact.

@@ -54,8 +54,8 @@ async def test_keystore_update_shows_at_once(skm):  # noqa: F811
 
 
 async def test_secret_bytes_are_wiped_on_eviction():
-    from server.keys.service import _LRU
-    lru = _LRU(1)
+    from server.keys.caches import MaterialCache
+    lru = MaterialCache(1)
     secret = bytearray(b"value")
     lru.put(("k", 0), secret)
     lru.put(("k", 1), bytearray(b"other"))
