@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from server.config import build
+
 _S = TypeVar("_S")
 
 
@@ -21,7 +23,6 @@ def _from_config(cls: type[_S], config: Any, attr: str, env_prefix: str) -> _S:
     found = getattr(config, attr, None)
     if isinstance(found, cls):
         return found
-    from server.config import build
     return build(cls, {}, os.environ, env_prefix)
 
 
@@ -91,22 +92,14 @@ class CompatSettings:
 
 
 @dataclass(frozen=True)
-class _NoConsole:
-    """Stands in for the console's settings in a build without server.console."""
-    idle_seconds: float = 900.0
+class ConsoleSettings:
+    """The web console: [console] / SKM_CONSOLE_*. Here, not in server/console/, because ServerConfig
+    carries it and the console imports the runtime, which imports this module."""
+    idle_seconds: float = 900.0       # a session unused this long ends (its token is revoked)
 
-
-def _console_settings():
-    """server.console.web.ConsoleSettings, imported lazily (the console imports the runtime, which
-    imports this module). Named as ServerConfig.console's annotation, so the config loader resolves
-    it when it builds the [console] table."""
-    try:
-        from server.console.web import ConsoleSettings
-    except ModuleNotFoundError as e:
-        if e.name not in ("server.console", "server.console.web"):
-            raise
-        return _NoConsole
-    return ConsoleSettings
+    @classmethod
+    def from_config(cls, config) -> "ConsoleSettings":
+        return _from_config(cls, config, "console", "SKM_CONSOLE_")
 
 
 @dataclass(frozen=True)
@@ -170,7 +163,7 @@ class ServerConfig:
     audit: AuditSettings = field(default_factory=AuditSettings)
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
     compat: CompatSettings = field(default_factory=CompatSettings)
-    console: "_console_settings()" = field(default_factory=lambda: _console_settings()())  # noqa: F821
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
     @property
     def data_path(self) -> Path:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import jinja2
 from aiohttp import web as aioweb   # `web` would be shadowed by the server.console.web submodule
 
-from server.console.web import CONSOLE, HERE, PREFIX, SECURITY_HEADERS, Console, ConsoleSettings
+from server.console.web import CONSOLE, HERE, PREFIX, SECURITY_HEADERS, Console
+from server.settings import ConsoleSettings
 
 STATIC = HERE / "static"
 _TYPES = {".css": "text/css", ".js": "application/javascript", ".svg": "image/svg+xml"}

@@ -9,7 +9,6 @@ cookie, or a session this process forgot) is refused.
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from server import logs
 from server.access.operators import Operator
 from server.errors import ApprovalRequired, Forbidden, Sealed, SKMError, Unauthenticated
 from server.runtime import ERROR, OPERATOR, Runtime, runtime
+from server.settings import ConsoleSettings
 
 log = logs.get("skm.console")
 
@@ -40,20 +40,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-@dataclass(frozen=True)
-class ConsoleSettings:
-    """Read from SKM_CONSOLE_* (or ServerConfig.console once the config carries it)."""
-    idle_seconds: float = 900.0       # a session unused this long ends (its token is revoked)
-
-    @classmethod
-    def from_config(cls, config) -> "ConsoleSettings":
-        found = getattr(config, "console", None)
-        if isinstance(found, cls):
-            return found
-        from server.config import build
-        return build(cls, {}, os.environ, "SKM_CONSOLE_")
 
 
 @dataclass

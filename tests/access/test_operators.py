@@ -116,7 +116,7 @@ async def test_login_audit_and_approval_settings_are_config_tables(tmp_path):
     assert cfg.console.idle_seconds == 60.0
     assert LoginSettings.from_config(cfg) is cfg.login and AuditSettings.from_config(cfg) is cfg.audit
     assert ApprovalSettings.from_config(cfg) is cfg.approvals
-    from server.console.web import ConsoleSettings
+    from server.settings import ConsoleSettings
     assert ConsoleSettings.from_config(cfg) is cfg.console
     # The defaults, and the environment alone when there is no config (the old SKM_* names).
     assert load(ServerConfig, None, env={}).login == LoginSettings()

@@ -7,7 +7,7 @@ import re
 import pytest
 from playwright.async_api import expect
 
-from server.console.web import ConsoleSettings
+from server.settings import ConsoleSettings
 from server.errors import Unauthenticated
 from tests.console.test_approvals import _csrf, _post_form
 from tests.console.test_keys import _create_key, _create_store
