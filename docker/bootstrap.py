@@ -121,7 +121,7 @@ async def provision() -> int:
     from server.errors import NotFound
     from server.keys.service import KeyService
     from server.settings import ServerConfig
-    from server.storage.base import open_storage
+    from server.storage.factory import open_storage
     from server.storage.postgres import lock_key
 
     cfg = load(ServerConfig, os.environ.get("SKM_CONFIG", "/etc/skm/keyserver.toml"))

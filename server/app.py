@@ -31,7 +31,7 @@ from server.keys.service import KeyService, Limits
 from server.metrics import Metrics
 from server.runtime import RUNTIME, Runtime
 from server.settings import ServerConfig
-from server.storage.base import open_storage
+from server.storage.factory import open_storage
 from server.workers import WorkerPlace
 
 log = logs.get("skm.server")

@@ -19,7 +19,7 @@ from server.barrier.rootkey import FileRootKey, make_provider
 from server.errors import ConfigError
 from server.keys.service import KeyService
 from server.settings import ServerConfig
-from server.storage.base import open_storage
+from server.storage.factory import open_storage
 
 
 @dataclass

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from server.audit import digest, verify_chain
-from server.storage.base import open_storage
+from server.storage.factory import open_storage
 
 SKM = [sys.executable, "-m", "server.cli.main"]
 SECRET = "s3cr3t-audit-value-7f1c"

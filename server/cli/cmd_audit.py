@@ -96,7 +96,7 @@ def _params(args: argparse.Namespace) -> dict:
 async def _database(args: argparse.Namespace):
     from server.config import load
     from server.settings import ServerConfig
-    from server.storage.base import open_storage
+    from server.storage.factory import open_storage
     overrides = {"data_dir": args.data_dir} if args.data_dir else None
     cfg = load(ServerConfig, args.config, overrides=overrides)
     url = cfg.storage_url()

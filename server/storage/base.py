@@ -63,14 +63,3 @@ class Storage(Executor):
 
     async def notify(self, channel: str, payload: str) -> None:
         return None
-
-
-def open_storage(url: str) -> Storage:
-    if url.startswith("sqlite:///"):
-        from server.storage.sqlite import SQLiteStorage
-        return SQLiteStorage(url[len("sqlite:///"):])
-    if url.startswith(("postgresql://", "postgres://")):
-        from server.storage.postgres import PostgresStorage
-        return PostgresStorage(url)
-    from server.errors import ConfigError
-    raise ConfigError("storage must be sqlite:///PATH or postgresql://...; got an unknown scheme")

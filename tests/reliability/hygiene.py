@@ -17,7 +17,7 @@ from server.barrier.barrier import Barrier, sealed_aad
 from server.barrier.keyring import LocalKeyringSource
 from server.barrier.rootkey import make_provider
 from server.settings import ServerConfig
-from server.storage.base import open_storage
+from server.storage.factory import open_storage
 
 MIN_NEEDLE = 8          # shorter values would match by chance
 

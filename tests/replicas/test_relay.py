@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from server.events import Event, EventBus
 from server.replication import enable
-from server.storage.base import open_storage
+from server.storage.factory import open_storage
 
 
 async def _next(q: asyncio.Queue, timeout: float = 10.0) -> Event:

@@ -24,7 +24,7 @@ from server.barrier.rootkey import make_provider
 from server.events import EventBus
 from server.init import init_server
 from server.keys.service import KeyService
-from server.storage.base import open_storage
+from server.storage.factory import open_storage
 from tests.support.netns import Lab, require_netns
 from tests.support.server import make_config
 from tests.support.sidecar import issue_host_cert, register_certificate

@@ -6,7 +6,7 @@ import pytest
 
 import server.storage.postgres as pg_mod
 import server.storage.sqlite as sqlite_mod
-from server.storage.base import open_storage
+from server.storage.factory import open_storage
 from server.storage.migrations import MIGRATIONS
 from tests.support.postgres import storage_url  # noqa: F401
 

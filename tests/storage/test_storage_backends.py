@@ -9,7 +9,9 @@ import asyncpg
 import pytest
 
 from server.errors import Unavailable
-from server.storage.base import Storage, open_storage
+from server.keys.context import is_unique_violation  # the key service's check, on both backends
+from server.storage.base import Storage
+from server.storage.factory import open_storage
 from server.storage.migrations import MIGRATIONS, render
 from server.storage.postgres import PostgresStorage, lock_key, rowcount, translate_placeholders
 from tests.support.postgres import PostgresCluster, pg_cluster, pg_url, storage, storage_url  # noqa: F401
@@ -24,11 +26,6 @@ SCRATCH = """CREATE TABLE scratch (
 async def _scratch(s: Storage) -> None:
     await s.execute(render(SCRATCH, s.dialect))
 
-
-def _is_unique_violation(e: BaseException) -> bool:
-    # The service layer's check (server/keys/service.py).
-    name = type(e).__name__
-    return "UniqueViolation" in name or (name == "IntegrityError" and "UNIQUE" in str(e))
 
 
 async def _wait_for(q: asyncio.Queue[str], timeout: float = 5.0) -> str:
@@ -173,13 +170,13 @@ async def test_unique_violation_detectable_by_name(storage: Storage) -> None:
     with pytest.raises(Exception) as err:
         async with storage.transaction() as tx:
             await tx.fetchone(sql, "dup", "second")
-    assert _is_unique_violation(err.value), repr(err.value)
+    assert is_unique_violation(err.value), repr(err.value)
     if storage.dialect == "postgresql":
         assert isinstance(err.value, asyncpg.UniqueViolationError)
         assert "UniqueViolation" in type(err.value).__name__
     with pytest.raises(Exception) as err:
         await storage.execute("INSERT INTO projects (appkey, name, created_at) VALUES (?, ?, 'now')", "other", "first")
-    assert _is_unique_violation(err.value)
+    assert is_unique_violation(err.value)
     assert [r["name"] for r in await storage.fetchall("SELECT name FROM projects")] == ["first"]
 
 

@@ -43,7 +43,8 @@ from typing import AsyncIterator, Iterator
 
 import pytest
 
-from server.storage.base import Storage, open_storage
+from server.storage.base import Storage
+from server.storage.factory import open_storage
 
 __all__ = ["PostgresCluster", "find_pg_bindir", "free_port", "pg_cluster", "pg_url", "session_cluster",
            "skip_reason", "storage", "storage_url"]
