@@ -24,7 +24,8 @@ from server.api.routing import RouteTable
 from server.api.timeouts import DeadlineAppRunner, DeadlineTCPSite
 from server.barrier.barrier import Barrier
 from server.barrier.keyring import LocalKeyringSource, SystemKeySource
-from server.barrier.rootkey import RootKeyProvider, make_provider
+from server.barrier.providers import make_provider
+from server.barrier.rootkey import RootKeyProvider
 from server.errors import ConfigError
 from server.events import EventBus
 from server.keys.service import KeyService, Limits

@@ -15,7 +15,8 @@ from server.access.operators import Operators
 from server.access.pki import DevPKI
 from server.barrier.barrier import Barrier
 from server.barrier.keyring import new_keyring, save_keyring_file
-from server.barrier.rootkey import FileRootKey, make_provider
+from server.barrier.providers import make_provider
+from server.barrier.rootkey import FileRootKey
 from server.errors import ConfigError
 from server.keys.service import KeyService
 from server.settings import ServerConfig

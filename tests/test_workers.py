@@ -170,7 +170,7 @@ async def test_workers_share_the_port_and_hear_each_others_changes(storage_url, 
 async def test_a_new_system_key_version_reaches_every_worker(group: Harness):
     """`skm barrier refresh` lands on worker 0; worker 1 must open what worker 0 seals under the new version."""
     from server.barrier.keyring import add_version, load_keyring_file, save_keyring_file
-    from server.barrier.rootkey import make_provider
+    from server.barrier.providers import make_provider
     h = group
     cfg = h.server.config
     root = make_provider(cfg.rootkey, cfg.root_key_path())

@@ -201,7 +201,7 @@ async def key_sources(rt) -> tuple[SystemKeySource, RootKeyProvider]:
     source, root = rt.extra.get("systemkey_source"), rt.extra.get("rootkey")
     if source is None or root is None:
         from server.app import system_key_source
-        from server.barrier.rootkey import make_provider
+        from server.barrier.providers import make_provider
         cfg = rt.config
         source = system_key_source(cfg)
         root = await asyncio.to_thread(make_provider, cfg.rootkey, cfg.root_key_path())

@@ -90,16 +90,6 @@ class FileRootKey(RootKeyProvider):
                 "is this the root key this server was initialised with?") from None
 
 
-def make_provider(cfg, default_path: Path) -> RootKeyProvider:
-    """Build the configured provider (`cfg` is settings.RootKeyConfig)."""
-    if cfg.provider == "file":
-        return FileRootKey(Path(cfg.path) if cfg.path else default_path)
-    if cfg.provider == "pkcs11":
-        from server.barrier.pkcs11 import PKCS11RootKey
-        return PKCS11RootKey.from_config(cfg)
-    raise ConfigError(f"rootkey.provider must be 'file' or 'pkcs11', not {cfg.provider!r}")
-
-
 async def to_thread(fn, *args):
     # PKCS#11 calls block; keep them off the event loop.
     return await asyncio.to_thread(fn, *args)

@@ -78,7 +78,7 @@ async def _generate(args: argparse.Namespace) -> int:
 async def rotate_root_key(old_cfg: ServerConfig, new_cfg: ServerConfig, systemkey_cfg=None) -> dict:
     """Re-wrap the keyring from old_cfg's root key to new_cfg's; returns what was done (no key material)."""
     from server.barrier import keyring as kr
-    from server.barrier.rootkey import make_provider
+    from server.barrier.providers import make_provider
     if old_cfg.rootkey == new_cfg.rootkey and old_cfg.root_key_path() == new_cfg.root_key_path():
         raise ConfigError("--from-config and --to-config name the same root key")
     old = await asyncio.to_thread(make_provider, old_cfg.rootkey, old_cfg.root_key_path())

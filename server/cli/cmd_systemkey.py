@@ -106,7 +106,7 @@ def load_config(args: argparse.Namespace) -> SystemKeyServerConfig:
 
 def root_key_from(args: argparse.Namespace):
     """The root-key provider named by --rootkey-config (a key-server config)."""
-    from server.barrier.rootkey import make_provider
+    from server.barrier.providers import make_provider
     from server.config import load as load_any
     from server.settings import ServerConfig
     overrides = {"data_dir": args.server_data_dir} if getattr(args, "server_data_dir", None) else {}

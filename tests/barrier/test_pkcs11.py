@@ -10,7 +10,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from server.barrier.barrier import Barrier
 from server.barrier.keyring import new_keyring, rewrap
-from server.barrier.rootkey import FileRootKey, WrongRootKey, make_provider, wrap_aad, write_private_file
+from server.barrier.providers import make_provider
+from server.barrier.rootkey import FileRootKey, WrongRootKey, wrap_aad, write_private_file
 from server.errors import ConfigError
 from tests.support.softhsm import SoftHSM, Token, softhsm  # noqa: F401  (fixture)
 

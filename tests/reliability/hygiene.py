@@ -15,7 +15,7 @@ from pathlib import Path
 
 from server.barrier.barrier import Barrier, sealed_aad
 from server.barrier.keyring import LocalKeyringSource
-from server.barrier.rootkey import make_provider
+from server.barrier.providers import make_provider
 from server.settings import ServerConfig
 from server.storage.factory import open_storage
 
