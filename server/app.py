@@ -23,9 +23,11 @@ from server.api import middleware
 from server.api.routing import RouteTable
 from server.api.timeouts import DeadlineAppRunner, DeadlineTCPSite
 from server.barrier.barrier import Barrier
-from server.barrier.keyring import LocalKeyringSource, SystemKeySource
+from server.barrier.keyring import SystemKeySource
 from server.barrier.providers import make_provider
+from server.barrier.remote import unseal_with_retry
 from server.barrier.rootkey import RootKeyProvider
+from server.barrier.sources import follow_keyring, system_key_source
 from server.errors import ConfigError
 from server.events import EventBus
 from server.keys.service import KeyService, Limits
@@ -158,15 +160,6 @@ def _extend_runtime(rt: Runtime) -> None:
         importlib.import_module(name).install(rt)
 
 
-def system_key_source(config: ServerConfig) -> SystemKeySource:
-    if config.systemkey.source == "local":
-        return LocalKeyringSource(config.system_key_path())
-    if config.systemkey.source == "remote":
-        from server.barrier.remote import RemoteKeyringSource
-        return RemoteKeyringSource(config.systemkey_client())
-    raise ConfigError("systemkey.source must be 'local' or 'remote'")
-
-
 async def unseal_once(barrier: Barrier, source: SystemKeySource, root: RootKeyProvider) -> None:
     ring = await source.fetch()
     keys = await ring.unwrap_all(root)
@@ -216,7 +209,6 @@ class KeyServer:
         relay = await replication.enable(rt, transport=channel)
         if relay is not None:
             # Several processes: a system-key version one of them picks up, all of them pick up.
-            from server.barrier.remote import follow_keyring
             self._tasks.append(asyncio.create_task(follow_keyring(rt, log), name="keyring-follow"))
         if cfg.systemkey.source == "local":
             # A local keyring is there or not: a wrong root key stops the start here.
@@ -244,7 +236,6 @@ class KeyServer:
 
     async def _unseal_remote(self) -> None:
         """Unseal in the background; only a configuration error stops trying, and nothing ends silently."""
-        from server.barrier.remote import unseal_with_retry
         rt = self.runtime
         sk = self.config.systemkey
         # The management routes (keyring refresh) reuse the same source and root key.

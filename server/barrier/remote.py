@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from server import logs
 from server.access.tls import client_context
 from server.barrier.barrier import Barrier
 from server.barrier.keyring import SystemKeySource, WrappedKeyring
@@ -141,7 +142,6 @@ async def unseal_with_retry(barrier: Barrier, source: SystemKeySource, root: Roo
     outage. Returns the keyring (wrapped blobs only).
     """
     if log is None:
-        from server import logs
         log = logs.get("skm.barrier")
     delay = max(initial, 0.01)
     attempt = 0
@@ -193,45 +193,3 @@ async def refresh_keyring(barrier: Barrier, source: SystemKeySource, root: RootK
     if log is not None and added:
         log.info("system_key_versions_added", versions=added, system_key_version=barrier.current_version)
     return added
-
-
-
-async def key_sources(rt) -> tuple[SystemKeySource, RootKeyProvider]:
-    """The server's system-key source and root key (set at unseal; built from config for a local keyring)."""
-    source, root = rt.extra.get("systemkey_source"), rt.extra.get("rootkey")
-    if source is None or root is None:
-        from server.app import system_key_source
-        from server.barrier.providers import make_provider
-        cfg = rt.config
-        source = system_key_source(cfg)
-        root = await asyncio.to_thread(make_provider, cfg.rootkey, cfg.root_key_path())
-        rt.extra["systemkey_source"], rt.extra["rootkey"] = source, root
-
-        async def close(_rt) -> None:
-            await root.close()
-            await source.close()
-        rt.extra.setdefault("on_stop", []).append(close)
-    return source, root
-
-
-async def follow_keyring(rt, log: Any) -> None:
-    """Refresh this process's keyring when another replica or worker did (`keyring_refreshed`), and after
-    a `reset` (events may have been missed): without it, records sealed elsewhere under a new system-key
-    version would not open here. Runs until cancelled."""
-    q = rt.events.subscribe()
-    try:
-        while True:
-            ev = await q.get()
-            if ev.kind not in ("keyring_refreshed", "reset") or rt.barrier.sealed:
-                continue
-            try:
-                source, root = await key_sources(rt)
-                added = await refresh_keyring(rt.barrier, source, root, log=log)
-                if added:
-                    log.info("keyring_followed", added=added, system_key_version=rt.barrier.current_version)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - keep following; the next event or refresh tries again
-                log.warning("keyring_follow_failed", error_type=type(e).__name__)
-    finally:
-        rt.events.unsubscribe(q)

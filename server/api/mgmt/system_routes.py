@@ -147,7 +147,8 @@ async def system_status(request: web.Request, _body) -> dict:
 async def refresh(request: web.Request, _body) -> dict:
     op = await admin(request)
     rt = runtime(request)
-    from server.barrier.remote import key_sources, refresh_keyring
+    from server.barrier.remote import refresh_keyring
+    from server.barrier.sources import key_sources
     source, root = await key_sources(rt)
     added = await refresh_keyring(rt.barrier, source, root, log=log)
     log.info("keyring_refreshed", actor=op.name, added=added, system_key_version=rt.barrier.current_version)
