@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.console.web import PREFIX, ConsoleRoutes, Ctx, form_str, render, see_other
+from server.console.web import PREFIX, ConsoleRoutes, Ctx, decides, form_str, render, see_other
 from server.errors import Unavailable
 
 routes = ConsoleRoutes()
@@ -21,17 +21,11 @@ async def _names(c: Ctx) -> dict[int, str]:
     return {s.id: s.name for s in await c.rt.keys.keystores()}
 
 
-def _decider(cr: dict) -> str:
-    """Operator management (no key store) is decided by global admins, key-store changes by approvers."""
-    return "admin" if cr["keyStoreId"] is None else "approver"
-
-
 @routes.get("/approvals")
 async def list_requests(c: Ctx) -> web.Response:
     svc = service(c)
     pending = await svc.list(status="PENDING", limit=200)
-    waiting = [r for r in pending if r["requestedBy"] != c.op.name and c.op.role == _decider(r)
-               and c.op.name not in {a["operator"] for a in r["approvals"]}]
+    waiting = [r for r in pending if decides(c.op, r)]
     mine = await svc.list(requested_by=c.op.name, limit=100)
     recent = await svc.list(limit=50)
     return render(c, "approvals.html", waiting=waiting, pending=pending, mine=mine, recent=recent,
@@ -43,9 +37,7 @@ async def show_request(c: Ctx) -> web.Response:
     svc = service(c)
     await svc.expire_due()
     cr = await svc.get(int(c.match("request_id")))
-    voted = c.op.name in {a["operator"] for a in cr["approvals"]}
-    can_decide = (cr["status"] == "PENDING" and c.op.role == _decider(cr) and cr["requestedBy"] != c.op.name
-                  and not voted)
+    can_decide = cr["status"] == "PENDING" and decides(c.op, cr)
     can_cancel = cr["status"] == "PENDING" and cr["requestedBy"] == c.op.name
     return render(c, "approval.html", cr=cr, can_decide=can_decide, can_cancel=can_cancel,
                   stores=await _names(c))

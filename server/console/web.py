@@ -218,16 +218,21 @@ def page(view: View, *, method: str, auth: bool = True, roles: tuple[str, ...] =
     return handler
 
 
+def decides(op: Operator, cr: dict) -> bool:
+    """Whether change request `cr` (API form) waits for `op`'s decision: global admins decide operator
+    management (no key store), approvers key-store changes; never one's own, and one vote each."""
+    role = "admin" if cr["keyStoreId"] is None else "approver"
+    return (cr["requestedBy"] != op.name and op.role == role
+            and op.name not in {a["operator"] for a in cr["approvals"]})
+
+
 async def waiting_for(c: Ctx, limit: int = 200) -> list[dict]:
-    """Pending change requests this operator may decide (key-store changes: approvers; operator management:
-    admins), not their own, not yet voted on."""
-    from server.console.approvals import _decider      # the approvals page's own rule
+    """Pending change requests this operator may decide (the nav's badge, the home page)."""
     svc = getattr(c.rt.changes, "approvals", None)
     if svc is None or c.op is None or c.op.role not in ("approver", "admin"):
         return []
     pending = await svc.list(status="PENDING", limit=limit)
-    return [r for r in pending if r["requestedBy"] != c.op.name and c.op.role == _decider(r)
-            and c.op.name not in {a["operator"] for a in r["approvals"]}]
+    return [r for r in pending if decides(c.op, r)]
 
 
 async def waiting_count(c: Ctx) -> int:
