@@ -141,7 +141,7 @@ def build_runtime(config: ServerConfig, storage, barrier: Barrier | None = None)
     # Auth data is cached per key store and dropped on every auth_changed event.
     rt = Runtime(config=config, storage=storage, barrier=barrier, keys=keys, events=events,
                  access=CachedClientAccess(storage, config.trusted_proxies, events=events), authdata=authdata,
-                 operators=Operators(storage, config.login), metrics=Metrics())
+                 operators=Operators(storage, config.login, events), metrics=Metrics())
     rt.changes = ChangeGate(keys, authdata)
     _extend_runtime(rt)
     return rt

@@ -167,6 +167,63 @@ async def test_workers_share_the_port_and_hear_each_others_changes(storage_url, 
     assert out["body"]["checked"] > 25
 
 
+async def test_a_revoked_credential_is_refused_by_every_worker_on_the_next_request(storage_url, group: Harness):
+    """Verified tokens and access keys are cached per worker; a revocation made through one worker (or the
+    management plane) is refused by the other on its very next request, on a connection that stayed open."""
+    import base64
+    h = group
+    store = await h.keystore("tokens")
+    key = await h.key(store, "SECRET", "s", secretValue="behind a token")
+    st, out = await h.mgmt("POST", "/access-keys", json={"description": "workers"})
+    assert st == 201, out
+    key_id, secret = out["body"]["accessKeyId"], out["body"]["secretAccessKey"]
+    basic = {"Authorization": "Basic " + base64.b64encode(f"{key_id}:{secret}".encode()).decode()}
+    v12 = {"X-TC-AUTHENTICATION-ID": key_id, "X-TC-AUTHENTICATION-SECRET": secret}
+    w = {i: await session_on_worker(h, i) for i in (0, 1)}
+
+    async def token(on: int) -> str:
+        async with w[on].post(f"{h.data_url}/oauth2/token/create", data={"grant_type": "client_credentials"},
+                              headers=basic) as r:
+            assert r.status == 200, await r.text()
+            return (await r.json())["access_token"]
+
+    async def read(on: int, headers: dict, version: str = "v1.3") -> int:
+        st, out = await h.client("GET", f"/secrets/{key['keyId']}", version=version, session=w[on], headers=headers)
+        assert (st == 200) == (out["header"]["isSuccessful"] is True), out
+        return st
+
+    for revoker, other in ((0, 1), (1, 0)):
+        tok = await token(other)
+        bearer = {"X-NHN-Authorization": f"Bearer {tok}"}
+        for _ in range(3):                         # verified once, then served from each worker's memory
+            assert await read(0, bearer) == 200 and await read(1, bearer) == 200
+        async with w[revoker].post(f"{h.data_url}/oauth2/token/revoke", data={"token": tok}, headers=basic) as r:
+            assert r.status == 200, await r.text()
+        assert await worker_of(w[other], h) == other          # the same connection, the same worker
+        assert await read(other, bearer) == 401
+        assert await read(revoker, bearer) == 401
+
+    # An access key deleted on the management plane (worker 0): the key and its tokens end on worker 1 too.
+    tok = await token(1)
+    bearer = {"X-NHN-Authorization": f"Bearer {tok}"}
+    assert await read(1, bearer) == 200 and await read(1, v12, "v1.2") == 200
+    st, out = await h.mgmt("DELETE", f"/access-keys/{key_id}")
+    assert st == 200, out
+    assert await read(1, bearer) == 401 and await read(1, v12, "v1.2") == 401
+
+    # An operator disabled on the management plane: their access key stops at once on worker 1.
+    st, out = await h.mgmt("POST", "/operators", json={"name": "carol", "role": "admin"})
+    assert st == 201, out
+    st, out = await h.mgmt("POST", "/access-keys", json={"operator": "carol", "description": "carol's"})
+    assert st == 201, out
+    carol = {"X-TC-AUTHENTICATION-ID": out["body"]["accessKeyId"],
+             "X-TC-AUTHENTICATION-SECRET": out["body"]["secretAccessKey"]}
+    assert await read(1, carol, "v1.2") == 200 and await read(1, carol, "v1.2") == 200
+    st, out = await h.mgmt("PATCH", "/operators/carol", json={"disabled": True})
+    assert st == 200, out
+    assert await read(1, carol, "v1.2") == 401
+
+
 async def test_a_new_system_key_version_reaches_every_worker(group: Harness):
     """`skm barrier refresh` lands on worker 0; worker 1 must open what worker 0 seals under the new version."""
     from server.barrier.keyring import add_version, load_keyring_file, save_keyring_file

@@ -99,8 +99,9 @@ class _Limiter:
 
 
 class Operators:
-    def __init__(self, storage: Storage, settings: LoginSettings | None = None) -> None:
+    def __init__(self, storage: Storage, settings: LoginSettings | None = None, events=None) -> None:
         self.db = storage
+        self.events = events          # server.events.EventBus: a changed operator drops its cached credentials
         self.configure(settings or LoginSettings.from_config(None))
 
     def configure(self, settings: LoginSettings) -> None:
@@ -163,7 +164,16 @@ class Operators:
             sets += ["failed_logins = 0", "locked_until = NULL"]
         if sets:
             await self.db.execute(f"UPDATE operators SET {', '.join(sets)} WHERE id = ?", *args, target.id)
+            if role is not None or disabled is not None:
+                await self._changed(target)
         return await self.describe(name)
+
+    async def _changed(self, op: Operator) -> None:
+        """Every worker and replica drops the access keys and tokens it verified for `op` (role, disabled)."""
+        if self.events is not None:
+            from server.access.authcache import CREDENTIAL_CHANGED
+            from server.events import Event
+            await self.events.publish(Event(keystore_id=0, kind=CREDENTIAL_CHANGED, key_id=f"operator:{op.id}"))
 
     async def delete(self, name: str, *, by: Operator) -> None:
         target = await self.by_name(name)
@@ -180,6 +190,7 @@ class Operators:
                 raise Conflict("the operator still owns user access keys; delete them first or disable "
                                "the operator instead") from None
             raise
+        await self._changed(target)
 
     async def _keep_an_admin(self, leaving: Operator) -> None:
         n = await self.db.fetchval("SELECT COUNT(*) AS n FROM operators WHERE role = 'admin' AND disabled = 0 "
