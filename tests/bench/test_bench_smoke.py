@@ -36,6 +36,7 @@ def test_bench_smoke(tmp_path):
     assert expected <= set(rows), sorted(set(rows))
     for key in expected:
         assert rows[key]["requests"] > 0 and rows[key]["rps"] > 0, key
+        assert rows[key]["checked"] > 0, key          # answers compared with the expected values, not just statuses
     assert rows[("secret-read", "skm")]["vs_floor"] is not None
     assert report["notes"]["sidecar_rss_mb_after"] > 0
     # Every process the harness started is gone.
