@@ -159,16 +159,8 @@ def system_key_source(config: ServerConfig) -> SystemKeySource:
     if config.systemkey.source == "local":
         return LocalKeyringSource(config.system_key_path())
     if config.systemkey.source == "remote":
-        import dataclasses
-
         from server.barrier.remote import RemoteKeyringSource
-        # The key server's own TLS identity and dev CA are the defaults for the mTLS client side.
-        pki = config.pki_dir()
-        sk = config.systemkey
-        sk = dataclasses.replace(sk, client_cert=sk.client_cert or str(pki / "server.pem"),
-                                 client_key=sk.client_key or str(pki / "server-key.pem"),
-                                 ca=sk.ca or str(pki / "ca.pem"))
-        return RemoteKeyringSource(sk)
+        return RemoteKeyringSource(config.systemkey_client())
     raise ConfigError("systemkey.source must be 'local' or 'remote'")
 
 
