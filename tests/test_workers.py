@@ -165,6 +165,8 @@ async def test_workers_share_the_port_and_hear_each_others_changes(storage_url, 
     st, out = await h.mgmt("GET", "/audit/verify")
     assert st == 200 and out["body"]["ok"] is True, out
     assert out["body"]["checked"] > 25
+    # Worker 1 handed its records to worker 0, the host's one audit writer (server/audit/host.py).
+    assert "audit_host_connected" in h.server.log.read_text()
 
 
 async def test_a_revoked_credential_is_refused_by_every_worker_on_the_next_request(storage_url, group: Harness):
@@ -267,6 +269,43 @@ async def test_a_dead_worker_is_restarted(group: Harness):
     assert "worker 1 exited with status -9; restarting" in g.log.read_text()
     s = await session_on_worker(group, 1)          # and the new one serves
     assert await worker_of(s, group) == 1
+
+
+async def test_worker_0_dies_and_the_others_go_on_auditing(group: Harness):
+    """Worker 0 writes the host's audit records; while it is gone worker 1 writes its own (the chain
+    stays one line), and once it is back worker 1 hands them to it again."""
+    h = group
+    g: Group = h.server
+    store = await h.keystore("writer-gone")
+    key = await h.key(store, "SECRET", "s", secretValue="audited")
+    w1 = await session_on_worker(h, 1)
+    st, _ = await h.client("GET", f"/secrets/{key['keyId']}", session=w1)
+    assert st == 200
+    w0 = min(g.children())                   # worker 0 starts first
+    os.kill(w0, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(w0):                        # gone, its sockets closed by the kernel (a request in flight
+        assert time.monotonic() < deadline   # at that moment fails closed: its record may be lost with it)
+        await asyncio.sleep(0.02)
+    for _ in range(10):                      # answered (and audited) by worker 1 alone meanwhile
+        st, out = await h.client("GET", f"/secrets/{key['keyId']}", session=w1)
+        assert st == 200 and out["body"]["secret"] == "audited", out
+    deadline = time.monotonic() + 30
+    while "worker_restarted" not in g.log.read_text():
+        assert time.monotonic() < deadline, g.log.read_text()[-2000:]
+        await asyncio.sleep(0.2)
+    for _ in range(10):
+        st, _ = await h.client("GET", f"/secrets/{key['keyId']}", session=w1)
+        assert st == 200
+    # The new worker 0 listens on a new management port (the config says port 0).
+    import json
+    ports = [json.loads(line)["mgmt_port"] for line in g.log.read_text().splitlines()
+             if line.startswith("{") and '"listening"' in line and '"worker": 0' in line]
+    g.mgmt_port = ports[-1]
+    st, out = await h.mgmt("GET", "/audit/verify")
+    assert st == 200 and out["body"]["ok"] is True, out
+    n = await h.mgmt("GET", "/audit?action=secret.read&limit=100")
+    assert n[0] == 200 and len(n[1]["body"]["records"]) >= 21, n
 
 
 async def test_a_worker_that_cannot_start_stops_the_group(tmp_path):
