@@ -30,7 +30,7 @@ from bench import check, keyserver, load, openbao, procs, scale
 from bench import sidecar as sidecar_mod
 from bench.report import Report, Sample
 
-WORKLOADS = ("floor", "secret-read", "encrypt", "decrypt", "sign-rsa", "sign-ec", "datakey", "scale")
+WORKLOADS = ("floor", "secret-read", "secret-read-v13", "encrypt", "decrypt", "sign-rsa", "sign-ec", "datakey", "scale")
 SYSTEMS = ("skm", "sidecar", "openbao", "floor")
 console = Console(stderr=True)
 
@@ -119,6 +119,7 @@ def skm_cases(args, fx: keyserver.Fixture, p: procs.Proc, system: str, also: tup
     decrypt = url(f"/symmetric-keys/{k['aes']}/decrypt")
     checks = {
         "secret-read": check.ours_value("secret", keyserver.SECRET_1K),
+        "secret-read-v13": check.ours_value("secret", keyserver.SECRET_1K),
         "encrypt": check.ours_encrypt(decrypt, keyserver.PLAINTEXT_1K),
         "decrypt": check.ours_value("plaintext", keyserver.PLAINTEXT_1K),
         "sign-rsa": check.ours_signature(url(f"/asymmetric-keys/{k['rsa']}/verify-standard", "v1.3"),
@@ -129,6 +130,8 @@ def skm_cases(args, fx: keyserver.Fixture, p: procs.Proc, system: str, also: tup
     }
     reqs = {
         "secret-read": load.Request(url(f"/secrets/{k['secret']}"), cert_pem=pem),
+        # The same read with a v1.3 bearer token: what checking the token costs (issue 18: within 10 %).
+        "secret-read-v13": load.Request(url(f"/secrets/{k['secret']}", "v1.3"), headers=bearer, cert_pem=pem),
         "encrypt": load.Request(url(f"/symmetric-keys/{k['aes']}/encrypt"), "POST",
                                 json_body({"plaintext": keyserver.PLAINTEXT_1K}), cert_pem=pem),
         "decrypt": load.Request(url(f"/symmetric-keys/{k['aes']}/decrypt"), "POST",

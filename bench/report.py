@@ -22,7 +22,7 @@ def ours(system: str) -> bool:
     """Our systems: skm, skm-pg, their worker variants (skm-w2, skm-pg-w2) and the sidecar."""
     return system in OURS or system.startswith(("skm-w", "skm-pg-w"))
 # Which OpenBao row a row of ours is compared with.
-BAO_PEER = {"secret-read": "secret-read", "encrypt": "encrypt", "decrypt": "decrypt", "sign-rsa": "sign-rsa",
+BAO_PEER = {"secret-read": "secret-read", "secret-read-v13": "secret-read", "encrypt": "encrypt", "decrypt": "decrypt", "sign-rsa": "sign-rsa",
             "sign-ec": "sign-ec", "datakey": "datakey"}
 
 
@@ -66,6 +66,12 @@ class Report:
                         "rps_runs": [round(s.rps, 1) for s in ss]})
         index = {(r["workload"], r["system"]): r for r in out}
         floor = index.get(("floor", "floor"))
+        for r in out:
+            if r["workload"] == "secret-read-v13":      # the bearer token's cost: v1.3 against v1.0
+                v10 = index.get(("secret-read", r["system"]))
+                r["vs_v10"] = r["rps"] / v10["rps"] if v10 and v10["rps"] else None
+                r["cpu_vs_v10"] = (r["cpu_us_per_req"] / v10["cpu_us_per_req"]
+                                   if v10 and v10["cpu_us_per_req"] else None)
         for r in out:
             if r["workers"] > 1:        # skm-w2 against skm, skm-pg-w2 against skm-pg
                 one = index.get((r["workload"], r["system"].rsplit("-w", 1)[0]))
@@ -117,6 +123,11 @@ class Report:
                           f"{r['rps']:,.0f}", f"{r['p99_ms']:.1f}", f"{r['cores_used']:.2f}",
                           f"{r['cpu_us_per_req']:,.0f}", _ratio(r.get("vs_one_worker")), _ratio(r.get("vs_openbao")))
             console.print(t)
+        for r in self.rows():
+            if r.get("vs_v10") is not None:
+                cpu = r.get("cpu_vs_v10")
+                console.print(f"secret read v1.3 (bearer token) / v1.0 on {r['system']}: {r['vs_v10']:.2f}x req/s"
+                              + (f", {cpu:.2f}x server CPU per request" if cpu is not None else ""))
         for k, v in self.notes.items():
             console.print(f"{k}: {v}")
         bad = [s for s in self.samples if s.errors]
