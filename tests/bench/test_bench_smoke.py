@@ -29,7 +29,7 @@ def test_bench_smoke(tmp_path):
     report = json.loads((results / "latest.json").read_text())
     assert report["errors"] == 0
     rows = {(r["workload"], r["system"]): r for r in report["rows"]}
-    expected = {("floor", "floor"), ("secret-read", "skm"), ("secret-read", "sidecar-unix"),
+    expected = {("floor", "floor"), ("secret-read", "skm"), ("secret-read-v13", "skm"), ("secret-read", "sidecar-unix"),
                 ("secret-read", "sidecar-tcp"), ("encrypt", "skm"), ("decrypt", "skm"), ("sign-rsa", "skm"),
                 ("sign-ec", "skm"), ("datakey", "skm"), ("scale-secret-read", "skm@1,000"),
                 ("scale-secret-read", "skm@1,500"), ("scale-list-middle-page", "skm@1,500")}
