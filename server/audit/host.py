@@ -150,6 +150,7 @@ class HostWriterClient:
         self.path = rundir / SOCKET_NAME
         self.timeout = timeout
         self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
         self._reader_task: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._next = 0
@@ -157,13 +158,17 @@ class HostWriterClient:
 
     async def _connect(self) -> asyncio.StreamWriter:
         async with self._connecting:
-            if self._writer is not None and not self._writer.is_closing():
-                return self._writer
+            w, r = self._writer, self._reader
+            if w is not None and not w.is_closing() and r is not None and not r.at_eof():
+                return w
+            if w is not None:               # worker 0 closed its end (EOF seen, not yet handled): start afresh
+                self._writer = None
+                w.close()
             try:
                 reader, writer = await asyncio.open_unix_connection(str(self.path))
             except OSError as e:
                 raise HostUnreachable(str(e)) from None
-            self._writer = writer
+            self._writer, self._reader = writer, reader
             self._reader_task = asyncio.get_running_loop().create_task(self._answers(reader, writer),
                                                                        name="audit-host-answers")
             log.info("audit_host_connected")
@@ -182,6 +187,7 @@ class HostWriterClient:
                 if fut is None or fut.done():
                     continue
                 if "error" in frame:
+                    log.warning("audit_host_write_failed", reason=str(frame["error"])[:300])
                     fut.set_exception(Unavailable(f"the audit log cannot be written ({frame['error']})"))
                 else:
                     fut.set_result(frame.get("seqs"))
@@ -193,6 +199,8 @@ class HostWriterClient:
 
     def _fail_pending(self, why: str) -> None:
         pending, self._pending = self._pending, {}
+        if pending:
+            log.warning("audit_host_answer_lost", batches=len(pending), reason=why)
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(Unavailable(why))
@@ -210,9 +218,11 @@ class HostWriterClient:
         try:
             writer.write(_frame({"id": ident, "rows": rows}))
             await writer.drain()
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError) as e:
+            # The frame did not reach worker 0 whole (its end was already closed, or closed while part of
+            # it waited in our buffer): an incomplete frame is never committed, so the caller may write it.
             self._pending.pop(ident, None)
-            raise Unavailable("the host's audit writer went away while records were sent") from None
+            raise HostUnreachable(f"sending to the host's audit writer failed ({type(e).__name__})") from None
         try:
             seqs = await asyncio.wait_for(fut, self.timeout)
         except asyncio.TimeoutError:
