@@ -7,6 +7,10 @@ When the key server fails (unreachable or 5xx), an entry up to
 `stale_if_error` seconds old is served marked stale; older, the error stands.
 A push event drops a key's entries at once; a fetch that raced a drop is not
 stored, so a value the server has replaced never comes back from the cache.
+A key scheduled for deletion or deleted (its event), or refused by the server
+(403/404/409/410), is tombstoned: its entries go and, until the server hands
+out its value again (or a cancellation event), stale-if-error never serves it:
+only a key whose last known state was ACTIVE is an outage fallback.
 Values live only in this process's memory.
 
 A reader may pass `encode(body, content_type) -> bytes` (the local API's encoded
@@ -26,9 +30,11 @@ from typing import Awaitable, Callable
 from sidecar.upstream import UpstreamResponse, UpstreamUnavailable
 
 ENTRY_OVERHEAD = 256          # bytes charged per entry for its key, headers and bookkeeping
+# The server's answers that say the key itself may not be handed out (refused, gone, not in service).
+_KEY_REFUSED = frozenset({403, 404, 409, 410})
 
 
-@dataclass
+@dataclass(eq=False)           # identity hash: the read log counts reads per entry
 class Entry:
     key_id: str
     body: bytes
@@ -36,6 +42,8 @@ class Entry:
     fetched: float              # monotonic
     expired: bool = False       # set when events may have been missed: usable only as an outage fallback
     wire: bytes = b""           # the reader's encoding of this entry (Cache(encode=...)), built once
+    version: int | None = None  # the key version the value is of (UpstreamResponse.version)
+    tag: str = ""               # what kind of value (the reader's label, for the read log)
 
     @property
     def size(self) -> int:
@@ -49,6 +57,7 @@ class Result:
     content_type: str
     source: str                 # hit | miss | stale | pass (not stored: an error answer)
     age: float = 0.0
+    version: int | None = None
 
 
 Fetch = Callable[[], Awaitable[UpstreamResponse]]
@@ -79,6 +88,8 @@ class Cache:
         self._gen: dict[str, int] = {}        # per key id with a fill in flight, bumped by a drop meanwhile
         self._filling: dict[str, int] = {}    # key id -> fills in flight (only those can race with a drop)
         self._epoch = 0                       # bumped by drop_all / expire_all
+        # Key ids last known not ACTIVE (tombstones; LRU, bounded like the entries): never served stale.
+        self._tombstones: OrderedDict[str, None] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.stale = 0
 
@@ -95,6 +106,7 @@ class Cache:
         return {"entries": len(self._entries), "bytes": self.bytes, "maxEntries": self.max_entries,
                 "maxBytes": self.max_bytes, "ttlSeconds": self.ttl, "staleIfErrorSeconds": self.stale_if_error,
                 "hits": self.hits, "misses": self.misses, "staleServed": self.stale,
+                "tombstones": len(self._tombstones),
                 "hitRatio": self.hit_ratio}
 
     def peek(self, ckey: str) -> tuple[Entry, float] | None:
@@ -109,18 +121,18 @@ class Cache:
         self._count("hit")
         return e, age
 
-    async def get(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
+    async def get(self, ckey: str, key_id: str, fetch: Fetch, tag: str = "") -> Result:
         hit = self.peek(ckey)
         if hit is not None:
             e, age = hit
-            return Result(200, e.body, e.content_type, "hit", age)
+            return Result(200, e.body, e.content_type, "hit", age, e.version)
         fut = self._inflight.get(ckey)
         if fut is not None:
             return await asyncio.shield(fut)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[ckey] = fut
         try:
-            result = await self._fill(ckey, key_id, fetch)
+            result = await self._fill(ckey, key_id, fetch, tag)
         except BaseException as exc:
             if not fut.done():
                 fut.set_exception(exc)
@@ -132,10 +144,10 @@ class Cache:
         finally:
             self._inflight.pop(ckey, None)
 
-    async def _fill(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
+    async def _fill(self, ckey: str, key_id: str, fetch: Fetch, tag: str = "") -> Result:
         self._filling[key_id] = self._filling.get(key_id, 0) + 1
         try:
-            return await self._fill_once(ckey, key_id, fetch)
+            return await self._fill_once(ckey, key_id, fetch, tag)
         finally:
             left = self._filling[key_id] - 1
             if left:
@@ -144,7 +156,7 @@ class Cache:
                 del self._filling[key_id]
                 self._gen.pop(key_id, None)
 
-    async def _fill_once(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
+    async def _fill_once(self, ckey: str, key_id: str, fetch: Fetch, tag: str = "") -> Result:
         gen, epoch = self._gen.get(key_id, 0), self._epoch
         try:
             resp = await fetch()
@@ -155,18 +167,22 @@ class Cache:
             return stale
         if resp.status == 200:
             self._count("miss")
+            version = getattr(resp, "version", None)
             if self._gen.get(key_id, 0) == gen and self._epoch == epoch:
-                e = Entry(key_id, resp.body, resp.content_type, self.clock())
+                e = Entry(key_id, resp.body, resp.content_type, self.clock(), version=version, tag=tag)
                 if self.encode is not None:
                     e.wire = self.encode(e.body, e.content_type)
                 self._store(ckey, e)
-            return Result(200, resp.body, resp.content_type, "miss")
+                self._tombstones.pop(key_id, None)   # fetched after any tombstone: the server hands it out
+            return Result(200, resp.body, resp.content_type, "miss", 0.0, version)
         if resp.server_error:
             stale = self._stale(ckey)
             if stale is not None:
                 return stale
+        elif resp.status in _KEY_REFUSED:
+            self.tombstone(key_id)    # deleted, not in service, access revoked: none of its values may serve
         else:
-            self._remove(ckey)        # the server says no (deleted, access revoked): forget it
+            self._remove(ckey)        # this request was wrong (400...): forget its entry
         return Result(resp.status, resp.body, resp.content_type, "pass")
 
     def _stale(self, ckey: str) -> Result | None:
@@ -174,11 +190,11 @@ class Cache:
         if e is None:
             return None
         age = self.clock() - e.fetched
-        if age > self.stale_if_error:
+        if age > self.stale_if_error or e.key_id in self._tombstones:
             self._remove(ckey)
             return None
         self._count("stale")
-        return Result(200, e.body, e.content_type, "stale", age)
+        return Result(200, e.body, e.content_type, "stale", age, e.version)
 
     # ------------------------------------------------------------ writing
     def _store(self, ckey: str, e: Entry) -> None:
@@ -214,6 +230,24 @@ class Cache:
             self._remove(ckey)
             n += 1
         return n
+
+    def tombstone(self, key_id: str) -> int:
+        """The key was scheduled for deletion, deleted or refused: drop its values at once and serve none of
+        them stale until a value is fetched again (or `revive`)."""
+        n = self.drop_key(key_id)
+        self._tombstones[key_id] = None
+        self._tombstones.move_to_end(key_id)
+        while len(self._tombstones) > self.max_entries:
+            self._tombstones.popitem(last=False)
+        return n
+
+    def revive(self, key_id: str) -> int:
+        """The key's deletion was cancelled: it is ACTIVE again (its values are fetched afresh)."""
+        self._tombstones.pop(key_id, None)
+        return self.drop_key(key_id)
+
+    def tombstoned(self, key_id: str) -> bool:
+        return key_id in self._tombstones
 
     def drop_all(self) -> int:
         n = len(self._entries)

@@ -177,8 +177,9 @@ class VerifiedCredential:
 class CredentialCache:
     """Verified v1.3 bearer tokens and v1.2 user access keys, per worker, dropped on change events.
 
-    Every writer of a credential publishes `credential_changed` (a revoked token, a deleted access
-    key, a changed operator); the workers' datagram channel and PostgreSQL's LISTEN/NOTIFY carry it
+    The operator a credential acts as (its role grants) is kept beside it. Every writer of a
+    credential publishes `credential_changed` (a revoked token, a deleted access key, an operator
+    disabled, deleted, granted or revoked a role); the workers' datagram channel and PostgreSQL's LISTEN/NOTIFY carry it
     to every worker and replica, and the bus is drained synchronously at each lookup, so a change
     counts on the very next request everywhere. Only positive answers are kept (a wrong secret
     always costs the database read), a fill that raced with an event is not kept, expiry is
@@ -192,6 +193,7 @@ class CredentialCache:
         self.clock = clock
         self._q = events.subscribe()
         self._d: OrderedDict[str, tuple[float, VerifiedCredential]] = OrderedDict()   # "t:<id>" / "k:<id>"
+        self._ops: OrderedDict[int, tuple[float, object]] = OrderedDict()   # operator id -> Operator (roles)
         self._gen = 0
 
     def _sync(self) -> None:
@@ -213,14 +215,35 @@ class CredentialCache:
                 del self._d[k]
         elif kind == "operator" and ident.isdigit():
             op = int(ident)
+            self._ops.pop(op, None)
             for k in [k for k, (_, c) in self._d.items() if c.operator_id == op]:
                 del self._d[k]
         else:                                   # unknown or everything: forget all
             self._d.clear()
+            self._ops.clear()
 
     def clear(self) -> None:
         self._gen += 1
         self._d.clear()
+        self._ops.clear()
+
+    def operator(self, operator_id: int):
+        """The operator (with its role grants) a credential acts as, if cached and fresh."""
+        self._sync()
+        hit = self._ops.get(operator_id)
+        if hit is None or time.monotonic() - hit[0] > self.max_age:
+            return None
+        return hit[1]
+
+    def put_operator(self, operator_id: int, op, gen: int) -> None:
+        if self.generation != gen:
+            return
+        now = time.monotonic()
+        ops = self._ops
+        ops[operator_id] = (now, op)
+        ops.move_to_end(operator_id)
+        while ops and (len(ops) > self.max_entries or now - next(iter(ops.values()))[0] > self.max_age):
+            ops.popitem(last=False)
 
     @property
     def generation(self) -> int:

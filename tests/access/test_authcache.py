@@ -115,9 +115,25 @@ async def test_access_key_deletion_and_operator_changes_drop_cached_credentials(
     assert (await rt.callers.verify_key(key.id, secret)).role == "admin"
     assert (await rt.callers.verify_token(token))[1].role == "admin"
     # A role change is what the next request sees (cached answers carry the role).
+    assert (await rt.callers.operator_of(key)).role == "admin"
+    reads = []
+    rt.storage.fetchall = lambda sql, *a: reads.append(sql)     # the roles too come from memory now
+    try:
+        assert (await rt.callers.operator_of(key)).role == "admin"
+    finally:
+        del rt.storage.fetchall
+    assert reads == []
     await rt.operators.update("alice", role="viewer")
     assert (await rt.callers.verify_key(key.id, secret)).role == "viewer"
     assert (await rt.callers.verify_token(token))[1].role == "viewer"
+    assert (await rt.callers.operator_of(key)).role == "viewer"
+    # A project role granted or revoked counts at once.
+    project = await rt.keys.default_project()
+    admin = await rt.operators.by_name("admin")
+    await rt.operators.grant("alice", "admin", project.id, by=admin)
+    assert (await rt.callers.operator_of(key)).has(("admin",), project.id)
+    await rt.operators.revoke("alice", project.id, by=admin)
+    assert not (await rt.callers.operator_of(key)).has(("admin",), project.id)
     await rt.operators.update("alice", disabled=True)
     for call in (rt.callers.verify_key(key.id, secret), rt.callers.verify_token(token)):
         with pytest.raises(Unauthenticated):
