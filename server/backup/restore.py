@@ -1,0 +1,287 @@
+"""Verify a backup file, and restore one into an empty store on either backend.
+
+Restore runs offline on the target host with the installation's system key (server/backup/keys.py)
+and reads the file twice: the first pass checks everything (structure, manifest, the MAC over the
+whole file, and that sealed records open under the system key) before anything is created; the
+second writes every row, exactly as stored, in ONE transaction that re-checks the MAC, the counts
+and the audit chain before it commits. A refused file or target leaves nothing behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from server import logs
+from server.backup.format import Batch, InvalidBackup, Manifest, Reader
+from server.barrier.barrier import Barrier, sealed_aad
+from server.errors import BarrierError, Conflict
+from server.storage.base import Executor, Storage, open_storage
+from server.storage.migrations import MIGRATIONS, SEALED_COLUMNS
+
+log = logs.get("skm.backup")
+Progress = Callable[[str, int, int], object]      # (phase, records done, records total)
+SAMPLE_PER_COLUMN = 32
+
+
+@dataclass
+class VerifyReport:
+    manifest: Manifest
+    records: int
+    bytes: int
+    unsealed: dict[str, int] = field(default_factory=dict)    # "table.column" -> records opened
+
+    def to_api(self) -> dict:
+        m = self.manifest
+        return {"ok": True, "backupId": m.backup_id, "createdAt": m.created_at, "backend": m.backend,
+                "schemaVersion": max(m.schema_versions, default=0), "records": self.records, "bytes": self.bytes,
+                "tables": {t.name: t.count for t in m.tables}, "systemKeyVersions": m.system_key_versions,
+                "macSystemKeyVersion": m.mac_version, "auditHead": m.audit_head, "unsealedSample": self.unsealed}
+
+
+async def _batches(reader: Reader, size: int = 2000):
+    """The reader's batches, each read and parsed in a thread (file I/O and JSON stay off the loop)."""
+    it: Iterator[Batch] = reader.batches(size)
+    while True:
+        batch = await asyncio.to_thread(next, it, None)
+        if batch is None:
+            return
+        yield batch
+
+
+async def _open_reader(path: Path, barrier: Barrier) -> tuple[Any, Reader]:
+    try:
+        f = await asyncio.to_thread(open, path, "rb")
+    except FileNotFoundError:
+        raise InvalidBackup(f"{path} does not exist") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise InvalidBackup(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return f, await asyncio.to_thread(Reader, f, barrier)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _missing_versions(m: Manifest, barrier: Barrier) -> None:
+    missing = sorted(set(m.system_key_versions) - set(barrier.versions()))
+    if missing:
+        raise InvalidBackup(f"this backup needs system-key version(s) {', '.join(map(str, missing))}, which this "
+                            f"keyring does not hold (it holds {', '.join(map(str, barrier.versions()))}): restore "
+                            "with the keyring the backup was made under, before those versions were retired")
+
+
+async def verify_file(path: str | Path, barrier: Barrier, *, progress: Progress | None = None,
+                      sample: int = SAMPLE_PER_COLUMN) -> VerifyReport:
+    """Everything short of writing: structure, manifest, MAC, and a sample of sealed records opened."""
+    f, reader = await _open_reader(Path(path), barrier)
+    try:
+        m = reader.manifest
+        _missing_versions(m, barrier)
+        sealed = _sealed_positions(m)
+        picked: dict[tuple[str, str], list[tuple[tuple, bytes]]] = {k: [] for k in sealed}
+        seen: dict[tuple[str, str], int] = {k: 0 for k in sealed}
+        rng = random.Random()
+        total = m.total_records
+        async for batch in _batches(reader):
+            for (table, column), (ci, pki) in sealed.items():
+                if table != batch.table.name:
+                    continue
+                bucket = picked[(table, column)]
+                for row in batch.rows:
+                    blob = row[ci]
+                    if blob is None:
+                        continue
+                    seen[(table, column)] += 1
+                    n = seen[(table, column)]
+                    item = (tuple(row[i] for i in pki), blob)
+                    if len(bucket) < sample:       # reservoir sample: any record may be picked
+                        bucket.append(item)
+                    else:
+                        j = rng.randrange(n)
+                        if j < sample:
+                            bucket[j] = item
+            if progress is not None:
+                progress("verify", reader.records, total)
+        reader.finish()
+        unsealed = {}
+        for (table, column), items in picked.items():
+            for pk, blob in items:
+                try:
+                    barrier.open(blob, sealed_aad(table, column, *pk))
+                except BarrierError as e:
+                    raise InvalidBackup(f"{table}.{column} record ({', '.join(map(str, pk))}) does not open under "
+                                        f"the system key: {e.detail}") from None
+            if items:
+                unsealed[f"{table}.{column}"] = len(items)
+        return VerifyReport(m, reader.records, reader.bytes, unsealed)
+    finally:
+        f.close()
+
+
+def _sealed_positions(m: Manifest) -> dict[tuple[str, str], tuple[int, list[int]]]:
+    """Per sealed column this program knows: (column index, primary-key indexes) in the backup's rows."""
+    out = {}
+    tables = {t.name: t for t in m.tables}
+    for table, column, pk in SEALED_COLUMNS:
+        t = tables.get(table)
+        if t is None or column not in t.columns or not all(c in t.columns for c in pk):
+            continue
+        out[(table, column)] = (t.columns.index(column), [t.columns.index(c) for c in pk])
+    return out
+
+
+# ----------------------------------------------------------------------------- restore
+@dataclass
+class RestoreReport:
+    verify: VerifyReport
+    target: str
+    records: int
+    audit: dict
+    epoch: str                 # what happened about the new audit epoch
+    seconds: float = 0.0
+
+    def to_api(self) -> dict:
+        return {"ok": True, "target": self.target, "records": self.records, "backupId": self.verify.manifest.backup_id,
+                "tables": {t.name: t.count for t in self.verify.manifest.tables}, "audit": self.audit,
+                "auditEpoch": self.epoch, "seconds": self.seconds}
+
+
+def _seeded_tables() -> set[str]:
+    """Tables a migration fills with a row of its own (audit_head's id 1): present in an empty store."""
+    out = set()
+    for _v, statements in MIGRATIONS:
+        for stmt in statements:
+            m = re.match(r"\s*INSERT\s+INTO\s+(\w+)", stmt, re.I)
+            if m:
+                out.add(m.group(1))
+    return out
+
+
+async def _existing_data(db: Executor, tables: list[str]) -> dict[str, int]:
+    """Rows per table that make a store non-empty (a migration's own seed rows do not)."""
+    seeded = _seeded_tables()
+    out = {}
+    for t in tables:
+        if t in seeded:
+            continue
+        n = int(await db.fetchval(f"SELECT COUNT(*) AS n FROM {t}") or 0)
+        if n:
+            out[t] = n
+    if "audit_head" in tables and int(await db.fetchval("SELECT COALESCE(MAX(seq), 0) AS n FROM audit_head") or 0):
+        out.setdefault("audit_log", 0)
+    return out
+
+
+def describe_target(url: str) -> str:
+    """A storage URL as it may be printed: no password."""
+    if url.startswith("sqlite:///"):
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+    p = urlsplit(url)
+    host = p.hostname or ""
+    netloc = (f"{p.username}@" if p.username else "") + host + (f":{p.port}" if p.port else "")
+    return urlunsplit(p._replace(netloc=netloc, query=""))
+
+
+async def _target_tables(storage: Storage) -> list[str]:
+    async with storage.snapshot() as snap:
+        return await snap.tables()
+
+
+async def verify_audit(db: Executor, barrier: Barrier) -> dict:
+    """The restored chain, checked by whatever verify_chain this build has (keyed ones take the barrier)."""
+    from server.audit import verify_chain
+    params = inspect.signature(verify_chain).parameters
+    kwargs = {"barrier": barrier} if "barrier" in params else {}
+    result = await verify_chain(db, **kwargs)
+    return result.to_api()
+
+
+async def _start_epoch(storage: Storage, barrier: Barrier, restored_from: dict) -> str:
+    """Seal a new audit epoch so the next start signs a `restore` checkpoint (server/audit/checkpoints.py)."""
+    try:
+        from server.audit.checkpoints import start_restored_epoch    # lands with the audit package
+    except ImportError:
+        return "skipped: this build has no audit checkpoints (server.audit.checkpoints)"
+    await start_restored_epoch(storage, barrier, restored_from=restored_from)
+    return "started: the next server start signs a restore checkpoint"
+
+
+async def restore(path: str | Path, barrier: Barrier, target_url: str, *, force: bool = False,
+                  progress: Progress | None = None) -> RestoreReport:
+    """Restore the backup at `path` into the store at `target_url` (empty, or any with `force`)."""
+    import time
+    t0 = time.monotonic()
+    path = Path(path)
+    report = await verify_file(path, barrier, progress=progress)
+    m = report.manifest
+    known = {v for v, _ in MIGRATIONS}
+    newer = sorted(set(m.schema_versions) - known)
+    if newer:
+        raise InvalidBackup(f"the backup was made at schema version(s) {', '.join(map(str, newer))}, which this skm "
+                            "does not know: restore it with the skm release that made it (or newer)")
+    storage = open_storage(target_url)
+    # Exactly the backup's schema first: its rows fit; the migrations it predates run after the rows are in.
+    storage.migrations = [mig for mig in MIGRATIONS if mig[0] in set(m.schema_versions)]
+    shown = describe_target(target_url)
+    await storage.open()
+    try:
+        extra = sorted(set(await storage.schema_versions()) - set(m.schema_versions))
+        if extra:
+            raise Conflict(f"{shown} was created by a newer schema (version(s) {', '.join(map(str, extra))}) than "
+                           "the backup's: restore into a new, empty database (or data dir)")
+        present = await _target_tables(storage)
+        missing = [t.name for t in m.tables if t.name not in present]
+        if missing:
+            raise InvalidBackup(f"the backup has table(s) {', '.join(missing)} that its schema versions do not "
+                                "create here: the manifest does not match its rows")
+        data = await _existing_data(storage, [t.name for t in m.tables])
+        if data and not force:
+            what = ", ".join(f"{t} ({n} rows)" if n else t for t, n in sorted(data.items()))
+            raise Conflict(f"{shown} is not empty ({what}): restore only into an empty store, or pass --force to "
+                           "replace everything in it")
+        audit = await _write(storage, barrier, path, m, progress)
+        restored_from = {"backupId": m.backup_id, "createdAt": m.created_at, "backend": m.backend,
+                         "auditHead": m.audit_head, "file": path.name}
+        epoch = await _start_epoch(storage, barrier, restored_from)
+    finally:
+        await storage.close()
+    # Now the migrations newer than the backup (if any) run over the restored rows, as an upgrade would.
+    if set(m.schema_versions) != known:
+        storage = open_storage(target_url)
+        await storage.open()
+        await storage.close()
+    log.info("backup_restored", backup_id=m.backup_id, records=report.records, target=shown)
+    return RestoreReport(report, shown, report.records, audit, epoch, round(time.monotonic() - t0, 3))
+
+
+async def _write(storage: Storage, barrier: Barrier, path: Path, m: Manifest, progress: Progress | None) -> dict:
+    """The one transaction: clear, insert every row, re-check MAC, counts and audit chain, then commit."""
+    f, reader = await _open_reader(path, barrier)
+    try:
+        async with storage.transaction() as tx:
+            for t in reversed(m.tables):
+                await tx.execute(f"DELETE FROM {t.name}")
+            async for batch in _batches(reader):
+                await tx.insert_rows(batch.table.name, batch.table.columns, batch.rows)
+                if progress is not None:
+                    progress("restore", reader.records, m.total_records)
+            # The file may have changed since the first pass: only a second clean MAC commits.
+            reader.finish()
+            for t in m.tables:
+                n = int(await tx.fetchval(f"SELECT COUNT(*) AS n FROM {t.name}") or 0)
+                if n != t.count:
+                    raise InvalidBackup(f"table {t.name}: {n} rows restored, the backup lists {t.count}")
+            await storage.set_sequences(tx, m.sequences)
+            audit = await verify_audit(tx, barrier)
+            if not audit.get("ok"):
+                raise InvalidBackup(f"the backup's audit chain does not verify (record {audit.get('brokenSeq')}: "
+                                    f"{audit.get('reason')}); nothing was restored")
+        return audit
+    finally:
+        f.close()
