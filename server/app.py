@@ -71,7 +71,7 @@ def _optional_tables(plane: str) -> list[RouteTable]:
                    "server.api.client.event_routes"],
         "mgmt": ["server.api.mgmt.cert_routes", "server.api.mgmt.operator_routes", "server.api.mgmt.approval_routes",
                  "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes",
-                 "server.api.mgmt.credential_routes"],
+                 "server.api.mgmt.credential_routes", "server.api.mgmt.backup_routes"],
     }[plane]
     return [importlib.import_module(name).routes for name in names]
 
