@@ -84,6 +84,12 @@ async def _health(request: web.Request) -> web.Response:
     body = {"status": "ok", "sealed": False}
     if "worker" in rt.extra:
         body["worker"] = rt.extra["worker"]     # which of several worker processes answered
+    schedule = rt.extra.get("backup_schedule")
+    if schedule is not None:
+        # Still serving (200): an old backup is an operator's problem, not a reason to fail over.
+        warning = schedule.warning()
+        if warning:
+            body["warnings"] = [f"backup: {warning}"]
     return web.json_response(body)
 
 
@@ -238,6 +244,9 @@ class KeyServer:
             # The management plane, console and background jobs run in one process only.
             self.mgmt_port = await self._listen(mgmt_app, "mgmt", client_cert=False)
             self._tasks.append(asyncio.create_task(self._jobs(), name="jobs"))
+            if cfg.backup.dir:
+                from server.backup.schedule import run_schedule
+                self._tasks.append(asyncio.create_task(run_schedule(rt), name="backup-schedule"))
             for hook in rt.extra.get("on_start", []):
                 await hook(rt)
         from server.loops import loop_name
