@@ -181,8 +181,7 @@ async def test_disaster_recovery_drill(backend, request, tmp_path):
         h = await inst.start()
         try:
             seen = await check(h, w, before, after)
-            print("drill:", seen, "during backup:", during)
-            assert seen["exact"] >= 12 * 4 and seen["absent_after"] == 3, seen
+            assert seen["exact"] >= 12 * 4 and seen["absent_after"] >= 3, seen
             st, out = await h.mgmt("GET", f"/keys/{doomed_before['keyId']}")
             doomed = ok(st, out)
             assert (doomed["keyStatus"], doomed["deletionDatetime"]) == \
