@@ -146,6 +146,16 @@ def mac_key(barrier: Barrier, backup_id: str, version: int | None = None) -> tup
     return v, key, check.hex()[:16]
 
 
+def missing_versions(m: Manifest, barrier: Barrier) -> None:
+    """Refuse, naming them, when the keyring lacks a system-key version the backup needs."""
+    missing = sorted((set(m.system_key_versions) | {m.mac_version}) - set(barrier.versions()))
+    if missing:
+        raise InvalidBackup(f"this backup needs system-key version(s) {', '.join(map(str, missing))}, which this "
+                            f"keyring does not hold (it holds {', '.join(map(str, barrier.versions())) or 'none'}): "
+                            "restore with the keyring the backup was made under, before those versions were "
+                            "retired")
+
+
 def _enc_blob(v: Any) -> Any:
     if v is None:
         return None
@@ -218,6 +228,7 @@ class Reader:
             raise InvalidBackup("not an skm backup file (its first line is not JSON)") from None
         self.manifest = Manifest.from_json(data)
         m = self.manifest
+        missing_versions(m, barrier)
         _, key, check = mac_key(barrier, m.backup_id, m.mac_version)
         if not hmac.compare_digest(check, m.key_check):
             raise InvalidBackup(f"this backup was made under a different system key (system-key version "

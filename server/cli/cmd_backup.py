@@ -218,8 +218,6 @@ async def _restore(args: argparse.Namespace) -> int:
         raise ConfigError("name the target: --data-dir DIR (SQLite) or --storage postgresql://...")
     cfg = _config(args)
     target = args.storage or cfg.storage_url()
-    if target.startswith("sqlite:///"):
-        Path(target[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     console = Console(stderr=True, quiet=args.json)
     try:
         async with unsealed_barrier(cfg) as barrier:
