@@ -245,8 +245,8 @@ class KeyServer:
             self.mgmt_port = await self._listen(mgmt_app, "mgmt", client_cert=False)
             self._tasks.append(asyncio.create_task(self._jobs(), name="jobs"))
             if cfg.backup.dir:
-                from server.backup.schedule import run_schedule
-                self._tasks.append(asyncio.create_task(run_schedule(rt), name="backup-schedule"))
+                from server.backup.schedule import start_schedule
+                self._tasks.append(start_schedule(rt))
             for hook in rt.extra.get("on_start", []):
                 await hook(rt)
         from server.loops import loop_name

@@ -30,6 +30,7 @@ class ScheduleState:
     settings: BackupSettings
     started: float = field(default_factory=time.time)
     leader: bool = False                  # this process takes the backups (holds the lock)
+    attempts: int = 0                     # times it asked for the lock
     last_success: float | None = None     # unix time
     last_size: int | None = None
     last_file: str | None = None
@@ -125,10 +126,15 @@ def _seed_from_disk(rt, state: ScheduleState) -> None:
         rt.metrics.backup_last_size.set(st.st_size)
 
 
-async def run_schedule(rt) -> None:
-    """The scheduler task (started by KeyServer in the process that runs the jobs)."""
-    settings = BackupSettings.from_config(rt.config)
-    state = rt.extra[STATE] = ScheduleState(settings)
+def start_schedule(rt) -> asyncio.Task:
+    """The scheduler task (KeyServer starts it in the process that runs the jobs); its state is in
+    rt.extra[STATE] from now on, for /healthz."""
+    state = rt.extra[STATE] = ScheduleState(BackupSettings.from_config(rt.config))
+    return asyncio.get_running_loop().create_task(run_schedule(rt, state), name="backup-schedule")
+
+
+async def run_schedule(rt, state: ScheduleState) -> None:
+    settings = state.settings
     await asyncio.to_thread(_seed_from_disk, rt, state)
     retry = min(60.0, settings.interval)
     while True:
@@ -139,6 +145,7 @@ async def run_schedule(rt) -> None:
             continue
         try:
             state.leader = await rt.storage.try_lock(LOCK_NAME)
+            state.attempts += 1
             if not state.leader:
                 await asyncio.sleep(settings.interval)     # another replica takes them
                 continue
