@@ -1,4 +1,5 @@
-"""Management API: an online backup, streamed (/api/v1/backup). Admin only; audited as `backup.create`.
+"""Management API: an online backup, streamed (/api/v1/backup). Admin only; audited as `backup.start`
+(before the first byte leaves) and `backup.create` (the request's record, when the stream ended).
 
 The response is the backup file itself (application/octet-stream, server/backup/format.py),
 written while the snapshot is read: nothing is buffered or kept on the server. A failure after
@@ -16,7 +17,7 @@ from server.api.mgmt.auth import admin
 from server.api.routing import RouteTable
 from server.backup.format import SUFFIX
 from server.backup.snapshot import create_backup
-from server.audit import AUDIT_ACTION
+from server.audit import AUDIT_ACTION, AUDIT_DETAIL
 from server.errors import Conflict
 from server.runtime import runtime
 from server.timeutil import now_db
@@ -49,16 +50,27 @@ async def create(request: web.Request, _body) -> web.StreamResponse:
             "Content-Type": "application/octet-stream", "Cache-Control": "no-store",
             "Content-Disposition": f'attachment; filename="skm-{stamp}Z{SUFFIX}"'})
         started = False
+        manifest = None
+
+        def named(m) -> None:
+            nonlocal manifest
+            manifest = m
+            request.setdefault(AUDIT_DETAIL, {})["backupId"] = m.backup_id
 
         async def sink(data: bytes) -> None:
             nonlocal started
             if not started:
+                # The request's own record is written when the stream ends; the data must not leave
+                # before a durable record says who took it (fail-closed audit refuses here, cleanly).
+                if rt.audit is not None:
+                    await rt.audit.event("backup.start", actor=op.name, actor_kind="operator",
+                                         detail={"backupId": manifest.backup_id, "records": manifest.total_records})
                 await resp.prepare(request)        # only once the snapshot is open and the manifest built
                 started = True
             await resp.write(data)
 
         try:
-            summary = await create_backup(rt.storage, rt.barrier, sink)
+            summary = await create_backup(rt.storage, rt.barrier, sink, on_manifest=named)
         except (ConnectionResetError, asyncio.CancelledError):
             log.warning("backup_client_went_away", actor=op.name)
             raise
