@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 from server import logs
 from server.backup.format import Batch, InvalidBackup, Manifest, Reader
 from server.barrier.barrier import Barrier, sealed_aad
-from server.errors import BarrierError, Conflict
+from server.errors import BarrierError, ConfigError, Conflict
 from server.storage.base import Executor, Storage, open_storage
 from server.storage.migrations import MIGRATIONS, SEALED_COLUMNS
 
@@ -68,50 +68,76 @@ async def _open_reader(path: Path, barrier: Barrier) -> tuple[Any, Reader]:
 
 
 async def verify_file(path: str | Path, barrier: Barrier, *, progress: Progress | None = None,
-                      sample: int = SAMPLE_PER_COLUMN) -> VerifyReport:
-    """Everything short of writing: structure, manifest, MAC, and a sample of sealed records opened."""
+                      sample: int = SAMPLE_PER_COLUMN, full: bool = True) -> VerifyReport:
+    """Everything short of writing: structure, manifest, MAC, and a sample of sealed records opened.
+
+    `full` parses every row too (`skm backup verify`); without it only the sampled rows are parsed
+    (restore's first pass: its second pass parses every row inside a transaction that commits only
+    if they all check out)."""
     f, reader = await _open_reader(Path(path), barrier)
     try:
         m = reader.manifest
         sealed = _sealed_positions(m)
-        picked: dict[tuple[str, str], list[tuple[tuple, bytes]]] = {k: [] for k in sealed}
-        seen: dict[tuple[str, str], int] = {k: 0 for k in sealed}
+        wanted = {m.tables.index(next(t for t in m.tables if t.name == table)) for table, _c in sealed}
+        picked: dict[int, list[tuple[int, bytes]]] = {i: [] for i in wanted}
+        seen = dict.fromkeys(wanted, 0)
         rng = random.Random()
         total = m.total_records
-        async for batch in _batches(reader):
-            for (table, column), (ci, pki) in sealed.items():
-                if table != batch.table.name:
-                    continue
-                bucket = picked[(table, column)]
-                for row in batch.rows:
-                    blob = row[ci]
-                    if blob is None:
-                        continue
-                    seen[(table, column)] += 1
-                    n = seen[(table, column)]
-                    item = (tuple(row[i] for i in pki), blob)
-                    if len(bucket) < sample:       # reservoir sample: any record may be picked
-                        bucket.append(item)
-                    else:
-                        j = rng.randrange(n)
-                        if j < sample:
-                            bucket[j] = item
-            if progress is not None:
-                progress("verify", reader.records, total)
+
+        def scan() -> None:
+            step = 0
+            rows = reader.batches(4096) if full else None
+            if rows is not None:
+                for batch in rows:
+                    if batch.index in wanted:
+                        for row in batch.rows:
+                            _reservoir(picked[batch.index], seen, batch.index, (0, row), sample, rng)
+                    step += len(batch.rows)
+                    if progress is not None and step >= 20000:
+                        step = 0
+                        progress("verify", reader.records, total)
+                return
+            for index, lineno, line in reader.scan():
+                if index in wanted:
+                    _reservoir(picked[index], seen, index, (lineno, line), sample, rng)
+                step += 1
+                if progress is not None and step >= 20000:
+                    step = 0
+                    progress("verify", reader.records, total)
+
+        await asyncio.to_thread(scan)
         reader.finish()
-        unsealed = {}
-        for (table, column), items in picked.items():
-            for pk, blob in items:
+        if progress is not None:
+            progress("verify", reader.records, total)
+        unsealed: dict[str, int] = {}
+        for (table, column), (ci, pki) in sealed.items():
+            index = [t.name for t in m.tables].index(table)
+            for lineno, item in picked[index]:
+                row = item if full else reader.parse_row(item, lineno)[1]
+                blob = row[ci]
+                if blob is None:
+                    continue
+                pk = [row[i] for i in pki]
                 try:
                     barrier.open(blob, sealed_aad(table, column, *pk))
                 except BarrierError as e:
                     raise InvalidBackup(f"{table}.{column} record ({', '.join(map(str, pk))}) does not open under "
                                         f"the system key: {e.detail}") from None
-            if items:
-                unsealed[f"{table}.{column}"] = len(items)
+                unsealed[f"{table}.{column}"] = unsealed.get(f"{table}.{column}", 0) + 1
         return VerifyReport(m, reader.records, reader.bytes, unsealed)
     finally:
         f.close()
+
+
+def _reservoir(bucket: list, seen: dict[int, int], index: int, item: Any, size: int, rng: random.Random) -> None:
+    """Keep a uniform sample of `size` items of table `index` (any row may be the one picked)."""
+    seen[index] += 1
+    if len(bucket) < size:
+        bucket.append(item)
+    else:
+        j = rng.randrange(seen[index])
+        if j < size:
+            bucket[j] = item
 
 
 def _sealed_positions(m: Manifest) -> dict[tuple[str, str], tuple[int, list[int]]]:
@@ -209,7 +235,7 @@ async def restore(path: str | Path, barrier: Barrier, target_url: str, *, force:
     import time
     t0 = time.monotonic()
     path = Path(path)
-    report = await verify_file(path, barrier, progress=progress)
+    report = await verify_file(path, barrier, progress=progress, full=False)
     m = report.manifest
     known = {v for v, _ in MIGRATIONS}
     newer = sorted(set(m.schema_versions) - known)
@@ -222,7 +248,7 @@ async def restore(path: str | Path, barrier: Barrier, target_url: str, *, force:
     # Exactly the backup's schema first: its rows fit; the migrations it predates run after the rows are in.
     storage.migrations = [mig for mig in MIGRATIONS if mig[0] in set(m.schema_versions)]
     shown = describe_target(target_url)
-    await storage.open()
+    await _open_target(storage, shown)
     try:
         extra = sorted(set(await storage.schema_versions()) - set(m.schema_versions))
         if extra:
@@ -251,6 +277,18 @@ async def restore(path: str | Path, barrier: Barrier, target_url: str, *, force:
         await storage.close()
     log.info("backup_restored", backup_id=m.backup_id, records=report.records, target=shown)
     return RestoreReport(report, shown, report.records, audit, epoch, round(time.monotonic() - t0, 3))
+
+
+async def _open_target(storage: Storage, shown: str) -> None:
+    try:
+        await storage.open()
+    except (OSError, ConnectionError) as e:
+        raise ConfigError(f"cannot open the target {shown}: {e.strerror or type(e).__name__}") from None
+    except Exception as e:
+        import asyncpg
+        if isinstance(e, asyncpg.PostgresError):     # e.g. the database does not exist: its own words say so
+            raise ConfigError(f"cannot open the target {shown}: {e}") from None
+        raise
 
 
 async def _write(storage: Storage, barrier: Barrier, path: Path, m: Manifest, progress: Progress | None) -> dict:
