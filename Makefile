@@ -42,7 +42,7 @@ bench: $(STAMP)
 
 # A few seconds per workload, our server + sidecar + floor only: checks the harness, not the numbers.
 bench-smoke: $(STAMP)
-	$(BIN)/python -m bench --systems skm,sidecar,floor --duration 2 --runs 1 --warmup 0 --scale 2000
+	$(BIN)/python -m bench --systems skm,sidecar,floor --duration 2 --runs 1 --warmup 0 --scale 2000 --backup-keys 2000
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .skm build *.egg-info

@@ -291,10 +291,17 @@ def run_backup(args, work: Path, pg) -> list:
         from tests.support.postgres import PostgresCluster
         pg = own = PostgresCluster()
         pg.__enter__()
+    out = []
     try:
-        return [backup_bench.measure(b, args.backup_keys, work, pg=pg, duration=args.duration,
-                                     concurrency=args.scale_concurrency, console=console)
-                for b in ["sqlite"] + (["postgresql"] if args.postgres else [])]
+        for b in ["sqlite"] + (["postgresql"] if args.postgres else []):
+            try:
+                out.append(backup_bench.measure(b, args.backup_keys, work, pg=pg, duration=args.duration,
+                                                concurrency=args.scale_concurrency, console=console))
+            except (RuntimeError, OSError) as e:       # a tool missing or a command failing: say which
+                console.print(f"[red]backup workload on {b} failed:[/red] {e}")
+                out.append(backup_bench.BackupResult(b, args.backup_keys, 0, 0, 0, 0, "", 0, 0, 0, 0, 0,
+                                                     [str(e)]))
+        return out
     finally:
         if own is not None:
             own.__exit__(None, None, None)

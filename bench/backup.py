@@ -89,6 +89,8 @@ def _restore_config(fx: keyserver.Fixture, storage: str = "") -> Path:
 def measure(backend: str, keys: int, work: Path, *, pg=None, duration: float = 10.0, concurrency: int = 4,
             console: Console | None = None) -> BackupResult:
     console = console or Console(stderr=True)
+    if backend == "sqlite" and shutil.which("sqlite3") is None:
+        raise RuntimeError("sqlite3 not found: apt-get install sqlite3 (the raw tool compared with)")
     root = work / f"backup-{backend}"
     storage = pg.create_database() if backend == "postgresql" else ""
     console.print(f"backup bench: {keys:,} keys on {backend}")

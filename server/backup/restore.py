@@ -9,15 +9,16 @@ and the audit chain before it commits. A refused file or target leaves nothing b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from server import logs
-from server.backup.format import Batch, InvalidBackup, Manifest, Reader
+from server.backup.format import InvalidBackup, Manifest, Reader
 from server.barrier.barrier import Barrier, sealed_aad
 from server.errors import BarrierError, ConfigError, Conflict
 from server.storage.base import Executor, Storage, open_storage
@@ -41,16 +42,6 @@ class VerifyReport:
                 "schemaVersion": max(m.schema_versions, default=0), "records": self.records, "bytes": self.bytes,
                 "tables": {t.name: t.count for t in m.tables}, "systemKeyVersions": m.system_key_versions,
                 "macSystemKeyVersion": m.mac_version, "auditHead": m.audit_head, "unsealedSample": self.unsealed}
-
-
-async def _batches(reader: Reader, size: int = 2000):
-    """The reader's batches, each read and parsed in a thread (file I/O and JSON stay off the loop)."""
-    it: Iterator[Batch] = reader.batches(size)
-    while True:
-        batch = await asyncio.to_thread(next, it, None)
-        if batch is None:
-            return
-        yield batch
 
 
 async def _open_reader(path: Path, barrier: Barrier) -> tuple[Any, Reader]:
@@ -298,10 +289,19 @@ async def _write(storage: Storage, barrier: Barrier, path: Path, m: Manifest, pr
         async with storage.transaction() as tx:
             for t in reversed(m.tables):
                 await tx.execute(f"DELETE FROM {t.name}")
-            async for batch in _batches(reader):
-                await tx.insert_rows(batch.table.name, batch.table.columns, batch.rows)
-                if progress is not None:
-                    progress("restore", reader.records, m.total_records)
+            # Pipelined: the next batch is read and parsed (a thread) while this one is inserted.
+            it = reader.batches(2000)
+            pending = asyncio.ensure_future(asyncio.to_thread(next, it, None))
+            try:
+                while (batch := await pending) is not None:
+                    pending = asyncio.ensure_future(asyncio.to_thread(next, it, None))
+                    await tx.insert_rows(batch.table.name, batch.table.columns, batch.rows)
+                    if progress is not None:
+                        progress("restore", reader.records, m.total_records)
+            finally:
+                if not pending.done():
+                    with contextlib.suppress(BaseException):
+                        await pending
             # The file may have changed since the first pass: only a second clean MAC commits.
             reader.finish()
             for t in m.tables:
