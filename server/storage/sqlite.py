@@ -52,7 +52,7 @@ class _Snapshot(_Conn, Snapshot):
 
     async def stream(self, sql: str, *args: Any, batch: int = 1000) -> AsyncIterator[list[tuple]]:
         cur = await self.conn.execute(sql, args)
-        cur._cursor.row_factory = None          # plain tuples: the backup encodes them positionally
+        cur.row_factory = None          # plain tuples: the backup encodes them positionally
         try:
             while True:
                 rows = await cur.fetchmany(batch)
