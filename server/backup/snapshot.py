@@ -26,6 +26,7 @@ Sink = Callable[[bytes], Awaitable[object]]
 Progress = Callable[[int, int], object]        # (records, bytes) so far
 BATCH = 1000
 SLICE = 100            # rows encoded between two yields to the event loop
+CHUNK = 256 * 1024     # bytes handed to the sink at a time
 
 
 def table_order(tables: list[str]) -> list[str]:
@@ -94,6 +95,8 @@ async def create_backup(storage: Storage, barrier: Barrier, sink: Sink, *, progr
         _v, key, _c = mac_key(barrier, manifest.backup_id, manifest.mac_version)
         w = Writer(manifest, key)
         await sink(w.header())
+        out: list[bytes] = []
+        pending = 0
         for index, t in enumerate(manifest.tables):
             if not t.count:
                 continue
@@ -103,11 +106,17 @@ async def create_backup(storage: Storage, barrier: Barrier, sink: Sink, *, progr
                 # interleave with the backup. (A thread would hold the GIL for up to the 5 ms switch
                 # interval each time a request wants it back: worse tail latency for the same work.)
                 for i in range(0, len(rows), SLICE):
-                    await sink(w.rows(index, rows[i:i + SLICE]))
+                    data = w.rows(index, rows[i:i + SLICE])
+                    out.append(data)
+                    pending += len(data)
+                    if pending >= CHUNK:          # few, large writes to the stream or file
+                        await sink(b"".join(out))
+                        out, pending = [], 0
                     await asyncio.sleep(0)
                 if progress is not None:
                     progress(w.records, w.bytes)
-        await sink(w.trailer())
+        out.append(w.trailer())
+        await sink(b"".join(out))
     if progress is not None:
         progress(w.records, w.bytes)
     return Summary(manifest.backup_id, w.records, w.bytes, round(time.monotonic() - t0, 3),
