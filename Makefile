@@ -55,7 +55,7 @@ bench: $(STAMP)
 
 # A few seconds per workload, our server + sidecar + floor only: checks the harness, not the numbers.
 bench-smoke: $(STAMP)
-	$(BIN)/python -m bench --systems skm,sidecar,floor --duration 2 --runs 1 --warmup 0 --scale 2000
+	$(BIN)/python -m bench --systems skm,sidecar,floor --duration 2 --runs 1 --warmup 0 --scale 2000 --backup-keys 2000
 
 # The console's pages in Chromium (Debian's package), full-page PNGs written to docs/console/.
 screenshots: $(STAMP)

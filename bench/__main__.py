@@ -26,11 +26,13 @@ from pathlib import Path
 
 from rich.console import Console
 
+from bench import backup as backup_bench
 from bench import check, keyserver, load, openbao, procs, scale
 from bench import sidecar as sidecar_mod
 from bench.report import Report, Sample
 
-WORKLOADS = ("floor", "secret-read", "secret-read-v13", "encrypt", "decrypt", "sign-rsa", "sign-ec", "datakey", "scale")
+WORKLOADS = ("floor", "secret-read", "secret-read-v13", "encrypt", "decrypt", "sign-rsa", "sign-ec", "datakey", "scale",
+             "backup")
 SYSTEMS = ("skm", "sidecar", "openbao", "floor")
 console = Console(stderr=True)
 
@@ -66,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma list of systems to run: " + ",".join(SYSTEMS) + " (default all)")
     p.add_argument("--scale", type=int, default=100_000, metavar="N",
                    help="keys in the large store of the scale workload, compared with 1,000 (0 skips it)")
+    p.add_argument("--backup-keys", type=int, default=100_000, metavar="N",
+                   help="keys in the store of the backup workload: skm backup create/restore vs sqlite3 .backup "
+                        "(and pg_dump/pg_restore with --postgres), read p99 during a backup (0 skips it)")
     p.add_argument("--scale-concurrency", type=int, default=4,
                    help="connections for the scale workload, a latency measurement (default 4)")
     p.add_argument("--no-openbao-audit", action="store_true",
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         fx = asyncio.run(keyserver.prepare(work / "skm"))
         args.checker = check.Client(fx.client.combined, fx.ca)
         pem = fx.client.combined
-        core_workloads = [w for w in WORKLOADS if w not in ("floor", "scale") and wanted(args, w)]
+        core_workloads = [w for w in WORKLOADS if w not in ("floor", "scale", "backup") and wanted(args, w)]
         if "skm" in args.systems and core_workloads:
             ks = None
             for n in args.workers:
@@ -325,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]setup failed:[/red] {e}")
         _stop(started, pg)
         return 2
+    backups: list = []
     try:
         args.procs = started + getattr(args, "extra_procs", [])
         run_cases(cases, args, report)
@@ -333,14 +339,21 @@ def main(argv: list[str] | None = None) -> int:
         for p in args.procs:
             report.notes.setdefault("rss_mb_after", {})[p.name] = round(p.rss_mb(), 1)
         _scale_notes(report, args)
+        backups = run_backup(args, work, pg)
     finally:
         _stop(started, pg)
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    report.print(Console(width=max(140, Console().width)))
+    wide = Console(width=max(140, Console().width))
+    report.print(wide)
+    if backups:
+        report.notes["backup"] = [b.to_dict() for b in backups]
+        wide.print(backup_bench.table(backups))
+        if any(b.errors for b in backups):
+            report.notes["backup_errors"] = [e for b in backups for e in b.errors]
     path = report.write(args.results) if args.results else report.write()
     console.print(f"results: {path}")
-    return 1 if report.errors else 0
+    return 1 if report.errors or report.notes.get("backup_errors") else 0
 
 
 def _pg_settings(args) -> dict[str, str]:
@@ -360,6 +373,31 @@ def scale_cases(args, work: Path, started: list[procs.Proc]) -> list[Case]:
                               concurrency=args.scale_concurrency, check=ok,
                               client=check.Client(fx.client.combined, fx.ca)))
     return cases
+
+
+def run_backup(args, work: Path, pg) -> list:
+    """The backup workload (bench/backup.py) on SQLite, and on PostgreSQL with --postgres."""
+    if args.backup_keys <= 0 or not wanted(args, "backup") or "skm" not in args.systems:
+        return []
+    own = None
+    if args.postgres and pg is None:
+        from tests.support.postgres import PostgresCluster
+        pg = own = PostgresCluster()
+        pg.__enter__()
+    out = []
+    try:
+        for b in ["sqlite"] + (["postgresql"] if args.postgres else []):
+            try:
+                out.append(backup_bench.measure(b, args.backup_keys, work, pg=pg, duration=args.duration,
+                                                concurrency=args.scale_concurrency, console=console))
+            except (RuntimeError, OSError) as e:       # a tool missing or a command failing: say which
+                console.print(f"[red]backup workload on {b} failed:[/red] {e}")
+                out.append(backup_bench.BackupResult(b, args.backup_keys, 0, 0, 0, 0, "", 0, 0, 0, 0, 0,
+                                                     [str(e)]))
+        return out
+    finally:
+        if own is not None:
+            own.__exit__(None, None, None)
 
 
 def _scale_notes(report: Report, args) -> None:

@@ -101,6 +101,8 @@ class Report:
 
     def print(self, console: Console | None = None) -> None:
         console = console or Console()
+        if not self.samples:            # e.g. only the backup workload ran: it prints its own table
+            return
         t = Table(title=f"requests/s (median of {self.settings.get('runs')} runs, concurrency "
                         f"{self.settings.get('concurrency')}, {self.settings.get('duration')} s each)")
         for col in ("workload", "system", "req/s", "p50 ms", "p99 ms", "server CPU µs/req", "ours/OpenBao",

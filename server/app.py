@@ -72,7 +72,7 @@ def _optional_tables(plane: str) -> list[RouteTable]:
         "mgmt": ["server.api.mgmt.cert_routes", "server.api.mgmt.operator_routes", "server.api.mgmt.approval_routes",
                  "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes",
                  "server.api.mgmt.credential_routes", "server.api.mgmt.version_routes",
-                 "server.api.mgmt.usage_routes"],
+                 "server.api.mgmt.usage_routes", "server.api.mgmt.backup_routes"],
     }[plane]
     return [importlib.import_module(name).routes for name in names]
 
@@ -85,6 +85,12 @@ async def _health(request: web.Request) -> web.Response:
     body = {"status": "ok", "sealed": False}
     if "worker" in rt.extra:
         body["worker"] = rt.extra["worker"]     # which of several worker processes answered
+    schedule = rt.extra.get("backup_schedule")
+    if schedule is not None:
+        # Still serving (200): an old backup is an operator's problem, not a reason to fail over.
+        warning = schedule.warning()
+        if warning:
+            body["warnings"] = [f"backup: {warning}"]
     return web.json_response(body)
 
 
@@ -235,6 +241,9 @@ class KeyServer:
             # The management plane, console and background jobs run in one process only.
             self.mgmt_port = await self._listen(mgmt_app, "mgmt", client_cert=False)
             self._tasks.append(asyncio.create_task(self._jobs(), name="jobs"))
+            if cfg.backup.dir:
+                from server.backup.schedule import start_schedule
+                self._tasks.append(start_schedule(rt))
             for hook in rt.extra.get("on_start", []):
                 await hook(rt)
         from server.loops import loop_name
