@@ -40,6 +40,16 @@ _TRUNCATE = {f: 256 for f in ("actor", "ip", "fingerprint", "mac", "route", "act
 _TRUNCATE["reason"] = 1000
 
 
+async def read_link_key(db, barrier) -> bytes | None:
+    """The link key of a database's chain, read only (None when it has none yet or the barrier is sealed)."""
+    if barrier.sealed:
+        return None
+    row = await db.fetchone("SELECT hmac_key_sealed FROM audit_head WHERE id = 1")
+    if row is None or row["hmac_key_sealed"] is None:
+        return None
+    return link_key(barrier.open(bytes(row["hmac_key_sealed"]), _HMAC_AAD))
+
+
 class Audit:
     def __init__(self, storage: Storage, barrier, settings: AuditSettings | None = None, *,
                  config: Any = None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import random
 import re
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from server.backup.format import InvalidBackup, Manifest, Reader
 from server.barrier.barrier import Barrier, sealed_aad
 from server.errors import BarrierError, ConfigError, Conflict
 from server.storage.base import Executor, Storage, open_storage
-from server.storage.migrations import MIGRATIONS, SEALED_COLUMNS
+from server.storage.migrations import MIGRATIONS, SEALED_COLUMNS, all_sql
 
 log = logs.get("skm.backup")
 Progress = Callable[[str, int, int], object]      # (phase, records done, records total)
@@ -162,11 +161,10 @@ class RestoreReport:
 def _seeded_tables() -> set[str]:
     """Tables a migration fills with a row of its own (audit_head's id 1): present in an empty store."""
     out = set()
-    for _v, statements in MIGRATIONS:
-        for stmt in statements:
-            m = re.match(r"\s*INSERT\s+INTO\s+(\w+)", stmt, re.I)
-            if m:
-                out.add(m.group(1))
+    for text in all_sql():
+        m = re.match(r"\s*INSERT\s+INTO\s+(\w+)", text, re.I)
+        if m:
+            out.add(m.group(1))
     return out
 
 
@@ -202,20 +200,17 @@ async def _target_tables(storage: Storage) -> list[str]:
 
 
 async def verify_audit(db: Executor, barrier: Barrier) -> dict:
-    """The restored chain, checked by whatever verify_chain this build has (keyed ones take the barrier)."""
+    """The restored chain: every digest and keyed tag (the checkpoints are checked by the next
+    `skm audit verify`, once the restore checkpoint has announced the new epoch)."""
     from server.audit import verify_chain
-    params = inspect.signature(verify_chain).parameters
-    kwargs = {"barrier": barrier} if "barrier" in params else {}
-    result = await verify_chain(db, **kwargs)
+    from server.audit.log import read_link_key
+    result = await verify_chain(db, key=await read_link_key(db, barrier))
     return result.to_api()
 
 
 async def _start_epoch(storage: Storage, barrier: Barrier, restored_from: dict) -> str:
     """Seal a new audit epoch so the next start signs a `restore` checkpoint (server/audit/checkpoints.py)."""
-    try:
-        from server.audit.checkpoints import start_restored_epoch    # lands with the audit package
-    except ImportError:
-        return "skipped: this build has no audit checkpoints (server.audit.checkpoints)"
+    from server.audit.checkpoints import start_restored_epoch
     await start_restored_epoch(storage, barrier, restored_from=restored_from)
     return "started: the next server start signs a restore checkpoint"
 

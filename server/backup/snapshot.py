@@ -20,7 +20,7 @@ from server.barrier.barrier import Barrier
 from server.barrier.rewrap import count_by_version
 from server.errors import Sealed
 from server.storage.base import Snapshot, Storage
-from server.storage.migrations import MIGRATIONS, SEALED_COLUMNS
+from server.storage.migrations import SEALED_COLUMNS, all_sql
 
 Sink = Callable[[bytes], Awaitable[object]]
 Progress = Callable[[int, int], object]        # (records, bytes) so far
@@ -33,11 +33,10 @@ def table_order(tables: list[str]) -> list[str]:
     """Restore order: the order migrations create tables in (a table after those it references);
     any table no migration names (none should exist) last, by name."""
     created: list[str] = []
-    for _v, statements in MIGRATIONS:
-        for stmt in statements:
-            m = re.match(r"\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", stmt, re.I)
-            if m and m.group(1) not in created:
-                created.append(m.group(1))
+    for text in all_sql():
+        m = re.match(r"\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", text, re.I)
+        if m and m.group(1) not in created:
+            created.append(m.group(1))
     rank = {t: i for i, t in enumerate(created)}
     return sorted(tables, key=lambda t: (rank.get(t, len(rank)), t))
 
