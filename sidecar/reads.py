@@ -210,7 +210,9 @@ class ReadLog:
         self.upstream = upstream
         self.metrics = metrics
         self.on_delivered = on_delivered              # acks: [(key_id, version, time), ...]
-        self.pending: list[tuple] = []                # (who, ref, source, time): the fast path appends here
+        # (who, ref, source, time): the local API appends here (its fast path through a bound `append`, so
+        # this list object is never replaced: _take copies and clears it).
+        self.pending: list[tuple] = []
         self.spool = Spool(Path(self.cfg.spool_path(cfg)), key or spool_key(cfg), self.cfg.spool_max_records)
         self.dropped = 0                              # reads lost since the last report (buffer full)
         self.unreadable = 0                           # records in spool lines that could not be opened
@@ -271,7 +273,8 @@ class ReadLog:
 
     # ------------------------------------------------------------ records
     def _take(self) -> list[Batch]:
-        raw, self.pending = self.pending, []
+        raw = self.pending.copy()
+        self.pending.clear()
         records = self._records(raw) if raw else []
         n = max(1, self.cfg.batch_max)
         return [Batch(self._batch_id(), records[i:i + n]) for i in range(0, len(records), n)]
