@@ -22,8 +22,10 @@ from sidecar.fastpath import encode_tail
 from sidecar.local_api import LocalAPI, Policy
 from sidecar.metrics import SidecarMetrics
 from sidecar.reads import ReadLog
+from sidecar.render import Renderer
 from sidecar.settings import SidecarConfig
 from sidecar.upstream import Upstream
+from sidecar.watch import ChangeFeed, watch_handler
 
 log = logs.get("skm.sidecar")
 
@@ -37,6 +39,9 @@ class Sidecar:
     cache: Cache | None = None
     events: EventStream | None = None
     api: LocalAPI | None = None
+    resolver: object | None = None        # an aiohttp resolver for the upstream names (tests); default getaddrinfo
+    feed: ChangeFeed = field(default_factory=ChangeFeed)
+    renderer: Renderer | None = None
     acks: Acks | None = None              # version acknowledgements (render adds its holdings here)
     reads: ReadLog | None = None          # local-read records for the key server's audit
     _sweeper: asyncio.Task | None = None
@@ -45,7 +50,7 @@ class Sidecar:
         cfg = self.config.validate()
         self.attestor = Attestor(Upstream.first_host(cfg), cfg.attest.interface, cfg.attest.recheck)
         await self.attestor.start()
-        self.upstream = Upstream(cfg, self.attestor, self.metrics)
+        self.upstream = Upstream(cfg, self.attestor, self.metrics, self.resolver)
         await self.upstream.start()
         c = cfg.cache
         self.cache = Cache(c.ttl, c.max_entries, c.max_bytes, c.stale_if_error, metrics=self.metrics,
@@ -58,7 +63,7 @@ class Sidecar:
             self.events = EventStream(self.upstream, self.cache, version=cfg.upstream.api_version,
                                       backoff_initial=e.backoff_initial, backoff_max=e.backoff_max,
                                       read_timeout=e.read_timeout, metrics=self.metrics,
-                                      on_keystore=policy.forget if policy else None)
+                                      on_keystore=policy.forget if policy else None, on_event=self._on_event)
         try:
             if cfg.acks.enabled:
                 self.acks = Acks(self.upstream, cfg.upstream.api_version, cfg.acks.ttl, self.metrics)
@@ -68,7 +73,18 @@ class Sidecar:
                 await self.reads.start()
             self.api = LocalAPI(cfg, self.upstream, self.cache, self.attestor, self.metrics, self.events, policy,
                                 read_log=self.reads, acks=self.acks)
+            self.api.routes.append(("GET", "/v1/watch", watch_handler(
+                self.feed, self.api, lambda: self.events.state if self.events is not None else "disabled")))
+            if cfg.render:
+                self.renderer = Renderer(cfg.render, self.upstream, self.cache, self.metrics,
+                                         version=cfg.upstream.api_version, ttl=c.ttl)
+                self.api.reporters["render"] = self.renderer
+                if self.acks is not None:
+                    self.acks.add_source(self.renderer.holdings)
+                    self.renderer.on_change = self.acks.poke
             await self.api.start()
+            if self.renderer is not None:
+                await self.renderer.start()
         except BaseException:
             await self.stop()
             raise
@@ -81,6 +97,11 @@ class Sidecar:
                  upstreams=len(cfg.upstream.urls), mac=self.attestor.mac)
         return self
 
+    def _on_event(self, kind: str, event: dict) -> None:
+        self.feed.publish(kind, event)
+        if self.renderer is not None:
+            self.renderer.on_event(kind, event)
+
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(max(1.0, min(self.config.cache.ttl, 30.0)))
@@ -92,6 +113,8 @@ class Sidecar:
             with contextlib.suppress(BaseException):
                 await self._sweeper
             self._sweeper = None
+        if self.renderer is not None:
+            await self.renderer.stop()
         if self.events is not None:
             await self.events.stop()
         if self.api is not None:

@@ -245,6 +245,8 @@ class LocalAPI:
     _reaper: asyncio.Task | None = None
     _logged: set = field(default_factory=set)
     _targets: dict = field(default_factory=dict)         # raw path -> Target | None (not cacheable)
+    routes: list = field(default_factory=list)           # (method, path, handler): the sidecar's own, e.g. /v1/watch
+    reporters: dict = field(default_factory=dict)        # name -> .status() (in /v1/status), .problem() (/healthz)
 
     fast_hits: int = 0                                    # answered by the fast path, not yet in metrics
     _note_hit: object = None                              # read_log.pending.append, bound once (hot path)
@@ -265,6 +267,8 @@ class LocalAPI:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/metrics", self.prometheus)
+        for method, path, handler in self.routes:
+            app.router.add_route(method, path, handler)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
         return app
 
@@ -314,13 +318,17 @@ class LocalAPI:
         request[CALLER] = caller
 
     async def healthz(self, _request: web.Request) -> web.Response:
+        problems = {name: p for name, r in self.reporters.items() if (p := r.problem())}
+        if problems:
+            return web.json_response({"status": "degraded", "problems": problems}, status=503)
         return web.json_response({"status": "ok"})
 
     async def status(self, _request: web.Request) -> web.Response:
         now = time.monotonic()
         return web.json_response({
             "upstream": {"reachable": self.upstream.reachable, "requestsSent": self.upstream.sent,
-                         "servers": [{"url": t.url, "healthy": t.healthy(now), "failures": t.failures,
+                         "servers": [{"url": t.url, "address": t.address or None, "healthy": t.healthy(now),
+                                      "failures": t.failures,
                                       "lastError": t.last_error} for t in self.upstream.targets]},
             "attestation": {"mac": getattr(self.attestor, "mac", None),
                             "interface": getattr(self.attestor, "iface", None),
@@ -332,6 +340,7 @@ class LocalAPI:
             "reads": self.read_log.status() if self.read_log is not None else {"state": "disabled"},
             "acks": self.acks.status() if self.acks is not None else {"state": "disabled"},
             "uptimeSeconds": round(now - self.started, 1),
+            **{name: r.status() for name, r in self.reporters.items()},
         })
 
     async def prometheus(self, _request: web.Request) -> web.Response:

@@ -10,6 +10,9 @@
     socket = "/run/skm/sidecar.sock"
     socket_group = "apps"
     (top level) access = ["key:<keyid> uid:1000 gid:50", "keystore:<id> uid:1001"]
+    [[render]]                          # files rendered from templates: see sidecar/render_config.py
+    template = "{{ secret('payments/db-password') }}"
+    destination = "/run/app/db-password"
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from server.config import load
 from server.errors import ConfigError
+from sidecar.render_config import RenderConfig, validate_blocks
 
 ENV_PREFIX = "SKM_SIDECAR_"
 VERSIONS = ("v1.0", "v1.1", "v1.2", "v1.3")
@@ -113,6 +117,7 @@ class SidecarConfig:
     access: tuple[str, ...] = ()          # allow-list rules, see AccessRule.parse
     access_default: str = "allow"         # keys no rule names: allow | deny
     reject_app_credentials: bool = False  # refuse (instead of strip) requests carrying credentials
+    render: tuple[RenderConfig, ...] = ()  # [[render]] blocks: templates rendered to files (config file only)
     log_format: str = "auto"
     log_level: str = "info"
 
@@ -141,6 +146,7 @@ class SidecarConfig:
             raise ConfigError("acks.ttl must be 2..86400 seconds")
         self.rules()           # parse errors surface at start
         self.socket_gid()
+        validate_blocks(self.render)
         return self
 
     def rules(self) -> list["AccessRule"]:
