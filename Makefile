@@ -35,15 +35,18 @@ install: $(STAMP)
 demo: $(RUNTIME_STAMP)
 	$(BIN)/skm demo
 
+# Every target ends with the secret-hygiene sweep (tests/reliability/test_secret_hygiene.py, ordered
+# last by its conftest): it greps what the run before it left behind, in the same pytest session.
 test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/pytest -q
 
 test-long: $(STAMP) $(TOOLS_STAMP)
-	$(BIN)/pytest -q -m long
+	$(BIN)/pytest -q -m 'long or sweep'
 
 # The API, key and storage tests again with every key server on a throwaway PostgreSQL.
 test-postgres: $(STAMP)
-	SKM_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/api tests/keys tests/storage tests/replicas/test_harness_backend.py
+	SKM_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/api tests/keys tests/storage tests/replicas/test_harness_backend.py \
+		tests/reliability/test_secret_hygiene.py
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[test,bench]'

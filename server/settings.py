@@ -27,8 +27,10 @@ def _from_config(cls: type[_S], config: Any, attr: str, env_prefix: str) -> _S:
 @dataclass(frozen=True)
 class LoginSettings:
     """Operator login policy: [login] / SKM_LOGIN_*."""
-    max_failures: int = 5             # failed logins in a row before the name is locked
+    max_failures: int = 5             # failed logins in a row from one address before the name is locked there
     lockout_seconds: int = 900
+    max_failures_per_name: int = 100  # failures from all addresses within lockout_seconds: past it, only
+                                      # addresses the operator logged in from before are accepted
     rate_per_minute: int = 30         # login attempts per client IP per minute
     token_ttl_hours: float = 12.0     # lifetime of a token issued by login
     argon2_time_cost: int = 3
@@ -69,6 +71,9 @@ class ApprovalSettings:
     webhook_timeout: float = 5.0
     webhook_retries: int = 3
     expire_interval: float = 60.0     # how often pending requests past their expiry are marked EXPIRED
+    operators: bool = False           # operator management (create, grant, password reset, credentials for
+                                      # someone else) becomes a change request another global admin approves
+    operators_needed: int = 1         # approvals an operator management request needs
 
     @classmethod
     def from_config(cls, config) -> "ApprovalSettings":

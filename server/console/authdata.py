@@ -37,7 +37,7 @@ async def show(c: Ctx) -> web.Response:
 
 async def _submit(c: Ctx, ks, op_name: str, params: dict, done: str, form: str) -> web.Response:
     try:
-        await c.rt.changes.submit(c.op.name, ks, op_name, {"keystore_id": ks.id, **params})
+        await c.rt.changes.submit(c.op, ks, op_name, {"keystore_id": ks.id, **params})
     except ApprovalRequired:
         raise
     except SKMError as e:

@@ -45,7 +45,7 @@ async def create_key(c: Ctx) -> web.Response:
             if not params["secret_value"]:
                 raise InvalidRequest("a secret needs a value")
             params["key_spec"] = None
-        key = await c.rt.changes.submit(c.op.name, ks, "key.create", params)
+        key = await c.rt.changes.submit(c.op, ks, "key.create", params)
     except ApprovalRequired:
         raise
     except SKMError as e:
@@ -86,7 +86,7 @@ async def reveal(c: Ctx) -> web.Response:
 
 async def _key_change(c: Ctx, op_name: str, done: str, params: dict | None = None) -> web.Response:
     key, ks = await _key(c)
-    await c.rt.changes.submit_key_op(c.op.name, ks, op_name, key, params)
+    await c.rt.changes.submit_key_op(c.op, ks, op_name, key, params)
     c.flash("ok", done)
     return see_other(f"{PREFIX}/keys/{key.id}" if op_name != "key.delete" else f"{PREFIX}/keystores/{ks.id}")
 

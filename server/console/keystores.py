@@ -104,7 +104,7 @@ async def update_keystore(c: Ctx) -> web.Response:
         if not changes:
             c.flash("info", "Nothing changed.")
             return see_other(f"{PREFIX}/keystores/{ks.id}/settings")
-        await c.rt.changes.submit(c.op.name, ks, "keystore.update", {"keystore_id": ks.id, "changes": changes})
+        await c.rt.changes.submit(c.op, ks, "keystore.update", {"keystore_id": ks.id, "changes": changes})
     except ApprovalRequired:
         raise
     except SKMError as e:

@@ -137,8 +137,8 @@ def error_page(c: Ctx, e: SKMError, back: str | None = None) -> web.Response:
 def changed(c: Ctx, e: ApprovalRequired) -> web.Response:
     """A form post on an approval store became a change request: say so and show it."""
     c.request[ERROR] = e
-    c.flash("info", f"This key store requires approval: change request #{e.request_id} was created and waits for "
-                    "an approver. Nothing has changed yet.")
+    c.flash("info", f"This change requires approval: change request #{e.request_id} was created and waits for "
+                    "a decision. Nothing has changed yet.")
     return see_other(f"{PREFIX}/approvals/{e.request_id}")
 
 
@@ -203,6 +203,11 @@ def page(view: View, *, method: str, auth: bool = True, roles: tuple[str, ...] =
         try:
             if auth:
                 c.op, c.session = await _session(request)
+                if not c.op.is_global:
+                    # The console's pages show every project: an operator with project roles only would see
+                    # other projects' stores. Fail closed; the CLI and the API are scoped to its projects.
+                    raise Forbidden("the console is for operators with a global role; with project roles use "
+                                    "the skm CLI or the management API, which show your projects")
             if method == "POST":
                 c.form = await request.post()
                 if auth and not csrf_ok(c.session.csrf, c.form):

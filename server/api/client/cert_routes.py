@@ -55,7 +55,7 @@ async def create_certificate(request: web.Request, body: CertCreateIn) -> dict:
     ctx, ks = await _ks_by_name(request, body.keyStoreName)
     rt = runtime(request)
     params = certs.create_params(rt.barrier, ks, body.name, body.password, body.lifeTime, body.description)
-    row = await rt.changes.submit(ctx.caller, ks, "cert.create", params)
+    row = await rt.changes.submit(ctx, ks, "cert.create", params)
     return {"name": row["name"], "description": row["description"]}
 
 
@@ -63,7 +63,7 @@ async def create_certificate(request: web.Request, body: CertCreateIn) -> dict:
               body=CertRefIn, response=CertDeleteOut, versions=V12, tags=("client-manage",))
 async def schedule_certificate_deletion(request: web.Request, body: CertRefIn) -> dict:
     ctx, ks = await _ks_by_name(request, body.keyStoreName)
-    return await runtime(request).changes.submit(ctx.caller, ks, "cert.schedule_deletion",
+    return await runtime(request).changes.submit(ctx, ks, "cert.schedule_deletion",
                                                  {"keystore_id": ks.id, "name": body.name})
 
 
@@ -71,7 +71,7 @@ async def schedule_certificate_deletion(request: web.Request, body: CertRefIn) -
               body=CertRefIn, response=CertDeleteOut, versions=V12, tags=("client-manage",))
 async def delete_certificate(request: web.Request, body: CertRefIn) -> dict:
     ctx, ks = await _ks_by_name(request, body.keyStoreName)
-    return await runtime(request).changes.submit(ctx.caller, ks, "cert.delete",
+    return await runtime(request).changes.submit(ctx, ks, "cert.delete",
                                                  {"keystore_id": ks.id, "name": body.name})
 
 

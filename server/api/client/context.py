@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -29,6 +30,8 @@ class ClientContext:
     fingerprint: str | None
     mac_header: str | None
     caller: str = "appkey"          # audit identity: appkey, user access key id, token id
+    operator: Any = None            # the Operator owning the v1.2/v1.3 credential (one identity per person)
+    credential: str | None = None   # "accesskey:<id>" or "bearer:<id>"
 
     @property
     def sent_certificate(self) -> bool:

@@ -29,7 +29,7 @@ async def _ks_by_name(request: web.Request, name: str):
 
 async def _create(request: web.Request, body, key_type: KeyType, **extra) -> dict:
     ctx, ks = await _ks_by_name(request, body.keyStoreName)
-    key = await runtime(request).changes.submit(ctx.caller, ks, "key.create", {
+    key = await runtime(request).changes.submit(ctx, ks, "key.create", {
         "keystore_id": ks.id, "key_type": key_type.value, "name": body.name,
         "description": body.description, **extra})
     return {"keyId": key.id, "keyStatus": key.status.value}
@@ -64,7 +64,7 @@ async def _key_in_project(request: web.Request):
               versions=V12, tags=("client-manage",))
 async def schedule_key_deletion(request: web.Request, _body) -> dict:
     ctx, key, ks = await _key_in_project(request)
-    key = await runtime(request).changes.submit_key_op(ctx.caller, ks, "key.schedule_deletion", key)
+    key = await runtime(request).changes.submit_key_op(ctx, ks, "key.schedule_deletion", key)
     from server.timeutil import to_api
     return {"keyId": key.id, "deletionDateTime": to_api(key.deletion_at)}
 
@@ -73,7 +73,7 @@ async def schedule_key_deletion(request: web.Request, _body) -> dict:
               versions=V12, tags=("client-manage",))
 async def delete_key(request: web.Request, _body) -> dict:
     ctx, key, ks = await _key_in_project(request)
-    when = await runtime(request).changes.submit_key_op(ctx.caller, ks, "key.delete", key)
+    when = await runtime(request).changes.submit_key_op(ctx, ks, "key.delete", key)
     return {"keyId": key.id, "deletionDateTime": when}
 
 
@@ -103,7 +103,7 @@ def _auth_kind(request: web.Request) -> str:
               body=AuthAddIn, response=AuthOut, versions=V12, tags=("client-manage",))
 async def add_auth(request: web.Request, body: AuthAddIn) -> dict:
     ctx, ks = await _ks_by_name(request, body.keyStoreName)
-    row = await runtime(request).changes.submit(ctx.caller, ks, "auth.add", {
+    row = await runtime(request).changes.submit(ctx, ks, "auth.add", {
         "keystore_id": ks.id, "kind": _auth_kind(request), "value": body.value, "description": body.description})
     return {"value": row["value"], "description": row["description"]}
 
@@ -112,7 +112,7 @@ async def add_auth(request: web.Request, body: AuthAddIn) -> dict:
               body=AuthRefIn, response=AuthOut, versions=V12, tags=("client-manage",))
 async def schedule_auth_deletion(request: web.Request, body: AuthRefIn) -> dict:
     ctx, ks = await _ks_by_name(request, body.keyStoreName)
-    return await runtime(request).changes.submit(ctx.caller, ks, "auth.schedule_deletion", {
+    return await runtime(request).changes.submit(ctx, ks, "auth.schedule_deletion", {
         "keystore_id": ks.id, "kind": _auth_kind(request), "value": body.value})
 
 
@@ -120,7 +120,7 @@ async def schedule_auth_deletion(request: web.Request, body: AuthRefIn) -> dict:
               body=AuthRefIn, response=AuthOut, versions=V12, tags=("client-manage",))
 async def delete_auth(request: web.Request, body: AuthRefIn) -> dict:
     ctx, ks = await _ks_by_name(request, body.keyStoreName)
-    return await runtime(request).changes.submit(ctx.caller, ks, "auth.delete", {
+    return await runtime(request).changes.submit(ctx, ks, "auth.delete", {
         "keystore_id": ks.id, "kind": _auth_kind(request), "value": body.value})
 
 

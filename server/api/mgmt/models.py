@@ -26,6 +26,7 @@ class KeyStoreCreate(_In):
     approvalRequired: bool = False
     approvalsNeeded: int = Field(default=1, ge=1, le=10)
     appkey: Optional[str] = Field(default=None, max_length=64)
+    projectId: Optional[int] = Field(default=None, ge=1, le=10**12)
 
 
 class KeyStoreUpdate(_In):
@@ -143,10 +144,19 @@ class AuthEntryList(BaseModel):
     entries: list[AuthEntryOut]
 
 
+class ProjectCreate(_In):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
+    description: str = Field(default="", max_length=1000)
+
+
 class ProjectOut(BaseModel):
     id: int
     appkey: str
     name: str
+    description: str = ""
+    createdAt: Optional[str] = None
+    dataPlaneUrl: Optional[str] = Field(default=None, description="client-API base of this project, when the "
+                                        "server knows its public URL (`public_url`)")
 
 
 class ProjectList(BaseModel):
