@@ -29,7 +29,7 @@ $(TOOLS_STAMP):
 	$(TOOLS)/bin/pip install -q 'sslyze>=6.0'
 	touch $(TOOLS_STAMP)
 
-.PHONY: install demo test test-long test-postgres bench bench-smoke clean
+.PHONY: install demo test test-long test-postgres bench bench-smoke screenshots clean
 install: $(STAMP)
 
 demo: $(RUNTIME_STAMP)
@@ -55,6 +55,10 @@ bench: $(STAMP)
 # A few seconds per workload, our server + sidecar + floor only: checks the harness, not the numbers.
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --systems skm,sidecar,floor --duration 2 --runs 1 --warmup 0 --scale 2000
+
+# The console's pages in Chromium (Debian's package), full-page PNGs written to docs/console/.
+screenshots: $(STAMP)
+	SKM_SCREENSHOTS=docs/console $(BIN)/pytest -q tests/console/test_home.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .skm build *.egg-info

@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from server import logs, timeutil
+from server import logs, text, timeutil
 from server.access.changes import Requester
 from server.access.lineage import Lineage
 from server.access.operators import Operator
@@ -177,6 +177,7 @@ class Approvals:
             raise NotFound(f"no change request {row['id']}")
 
     async def approve(self, by: Operator, request_id: int, comment: str = "") -> dict:
+        text.check(comment, "comment")
         await self.expire_due()
         apply_now = False
         async with self.db.transaction() as tx:
@@ -206,10 +207,18 @@ class Approvals:
                     "WHERE id = ? AND status = 'PENDING'", by.name, timeutil.now_db(), timeutil.now_db(),
                     request_id) == 1
         if apply_now:
+            before = await self.get(request_id)
             await self._apply(request_id, by)
+            try:
+                return await self.get(request_id)
+            except NotFound:
+                # Applying deleted the request with its key store (keystore.delete): answer from the snapshot.
+                return {**before, "status": "APPLIED", "decidedBy": by.name,
+                        "decisionDatetime": timeutil.to_api(timeutil.now_db())}
         return await self.get(request_id)
 
     async def deny(self, by: Operator, request_id: int, reason: str = "") -> dict:
+        text.check(reason, "comment")
         await self.expire_due()
         async with self.db.transaction() as tx:
             row = await self._lock_pending(tx, request_id, by)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from server import timeutil
+from server import text, timeutil
 from server.access.operators import Grant, Operator
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, SKMError, Unauthenticated
 from server.storage.base import Storage
@@ -129,6 +129,7 @@ class CallerAuth:
                          project_id: int | None = None, ttl_days: int | None = None) -> tuple[AccessKey, str]:
         if len(description) > 1000:
             raise InvalidRequest("description must be at most 1000 characters")
+        text.check(description, "description")
         if ttl_days is not None and not (1 <= ttl_days <= 3650):
             raise InvalidRequest("expiresInDays must be from 1 to 3650")
         n = await self.db.fetchval("SELECT COUNT(*) AS n FROM user_access_keys WHERE operator_id = ? AND revoked = 0",

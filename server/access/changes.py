@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from server import text
 from server.errors import ApprovalUnavailable, Forbidden, InvalidRequest
 from server.keys.model import Key, KeyStore
 
@@ -60,6 +61,7 @@ class ChangeGate:
         if name not in OPS:
             raise InvalidRequest(f"unknown change {name}")
         who = requester(actor)
+        text.check_params(params)        # before a change is held for approval, not only when applied
         if ks is not None and ks.approval_required:
             if self.approvals is None:
                 # Fail closed: approval is on but nothing can approve.

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from server import timeutil
+from server import text, timeutil
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, TooManyAttempts, Unauthenticated
 from server.settings import LoginSettings   # [login] in the server config
 from server.storage.base import Storage
@@ -500,6 +500,7 @@ class Operators:
     # -------------------------------------------------------------------- tokens
     async def issue_token(self, op: Operator, description: str = "", ttl_days: float | None = 90, *,
                           by: Operator | None = None) -> str:
+        text.check(description, "description")
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         expires = timeutil.to_db(timeutil.now() + dt.timedelta(days=ttl_days)) if ttl_days else None

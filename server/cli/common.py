@@ -100,31 +100,56 @@ def client(args: argparse.Namespace) -> MgmtClient:
     return MgmtClient(connection(args))
 
 
+def shown(value: Any) -> str:
+    """Stored text as a terminal may print it: control and bidirectional-text characters escaped
+    (`\x1b`, `\n`, `\u202e`). Names and descriptions are refused with them now, but rows stored
+    earlier may hold them; every print of server data goes through here (server/text.py)."""
+    from server.text import visible
+    return visible(value)
+
+
+def cell(value: Any):
+    """A table cell: escaped (`shown`) and never read as rich markup (`[red]` in a name stays text)."""
+    from rich.text import Text
+    return Text(shown("" if value is None else value))
+
+
+def json_text(data: Any) -> str:
+    """JSON for a terminal: what json.dumps leaves raw (DEL, C1 controls, bidi controls) as \\u escapes,
+    which is the same JSON to a parser."""
+    from server.text import is_unsafe
+    raw = json.dumps(data, indent=2, ensure_ascii=False)
+    # A raw newline here is the indentation's: json.dumps escapes every one inside a string.
+    return "".join(f"\\u{ord(ch):04x}" if ch != "\n" and is_unsafe(ch) else ch for ch in raw)
+
+
 def output(args: argparse.Namespace, data: Any, columns: Iterable[str] | None = None,
            rows: list[dict] | None = None, title: str | None = None) -> None:
-    """`--json` prints `data`; otherwise a table of `rows` (or key/value pairs of a dict)."""
+    """`--json` prints `data`; otherwise a table of `rows` (or key/value pairs of a dict).
+    Every value goes through `cell`/`json_text`: stored text never reaches the terminal raw."""
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, ensure_ascii=False))
+        print(json_text(data))
         return
     from rich.console import Console
     from rich.table import Table
     console = Console()
+    caption = cell(title) if title is not None else None
     if rows is None:
-        table = Table(title=title, show_header=False)
+        table = Table(title=caption, show_header=False)
         table.add_column("field", style="bold")
         table.add_column("value")
         for k, v in (data or {}).items():
             if isinstance(v, (list, dict)):
-                v = json.dumps(v)
-            table.add_row(str(k), "" if v is None else str(v))
+                v = json.dumps(v, ensure_ascii=False)
+            table.add_row(cell(k), cell(v))
         console.print(table)
         return
     cols = list(columns or (rows[0].keys() if rows else []))
-    table = Table(title=title)
+    table = Table(title=caption)
     for c in cols:
-        table.add_column(c)
+        table.add_column(cell(c))
     for r in rows:
-        table.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in cols])
+        table.add_row(*[cell(r.get(c)) for c in cols])
     console.print(table)
 
 
@@ -133,5 +158,5 @@ def yn(flag: bool) -> str:
 
 
 def fail(msg: str, code: int = 1) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+    print(f"error: {shown(msg)}", file=sys.stderr)
     return code

@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
               f"(`skm approval approve {e.request_id}`)", file=sys.stderr)
         return 7
     except SKMError as e:
+        from server.cli.common import shown
         hint = f": {e.detail}" if e.detail else ""
-        print(f"error: {e.message}{hint}", file=sys.stderr)
+        print(f"error: {shown(e.message)}{shown(hint)}", file=sys.stderr)   # a server message may quote a name
         return exit_code(e)
     except aiohttp.ClientConnectorError as e:
         print(f"error: cannot reach the server ({e.os_error.strerror if e.os_error else e}); "

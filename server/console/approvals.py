@@ -65,6 +65,8 @@ async def _decide(c: Ctx, verb: str) -> web.Response:
            "PENDING": "Approval recorded; the request needs more approvals.", "DENIED": "Denied: nothing changes.",
            "CANCELLED": "Cancelled: nothing changes."}.get(cr["status"], cr["status"])
     c.flash("error" if cr["status"] == "FAILED" else "ok", f"Change request #{rid}: {msg}")
+    if cr["status"] == "APPLIED" and cr.get("operation") == "keystore.delete":
+        return see_other(f"{PREFIX}/keystores")      # the request went with its store
     return see_other(f"{PREFIX}/approvals/{rid}")
 
 

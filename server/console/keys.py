@@ -62,9 +62,24 @@ async def _key(c: Ctx, versions: bool = False):
 
 
 async def _detail(c: Ctx, key, ks, *, revealed: str | None = None, status: int = 200) -> web.Response:
+    from server.console.connect import connection
+    from server.console.usage import chart_for, chosen_range
     from server.keys import rollout
     return render(c, "key.html", status=status, key=key, ks=ks, revealed=revealed,
-                  rollout=await rollout.rollout(c.rt.storage, key.id, key.current_version))
+                  rollout=await rollout.rollout(c.rt.storage, key.id, key.current_version),
+                  conn=await connection(c, ks, key),
+                  chart=await chart_for(c, key_id=key.id, range_=chosen_range(c)), tab="overview")
+
+
+@routes.get(_KEY + "/activity")
+async def activity(c: Ctx) -> web.Response:
+    """The key's own audit records (every action on it, newest first)."""
+    from server.console.audit import PAGE, _before, filters, records
+    key, ks = await _key(c)
+    q = filters(c, keyId=key.id)
+    recs = await records(c, q, before=_before(c), limit=PAGE)
+    return render(c, "key_activity.html", key=key, ks=ks, records=recs, q=q, tab="activity",
+                  older=recs[-1]["seq"] if len(recs) == PAGE else None)
 
 
 @routes.get(_KEY)

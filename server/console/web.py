@@ -98,6 +98,7 @@ class Ctx:
     op: Operator | None
     session: Session | None
     form: Any = None
+    nav_pending: int = 0       # change requests waiting for this operator's decision (the nav's badge)
 
     def match(self, name: str) -> str:
         return self.request.match_info[name]
@@ -124,7 +125,8 @@ def render(c: Ctx, template: str, status: int = 200, **ctx: Any) -> web.Response
     if c.session is not None:
         flash, c.session.flash = c.session.flash, []
     base = {"op": c.op, "csrf": c.session.csrf if c.session else "", "flash": flash, "path": c.request.path,
-            "idle_minutes": int(c.request.config_dict[CONSOLE].settings.idle_seconds // 60)}
+            "idle_minutes": int(c.request.config_dict[CONSOLE].settings.idle_seconds // 60),
+            "nav_pending": c.nav_pending}
     return aiohttp_jinja2.render_template(template, c.request, {**base, **ctx}, status=status)
 
 
@@ -215,6 +217,8 @@ def page(view: View, *, method: str, auth: bool = True, roles: tuple[str, ...] =
                                     "reload the page and try again")
             if roles:
                 c.require(*roles)
+            if c.op is not None and method == "GET":
+                c.nav_pending = await waiting_count(c)
             resp = await view(c)
         except Redirect as r:
             resp = see_other(r.location)
@@ -226,6 +230,25 @@ def page(view: View, *, method: str, auth: bool = True, roles: tuple[str, ...] =
 
     handler.__name__ = getattr(view, "__name__", "console_view")
     return handler
+
+
+async def waiting_for(c: Ctx, limit: int = 200) -> list[dict]:
+    """Pending change requests this operator may decide (key-store changes: approvers; operator management:
+    admins), not their own, not yet voted on."""
+    from server.console.approvals import _decider      # the approvals page's own rule
+    svc = getattr(c.rt.changes, "approvals", None)
+    if svc is None or c.op is None or c.op.role not in ("approver", "admin"):
+        return []
+    pending = await svc.list(status="PENDING", limit=limit)
+    return [r for r in pending if r["requestedBy"] != c.op.name and c.op.role == _decider(r)
+            and c.op.name not in {a["operator"] for a in r["approvals"]}]
+
+
+async def waiting_count(c: Ctx) -> int:
+    try:
+        return len(await waiting_for(c))
+    except SKMError:
+        return 0
 
 
 class ConsoleRoutes:

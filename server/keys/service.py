@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from server import timeutil
+from server import text, timeutil
 from server.barrier.barrier import Barrier, sealed_aad
 from server.errors import (Conflict, DataTooLarge, ExportNotAllowed, InvalidKeyId, InvalidKeyStatus,
                            InvalidKeyType, InvalidKeyVersion, InvalidKeyVersionStatus, InvalidRequest,
@@ -206,6 +206,7 @@ class KeyService:
 
     # ------------------------------------------------------------------ projects
     async def create_project(self, name: str, appkey: str | None = None, *, description: str = "") -> Project:
+        text.check(name, "name")
         appkey = appkey or "".join(secrets.choice(_APPKEY_ALPHABET) for _ in range(16))
         now = timeutil.now_db()
         row = await self._insert_returning(
@@ -243,6 +244,7 @@ class KeyService:
                               actor: str) -> KeyStore:
         if not (ip4_auth or mac_auth or cert_auth):
             raise InvalidRequest("enable at least one client check: ip4AuthUse, macAuthUse or certificateAuthUse")
+        text.check(name, "name"), text.check(description, "description")
         mode, mmode = _auth_mode(auth_mode), _mac_mode(mac_mode)
         now = timeutil.now_db()
         row = await self._insert_returning(

@@ -344,6 +344,19 @@ MIGRATIONS: list[tuple[int, list[str | dict[str, str]]]] = [
             PRIMARY KEY (host_fp, key_id))""",
         "CREATE INDEX key_holdings_key ON key_holdings (key_id, version)",
     ]),
+    (10, [
+        # Data-plane usage rollup (server/usage.py): counts per bucket, key store, key ('' = none) and
+        # result; span 1 = a minute, 60 = an hour (minutes compacted into hours). Writers ADD to count.
+        """CREATE TABLE usage_minutes (
+            span INTEGER NOT NULL,
+            minute {bigint} NOT NULL,
+            keystore_id {bigint} NOT NULL,
+            key_id TEXT NOT NULL,
+            result TEXT NOT NULL,
+            count {bigint} NOT NULL,
+            PRIMARY KEY (span, minute, keystore_id, key_id, result))""",
+        "CREATE INDEX usage_minutes_store ON usage_minutes (keystore_id, minute)",
+    ]),
 ]
 
 # (table, column, primary-key columns) of every sealed column: the rewrap job's map.

@@ -12,10 +12,11 @@ from pydantic import BaseModel, Field
 
 from server.access import certificates as certs
 from server.api.client import models as m
-from server.api.client.context import PREFIX, client_context
+from server.api.client.context import PREFIX, authorize_inventory, authorize_keystore, client_context
 from server.api.client.crypto_routes import V12
 from server.api.routing import RouteTable
 from server.runtime import runtime
+from server.text import SafeText
 
 routes = RouteTable(PREFIX)
 
@@ -26,7 +27,7 @@ class CertCreateIn(m._In):
     password: str = Field(min_length=certs.MIN_PASSWORD, max_length=certs.MAX_PASSWORD,
                           json_schema_extra={"sensitive": True})   # no body HMAC over it (server/audit/middleware.py)
     lifeTime: int = Field(ge=1, le=certs.MAX_LIFETIME_DAYS)
-    description: str = Field(default="", max_length=1000)
+    description: SafeText = Field(default="", max_length=1000)
 
 
 class CertRefIn(m._In):
@@ -45,8 +46,11 @@ class CertDeleteOut(BaseModel):
 
 
 async def _ks_by_name(request: web.Request, name: str):
+    """The store a write names, once the request passes its client checks (manage_routes' docstring says why)."""
     ctx = await client_context(request)
-    return ctx, await runtime(request).keys.keystore_by_name(ctx.project.id, name)
+    ks = await runtime(request).keys.keystore_by_name(ctx.project.id, name)
+    await authorize_keystore(request, ctx, ks)
+    return ctx, ks
 
 
 @routes.route("POST", "/auths/certificates", summary="Issue a client certificate for a key store",
@@ -81,6 +85,7 @@ async def list_certificates(request: web.Request, _body) -> dict:
     ctx = await client_context(request)
     rt = runtime(request)
     ks = await rt.keys.keystore(int(request.match_info["keystoreid"]), project_id=ctx.project.id)
+    await authorize_inventory(request, ctx, ks)
     name = request.query.get("value")
     rows = await rt.certificates.list(ks, name)
     if name is None:

@@ -10,6 +10,7 @@ from server.api.mgmt.auth import operator
 from server.api.routing import RouteTable
 from server.errors import InvalidRequest, Unavailable
 from server.runtime import runtime
+from server.text import SafeText
 
 routes = RouteTable("/api/v1")
 _CR = r"/approvals/{request_id:\d{1,12}}"
@@ -17,7 +18,7 @@ _CR = r"/approvals/{request_id:\d{1,12}}"
 
 class DecisionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    comment: str = Field(default="", max_length=1000, description="approve: a note; deny: the reason")
+    comment: SafeText = Field(default="", max_length=1000, description="approve: a note; deny: the reason")
 
 
 class ApprovalOut(BaseModel):

@@ -14,6 +14,7 @@ from server.access import certificates as certs
 from server.api.mgmt.auth import keystore_for
 from server.api.routing import RouteTable
 from server.runtime import runtime
+from server.text import SafeText
 
 routes = RouteTable("/api/v1")
 _P = r"/keystores/{keystore_id:\d{1,12}}/certificates"
@@ -29,7 +30,7 @@ class CertIn(_In):
     password: str = Field(min_length=certs.MIN_PASSWORD, max_length=certs.MAX_PASSWORD,
                           json_schema_extra={"sensitive": True})   # no body HMAC over it (server/audit/middleware.py)
     lifeTime: int = Field(default=365, ge=1, le=certs.MAX_LIFETIME_DAYS)
-    description: str = Field(default="", max_length=1000)
+    description: SafeText = Field(default="", max_length=1000)
 
 
 class CertRefIn(_In):

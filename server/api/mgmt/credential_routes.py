@@ -14,6 +14,7 @@ from server.api.mgmt.auth import operator
 from server.api.routing import RouteTable
 from server.errors import InvalidAppkey, InvalidRequest
 from server.runtime import runtime
+from server.text import SafeText
 
 routes = RouteTable("/api/v1")
 
@@ -22,7 +23,7 @@ class AccessKeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     operator: Optional[str] = Field(default=None, min_length=1, max_length=64,
                                     description="owner (admins only; default: the caller)")
-    description: str = Field(default="", max_length=1000)
+    description: SafeText = Field(default="", max_length=1000)
     appkey: Optional[str] = Field(default=None, max_length=64,
                                   description="bind the key to this project's appkey (default: every project)")
     expiresInDays: Optional[int] = Field(default=None, ge=1, le=3650)

@@ -6,6 +6,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.keys.model import MAX_SECRET_BYTES
+from server.text import SafeText
 
 
 class _In(BaseModel):
@@ -16,8 +17,8 @@ YN = Literal["Y", "N"]
 
 
 class KeyStoreCreate(_In):
-    name: str = Field(min_length=1, max_length=100)
-    description: str = Field(default="", max_length=1000)
+    name: SafeText = Field(min_length=1, max_length=100)
+    description: SafeText = Field(default="", max_length=1000)
     ip4AuthUse: YN = "N"
     macAuthUse: YN = "N"
     certificateAuthUse: YN = "N"
@@ -30,8 +31,8 @@ class KeyStoreCreate(_In):
 
 
 class KeyStoreUpdate(_In):
-    name: Optional[str] = Field(default=None, min_length=1, max_length=100)
-    description: Optional[str] = Field(default=None, max_length=1000)
+    name: Optional[SafeText] = Field(default=None, min_length=1, max_length=100)
+    description: Optional[SafeText] = Field(default=None, max_length=1000)
     ip4AuthUse: Optional[YN] = None
     macAuthUse: Optional[YN] = None
     certificateAuthUse: Optional[YN] = None
@@ -64,8 +65,8 @@ class KeyStoreList(BaseModel):
 
 class KeyCreate(_In):
     keyType: Literal["SECRET", "SYMMETRIC_KEY", "ASYMMETRIC_KEY"]
-    name: str = Field(min_length=1, max_length=100)
-    description: str = Field(default="", max_length=1000)
+    name: SafeText = Field(min_length=1, max_length=100)
+    description: SafeText = Field(default="", max_length=1000)
     keySpec: Optional[Literal["SECRET", "AES-256-GCM", "RSA-2048", "RSA-3072", "RSA-4096", "EC-P256", "EC-P384",
                               "ED25519"]] = None
     autoRotationPeriod: int = Field(default=0, ge=0, le=3650)
@@ -74,7 +75,7 @@ class KeyCreate(_In):
 
 
 class KeyUpdate(_In):
-    description: Optional[str] = Field(default=None, max_length=1000)
+    description: Optional[SafeText] = Field(default=None, max_length=1000)
     autoRotationPeriod: Optional[int] = Field(default=None, ge=0, le=3650)
 
 
@@ -120,7 +121,7 @@ class DeletedOut(BaseModel):
 
 class AuthEntryIn(_In):
     value: str = Field(min_length=1, max_length=64)
-    description: str = Field(default="", max_length=1000)
+    description: SafeText = Field(default="", max_length=1000)
 
 
 class AuthRefIn(_In):

@@ -13,6 +13,7 @@ from server.audit import AUDIT_ACTION, AUDIT_DETAIL
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, Sealed, Unauthenticated
 from server.keys.model import KeyType
 from server.runtime import OPERATOR, runtime
+from server.text import SafeText
 
 routes = RouteTable("/api/v1")
 _OP = r"/operators/{name:[A-Za-z0-9._-]{1,64}}"
@@ -26,7 +27,7 @@ class _In(BaseModel):
 class LoginIn(_In):
     name: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=MAX_PASSWORD)
-    description: str = Field(default="login", max_length=200)
+    description: SafeText = Field(default="login", max_length=200)
 
 
 class GrantOut(BaseModel):
@@ -103,7 +104,7 @@ class WhoAmI(BaseModel):
 
 
 class TokenIn(_In):
-    description: str = Field(default="", max_length=200)
+    description: SafeText = Field(default="", max_length=200)
     expiresInDays: Optional[float] = Field(default=90, gt=0, le=3650, description="null: never expires")
     operator: Optional[str] = Field(default=None, max_length=64, description="owner (admins only; default: you)")
 
