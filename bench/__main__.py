@@ -346,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     wide = Console(width=max(140, Console().width))
     report.print(wide)
+    if "skm" in args.systems and wanted(args, "secret-read"):
+        from bench import audit_cost
+        cost = audit_cost.against(audit_cost.measure(), report.rows())
+        report.notes["audit_cost"] = cost.to_dict()
+        wide.print(audit_cost.line(cost))
     if backups:
         report.notes["backup"] = [b.to_dict() for b in backups]
         wide.print(backup_bench.table(backups))
