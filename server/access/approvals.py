@@ -157,7 +157,15 @@ class Approvals:
                     request_id) == 1
         if apply_now:
             await self._apply(request_id, by)
-        return await self.get(request_id)
+        try:
+            return await self.get(request_id)
+        except NotFound:
+            if not apply_now:
+                raise
+            # An applied key-store deletion takes the store's change requests (this one too) with it.
+            mine = {"operator": by.name, "comment": comment[:1000], "created_at": timeutil.now_db()}
+            return {**_api(row, [mine]), "status": "APPLIED", "decidedBy": by.name,
+                    "result": {"keyStoreId": int(row["keystore_id"])}}
 
     async def deny(self, by: Operator, request_id: int, reason: str = "") -> dict:
         by.require("approver")

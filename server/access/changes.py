@@ -118,3 +118,9 @@ async def _auth_cancel(g: ChangeGate, p: dict, actor: str):
 @op("auth.delete")
 async def _auth_delete(g: ChangeGate, p: dict, actor: str):
     return await g.authdata.delete_now(await _ks(g, p), p["kind"], p["value"], actor=actor)
+
+
+@op("keystore.delete")
+async def _ks_delete(g: ChangeGate, p: dict, actor: str):
+    from server.keys.keystore_delete import delete_keystore
+    return await delete_keystore(g.keys, await _ks(g, p), actor=actor)

@@ -24,7 +24,8 @@ def register(sub) -> None:
     c.add_argument("--appkey", help="bind the key to one project's appkey (default: valid for every project)")
     c.add_argument("--expires-days", type=int, help="expire after this many days (default: never)")
     add_connection_args(c)
-    c.set_defaults(func=_create)
+    c.set_defaults(func=_create, api_flags={"expiresInDays": "--expires-days", "appkey": "--appkey",
+                                            "operator": "--operator"})
 
     ls = s.add_parser("list", help="list user access keys", description="List your user access keys "
                       "(admins: everyone's). Secrets are never shown again.")

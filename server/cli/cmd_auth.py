@@ -14,10 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-from server.cli.common import add_connection_args, client, fail, output
+from server.cli.common import CliError, add_connection_args, add_yes_arg, client, confirm, output
 
 CERT_COLUMNS = ["name", "status", "expirationDate", "fingerprint", "description", "deletionDatetime"]
 ENTRY_COLUMNS = ["value", "status", "description", "deletionDatetime", "creationUser"]
+API_FLAGS = {"lifeTime": "--life-time", "password": "the PKCS#12 password (--password-file, SKM_CERT_PASSWORD "
+             "or the prompt)"}
 
 
 def register(sub) -> None:
@@ -51,7 +53,7 @@ def _cert_commands(s) -> None:
     cr.add_argument("--password-file", help="file whose first line is the PKCS#12 password")
     cr.add_argument("--out", help="also save the PKCS#12 bundle to this file")
     add_connection_args(cr)
-    cr.set_defaults(func=_cert_create)
+    cr.set_defaults(func=_cert_create, api_flags=API_FLAGS)
 
     dl = _sub(c, "download", "save a certificate's PKCS#12 bundle",
               "Save the PKCS#12 bundle (protected by the password chosen at issue) to a file, mode 0600.")
@@ -78,8 +80,10 @@ def _cert_commands(s) -> None:
 
 def _delete_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--now", action="store_true", help="delete an entry already scheduled for deletion")
+    g.add_argument("--now", action="store_true", help="delete an entry already scheduled for deletion (asks "
+                   "first on a terminal; cannot be undone)")
     g.add_argument("--cancel", action="store_true", help="cancel a scheduled deletion")
+    add_yes_arg(p)
 
 
 def _entry_commands(s, kind: str, path: str, what: str) -> None:
@@ -115,11 +119,12 @@ def read_password(path: str | None) -> str:
         return lines[0] if lines else ""
     if os.environ.get("SKM_CERT_PASSWORD"):
         return os.environ["SKM_CERT_PASSWORD"]
-    if not sys.stdin.isatty():
-        raise SystemExit(fail("give the PKCS#12 password with --password-file or SKM_CERT_PASSWORD", 2))
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise CliError("give the PKCS#12 password with --password-file or SKM_CERT_PASSWORD (standard input is not "
+                       "a terminal to ask on)")
     first = getpass.getpass("PKCS#12 password: ")
     if getpass.getpass("again: ") != first:
-        raise SystemExit(fail("the passwords differ", 2))
+        raise CliError("the passwords differ; nothing was changed")
     return first
 
 
@@ -163,6 +168,8 @@ def _step(args: argparse.Namespace) -> str:
 
 
 async def _cert_delete(args: argparse.Namespace) -> int:
+    if args.now:
+        confirm(args, f"deleting certificate {args.name!r} of key store {args.keystore} now")
     async with client(args) as c:
         out = await c.call("POST", f"/keystores/{args.keystore}/certificates/{_step(args)}", {"name": args.name})
     output(args, out, title="certificate " + _step(args).replace("-", " "))
@@ -185,6 +192,8 @@ async def _entry_list(args: argparse.Namespace) -> int:
 
 
 async def _entry_delete(args: argparse.Namespace) -> int:
+    if args.now:
+        confirm(args, f"deleting {args.value} from the {args.path} of key store {args.keystore} now")
     async with client(args) as c:
         out = await c.call("POST", f"/keystores/{args.keystore}/auths/{args.path}/{_step(args)}",
                            {"value": args.value})

@@ -21,7 +21,8 @@ def register(sub) -> None:
     c.add_argument("--days", type=float, default=90, help="lifetime in days (default 90; 0 = never expires)")
     c.add_argument("--operator", help="owner (admins only; default: you)")
     add_connection_args(c)
-    c.set_defaults(func=_create)
+    c.set_defaults(func=_create, api_flags={"expiresInDays": "--days", "operator": "--operator",
+                                            "description": "--description"})
 
     ls = s.add_parser("list", help="list tokens", description="List your tokens (--all: everyone's, admins only).")
     ls.add_argument("--all", action="store_true", help="every operator's tokens (admin)")

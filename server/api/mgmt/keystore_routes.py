@@ -56,7 +56,24 @@ async def list_keystores(request: web.Request, _body) -> dict:
               tags=("keystores",))
 async def get_keystore(request: web.Request, _body) -> dict:
     await operator(request)
-    return (await runtime(request).keys.keystore(int(request.match_info["keystore_id"]))).to_api()
+    rt = runtime(request)
+    ks = await rt.keys.keystore(int(request.match_info["keystore_id"]))
+    # The appkey is what a client needs next (its URL holds it): show it with the store.
+    project = next((p for p in await rt.keys.projects() if p.id == ks.project_id), None)
+    return {**ks.to_api(), "projectId": ks.project_id, "appkey": project.appkey if project else None}
+
+
+@routes.route("DELETE", r"/keystores/{keystore_id:\d{1,12}}", summary="Delete an empty key store (409 while it "
+              "holds keys; a change request on an approval store)", response=m.KeyStoreDeleted, tags=("keystores",))
+async def delete_keystore(request: web.Request, _body) -> dict:
+    from server.audit import AUDIT_ACTION
+    from server.keys.keystore_delete import check_deletable
+    request[AUDIT_ACTION] = "keystore.delete"
+    op = await admin(request)
+    rt = runtime(request)
+    ks = await rt.keys.keystore(int(request.match_info["keystore_id"]))
+    await check_deletable(rt.keys, ks)      # before a change request: one that cannot apply helps nobody
+    return await rt.changes.submit(op.name, ks, "keystore.delete", {"keystore_id": ks.id})
 
 
 @routes.route("PATCH", r"/keystores/{keystore_id:\d{1,12}}", summary="Change a key store's settings",
