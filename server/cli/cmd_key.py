@@ -19,8 +19,8 @@ TYPES = ["SECRET", "SYMMETRIC_KEY", "ASYMMETRIC_KEY"]
 SPECS = ["RSA-2048", "RSA-3072", "RSA-4096", "EC-P256", "EC-P384", "ED25519", "AES-256-GCM"]
 # Most important first: the table drops columns from the end when the terminal is narrow; never the id.
 COLUMNS = [Col("keyId", "keyId", keep=True), Col("name", "name", wrap=True), Col("keyType", "type"),
-           Col("keyStatus", "status"), Col("currentKeyValueVersion", "version"), Col("keySpec", "spec"),
-           Col("autoRotationPeriod", "rotation days"), Col("deletionDatetime", "deletion")]
+           Col("keyStatus", "status"), Col("deletionDatetime", "deletion"), Col("currentKeyValueVersion", "version"),
+           Col("keySpec", "spec"), Col("autoRotationPeriod", "rotation days")]
 KEY_REF = "key id (32 hex characters) or STORE/NAME (key store name or id / key name)"
 SECRET_SOURCES = "--value-file, SKM_SECRET_VALUE or standard input"
 API_FLAGS = {"keyType": "--type", "keySpec": "--spec", "autoRotationPeriod": "--rotation-days",
