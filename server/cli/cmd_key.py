@@ -23,9 +23,9 @@ COLUMNS = [Col("keyId", "keyId", keep=True), Col("name", "name", wrap=True), Col
            Col("keySpec", "spec"), Col("autoRotationPeriod", "rotation days")]
 KEY_REF = "key id (32 hex characters) or STORE/NAME (key store name or id / key name)"
 SECRET_SOURCES = "--value-file, SKM_SECRET_VALUE or standard input"
+# API field names in server messages -> what the user typed (only names that cannot be ordinary words).
 API_FLAGS = {"keyType": "--type", "keySpec": "--spec", "autoRotationPeriod": "--rotation-days",
-             "exportable": "--exportable", "secretValue": f"the secret value ({SECRET_SOURCES})",
-             "status": "--status"}
+             "secretValue": f"the secret value ({SECRET_SOURCES})"}
 
 
 def register(sub) -> None:

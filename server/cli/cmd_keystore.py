@@ -10,7 +10,7 @@ COLUMNS = ["keyStoreId", "name", "ip4AuthUse", "macAuthUse", "certificateAuthUse
            "approvalRequired"]
 API_FLAGS = {"ip4AuthUse": "--ip", "macAuthUse": "--mac", "certificateAuthUse": "--cert", "authMode": "--mode",
              "macVerification": "--mac-verification", "approvalRequired": "--approval",
-             "approvalsNeeded": "--approvals-needed", "appkey": "--appkey"}
+             "approvalsNeeded": "--approvals-needed"}
 
 
 def register(sub) -> None:

@@ -227,7 +227,8 @@ def yn(flag: bool) -> str:
 
 
 def fail(msg: str, code: int = 1) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+    from server.cli.main import _report      # one shape for every failure (JSON under --json)
+    _report(msg, code)
     return code
 
 
