@@ -18,8 +18,7 @@ from server.cli.common import CliError, add_connection_args, add_yes_arg, client
 
 CERT_COLUMNS = ["name", "status", "expirationDate", "fingerprint", "description", "deletionDatetime"]
 ENTRY_COLUMNS = ["value", "status", "description", "deletionDatetime", "creationUser"]
-API_FLAGS = {"lifeTime": "--life-time", "password": "the PKCS#12 password (--password-file, SKM_CERT_PASSWORD "
-             "or the prompt)"}
+API_FLAGS = {"lifeTime": "--life-time"}
 
 
 def register(sub) -> None:
