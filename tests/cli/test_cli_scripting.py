@@ -3,10 +3,12 @@ from scripts (pipes) and from a terminal (a real pseudo-terminal)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import pty
 import re
+import termios
 
 from server.access.pki import CA
 from tests.cli.test_cli import SKM
@@ -14,9 +16,24 @@ from tests.cli.test_cli import SKM
 SECRET_ENV = {"SKM_SECRET_VALUE": None}     # never inherited from the developer's shell
 
 
+async def _read_until(master: int, text: bytes) -> None:
+    """Read the pty's output until `text` appears (a prompt): input typed earlier would be flushed."""
+    loop = asyncio.get_running_loop()
+    seen = b""
+    while text not in seen:
+        ready = loop.create_future()
+        loop.add_reader(master, lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_reader(master)
+        seen += os.read(master, 4096)
+
+
 async def run(h, *args: str, stdin: str | None = None, env: dict | None = None, tty: bool = False,
-              cwd: str | None = None) -> tuple[int, str, str]:
-    """Run `skm` with stdin a pipe holding `stdin` (closed at once when None), or a pty when `tty`."""
+              cwd: str | None = None, prompts: tuple[tuple[str, str], ...] = ()) -> tuple[int, str, str]:
+    """Run `skm` with stdin a pipe holding `stdin` (closed at once when None), or a pty when `tty`
+    (`stdin` typed at once; each (prompt, answer) of `prompts` typed when the prompt shows on the pty)."""
     e = {**os.environ, "SKM_ADDR": h.mgmt_url, "SKM_TOKEN": h.init.token, "SKM_CACERT": str(h.pki.ca_cert),
          "SKM_CONFIG": "/nonexistent", "COLUMNS": "200"}
     for k, v in {**SECRET_ENV, **(env or {})}.items():
@@ -28,11 +45,16 @@ async def run(h, *args: str, stdin: str | None = None, env: dict | None = None, 
         master, slave = pty.openpty()
         try:
             p = await asyncio.create_subprocess_exec(*SKM, *args, stdin=slave, stdout=asyncio.subprocess.PIPE,
-                                                     stderr=asyncio.subprocess.PIPE, env=e, cwd=cwd)
+                                                     stderr=asyncio.subprocess.PIPE, env=e, cwd=cwd,
+                                                     preexec_fn=_controlling_tty)
             os.close(slave)
             if stdin is not None:
                 os.write(master, stdin.encode())       # the line discipline holds it until the CLI reads
-            out, err = await asyncio.wait_for(p.communicate(), 120)
+            talk = asyncio.ensure_future(p.communicate())
+            for prompt, answer in prompts:
+                await asyncio.wait_for(_read_until(master, prompt.encode()), 120)
+                os.write(master, answer.encode())
+            out, err = await asyncio.wait_for(talk, 120)
         finally:
             os.close(master)
     else:
@@ -41,6 +63,12 @@ async def run(h, *args: str, stdin: str | None = None, env: dict | None = None, 
                                                  env=e, cwd=cwd)
         out, err = await asyncio.wait_for(p.communicate(stdin.encode() if stdin is not None else None), 120)
     return p.returncode, out.decode(), err.decode()
+
+
+def _controlling_tty() -> None:
+    # In the child: a new session whose controlling terminal is the pty on stdin (getpass opens /dev/tty).
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def one_line_error(err: str) -> str:
@@ -82,6 +110,14 @@ async def test_secret_value_sources_and_their_order(skm, tmp_path):
     assert await _secret(skm, kid) == "env-value"
     kid = await create("from-stdin", stdin="stdin-value\n")
     assert await _secret(skm, kid) == "stdin-value"
+    # On a terminal with no other source: a prompt (no echo), asked twice.
+    code, out, err = await run(skm, "key", "create", ks, "prompted", "--type", "SECRET", "--json", tty=True,
+                               prompts=(("secret value: ", "typed-value\n"), ("again: ", "typed-value\n")))
+    assert code == 0 and "Warning" not in err, err
+    assert await _secret(skm, json.loads(out)["keyId"]) == "typed-value"
+    code, _, err = await run(skm, "key", "create", ks, "mistyped", "--type", "SECRET", tty=True,
+                             prompts=(("secret value: ", "typed-value\n"), ("again: ", "other-value\n")))
+    assert code == 2 and "the two values differ" in one_line_error(err)
     # Never an empty secret: each empty source is named, exit 2, nothing is created.
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
@@ -95,7 +131,7 @@ async def test_secret_value_sources_and_their_order(skm, tmp_path):
     code, _, err = await run(skm, "key", "create", ks, "missing", "--type", "SECRET", "--value-file",
                              str(tmp_path / "nope.txt"))
     assert code == 1 and "nope.txt: No such file or directory" in one_line_error(err)
-    assert "empty" not in await _keys(skm) and "missing" not in await _keys(skm)
+    assert not {"empty", "missing", "mistyped"} & await _keys(skm)
 
 
 async def test_rotate_reads_a_secret_like_create_and_leaves_other_keys_alone(skm, tmp_path):
