@@ -80,6 +80,8 @@ def management_url(addr: str, source: str = "SKM_ADDR") -> str:
     if scheme.lower() != "https":
         raise CliError(f"{source} is {addr!r}: the management API is served over TLS only; use "
                        f"https://{rest or 'HOST:8444'}")
+    if rest.endswith("/api/v1"):           # the API's own prefix: the CLI adds it
+        rest = rest[:-len("/api/v1")]
     if not rest or rest.startswith("/"):
         raise CliError(f"{source} is {addr!r}, which names no host; use https://HOST:PORT (e.g. "
                        "https://127.0.0.1:8444)")
@@ -149,6 +151,9 @@ class MgmtClient:
             if r.status >= 300 or not (env.get("header") or {}).get("isSuccessful", False) or r.status == 202:
                 if r.status == 404 and env["header"].get("resultCode") == URL_NOT_FOUND:
                     await self._check_plane()
+                if r.status == 401 and not self.conn.token and path != "/login":
+                    raise CliError("no operator token: set SKM_TOKEN (`skm server init` printed one), or run "
+                                   "`skm login NAME --save`", 3)
                 _raise_for(r.status, env)
             return env.get("body")
 

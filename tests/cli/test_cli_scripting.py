@@ -211,8 +211,11 @@ async def test_ordinary_mistakes_are_one_line_and_say_what_to_do(skm, tmp_path):
     port = skm.mgmt_url.rsplit(":", 1)[1]
     code, _, err = await run(skm, "keystore", "list", env={"SKM_ADDR": f"http://127.0.0.1:{port}"})
     assert code == 2 and f"use https://127.0.0.1:{port}" in one_line_error(err)
-    code, out, err = await run(skm, "keystore", "list", "--json", env={"SKM_ADDR": f"127.0.0.1:{port}"})
-    assert code == 0, err                      # no scheme: https is the only one, so it is assumed
+    for addr in (f"127.0.0.1:{port}", f"https://127.0.0.1:{port}/api/v1/"):
+        code, out, err = await run(skm, "keystore", "list", "--json", env={"SKM_ADDR": addr})
+        assert code == 0, err                  # no scheme: https is the only one, so it is assumed
+    code, _, err = await run(skm, "keystore", "list", env={"SKM_TOKEN": None})
+    assert code == 3 and "set SKM_TOKEN" in one_line_error(err)
     code, _, err = await run(skm, "keystore", "list", env={"SKM_CACERT": str(tmp_path / "missing-ca.pem")})
     assert code == 2 and "SKM_CACERT names" in one_line_error(err) and "does not exist" in err
     other = CA.create("Some Other CA")
