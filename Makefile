@@ -2,13 +2,22 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
+# `make demo`: the runtime only (no test extras), with pip's progress shown: a first run downloads a lot.
+$(RUNTIME_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e .
+	touch $(RUNTIME_STAMP)
+
+# `make test` and the rest: the runtime and the test extras (the runtime stamp is then current too).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUNTIME_STAMP)
 
 # Tools whose pins clash with the project's (sslyze wants cryptography<47) get their own venv.
 TOOLS := .venv-tools
@@ -23,7 +32,7 @@ $(TOOLS_STAMP):
 .PHONY: install demo test test-long test-postgres bench bench-smoke clean
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(BIN)/skm demo
 
 test: $(STAMP) $(TOOLS_STAMP)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import ssl
 import sys
 import time
@@ -57,8 +58,9 @@ async def certs() -> int:
 
 # ------------------------------------------------------------------ systemkey
 async def systemkey() -> int:
+    from server import logs
     from server.systemkey import admin
-    from server.systemkey.app import run
+    from server.systemkey.app import serve
     from server.systemkey.settings import load
     from server.systemkey.state import SystemKeyState
 
@@ -68,8 +70,23 @@ async def systemkey() -> int:
         _say("system-key state initialised from the wrapped keyring")
     if admin.allow(cfg, str(CERTS / "server.pem"), "compose keyserver"):
         _say("allowed the key server's client certificate")
-    await run(cfg)
+    logs.configure(cfg.log_format, cfg.log_level)
+    runner, port = await serve(cfg)
+    _say(f"serving https://{cfg.host}:{port}")
+    # As `skm systemkey run` does. Here it matters more: as a container's PID 1 the process gets no default
+    # action for SIGTERM, so without a handler `docker stop` waits its whole timeout and then kills.
+    await _until_signalled()
+    await runner.cleanup()
+    _say("stopped")
     return 0
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 # ------------------------------------------------------------------ provision

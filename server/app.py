@@ -68,10 +68,10 @@ def _optional_tables(plane: str) -> list[RouteTable]:
     import importlib
     names = {
         "client": ["server.api.client.cert_routes", "server.api.client.oauth_routes",
-                   "server.api.client.event_routes"],
+                   "server.api.client.event_routes", "server.api.client.sidecar_routes"],
         "mgmt": ["server.api.mgmt.cert_routes", "server.api.mgmt.operator_routes", "server.api.mgmt.approval_routes",
                  "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes",
-                 "server.api.mgmt.credential_routes"],
+                 "server.api.mgmt.credential_routes", "server.api.mgmt.version_routes"],
     }[plane]
     return [importlib.import_module(name).routes for name in names]
 
@@ -159,16 +159,8 @@ def system_key_source(config: ServerConfig) -> SystemKeySource:
     if config.systemkey.source == "local":
         return LocalKeyringSource(config.system_key_path())
     if config.systemkey.source == "remote":
-        import dataclasses
-
         from server.barrier.remote import RemoteKeyringSource
-        # The key server's own TLS identity and dev CA are the defaults for the mTLS client side.
-        pki = config.pki_dir()
-        sk = config.systemkey
-        sk = dataclasses.replace(sk, client_cert=sk.client_cert or str(pki / "server.pem"),
-                                 client_key=sk.client_key or str(pki / "server-key.pem"),
-                                 ca=sk.ca or str(pki / "ca.pem"))
-        return RemoteKeyringSource(sk)
+        return RemoteKeyringSource(config.systemkey_client())
     raise ConfigError("systemkey.source must be 'local' or 'remote'")
 
 

@@ -37,6 +37,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list")
+        if _is_dataclass_type(inner):
+            # An array of tables ([[render]]): each one built like a table, its position in the names.
+            return tuple(_table(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
         return tuple(_coerce(v, inner, where) for v in value)
     if tp is bool:
         if isinstance(value, bool):
@@ -63,6 +66,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a string")
         return str(value)
     return value
+
+
+def _table(value: Any, tp: type[T], where: str) -> T:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a table (only the config file can give it, not the environment)")
+    return build(tp, value, {}, "", where + ".")
 
 
 def build(cls: type[T], data: Mapping[str, Any], env: Mapping[str, str], env_prefix: str, where: str = "") -> T:

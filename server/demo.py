@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
+import datetime as dt
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
 import tempfile
@@ -53,6 +56,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DEMO_OPERATOR = "demo-admin"
+TOKEN_DESCRIPTION = "skm demo"
+TOKEN_TTL_DAYS = 1
+
+
+def _die_with_parent() -> None:
+    """In the system-key server's child process: a SIGTERM when the demo dies, however it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)      # PR_SET_PDEATHSIG
+
+
+async def _wait_listening(port: int, proc: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
+    """Until the system-key server accepts connections: the key server then fetches on its first try,
+    so the demo shows no expected start-up retries as warnings."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.returncode is not None:
+            raise RuntimeError(f"the system-key server exited ({proc.returncode}); is port {port} in use? "
+                               "Choose other ports with `skm demo --port`")
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+            w.close()
+            with contextlib.suppress(OSError):
+                await w.wait_closed()
+            return
+        except (OSError, asyncio.TimeoutError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the system-key server did not listen on port {port} in {timeout:.0f}s") from None
+            await asyncio.sleep(0.05)
+
+
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -79,6 +113,8 @@ class Demo:
         self.session: aiohttp.ClientSession | None = None
         self.appkey = ""
         self.token = ""
+        self.token_expires: dt.datetime | None = None
+        self.password = ""
         self.result = DemoResult()
 
     # ------------------------------------------------------------------ set-up
@@ -88,8 +124,8 @@ class Demo:
         from server.cli.cmd_systemkey import issue_certificate
         from server.init import init_server
         from server.systemkey import admin
-        res = await init_server(self.cfg, operator="demo-admin")
-        self.appkey, self.token = res.appkey, res.token
+        res = await init_server(self.cfg, operator=DEMO_OPERATOR)
+        self.appkey = res.appkey
         exported = self.dir / "exported-keyring.json"
         export_keyring(self.cfg, exported)
         sk = self._sk_config()
@@ -104,7 +140,6 @@ class Demo:
             "data_dir": str(self.sk_dir), "port": self.sk_port, "log_level": "warning"})
 
     async def start(self) -> None:
-        from server.access.operators import Operators
         if not (self.cfg.data_path / "skm.db").exists():
             await self._first_run()
         conf = self.dir / "systemkey.toml"
@@ -112,7 +147,8 @@ class Demo:
         # The system-key server is its own process, as it would be its own host.
         self.systemkey = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server.cli.main", "systemkey", "run", "--config", str(conf),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        await _wait_listening(self.sk_port, self.systemkey)
         self.server = await KeyServer(self.cfg).start()
         rt = self.server.runtime
         started = time.monotonic()
@@ -122,12 +158,25 @@ class Demo:
             await asyncio.sleep(0.1)
         self.console.print(f"[green]✓[/green] key server unsealed with the system key fetched from the system-key "
                            f"server (pid {self.systemkey.pid}) in {time.monotonic() - started:.1f}s")
-        if not self.token:
-            ops = Operators(rt.storage)
-            self.token = await ops.issue_token(await ops.by_name("demo-admin"), "skm demo", ttl_days=1)
+        await self._login()
+        if not self.appkey:
             self.appkey = (await rt.keys.default_project()).appkey
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(self.ca)),
                                              timeout=aiohttp.ClientTimeout(total=30))
+
+    async def _login(self) -> None:
+        """A way into the console and the CLI for this run: a fresh password and one token for the demo
+        operator. Earlier runs' tokens are revoked (and so is `init`'s bootstrap token), so they never pile up."""
+        from server.access.operators import Operators
+        ops = Operators(self.server.runtime.storage)
+        op = await ops.by_name(DEMO_OPERATOR)
+        for t in await ops.tokens(op.id):
+            if t["status"] == "ACTIVE":
+                await ops.revoke_token(t["tokenId"])
+        self.password = secrets.token_urlsafe(15)
+        await ops.update(DEMO_OPERATOR, password=self.password, unlock=True)
+        self.token = await ops.issue_token(op, TOKEN_DESCRIPTION, ttl_days=TOKEN_TTL_DAYS)
+        self.token_expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=TOKEN_TTL_DAYS)
 
     @property
     def ca(self) -> Path:
@@ -290,7 +339,8 @@ class Demo:
 
 async def run_demo(data_dir: str | None, once: bool, console: Console | None = None,
                    port_data: int = 8443, port_mgmt: int = 8444, port_systemkey: int = 8442) -> int:
-    console = console or Console()
+    """Port 0 (any of them) picks a free port."""
+    console = console or Console(soft_wrap=True)      # piped output keeps whole lines
     tmp = None
     if once and data_dir is None:
         # Unix socket paths are short (108 bytes): keep the temp dir near the root.
@@ -301,6 +351,17 @@ async def run_demo(data_dir: str | None, once: bool, console: Console | None = N
         path = Path(data_dir or ".skm").resolve()
     path.mkdir(parents=True, exist_ok=True)
     demo = Demo(path, console, port_data, port_mgmt, port_systemkey)
+    # SIGTERM as Ctrl-C: stop everything this demo started (the system-key server is a child process).
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    signalled: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        signalled.append(sig)
+        me.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
     console.print(f"[bold]Secure Key Manager demo[/bold] — data dir {path}")
     try:
         await demo.start()
@@ -308,15 +369,26 @@ async def run_demo(data_dir: str | None, once: bool, console: Console | None = N
         if once:
             console.print("[bold green]demo passed[/bold green]" if result.ok else "[bold red]demo failed[/bold red]")
             return 0 if result.ok else 1
-        console.print(f"\nServing. Data plane: {demo.data_url}\nManagement and console: "
-                      f"https://127.0.0.1:{demo.server.mgmt_port}/console/\n"
+        mgmt = f"https://127.0.0.1:{demo.server.mgmt_port}"
+        expires = demo.token_expires.strftime("%Y-%m-%d %H:%M UTC")
+        console.print(f"\nServing. Data plane: {demo.data_url}\nManagement and console: {mgmt}/console/\n"
                       f"Sidecar socket: {demo.app_dir / 'sidecar.sock'}\nCA: {demo.ca}\n"
-                      f"CLI:  export SKM_ADDR=https://127.0.0.1:{demo.server.mgmt_port} SKM_CACERT={demo.ca} "
-                      f"SKM_TOKEN={demo.token}\n      skm keystore list\n"
-                      "(the token is for this demo only and expires in a day)\nPress Ctrl-C to stop.")
+                      f"Console login: {DEMO_OPERATOR} / {demo.password}\nCLI:", soft_wrap=True)
+        # Plain print: a terminal narrower than the line must not get a wrapped (broken) command.
+        print(f"export SKM_ADDR={mgmt} SKM_CACERT={demo.ca} SKM_TOKEN={demo.token}", flush=True)
+        console.print(f"skm keystore list\n(the password and the token are for this demo only: the token expires "
+                      f"{expires}; the next `skm demo` in {path} replaces both)\nPress Ctrl-C to stop.",
+                      soft_wrap=True)
         await asyncio.Event().wait()
         return 0
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+        me.uncancel()
+        return 0
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         await demo.stop()
         if tmp is not None:
             tmp.cleanup()

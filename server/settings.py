@@ -46,6 +46,14 @@ class AuditSettings:
     enabled: bool = True
     fail_closed: bool = True          # a request whose record cannot be written fails with 503
     batch_max: int = 256              # records committed in one transaction, at most
+    # Signed checkpoints of the chain's head, kept where the database's owner cannot rewrite them
+    # (docs/audit.md): every `checkpoint_every` records or `checkpoint_interval` seconds.
+    checkpoint_every: int = 1000
+    checkpoint_interval: float = 60.0
+    checkpoint_file: str = ""         # JSON lines, appended; meant to live outside the data dir
+    checkpoint_url: str = ""          # webhook: a JSON POST per checkpoint
+    checkpoint_url_ca: str = ""       # CA file for an https webhook with a private CA
+    checkpoint_systemkey: bool = True  # also send them to the system-key server(s) when one is configured
 
     @classmethod
     def from_config(cls, config) -> "AuditSettings":
@@ -152,6 +160,14 @@ class ServerConfig:
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self.data_path / 'skm.db'}"
+
+    def systemkey_client(self) -> SystemKeySourceConfig:
+        """[systemkey] with the key server's own TLS identity and dev CA as the mTLS defaults."""
+        import dataclasses
+        pki, sk = self.pki_dir(), self.systemkey
+        return dataclasses.replace(sk, client_cert=sk.client_cert or str(pki / "server.pem"),
+                                   client_key=sk.client_key or str(pki / "server-key.pem"),
+                                   ca=sk.ca or str(pki / "ca.pem"))
 
     def root_key_path(self) -> Path:
         return Path(self.rootkey.path) if self.rootkey.path else self.data_path / "root.key"

@@ -28,7 +28,7 @@ from sidecar.upstream import UpstreamResponse, UpstreamUnavailable
 ENTRY_OVERHEAD = 256          # bytes charged per entry for its key, headers and bookkeeping
 
 
-@dataclass
+@dataclass(eq=False)           # identity hash: the read log counts reads per entry
 class Entry:
     key_id: str
     body: bytes
@@ -36,6 +36,8 @@ class Entry:
     fetched: float              # monotonic
     expired: bool = False       # set when events may have been missed: usable only as an outage fallback
     wire: bytes = b""           # the reader's encoding of this entry (Cache(encode=...)), built once
+    version: int | None = None  # the key version the value is of (UpstreamResponse.version)
+    tag: str = ""               # what kind of value (the reader's label, for the read log)
 
     @property
     def size(self) -> int:
@@ -49,6 +51,7 @@ class Result:
     content_type: str
     source: str                 # hit | miss | stale | pass (not stored: an error answer)
     age: float = 0.0
+    version: int | None = None
 
 
 Fetch = Callable[[], Awaitable[UpstreamResponse]]
@@ -109,18 +112,18 @@ class Cache:
         self._count("hit")
         return e, age
 
-    async def get(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
+    async def get(self, ckey: str, key_id: str, fetch: Fetch, tag: str = "") -> Result:
         hit = self.peek(ckey)
         if hit is not None:
             e, age = hit
-            return Result(200, e.body, e.content_type, "hit", age)
+            return Result(200, e.body, e.content_type, "hit", age, e.version)
         fut = self._inflight.get(ckey)
         if fut is not None:
             return await asyncio.shield(fut)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[ckey] = fut
         try:
-            result = await self._fill(ckey, key_id, fetch)
+            result = await self._fill(ckey, key_id, fetch, tag)
         except BaseException as exc:
             if not fut.done():
                 fut.set_exception(exc)
@@ -132,10 +135,10 @@ class Cache:
         finally:
             self._inflight.pop(ckey, None)
 
-    async def _fill(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
+    async def _fill(self, ckey: str, key_id: str, fetch: Fetch, tag: str = "") -> Result:
         self._filling[key_id] = self._filling.get(key_id, 0) + 1
         try:
-            return await self._fill_once(ckey, key_id, fetch)
+            return await self._fill_once(ckey, key_id, fetch, tag)
         finally:
             left = self._filling[key_id] - 1
             if left:
@@ -144,7 +147,7 @@ class Cache:
                 del self._filling[key_id]
                 self._gen.pop(key_id, None)
 
-    async def _fill_once(self, ckey: str, key_id: str, fetch: Fetch) -> Result:
+    async def _fill_once(self, ckey: str, key_id: str, fetch: Fetch, tag: str = "") -> Result:
         gen, epoch = self._gen.get(key_id, 0), self._epoch
         try:
             resp = await fetch()
@@ -155,12 +158,13 @@ class Cache:
             return stale
         if resp.status == 200:
             self._count("miss")
+            version = getattr(resp, "version", None)
             if self._gen.get(key_id, 0) == gen and self._epoch == epoch:
-                e = Entry(key_id, resp.body, resp.content_type, self.clock())
+                e = Entry(key_id, resp.body, resp.content_type, self.clock(), version=version, tag=tag)
                 if self.encode is not None:
                     e.wire = self.encode(e.body, e.content_type)
                 self._store(ckey, e)
-            return Result(200, resp.body, resp.content_type, "miss")
+            return Result(200, resp.body, resp.content_type, "miss", 0.0, version)
         if resp.server_error:
             stale = self._stale(ckey)
             if stale is not None:
@@ -178,7 +182,7 @@ class Cache:
             self._remove(ckey)
             return None
         self._count("stale")
-        return Result(200, e.body, e.content_type, "stale", age)
+        return Result(200, e.body, e.content_type, "stale", age, e.version)
 
     # ------------------------------------------------------------ writing
     def _store(self, ckey: str, e: Entry) -> None:

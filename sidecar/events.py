@@ -31,7 +31,8 @@ KEY_EVENTS = {"secret_updated", "key_rotated", "key_created", "key_scheduled_del
 class EventStream:
     def __init__(self, upstream: Upstream, cache: Cache, *, version: str, backoff_initial: float = 0.5,
                  backoff_max: float = 30.0, read_timeout: float = 45.0, metrics=None,
-                 on_keystore: Callable[[int | None], None] | None = None) -> None:
+                 on_keystore: Callable[[int | None], None] | None = None,
+                 on_event: Callable[[str, dict], None] | None = None) -> None:
         self.upstream = upstream
         self.cache = cache
         self.version = version
@@ -40,6 +41,7 @@ class EventStream:
         self.read_timeout = read_timeout
         self.metrics = metrics
         self.on_keystore = on_keystore          # key-store membership index invalidation
+        self.on_event = on_event                # (kind, data) after the cache has dropped what it names
         self.state = "stopped"                  # connecting | connected | down | stopped
         self.connected_since: float | None = None
         self.last_event: float | None = None
@@ -121,6 +123,7 @@ class EventStream:
             if self.on_keystore:
                 self.on_keystore(None)
             log.info("event_stream_connected")
+            self._tell(kind, {})
             return
         self.received += 1
         if self.metrics is not None:
@@ -142,6 +145,15 @@ class EventStream:
             if self.on_keystore:
                 self.on_keystore(None)
             log.info("invalidated_all", kind=kind)
+        self._tell(kind, ev if isinstance(ev, dict) else {})
+
+    def _tell(self, kind: str, ev: dict) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(kind, ev)
+        except Exception:                                # a listener's bug must not end the stream
+            log.exception("event_listener_failed", kind=kind)
 
 
 def _message(body: bytes) -> str:

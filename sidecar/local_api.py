@@ -37,7 +37,7 @@ from aiohttp import web
 from server import logs
 from server.api import envelope
 from server.errors import ConfigError, Forbidden, SKMError, Unavailable, URLNotFound
-from sidecar import fastpath
+from sidecar import fastpath, reads
 from sidecar.cache import Cache, Result
 from sidecar.settings import AccessRule, SidecarConfig
 from sidecar.upstream import Upstream, UpstreamUnavailable
@@ -53,6 +53,9 @@ _KEY = re.compile(r"^/(?:secrets|symmetric-keys|asymmetric-keys|keys)/([0-9a-f]{
 _STORE = re.compile(r"^/keystores/(\d{1,12})(?:/keys/([0-9a-f]{32}))?(?:/|$)")
 CALLER = web.RequestKey("skm_sidecar_caller", object) if hasattr(web, "RequestKey") else "skm_sidecar_caller"
 _CACHEABLE = re.compile(r"^/(?:secrets/[0-9a-f]{32}|asymmetric-keys/[0-9a-f]{32}/publicKey)$")
+# Reads of a key's value that go straight upstream (exports): recorded for the audit like cached ones.
+_VALUE_READ = re.compile(r"^/(?:symmetric-keys/[0-9a-f]{32}/symmetric-key|asymmetric-keys/[0-9a-f]{32}/privateKey)$")
+_SOURCE = {"hit": reads.CACHE, "stale": reads.CACHE, "miss": reads.UPSTREAM}
 _CREDENTIALS_LOWER = tuple(h.lower().encode() for h in CREDENTIAL_HEADERS)
 
 
@@ -63,6 +66,7 @@ class Caller:
     gid: int | None = None
     pid: int | None = None
     groups: frozenset[int] = frozenset()
+    exe: str | None = None           # the caller's executable, read once per connection (for the read log)
 
 
 def peer_of(request: web.Request) -> Caller:
@@ -79,7 +83,23 @@ def caller_of(transport, groups: bool = True) -> Caller:
         return Caller("tcp")
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                         struct.calcsize("3i")))
-    return Caller("unix", uid, gid, pid, frozenset({gid, *(_supplementary_groups(pid) if groups else ())}))
+    return Caller("unix", uid, gid, pid, frozenset({gid, *(_supplementary_groups(pid) if groups else ())}),
+                  _executable(pid))
+
+
+def _executable(pid: int) -> str | None:
+    """/proc/<pid>/exe; a sidecar that may not read it (another user's process, no CAP_SYS_PTRACE) falls back to
+    argv[0] from /proc/<pid>/cmdline, which anyone may read."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read(4096).split(b"\0", 1)[0]
+        return argv0.decode("utf-8", "replace") or None
+    except OSError:
+        return None
 
 
 def _supplementary_groups(pid: int) -> set[int]:
@@ -105,6 +125,10 @@ def parse_path(path: str, default_version: str) -> Target:
         raise URLNotFound("no such endpoint; use a client-API path such as /secrets/{keyId}")
     if suffix == "/events":
         raise URLNotFound("the event stream is the sidecar's own")
+    if suffix.startswith("/sidecar/"):
+        # The sidecar's own reports (acks, read records) travel with its host certificate: an app must not
+        # be able to write them through it.
+        raise URLNotFound("the sidecar report endpoints are the sidecar's own")
     km, sm = _KEY.match(suffix), _STORE.match(suffix)
     key_id = km.group(1) if km else (sm.group(2) if sm and sm.group(2) else None)
     return Target(version, suffix, key_id, int(sm.group(1)) if sm else None)
@@ -209,6 +233,8 @@ class LocalAPI:
     metrics: object
     events: object = None
     policy: Policy | None = None
+    read_log: reads.ReadLog | None = None                # records each local read for the key server's audit
+    acks: object = None                                   # sidecar.acks.Acks (status only)
     started: float = field(default_factory=time.monotonic)
     tcp_port: int | None = None
     credential_requests: int = 0
@@ -218,6 +244,8 @@ class LocalAPI:
     _reaper: asyncio.Task | None = None
     _logged: set = field(default_factory=set)
     _targets: dict = field(default_factory=dict)         # raw path -> Target | None (not cacheable)
+    routes: list = field(default_factory=list)           # (method, path, handler): the sidecar's own, e.g. /v1/watch
+    reporters: dict = field(default_factory=dict)        # name -> .status() (in /v1/status), .problem() (/healthz)
 
     fast_hits: int = 0                                    # answered by the fast path, not yet in metrics
 
@@ -235,6 +263,8 @@ class LocalAPI:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/metrics", self.prometheus)
+        for method, path, handler in self.routes:
+            app.router.add_route(method, path, handler)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
         return app
 
@@ -284,13 +314,17 @@ class LocalAPI:
         request[CALLER] = caller
 
     async def healthz(self, _request: web.Request) -> web.Response:
+        problems = {name: p for name, r in self.reporters.items() if (p := r.problem())}
+        if problems:
+            return web.json_response({"status": "degraded", "problems": problems}, status=503)
         return web.json_response({"status": "ok"})
 
     async def status(self, _request: web.Request) -> web.Response:
         now = time.monotonic()
         return web.json_response({
             "upstream": {"reachable": self.upstream.reachable, "requestsSent": self.upstream.sent,
-                         "servers": [{"url": t.url, "healthy": t.healthy(now), "failures": t.failures,
+                         "servers": [{"url": t.url, "address": t.address or None, "healthy": t.healthy(now),
+                                      "failures": t.failures,
                                       "lastError": t.last_error} for t in self.upstream.targets]},
             "attestation": {"mac": getattr(self.attestor, "mac", None),
                             "interface": getattr(self.attestor, "iface", None),
@@ -299,7 +333,10 @@ class LocalAPI:
             "cache": self.cache.stats(),
             "stream": self.events.status() if self.events is not None else {"state": "disabled"},
             "appCredentialRequests": self.credential_requests,
+            "reads": self.read_log.status() if self.read_log is not None else {"state": "disabled"},
+            "acks": self.acks.status() if self.acks is not None else {"state": "disabled"},
             "uptimeSeconds": round(now - self.started, 1),
+            **{name: r.status() for name, r in self.reporters.items()},
         })
 
     async def prometheus(self, _request: web.Request) -> web.Response:
@@ -334,11 +371,24 @@ class LocalAPI:
             log.info("local_caller_refused", uid=caller.uid, key_id=t.key_id, keystore_id=t.keystore_id)
             raise
 
-    async def _read_cached(self, t: Target, query: str) -> tuple[Result, dict[str, str]]:
-        """A cacheable read through the cache; the answer and its cache headers."""
+    async def _fetch(self, t: Target, query: str):
+        resp = await self.upstream.request("GET", t.version, t.suffix, query=query)
+        if resp.status == 200 and resp.version is None:
+            resp.version = reads.version_of(None, resp.body)      # public/private key bodies say keyVersion
+        return resp
+
+    def _note_read(self, who, t: Target, version: int | None, source: str) -> None:
+        if self.read_log is not None and t.key_id:
+            self.read_log.pending.append((who, reads.Ref(t.key_id, version, reads.tag_of(t.suffix) or ""),
+                                          source, time.time()))
+
+    async def _read_cached(self, t: Target, query: str, who=None) -> tuple[Result, dict[str, str]]:
+        """A cacheable read through the cache; the answer and its cache headers. `who` (the connection or
+        caller) is recorded in the read log when the read succeeds."""
         ckey = f"{t.version} {t.suffix}?{query}"
-        res = await self.cache.get(ckey, t.key_id, lambda: self.upstream.request(
-            "GET", t.version, t.suffix, query=query))
+        res = await self.cache.get(ckey, t.key_id, lambda: self._fetch(t, query), reads.tag_of(t.suffix) or "")
+        if res.status == 200 and who is not None:
+            self._note_read(who, t, res.version, _SOURCE.get(res.source, reads.UPSTREAM))
         headers = {"X-SKM-Cache": res.source}
         if res.source in ("hit", "stale"):
             headers["Age"] = str(int(res.age))
@@ -353,12 +403,17 @@ class LocalAPI:
         t = parse_path(request.path, self.cfg.upstream.api_version)
         await self._check_policy(caller, t)
         query = request.rel_url.raw_query_string
+        conn = self.connections.get(request.transport)
+        who = conn if conn is not None and conn.caller is not None else caller
         if request.method == "GET" and _CACHEABLE.match(t.suffix):
-            res, headers = await self._read_cached(t, query)
+            res, headers = await self._read_cached(t, query, who)
             return _response(res.status, res.body, res.content_type, headers)
         body = await request.read() if request.can_read_body else None
         resp = await self.upstream.request(request.method, t.version, t.suffix, query=query, body=body,
                                            content_type=request.headers.get("Content-Type") if body else None)
+        if request.method == "GET" and resp.status == 200 and _VALUE_READ.match(t.suffix):
+            self._note_read(who, t, resp.version if resp.version is not None else reads.version_of(None, resp.body),
+                            reads.UPSTREAM)
         if request.method in ("PUT", "DELETE") and t.key_id and 200 <= resp.status < 300:
             self.cache.drop_key(t.key_id)       # a write through the sidecar: our copy is out of date
         return _response(resp.status, resp.body, resp.content_type, {"X-SKM-Cache": "bypass"})
@@ -405,20 +460,22 @@ class LocalAPI:
             if hit is not None:
                 e, age = hit
                 self.fast_hits += 1
+                if self.read_log is not None:        # one tuple per hit; sidecar/reads.py does the rest later
+                    self.read_log.pending.append((conn, e, reads.CACHE, time.time()))
                 if e.wire:
                     return fastpath.encode_hit(e.wire, age, rid, head)
                 return fastpath.encode_response(200, [("X-SKM-Cache", "hit"), ("Age", str(int(age))),
                                                       ("Content-Type", e.content_type or "application/json"),
                                                       ("Cache-Control", "no-store")], e.body, rid, head)
-        return self._answer_later(conn.caller, t, head, rid)
+        return self._answer_later(conn.caller, t, head, rid, conn)
 
-    async def _answer_later(self, caller: Caller, t: Target, head: fastpath.Head, rid: str) -> bytes:
+    async def _answer_later(self, caller: Caller, t: Target, head: fastpath.Head, rid: str, conn=None) -> bytes:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=rid)
         headers: list[tuple[str, str]]
         try:
             await self._check_policy(caller, t)
-            res, cache_headers = await self._read_cached(t, head.query)
+            res, cache_headers = await self._read_cached(t, head.query, conn if conn is not None else caller)
             status, body = res.status, res.body
             headers = [*cache_headers.items(), ("Content-Type", res.content_type or "application/json"),
                        ("Cache-Control", "no-store")]

@@ -29,6 +29,15 @@ class SidecarMetrics:
         self.events = Counter(f"{prefix}_events", "key-change events received", ["kind"], registry=r)
         self.stream_connected = Gauge(f"{prefix}_event_stream_connected", "1 while the event stream is up",
                                       registry=r)
+        self.reads = Counter(f"{prefix}_reads", "local-read records by what became of them (shipped to the "
+                             "key server's audit, spooled to disk while it is away, refused by it)", ["outcome"],
+                             registry=r)
+        self.reads_dropped = Counter(f"{prefix}_reads_dropped", "local-read records lost (spool full, or a spool "
+                                     "line that could not be opened); each loss is reported to the key server",
+                                     registry=r)
+        self.reads_spooled = Gauge(f"{prefix}_reads_spooled", "local-read records waiting on disk", registry=r)
+        self.acks = Counter(f"{prefix}_acks", "version acknowledgements sent to the key server", ["outcome"],
+                            registry=r)
         self.pending: list[Callable[[], None]] = []
 
     def flush(self) -> None:

@@ -10,6 +10,9 @@
     socket = "/run/skm/sidecar.sock"
     socket_group = "apps"
     (top level) access = ["key:<keyid> uid:1000 gid:50", "keystore:<id> uid:1001"]
+    [[render]]                          # files rendered from templates: see sidecar/render_config.py
+    template = "{{ secret('payments/db-password') }}"
+    destination = "/run/app/db-password"
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from server.config import load
 from server.errors import ConfigError
+from sidecar.render_config import RenderConfig, validate_blocks
 
 ENV_PREFIX = "SKM_SIDECAR_"
 VERSIONS = ("v1.0", "v1.1", "v1.2", "v1.3")
@@ -77,6 +81,30 @@ class AttestConfig:
 
 
 @dataclass(frozen=True)
+class ReadsConfig:
+    """[reads]: a record of every local read, shipped to the key server's audit (sidecar/reads.py)."""
+    enabled: bool = True
+    spool: str = ""                       # on-disk buffer while the key server is away; "" = <socket>.reads-spool
+                                          # beside listen.socket (choose a persistent dir to survive reboots)
+    spool_max_records: int = 100_000      # beyond: counted as dropped and reported to the server
+    flush_interval: float = 1.0           # seconds between shipments
+    batch_max: int = 500                  # records per request (the server takes up to 1000)
+    detail_max: int = 2000                # reads per interval recorded one by one; beyond, identical reads
+                                          # (caller, key, version, source) become one record with a count
+
+    def spool_path(self, cfg: "SidecarConfig") -> str:
+        return self.spool or str(Path(cfg.listen.socket).with_suffix(".reads-spool"))
+
+
+@dataclass(frozen=True)
+class AcksConfig:
+    """[acks]: acknowledge the key versions this host holds (the key server's roll-out view)."""
+    enabled: bool = True
+    ttl: float = 120.0                    # the server marks this host stale after this long without a report;
+                                          # a heartbeat goes every ttl/3
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     appkey: str = ""
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -84,9 +112,12 @@ class SidecarConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     attest: AttestConfig = field(default_factory=AttestConfig)
+    reads: ReadsConfig = field(default_factory=ReadsConfig)
+    acks: AcksConfig = field(default_factory=AcksConfig)
     access: tuple[str, ...] = ()          # allow-list rules, see AccessRule.parse
     access_default: str = "allow"         # keys no rule names: allow | deny
     reject_app_credentials: bool = False  # refuse (instead of strip) requests carrying credentials
+    render: tuple[RenderConfig, ...] = ()  # [[render]] blocks: templates rendered to files (config file only)
     log_format: str = "auto"
     log_level: str = "info"
 
@@ -107,8 +138,15 @@ class SidecarConfig:
             raise ConfigError("cache.ttl, cache.max_entries and cache.max_bytes must be positive")
         if self.upstream.retries < 0 or self.upstream.retries > 10:
             raise ConfigError("upstream.retries must be 0..10")
+        r = self.reads
+        if r.flush_interval <= 0 or not 1 <= r.batch_max <= 1000 or r.spool_max_records < 0 or r.detail_max < 0:
+            raise ConfigError("reads: flush_interval must be positive, batch_max 1..1000, spool_max_records and "
+                              "detail_max not negative")
+        if not 2 <= self.acks.ttl <= 86_400:
+            raise ConfigError("acks.ttl must be 2..86400 seconds")
         self.rules()           # parse errors surface at start
         self.socket_gid()
+        validate_blocks(self.render)
         return self
 
     def rules(self) -> list["AccessRule"]:

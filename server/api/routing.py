@@ -21,6 +21,7 @@ from server.api.timeouts import BODY_TIMEOUT
 from server.errors import (InvalidJSON, InvalidRequest, PayloadTooLarge, RequestTimeout,
                            UnsupportedMediaType)
 from server.runtime import KEY, runtime
+from server.audit.middleware import BODY_MODEL
 
 Handler = Callable[[web.Request, Any], Awaitable[Any]]
 
@@ -258,6 +259,8 @@ def _wrap(r: Route, full_path: str | None = None) -> Callable[[web.Request], Awa
         if auth_first:
             from server.api.mgmt.auth import operator
             await operator(request)
+        if r.body is not None:
+            request[BODY_MODEL] = r.body       # the audit leaves the fields it marks sensitive out of the body HMAC
         body = await read_model(request, r.body, optional=r.body_optional) if r.body is not None else None
         result = await r.handler(request, body)
         used = request.get(KEY)

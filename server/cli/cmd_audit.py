@@ -1,8 +1,9 @@
-"""`skm audit query|verify|export`: the hash-chained audit log.
+"""`skm audit query|verify|export|pubkey`: the keyed, checkpointed audit log (docs/audit.md).
 
-`verify` and `export` work against the management API, or offline with
---data-dir/--config reading the database directly (no key needed: the chain is
-plain SHA-256, and records hold no values).
+`verify` checks, through the management API, every record's digest and keyed tag and the signed
+checkpoints; `--data-dir/--config` reads a database directly (digests only: the tags need the
+system key); `--offline EXPORT --pubkey PEM` checks an export anywhere with only the checkpoint
+public key. `export` writes the records and then the signed checkpoints as JSON lines.
 """
 from __future__ import annotations
 
@@ -14,50 +15,68 @@ from pathlib import Path
 
 from server.cli.common import add_connection_args, client, output
 
-COLUMNS = ["seq", "time", "plane", "actor", "ip", "action", "keyId", "status", "result", "reason"]
+COLUMNS = ["seq", "time", "actor", "action", "keyStore", "key", "result", "reason"]
 PAGE = 1000
 
 
 def register(sub) -> None:
     p = sub.add_parser("audit", help="query, verify and export the audit log",
                        description="The audit log: every request and decision, each record chained to the "
-                       "previous one by its SHA-256.")
+                       "previous one, tagged with a key only the server holds, and pinned by signed checkpoints "
+                       "kept outside the database.")
     s = p.add_subparsers(dest="audit_command", metavar="SUBCOMMAND")
     s.required = True
 
-    q = s.add_parser("query", help="query records with filters", description="Query audit records (oldest first).")
+    q = s.add_parser("query", help="query records with filters (newest first)",
+                     description="Query audit records, newest first (--oldest-first to reverse). Key and key "
+                     "store names are shown beside their ids.")
     _filters(q)
     q.add_argument("--limit", type=int, default=100, help="at most this many records (max 1000)")
+    q.add_argument("--oldest-first", action="store_true", help="oldest records first")
     add_connection_args(q)
     q.set_defaults(func=_query)
 
-    v = s.add_parser("verify", help="walk the hash chain; report the first broken link",
-                     description="Check every record against its hash and the one before it. Exit 0 when the "
-                     "chain is intact, 1 with the first broken record otherwise. Offline with --data-dir or "
-                     "--config (reads the database directly).")
+    v = s.add_parser("verify", help="check the keyed chain and the signed checkpoints",
+                     description="Check every record's digest and keyed tag and the signed checkpoints (a log "
+                     "that ends before a checkpoint was truncated or replaced by an older copy). Exit 0 when "
+                     "intact, 1 naming the first bad record otherwise. --data-dir/--config read a database "
+                     "directly (digests only); --offline EXPORT --pubkey PEM checks an export with only the "
+                     "checkpoint public key (`skm audit pubkey`).")
     _offline(v)
+    v.add_argument("--offline", metavar="EXPORT", help="an export written by `skm audit export` to verify")
+    v.add_argument("--pubkey", metavar="PEM", help="with --offline: the checkpoint public key file")
     add_connection_args(v)
     v.set_defaults(func=_verify)
 
-    e = s.add_parser("export", help="write records as JSON lines",
-                     description="Write audit records as JSON lines (one record per line) to standard output or "
-                     "--output. Online, or offline with --data-dir/--config.")
+    e = s.add_parser("export", help="write records (and the signed checkpoints) as JSON lines",
+                     description="Write audit records as JSON lines (one record per line), oldest first, to "
+                     "standard output or --output, followed by the signed checkpoints of the chain (lines with a "
+                     "\"checkpoint\" field), so `skm audit verify --offline` can check it anywhere. Online, or "
+                     "offline with --data-dir/--config (records only).")
     _filters(e)
     e.add_argument("--output", "-o", help="file to write (default: standard output)")
     _offline(e)
     add_connection_args(e)
     e.set_defaults(func=_export)
 
+    k = s.add_parser("pubkey", help="print the checkpoint public key (PEM)",
+                     description="Print the public key the server signs audit checkpoints with. Keep a copy "
+                     "where the database's owner cannot change it; `skm audit verify --offline` takes it.")
+    add_connection_args(k)
+    k.set_defaults(func=_pubkey)
+
 
 def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", help="from this time (ISO 8601, UTC unless a zone is given)")
     p.add_argument("--until", help="before this time")
     p.add_argument("--actor", help="operator name or client caller")
-    p.add_argument("--plane", choices=["data", "mgmt", "system"])
+    p.add_argument("--plane", choices=["data", "mgmt", "system", "sidecar"])
     p.add_argument("--key", dest="key_id", help="key id")
     p.add_argument("--keystore", type=int, help="key store id")
     p.add_argument("--result", choices=["ok", "denied", "refused", "error", "approval_required"])
-    p.add_argument("--action", help="e.g. key.reveal, operator.login, approval.applied")
+    p.add_argument("--action", help="an action (secret.read, key.create, keystore.update, operator.login, "
+                   "key.reveal, approval.applied ...) or a resource (key, secret, operator) for all of its actions")
+    p.add_argument("--changes", action="store_true", help="only requests that changed something (writes)")
 
 
 def _offline(p: argparse.ArgumentParser) -> None:
@@ -69,7 +88,7 @@ def _offline(p: argparse.ArgumentParser) -> None:
 def _params(args: argparse.Namespace) -> dict:
     out = {"since": args.since, "until": args.until, "actor": args.actor, "plane": args.plane, "keyId": args.key_id,
            "keyStoreId": None if args.keystore is None else str(args.keystore), "result": args.result,
-           "action": args.action}
+           "action": args.action, "changes": "true" if getattr(args, "changes", False) else None}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -97,29 +116,71 @@ def _offline_mode(args: argparse.Namespace) -> bool:
 
 
 async def _query(args: argparse.Namespace) -> int:
-    params = {**_params(args), "limit": str(max(1, min(args.limit, 1000)))}
+    params = {**_params(args), "limit": str(max(1, min(args.limit, 1000))),
+              "order": "asc" if args.oldest_first else "desc"}
     async with client(args) as c:
         out = await c.call("GET", "/audit", params=params)
-    output(args, out, COLUMNS, out["records"], title="audit records")
+    rows = [{**r, "keyStore": _named(r.get("detail", {}).get("keyStoreName"), r.get("keyStoreId")),
+             "key": _named(r.get("detail", {}).get("keyName"), r.get("keyId"))} for r in out["records"]]
+    output(args, out, COLUMNS, rows, title="audit records")
     return 0
 
 
+def _named(name: str | None, ident) -> str | None:
+    if ident is None:
+        return name
+    return f"{name} ({ident})" if name else str(ident)
+
+
 async def _verify(args: argparse.Namespace) -> int:
-    if _offline_mode(args):
+    if args.offline or args.pubkey:
+        if not (args.offline and args.pubkey):
+            from server.errors import InvalidRequest
+            raise InvalidRequest("--offline EXPORT and --pubkey PEM go together (get the key with `skm audit pubkey`)")
+        from server.audit.offline import verify_export
+        result = (await verify_export(Path(args.offline), Path(args.pubkey))).to_api()
+    elif _offline_mode(args):
         from server.audit import verify_chain
         async with _database(args) as db:
             result = (await verify_chain(db)).to_api()
+        result["warnings"] = [*result.get("warnings", []), "read from the database directly: digests only "
+                              "(tags and checkpoints need the server; run `skm audit verify` against it)"]
     else:
         async with client(args) as c:
             result = await c.call("GET", "/audit/verify")
     if args.json:
         output(args, result)
-    elif result["ok"]:
-        print(f"audit chain intact: {result['checked']} record(s), head {result['headSeq']}")
+    else:
+        _print_verify(result)
+    return 0 if result["ok"] else 1
+
+
+def _print_verify(result: dict) -> None:
+    if result["ok"]:
+        how = "digests and keyed tags" if result.get("keyed") else "digests"
+        print(f"audit chain intact: {result['checked']} record(s), head {result['headSeq']} ({how} checked)")
     else:
         print(f"audit chain BROKEN at record {result['brokenSeq']}: {result['reason']} "
               f"({result['checked']} record(s) before it are intact)")
-    return 0 if result["ok"] else 1
+    cp = result.get("checkpoints")
+    if cp is not None:
+        if cp.get("latestSeq") is not None:
+            print(f"checkpoints: {cp['checked']} signed, the latest at record {cp['latestSeq']} ({cp['latestAt']}); "
+                  f"{cp['uncovered']} record(s) after it; read from {', '.join(cp['sources']) or 'nowhere'}")
+        else:
+            print(f"checkpoints: none found (read from {', '.join(cp['sources']) or 'nowhere'})")
+    for w in result.get("warnings") or []:
+        print(f"warning: {w}")
+
+
+async def _pubkey(args: argparse.Namespace) -> int:
+    async with client(args) as c:
+        out = await c.call("GET", "/audit/pubkey")
+    if args.json:
+        output(args, out)
+    else:
+        sys.stdout.write(out["publicKey"])
+    return 0
 
 
 async def _export(args: argparse.Namespace) -> int:
@@ -145,8 +206,11 @@ async def _online_records(args: argparse.Namespace):
             for rec in page["records"]:
                 yield rec
             if page.get("nextAfterSeq") is None:
-                return
+                break
             after = page["nextAfterSeq"]
+        cps = await c.call("GET", "/audit/checkpoints")
+        for entry in cps["checkpoints"]:
+            yield entry
 
 
 async def _offline_records(args: argparse.Namespace):
@@ -160,7 +224,7 @@ async def _offline_records(args: argparse.Namespace):
             page = await audit.query(since=parse_time(p.get("since"), "since"), until=parse_time(p.get("until"),
                                      "until"), actor=p.get("actor"), plane=p.get("plane"), key_id=p.get("keyId"),
                                      keystore_id=args.keystore, result=p.get("result"), action=p.get("action"),
-                                     after_seq=after, limit=PAGE)
+                                     changes=bool(args.changes), after_seq=after, limit=PAGE)
             for rec in page:
                 yield rec
             if len(page) < PAGE:

@@ -13,14 +13,15 @@ def register(sub) -> None:
     p.add_argument("--once", action="store_true", help="run the flow in a temp dir and exit (non-zero if a step fails)")
     p.add_argument("--data-dir", help="data directory (default ./.skm; with --once a temp dir)")
     p.add_argument("--port", type=int, default=8443,
-                   help="data-plane port (management is the next one, the system-key server the one before)")
+                   help="data-plane port (management is the next one, the system-key server the one before); "
+                        "0 picks three free ports")
     p.set_defaults(func=_run)
 
 
 async def _run(args: argparse.Namespace) -> int:
     from server.demo import run_demo
-    try:
-        return await run_demo(args.data_dir, args.once, port_data=args.port, port_mgmt=args.port + 1,
-                              port_systemkey=args.port - 1)
-    except KeyboardInterrupt:
-        return 0
+    if not (args.port == 0 or 2 <= args.port <= 65534):
+        raise SystemExit("error: --port must be 0 (free ports) or 2..65534 (it uses the port before and after too)")
+    near = (lambda offset: args.port + offset) if args.port else (lambda offset: 0)
+    # SIGINT and SIGTERM stop the demo and everything it started (run_demo handles both).
+    return await run_demo(args.data_dir, args.once, port_data=near(0), port_mgmt=near(1), port_systemkey=near(-1))

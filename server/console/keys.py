@@ -61,14 +61,16 @@ async def _key(c: Ctx, versions: bool = False):
     return key, await c.rt.keys.keystore(key.keystore_id)
 
 
-def _detail(c: Ctx, key, ks, *, revealed: str | None = None, status: int = 200) -> web.Response:
-    return render(c, "key.html", status=status, key=key, ks=ks, revealed=revealed)
+async def _detail(c: Ctx, key, ks, *, revealed: str | None = None, status: int = 200) -> web.Response:
+    from server.keys import rollout
+    return render(c, "key.html", status=status, key=key, ks=ks, revealed=revealed,
+                  rollout=await rollout.rollout(c.rt.storage, key.id, key.current_version))
 
 
 @routes.get(_KEY)
 async def show_key(c: Ctx) -> web.Response:
     key, ks = await _key(c, versions=True)
-    return _detail(c, key, ks)
+    return await _detail(c, key, ks)
 
 
 @routes.post(_KEY + "/reveal", roles=("admin",))
@@ -79,7 +81,7 @@ async def reveal(c: Ctx) -> web.Response:
     key, ks = await _key(c, versions=True)
     if key.key_type is not KeyType.SECRET:
         raise InvalidKeyType("only a SECRET has a value to reveal")
-    return _detail(c, key, ks, revealed=await c.rt.keys.secret_value(key))
+    return await _detail(c, key, ks, revealed=await c.rt.keys.secret_value(key))
 
 
 async def _key_change(c: Ctx, op_name: str, done: str, params: dict | None = None) -> web.Response:

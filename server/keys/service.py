@@ -111,6 +111,7 @@ class _MetaCache:
         self._keys: OrderedDict[str, tuple[float, Key]] = OrderedDict()
         self._stores: dict[int, tuple[float, KeyStore]] = {}
         self._gen = 0
+        self.on_version_disabled = None       # KeyService drops that key's loaded versions (other processes too)
 
     def sync(self) -> None:
         q = self._q
@@ -121,6 +122,8 @@ class _MetaCache:
                 self.clear()
             if ev.key_id:
                 self._keys.pop(ev.key_id, None)
+                if ev.kind == "key_version_disabled" and self.on_version_disabled is not None:
+                    self.on_version_disabled(ev.key_id)     # loaded material skips the status check
             if ev.kind in ("keystore_updated", "keystore_deleted"):
                 self._stores.pop(ev.keystore_id, None)
 
@@ -195,6 +198,7 @@ class KeyService:
         self.limits = limits or Limits()
         self._cache = _LRU(self.limits.material_cache_entries)
         self._meta = _MetaCache(self.events, self.limits.meta_cache_entries, self.limits.meta_cache_max_age)
+        self._meta.on_version_disabled = self.forget_material
         self._projects: dict[str, Project] = {}
         self._touch_pending: set[str] = set()
         self._touched: dict[str, float] = {}       # key id -> monotonic time its last access was known recent
@@ -531,6 +535,9 @@ class KeyService:
                                      key.id, version)
         if row is None:
             raise InvalidKeyVersion(f"key version {version} does not exist")
+        if row["status"] == "DISABLED":
+            raise InvalidKeyVersionStatus(f"key version {version} is disabled; an operator can re-enable it "
+                                          f"(skm key version enable {key.id} {version})")
         if row["status"] != "ACTIVE":
             raise InvalidKeyVersionStatus(f"key version {version} is not in service")
         return self.barrier.open(bytes(row["material_sealed"]), sealed_aad("key_versions", "material_sealed", key.id, version))
@@ -550,6 +557,11 @@ class KeyService:
             obj = bytearray(raw)
         self._cache.put((key.id, version), obj)
         return obj
+
+    def forget_material(self, key_id: str) -> None:
+        """Drop a key's loaded versions (a version was disabled: the next use re-reads its status)."""
+        self._cache.drop_key(key_id)
+        self._meta.drop_key(key_id)
 
     def touch(self, key: Key) -> None:
         """Record last access at most once a minute per key, off the request path."""

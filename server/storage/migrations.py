@@ -215,6 +215,42 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         # Paged key lists sort by (created_at, id) within a store: keep that an index walk at 100k keys.
         "CREATE INDEX keys_keystore_order ON keys (keystore_id, created_at, id)",
     ]),
+    (6, [
+        # Audit records keyed and scoped (docs/audit.md): the project a record belongs to, whether it
+        # changed state, and the keyed tag of its digest. Records before this keep their unkeyed links
+        # (keyed_from marks where tags begin). audit_head gains the chain's epoch (sealed) and the
+        # checkpoint signing key (sealed); restore_note announces a restore at the next start.
+        "ALTER TABLE audit_log ADD COLUMN project_id {bigint}",
+        "ALTER TABLE audit_log ADD COLUMN change INTEGER",
+        "ALTER TABLE audit_log ADD COLUMN tag TEXT",
+        "CREATE INDEX audit_log_project ON audit_log (project_id, seq)",
+        "CREATE INDEX audit_log_action ON audit_log (action, seq)",
+        "ALTER TABLE audit_head ADD COLUMN keyed_from {bigint}",
+        "ALTER TABLE audit_head ADD COLUMN epoch TEXT",
+        "ALTER TABLE audit_head ADD COLUMN epoch_sealed {blob}",
+        "ALTER TABLE audit_head ADD COLUMN checkpoint_key_sealed {blob}",
+        "ALTER TABLE audit_head ADD COLUMN restore_note TEXT",
+        "UPDATE audit_head SET keyed_from = seq + 1 WHERE id = 1",
+    ]),
+    (9, [
+        # Rotation roll-out: the version each sidecar host last acknowledged holding, per key. A host is
+        # its certificate (SHA-256 fingerprint); `ttl_seconds` is how long its report stays current (the
+        # host's own heartbeat promise), after which the roll-out marks it stale. No foreign key to keys:
+        # a purged key's rows are simply never asked for again. key_versions.status gains 'DISABLED'.
+        """CREATE TABLE key_holdings (
+            host_fp TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            project_id {bigint} NOT NULL,
+            host_name TEXT NOT NULL,
+            mac TEXT,
+            version INTEGER NOT NULL,
+            delivered_at TEXT,
+            acked_at TEXT NOT NULL,
+            ttl_seconds INTEGER NOT NULL,
+            reload_ok INTEGER,
+            PRIMARY KEY (host_fp, key_id))""",
+        "CREATE INDEX key_holdings_key ON key_holdings (key_id, version)",
+    ]),
 ]
 
 # (table, column, primary-key columns) of every sealed column: the rewrap job's map.
@@ -224,6 +260,8 @@ SEALED_COLUMNS: list[tuple[str, str, tuple[str, ...]]] = [
     ("auth_certificates", "bundle_sealed", ("id",)),
     ("change_requests", "secrets_sealed", ("id",)),
     ("audit_head", "hmac_key_sealed", ("id",)),
+    ("audit_head", "epoch_sealed", ("id",)),
+    ("audit_head", "checkpoint_key_sealed", ("id",)),
 ]
 
 

@@ -1,12 +1,15 @@
 """The system-key server: an mTLS-only aiohttp listener serving the wrapped keyring.
 
 Routes: `GET /v1/keyring` (allow-listed key-server certificates only, every fetch
-audited) and `GET /healthz`. Nothing on the network changes state: rotation,
-allow and revoke are local admin commands (server/systemkey/admin.py).
+audited), `POST|GET /v1/audit/checkpoints` (the key servers' signed audit checkpoints,
+append-only: server/systemkey/checkpoints.py) and `GET /healthz`. Nothing else on the
+network changes state: rotation, allow and revoke are local admin commands
+(server/systemkey/admin.py).
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -16,13 +19,16 @@ from aiohttp import web
 from server import logs
 from server.access.pki import fingerprint
 from server.access.tls import AEAD_CIPHERS, server_context
-from server.errors import (ConfigError, Forbidden, MethodNotAllowed, SKMError, Unauthenticated, Unavailable,
-                           URLNotFound)
+from server.audit.checkpoints import CHECKPOINT_PATH
+from server.errors import (ConfigError, Forbidden, InvalidJSON, InvalidRequest, MethodNotAllowed, SKMError,
+                           Unauthenticated, Unavailable, UnsupportedMediaType, URLNotFound)
+from server.systemkey.checkpoints import CheckpointLog
 from server.systemkey.settings import SystemKeyServerConfig
 from server.systemkey.state import SystemKeyState
 
 CIPHERS = AEAD_CIPHERS
 STATE_KEY = web.AppKey("state", SystemKeyState)
+CHECKPOINTS_KEY = web.AppKey("checkpoints", CheckpointLog)
 
 log = logs.get("skm.systemkey")
 
@@ -112,6 +118,41 @@ async def get_keyring(request: web.Request) -> web.Response:
     return web.json_response(ring.to_json(), headers={"Cache-Control": "no-store"})
 
 
+async def _allowed_peer(request: web.Request, what: str) -> str:
+    """The fingerprint of an allow-listed key-server certificate; refused (and audited) otherwise."""
+    fp, cn = _peer(request)
+    state = request.app[STATE_KEY]
+    if fp is None:
+        raise Unauthenticated("a client certificate is required")
+    if not await asyncio.to_thread(state.is_allowed, fp):
+        await asyncio.to_thread(state.audit, peer_fingerprint=fp, result="denied", remote=request.remote,
+                                subject=cn, reason=f"{what}: not on the allow-list")
+        raise Forbidden(f"certificate {fp} is not on this system-key server's allow-list; "
+                        f"run `skm systemkey allow {fp}` on the system-key host")
+    return fp
+
+
+async def post_checkpoint(request: web.Request) -> web.Response:
+    await _allowed_peer(request, "audit checkpoint")
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("send the checkpoint as JSON with Content-Type: application/json")
+    try:
+        entry = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidJSON("the request body is not valid JSON") from None
+    await asyncio.to_thread(request.app[CHECKPOINTS_KEY].append, entry)
+    return web.json_response({"stored": True}, status=201)
+
+
+async def get_checkpoints(request: web.Request) -> web.Response:
+    await _allowed_peer(request, "audit checkpoints read")
+    pub = request.query.get("pub")
+    if pub is not None and len(pub) > 64:
+        raise InvalidRequest("pub is a base64 Ed25519 public key")
+    found = await asyncio.to_thread(request.app[CHECKPOINTS_KEY].read, pub)
+    return web.json_response({"checkpoints": found}, headers={"Cache-Control": "no-store"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     ok = await asyncio.to_thread(state.exists)
@@ -121,7 +162,10 @@ async def healthz(request: web.Request) -> web.Response:
 def make_app(cfg: SystemKeyServerConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=4096)
     app[STATE_KEY] = SystemKeyState(cfg)
+    app[CHECKPOINTS_KEY] = CheckpointLog(cfg.data_path)
     app.router.add_get("/v1/keyring", get_keyring, allow_head=False)
+    app.router.add_post(CHECKPOINT_PATH, post_checkpoint)
+    app.router.add_get(CHECKPOINT_PATH, get_checkpoints, allow_head=False)
     app.router.add_get("/healthz", healthz, allow_head=False)
     return app
 

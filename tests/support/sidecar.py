@@ -27,7 +27,7 @@ from sidecar.app import Sidecar
 from sidecar.settings import SidecarConfig
 
 __all__ = ["HostCert", "issue_host_cert", "register_certificate", "sidecar_config", "start_sidecar",
-           "unix_session", "server_requests", "RecordingUpstream"]
+           "start_registered_sidecar", "unix_session", "server_requests", "RecordingUpstream"]
 
 
 @dataclass
@@ -88,6 +88,16 @@ async def start_sidecar(h, name: str = "sidecar", **overrides: Any) -> tuple[Sid
     cfg = sidecar_config(appkey=h.appkey, urls=[h.data_url], ca=h.pki.ca_cert, host=host,
                          socket=h.tmp / f"{name}.sock", **overrides)
     return await Sidecar(cfg).start(), host
+
+
+async def start_registered_sidecar(h, keystore_id: int, name: str = "sidecar", **overrides: Any) -> Sidecar:
+    """A sidecar whose host certificate is registered to the key store before it starts (so what it
+    does at start, e.g. rendering files, already passes the store's certificate check)."""
+    host = issue_host_cert(h.pki.load_ca(), h.tmp, f"{name}-host")
+    await register_certificate(h.rt.storage, h.rt.barrier, keystore_id, host, name)
+    cfg = sidecar_config(appkey=h.appkey, urls=[h.data_url], ca=h.pki.ca_cert, host=host,
+                         socket=h.tmp / f"{name}.sock", **overrides)
+    return await Sidecar(cfg).start()
 
 
 def unix_session(path: Path | str, headers: dict | None = None) -> aiohttp.ClientSession:

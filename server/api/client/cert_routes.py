@@ -23,7 +23,8 @@ routes = RouteTable(PREFIX)
 class CertCreateIn(m._In):
     keyStoreName: str = Field(min_length=1, max_length=100)
     name: str = Field(min_length=1, max_length=100)
-    password: str = Field(min_length=certs.MIN_PASSWORD, max_length=certs.MAX_PASSWORD)
+    password: str = Field(min_length=certs.MIN_PASSWORD, max_length=certs.MAX_PASSWORD,
+                          json_schema_extra={"sensitive": True})   # no body HMAC over it (server/audit/middleware.py)
     lifeTime: int = Field(ge=1, le=certs.MAX_LIFETIME_DAYS)
     description: str = Field(default="", max_length=1000)
 

@@ -5,7 +5,7 @@ from aiohttp import web
 
 from server.api.client import models as m
 from server.api.client.context import PREFIX, client_context, key_for_use
-from server.api.routing import RouteTable
+from server.api.routing import RouteTable, ok
 from server.errors import InvalidRequest
 from server.keys import formats
 from server.runtime import runtime
@@ -14,6 +14,7 @@ from server.timeutil import to_api
 routes = RouteTable(PREFIX)
 V12 = ("v1.2", "v1.3")
 V13 = ("v1.3",)
+KEY_VERSION_HEADER = "X-SKM-Key-Version"
 
 
 def query_version(request: web.Request) -> int | None:
@@ -33,10 +34,14 @@ async def confirm(request: web.Request, _body) -> dict:
             "clientSentCertificate": ctx.sent_certificate, "clientSentCerfificate": ctx.sent_certificate}
 
 
-@routes.route("GET", "/secrets/{keyid}", summary="Read a secret's value", response=m.SecretOut, tags=("client",))
-async def get_secret(request: web.Request, _body) -> dict:
+@routes.route("GET", "/secrets/{keyid}", summary="Read a secret's value (the version read in X-SKM-Key-Version)",
+              response=m.SecretOut, raw=True, tags=("client",))
+async def get_secret(request: web.Request, _body) -> web.Response:
     _, key = await key_for_use(request)
-    return {"secret": await runtime(request).keys.secret_value(key)}
+    resp = ok({"secret": await runtime(request).keys.secret_value(key)})
+    # NHN's body has no version; a sidecar reports which one it delivers (the roll-out), so it is said here.
+    resp.headers[KEY_VERSION_HEADER] = str(key.current_version)
+    return resp
 
 
 @routes.route("PUT", "/secrets/{keyid}", summary="Replace a secret's value (adds a version)",

@@ -26,7 +26,8 @@ class _In(BaseModel):
 
 class CertIn(_In):
     name: str = Field(min_length=1, max_length=100, pattern=certs.NAME_RE.pattern)
-    password: str = Field(min_length=certs.MIN_PASSWORD, max_length=certs.MAX_PASSWORD)
+    password: str = Field(min_length=certs.MIN_PASSWORD, max_length=certs.MAX_PASSWORD,
+                          json_schema_extra={"sensitive": True})   # no body HMAC over it (server/audit/middleware.py)
     lifeTime: int = Field(default=365, ge=1, le=certs.MAX_LIFETIME_DAYS)
     description: str = Field(default="", max_length=1000)
 

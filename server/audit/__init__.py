@@ -1,0 +1,38 @@
+"""The audit log: records, chain, checkpoints, the writer and the request middleware (docs/audit.md)."""
+from __future__ import annotations
+
+from server.audit.chain import VerifyResult, verify_chain
+from server.audit.log import Audit, parse_time
+from server.audit.middleware import AUDIT_ACTION, AUDIT_DETAIL, BODY_MODEL, BODY_NOT_READ, NO_BODY_HMAC
+from server.audit.record import FIELDS, GENESIS, digest, record_hash, to_api
+from server.settings import AuditSettings
+
+__all__ = ["Audit", "AuditSettings", "AUDIT_ACTION", "AUDIT_DETAIL", "BODY_MODEL", "BODY_NOT_READ", "FIELDS",
+           "GENESIS", "NO_BODY_HMAC", "VerifyResult", "digest", "install", "parse_time", "record_hash", "to_api",
+           "verify_chain"]
+
+
+def install(rt) -> None:
+    from server.audit.middleware import middleware
+    rt.audit = Audit(rt.storage, rt.barrier, AuditSettings.from_config(rt.config), config=rt.config)
+    rt.extra.setdefault("data_middlewares", []).append(middleware(rt.audit, "data"))
+    rt.extra.setdefault("mgmt_middlewares", []).append(middleware(rt.audit, "mgmt"))
+
+    async def start(rt_) -> None:
+        # The process that runs the jobs signs checkpoints (worker 0; each replica's).
+        from server.audit.checkpoints import Checkpointer
+        a = rt_.audit
+        if a is None or not a.settings.enabled:
+            return
+        a.checkpointer = Checkpointer(a, a.sinks(), every=max(1, a.settings.checkpoint_every),
+                                      interval=max(0.05, a.settings.checkpoint_interval))
+        a.checkpointer.start()
+
+    async def stop(rt_) -> None:
+        if rt_.audit is not None:
+            await rt_.audit.close()
+            if rt_.audit.checkpointer is not None:
+                await rt_.audit.checkpointer.stop()
+
+    rt.extra.setdefault("on_start", []).append(start)
+    rt.extra.setdefault("on_stop", []).append(stop)

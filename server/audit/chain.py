@@ -1,0 +1,170 @@
+"""Verifying the audit chain: digests, keyed tags and signed checkpoints (docs/audit.md).
+
+One walker serves the live check (database, audit key, checkpoints from the sinks) and the offline
+check of an export (records and checkpoints from the file, the checkpoint public key): it names the
+first bad record and why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from server.audit.record import GENESIS, expected_digest, tag_ok
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    checked: int
+    head_seq: int
+    broken_seq: int | None = None
+    reason: str | None = None
+    keyed: bool = False              # tags were checked (the audit key was at hand)
+    untagged: int = 0                # records written while the barrier was sealed (no tag possible)
+    checkpoints: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_api(self) -> dict:
+        return {"ok": self.ok, "checked": self.checked, "headSeq": self.head_seq, "brokenSeq": self.broken_seq,
+                "reason": self.reason, "keyed": self.keyed, "untagged": self.untagged,
+                "checkpoints": self.checkpoints, "warnings": self.warnings}
+
+
+class Broken(Exception):
+    def __init__(self, seq: int, reason: str) -> None:
+        super().__init__(reason)
+        self.seq, self.reason = seq, reason
+
+
+class Walker:
+    """Feed records in seq order; raises Broken at the first bad one."""
+
+    def __init__(self, *, keyed_from: int | None, key: bytes | None = None,
+                 checkpoints: list[dict] | None = None, first_seq: int | None = 1) -> None:
+        self.keyed_from = keyed_from
+        self.key = key
+        self.expected = first_seq          # None: an export that starts anywhere
+        self.prev: str | None = GENESIS if first_seq == 1 else None
+        self.n = 0
+        self.untagged = 0
+        self.last_seq = 0 if first_seq is None else first_seq - 1
+        self.cps: dict[int, list[dict]] = {}
+        for c in checkpoints or []:
+            self.cps.setdefault(int(c["checkpoint"]["seq"]), []).append(c["checkpoint"])
+
+    def _legacy(self, r: dict) -> bool:
+        if self.keyed_from is None:
+            return r.get("tag") is None
+        return int(r["seq"]) < self.keyed_from
+
+    def feed(self, r: dict) -> None:
+        seq = int(r["seq"])
+        if self.expected is None:
+            self.expected = seq
+        if seq != self.expected:
+            raise Broken(self.expected, f"record {self.expected} is missing (deleted); the chain jumps to {seq}")
+        if self.prev is not None and r["prev_hash"] != self.prev:
+            raise Broken(seq, f"record {seq} does not chain to record {seq - 1} (a record was replaced)")
+        legacy = self._legacy(r)
+        if legacy and r.get("tag") is not None:
+            raise Broken(seq, f"record {seq} carries a tag before keyed links began (record {self.keyed_from})")
+        if expected_digest(r, legacy) != r["hash"]:
+            raise Broken(seq, f"record {seq} was changed: its contents do not match its digest")
+        if not legacy:
+            if r.get("tag") is None:
+                self.untagged += 1
+            elif self.key is not None and not tag_ok(self.key, r["hash"], r["tag"]):
+                raise Broken(seq, f"record {seq} was rewritten: its tag does not match (the chain was recomputed "
+                             "without the audit key)")
+        for c in self.cps.get(seq, ()):
+            if c["digest"] != r["hash"]:
+                raise Broken(seq, f"record {seq} differs from the checkpoint signed at {c['at']} (a record at or "
+                             "before it was changed, or the log was rebuilt)")
+        self.prev, self.expected, self.n, self.last_seq = r["hash"], seq + 1, self.n + 1, seq
+
+    def finish(self, head_seq: int | None = None, head_digest: str | None = None) -> None:
+        if head_seq is not None:
+            if self.last_seq < head_seq:
+                raise Broken(self.last_seq + 1, f"record {self.last_seq + 1} is missing (deleted); the log ends "
+                             f"before the head ({head_seq})")
+            if head_seq and self.prev != head_digest:
+                raise Broken(head_seq, f"the last record ({head_seq}) does not match the head")
+        beyond = [c for s, cs in self.cps.items() if s > self.last_seq for c in cs]
+        if beyond:
+            c = max(beyond, key=lambda c: c["seq"])
+            raise Broken(self.last_seq + 1, f"the log ends at record {self.last_seq}, but a checkpoint signed at "
+                         f"{c['at']} covers record {c['seq']}: records were removed from the end, or the database "
+                         "was replaced by an older copy")
+        for cs in self.cps.values():
+            for c in cs:
+                kf = c.get("keyedFrom")
+                if self.keyed_from is not None and kf is not None and int(kf) != self.keyed_from:
+                    raise Broken(min(int(kf), self.keyed_from), f"keyed links begin at record {self.keyed_from} "
+                                 f"here but at {kf} in the checkpoint signed at {c['at']} (the log was "
+                                 "downgraded to unkeyed links)")
+
+
+def checkpoint_summary(cps: list[dict], head_seq: int, sources: list[str]) -> dict:
+    latest = max(cps, key=lambda c: (c["checkpoint"]["seq"], c["checkpoint"]["at"]))["checkpoint"] if cps else None
+    return {"checked": len(cps), "sources": sources,
+            "latestSeq": latest["seq"] if latest else None, "latestAt": latest["at"] if latest else None,
+            "uncovered": max(0, head_seq - (latest["seq"] if latest else 0))}
+
+
+async def verify_chain(db, *, key: bytes | None = None, checkpoints: list[dict] | None = None,
+                       epoch: str | None = None, sources: list[str] | None = None, page: int = 1000) -> VerifyResult:
+    """Walk the chain from the first record to the head; report the first broken link.
+
+    Without `key` only digests are checked (anyone holding the database can recompute those);
+    with it every tag; with `checkpoints` (already signature-checked) every signed head of the
+    current `epoch`, and a log that ends before one of them is reported as truncated."""
+    head = await db.fetchone("SELECT * FROM audit_head WHERE id = 1")
+    if head is None:
+        return VerifyResult(False, 0, 0, 0, "the audit head row is missing")
+    head_seq = int(head["seq"])
+    keyed_from = head.get("keyed_from") if hasattr(head, "get") else head["keyed_from"]
+    keyed_from = None if keyed_from is None else int(keyed_from)
+    mine = [c for c in (checkpoints or []) if c["checkpoint"]["epoch"] == epoch] if checkpoints is not None else []
+    w = Walker(keyed_from=keyed_from, key=key, checkpoints=mine)
+    res = VerifyResult(True, 0, head_seq, keyed=key is not None)
+    try:
+        expected = 1
+        while expected <= head_seq:
+            rows = await db.fetchall("SELECT * FROM audit_log WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?",
+                                     expected, head_seq, page)
+            if not rows:
+                break
+            for r in rows:
+                w.feed(dict(r))
+            expected = w.expected
+        w.finish(head_seq, head["hash"])
+    except Broken as b:
+        res.ok, res.broken_seq, res.reason = False, b.seq, b.reason
+    res.checked, res.untagged = w.n, w.untagged
+    if checkpoints is not None:
+        res.checkpoints = checkpoint_summary(mine, head_seq, sources or [])
+        if not mine and head_seq:
+            res.warnings.append("no signed checkpoint of this chain was found: truncation cannot be ruled out"
+                                + ("" if sources else " (no checkpoint store could be read)"))
+    if res.untagged:
+        res.warnings.append(f"{res.untagged} record(s) were written while the barrier was sealed and carry no tag")
+    return res
+
+
+def walk_export(records: Iterable[dict], checkpoints: list[dict], *, keyed_from: int | None) -> VerifyResult:
+    """Offline: digests of an export and the signed checkpoints that fall inside it."""
+    w = Walker(keyed_from=keyed_from, checkpoints=checkpoints, first_seq=None)
+    res = VerifyResult(True, 0, 0)
+    try:
+        for r in records:
+            w.feed(r)
+        res.head_seq = w.last_seq
+        w.finish()
+    except Broken as b:
+        res.ok, res.broken_seq, res.reason = False, b.seq, b.reason
+    res.checked, res.untagged, res.head_seq = w.n, w.untagged, w.last_seq
+    res.checkpoints = checkpoint_summary(checkpoints, w.last_seq, ["export"])
+    covered = [c for c in checkpoints if c["checkpoint"]["seq"] <= w.last_seq]
+    if not covered:
+        res.warnings.append("no signed checkpoint falls inside this export: its records are not pinned")
+    return res

@@ -1,0 +1,277 @@
+"""The audit log: every data-plane and management-plane request and decision, chained.
+
+Record shape, links and checkpoints: docs/audit.md and `server/audit/record.py`. Values are never
+recorded: a request body appears only as an HMAC under the audit key (a random key of its own,
+sealed by the barrier in `audit_head`).
+
+Appends are group-committed: a request queues its record and waits; one writer task per process
+takes everything queued (up to `batch_max`) and writes it in ONE transaction: the single
+`audit_head` row is updated first (a row lock on PostgreSQL, the one writer on SQLite), which
+reserves the batch's sequence numbers and yields the previous digest; the records are chained in
+queue order, tagged, inserted together, and the head's digest is set once, all in that transaction.
+Only then are the waiting requests released, so a response never leaves before its record is
+durable. A write failure fails every request of its batch (503) unless `fail_closed` is off.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac as _hmac
+import json
+import os
+from typing import Any
+
+from server import logs, timeutil
+from server.audit.chain import VerifyResult, verify_chain
+from server.audit.record import FIELDS, digest, link_key, tag, to_api
+from server.barrier.barrier import sealed_aad
+from server.errors import InvalidRequest, Unavailable
+from server.settings import AuditSettings   # [audit] in the server config
+from server.storage.base import Storage
+
+log = logs.get("skm.audit")
+
+COLUMNS = FIELDS + ("hash", "tag")
+_HMAC_AAD = sealed_aad("audit_head", "hmac_key_sealed", 1)
+_TRUNCATE = {f: 256 for f in ("actor", "ip", "fingerprint", "mac", "route", "action", "key_id", "result")}
+_TRUNCATE["reason"] = 1000
+
+
+class Audit:
+    def __init__(self, storage: Storage, barrier, settings: AuditSettings | None = None, *,
+                 config: Any = None) -> None:
+        self.db = storage
+        self.barrier = barrier
+        self.settings = settings or AuditSettings()
+        self.config = config
+        self._key: bytes | None = None
+        self._link: bytes | None = None
+        self._queue: list[tuple[dict, asyncio.Future]] = []   # records waiting for the writer, in order
+        self._writer: asyncio.Task | None = None
+        self.checkpointer = None           # server.audit.checkpoints.Checkpointer (the primary process)
+        self._sinks: list | None = None
+
+    # ----------------------------------------------------------------- HMACs
+    async def hmac_key(self) -> bytes | None:
+        """The audit key (sealed in audit_head): body HMACs use it, links a key derived from it."""
+        if self._key is not None:
+            return self._key
+        if self.barrier.sealed:
+            return None
+        row = await self.db.fetchone("SELECT hmac_key_sealed FROM audit_head WHERE id = 1")
+        if row is not None and row["hmac_key_sealed"] is None:
+            blob = self.barrier.seal(os.urandom(32), _HMAC_AAD)
+            # Compare-and-set: two replicas starting together keep one key.
+            await self.db.execute("UPDATE audit_head SET hmac_key_sealed = ? WHERE id = 1 "
+                                  "AND hmac_key_sealed IS NULL", blob)
+            row = await self.db.fetchone("SELECT hmac_key_sealed FROM audit_head WHERE id = 1")
+        if row is None or row["hmac_key_sealed"] is None:
+            return None
+        self._key = self.barrier.open(bytes(row["hmac_key_sealed"]), _HMAC_AAD)
+        self._link = link_key(self._key)
+        return self._key
+
+    async def link_key(self) -> bytes | None:
+        if self._link is None:
+            await self.hmac_key()
+        return self._link
+
+    async def hmac(self, value: bytes | str) -> str | None:
+        """`hmac-sha256:<hex>` of a value, or None while the barrier is sealed."""
+        key = await self.hmac_key()
+        if key is None:
+            return None
+        data = value.encode() if isinstance(value, str) else value
+        return "hmac-sha256:" + _hmac.new(key, data, hashlib.sha256).hexdigest()
+
+    # ---------------------------------------------------------------- writing
+    @staticmethod
+    def _row(rec: dict[str, Any]) -> dict[str, Any]:
+        row = {f: rec.get(f) for f in FIELDS if f not in ("seq", "prev_hash")}
+        row["at"] = row.get("at") or timeutil.now_db()
+        row["detail"] = json.dumps(rec.get("detail") or {}, separators=(",", ":"), sort_keys=True)
+        row["change"] = None if rec.get("change") is None else int(bool(rec["change"]))
+        for f, n in _TRUNCATE.items():
+            if isinstance(row.get(f), str) and len(row[f]) > n:
+                row[f] = row[f][:n]
+        return row
+
+    async def append(self, rec: dict[str, Any]) -> int:
+        """Append one record; returns its sequence number once the record is committed.
+
+        Raises what the write raised when its batch failed (the whole batch rolls back)."""
+        return (await self.append_many([rec]))[0]
+
+    async def append_many(self, recs: list[dict[str, Any]]) -> list[int]:
+        """Append records in this order (one group commit when they fit a batch); their sequence numbers."""
+        if not recs:
+            return []
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[int]] = []
+        for rec in recs:
+            fut: asyncio.Future[int] = loop.create_future()
+            self._queue.append((self._row(rec), fut))
+            futs.append(fut)
+        w = self._writer
+        if w is None or w.done() or w.get_loop() is not loop:
+            self._writer = loop.create_task(self._drain(), name="audit-writer")
+        return list(await asyncio.gather(*futs))
+
+    async def _drain(self) -> None:
+        """The one writer: commit what is queued, a batch per transaction, until the queue is empty."""
+        me = asyncio.current_task()
+        batch: list[tuple[dict, asyncio.Future]] = []
+        try:
+            while self._queue:
+                n = min(max(1, int(self.settings.batch_max)), 1000)    # bound the statement's parameters
+                batch, self._queue[:n] = self._queue[:n], []
+                try:
+                    head_seq = await self._write([row for row, _ in batch])
+                except Exception as e:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                else:
+                    for row, fut in batch:
+                        if not fut.done():
+                            fut.set_result(row["seq"])
+                    if self.checkpointer is not None:
+                        self.checkpointer.nudge(head_seq)
+                batch = []
+        finally:
+            # Cancelled (the loop is stopping): nothing may wait forever, and nothing counts as written.
+            left = batch
+            if self._writer is me:
+                left, self._queue = left + self._queue, []
+                self._writer = None
+            for _, fut in left:
+                if not fut.done():
+                    fut.set_exception(Unavailable("the audit writer stopped"))
+
+    async def close(self) -> None:
+        """Let the writer commit what is queued (at shutdown, after the listeners have stopped)."""
+        w = self._writer
+        if w is not None and not w.done() and w.get_loop() is asyncio.get_running_loop():
+            try:
+                await asyncio.wait_for(asyncio.shield(w), 10)
+            except (asyncio.TimeoutError, Exception):
+                w.cancel()
+
+    async def _write(self, rows: list[dict]) -> int:
+        """One transaction: reserve len(rows) sequence numbers, chain and tag the rows in order, insert,
+        move the head. A record written while the barrier is sealed gets no tag (verify counts them)."""
+        n = len(rows)
+        key = self._link if self._link is not None else await self.link_key()
+        async with self.db.transaction() as tx:
+            head = await tx.fetchone("UPDATE audit_head SET seq = seq + ? WHERE id = 1 RETURNING seq, hash", n)
+            seq, prev = int(head["seq"]) - n, head["hash"]
+            values: list[Any] = []
+            for row in rows:
+                seq += 1
+                row["seq"], row["prev_hash"] = seq, prev
+                prev = digest(row)
+                values += [row[f] for f in FIELDS]
+                values += [prev, tag(key, prev) if key is not None else None]
+            one = f"({', '.join('?' * len(COLUMNS))})"
+            await tx.execute(f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES {', '.join([one] * n)}",
+                             *values)
+            await tx.execute("UPDATE audit_head SET hash = ? WHERE id = 1", prev)
+        return seq
+
+    async def event(self, action: str, *, actor: str, actor_kind: str = "system", keystore_id: int | None = None,
+                    key_id: str | None = None, result: str = "ok", reason: str | None = None,
+                    detail: dict | None = None, project_id: int | None = None,
+                    change: bool | None = None) -> int | None:
+        """A decision taken outside one request (approval applied, expired...)."""
+        if not self.settings.enabled:
+            return None
+        return await self.append({"plane": "system", "actor": actor, "actor_kind": actor_kind, "action": action,
+                                  "project_id": project_id, "keystore_id": keystore_id, "key_id": key_id,
+                                  "change": change, "result": result, "reason": reason, "detail": detail})
+
+    # ---------------------------------------------------------------- reading
+    async def query(self, *, since: str | None = None, until: str | None = None, actor: str | None = None,
+                    plane: str | None = None, key_id: str | None = None, keystore_id: int | None = None,
+                    result: str | None = None, action: str | None = None, after_seq: int = 0,
+                    before_seq: int | None = None, limit: int = 100, changes: bool = False,
+                    project_ids: list[int] | None = None, newest_first: bool = False) -> list[dict]:
+        """Records matching every filter given. `project_ids` (a scoped operator's projects) keeps
+        only those projects' records; `newest_first` pages down from `before_seq`."""
+        where, args = ["seq > ?"], [after_seq]
+        if before_seq is not None:
+            where.append("seq < ?"), args.append(before_seq)
+        for col, val in (("actor", actor), ("plane", plane), ("key_id", key_id), ("keystore_id", keystore_id),
+                         ("result", result)):
+            if val is not None:
+                where.append(f"{col} = ?"), args.append(val)
+        if action is not None:
+            # `key` matches every key.* action; `key.create` only itself.
+            if "." in action:
+                where.append("action = ?"), args.append(action)
+            else:
+                where.append("action LIKE ?"), args.append(action.replace("%", "").replace("_", "") + ".%")
+        if changes:
+            where.append("change = 1")
+        if project_ids is not None:
+            if not project_ids:
+                return []
+            where.append(f"project_id IN ({', '.join('?' * len(project_ids))})"), args.extend(project_ids)
+        if since:
+            where.append("at >= ?"), args.append(since)
+        if until:
+            where.append("at < ?"), args.append(until)
+        order = "DESC" if newest_first else ""
+        rows = await self.db.fetchall(f"SELECT * FROM audit_log WHERE {' AND '.join(where)} "
+                                      f"ORDER BY seq {order} LIMIT ?", *args, limit)
+        return [to_api(r) for r in rows]
+
+    # ------------------------------------------------------------- verifying
+    def sinks(self) -> list:
+        if self._sinks is None:
+            from server.audit.checkpoints import sinks_for
+            self._sinks = sinks_for(self.config, self.settings)
+        return self._sinks
+
+    async def public_key(self):
+        from server.audit.checkpoints import checkpoint_key
+        if self.barrier.sealed:
+            from server.errors import Sealed
+            raise Sealed(self.barrier.sealed_reason)
+        return (await checkpoint_key(self.db, self.barrier)).public_key()
+
+    async def checkpoints(self) -> tuple[list[dict], list[str], str | None]:
+        """(checkpoints signed by this installation, the sinks read, the current epoch)."""
+        from server.audit import checkpoints as cp
+        pub = await self.public_key()
+        ep = await cp.epoch(self.db, self.barrier)
+        found, read = await cp.load_all(self.sinks(), pub)
+        return found, read, ep
+
+    async def verify(self) -> VerifyResult:
+        """The keyed chain and the checkpoints; only digests while the barrier is sealed."""
+        key = await self.link_key()
+        if key is None:
+            res = await verify_chain(self.db)
+            res.warnings.append("the barrier is sealed: tags and checkpoints were not checked")
+            return res
+        from server.audit.checkpoints import EpochForged
+        try:
+            found, read, ep = await self.checkpoints()
+        except EpochForged as e:
+            head = await self.db.fetchval("SELECT seq FROM audit_head WHERE id = 1")
+            return VerifyResult(False, 0, int(head or 0), None, str(e), keyed=True)
+        return await verify_chain(self.db, key=key, checkpoints=found, epoch=ep, sources=read)
+
+
+def parse_time(value: str | None, what: str) -> str | None:
+    """API/CLI time (ISO 8601, UTC when no zone) -> the database's fixed-width text."""
+    if not value:
+        return None
+    import datetime as dt
+    try:
+        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"{what} must be an ISO 8601 time, e.g. 2025-01-31T09:00:00") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return timeutil.to_db(t)

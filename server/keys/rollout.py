@@ -1,0 +1,111 @@
+"""Rotation roll-out: which version of a key each sidecar host holds, as the hosts acknowledge it.
+
+A sidecar reports, per key it serves (or renders), the version it last delivered, when, and whether
+the reload action that followed succeeded. A host is its certificate (SHA-256 fingerprint; the name
+shown is the certificate's common name, the MAC the one its certificate attests). Each report
+carries the host's own TTL, its promise to report again within it: a host silent for longer is
+*stale*, shown but not trusted to still hold what it last said (it may be stopped, or cut off).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from server import timeutil
+from server.storage.base import Executor, Storage
+
+MIN_TTL, MAX_TTL = 2, 86_400          # seconds a host's report may claim to stay current
+
+
+@dataclass(frozen=True)
+class Host:
+    """A sidecar host as the key server saw it on this connection."""
+    fingerprint: str                   # SHA-256 of its certificate (DER), hex
+    name: str                          # the certificate's common name
+    mac: str | None                    # the claimed MAC when the certificate binds it (attested), else None
+
+
+@dataclass(frozen=True)
+class Ack:
+    key_id: str
+    version: int
+    delivered_at: str | None           # database time form; the sidecar's clock
+    reload_ok: bool | None             # None: no reload action ran for this key
+
+
+@dataclass(frozen=True)
+class Holding:
+    host: str
+    fingerprint: str
+    mac: str | None
+    version: int
+    delivered_at: str | None
+    acked_at: str
+    ttl: int
+    reload_ok: bool | None
+    stale: bool
+
+    def to_api(self) -> dict:
+        return {"host": self.host, "fingerprint": self.fingerprint, "mac": self.mac, "version": self.version,
+                "deliveredDatetime": timeutil.to_api(self.delivered_at),
+                "ackDatetime": timeutil.to_api(self.acked_at), "ttlSeconds": self.ttl,
+                "reloadOk": self.reload_ok, "stale": self.stale}
+
+
+async def record(storage: Storage, project_id: int, host: Host, acks: list[Ack], ttl: int) -> int:
+    """Upsert one host's acknowledgements (one row per host and key, one transaction); returns the count."""
+    now = timeutil.now_db()
+    async with storage.transaction() as tx:
+        for a in acks:
+            await tx.execute(
+                "INSERT INTO key_holdings (host_fp, key_id, project_id, host_name, mac, version, delivered_at, "
+                "acked_at, ttl_seconds, reload_ok) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (host_fp, key_id) DO UPDATE SET project_id = excluded.project_id, "
+                "host_name = excluded.host_name, mac = excluded.mac, version = excluded.version, "
+                "delivered_at = excluded.delivered_at, acked_at = excluded.acked_at, "
+                "ttl_seconds = excluded.ttl_seconds, reload_ok = excluded.reload_ok",
+                host.fingerprint, a.key_id, project_id, host.name[:200], host.mac, a.version, a.delivered_at, now,
+                ttl, None if a.reload_ok is None else int(a.reload_ok))
+    return len(acks)
+
+
+def _holding(r: dict, now: dt.datetime) -> Holding:
+    acked = timeutil.from_db(r["acked_at"])
+    stale = (now - acked).total_seconds() > int(r["ttl_seconds"])
+    return Holding(r["host_name"], r["host_fp"], r["mac"], int(r["version"]), r["delivered_at"], r["acked_at"],
+                   int(r["ttl_seconds"]), None if r["reload_ok"] is None else bool(r["reload_ok"]), stale)
+
+
+async def holdings(db: Executor, key_id: str, now: dt.datetime | None = None) -> list[Holding]:
+    rows = await db.fetchall("SELECT * FROM key_holdings WHERE key_id = ? ORDER BY host_name, host_fp", key_id)
+    now = now or timeutil.now()
+    return [_holding(r, now) for r in rows]
+
+
+async def current_holders(db: Executor, key_id: str, version: int) -> list[Holding]:
+    """Hosts still reporting (not stale) that hold `version`: what a version disable must wait for."""
+    rows = await db.fetchall("SELECT * FROM key_holdings WHERE key_id = ? AND version = ? ORDER BY host_name",
+                             key_id, version)
+    now = timeutil.now()
+    return [h for h in (_holding(r, now) for r in rows) if not h.stale]
+
+
+def summarize(current_version: int, hs: list[Holding]) -> dict:
+    """`version 3 on 12 of 14 hosts`: hosts reporting the current version, of all hosts known for the key."""
+    on = sum(1 for h in hs if h.version == current_version and not h.stale)
+    stale = sum(1 for h in hs if h.stale)
+    by_version: dict[int, int] = {}
+    for h in hs:
+        if not h.stale:
+            by_version[h.version] = by_version.get(h.version, 0) + 1
+    text = f"version {current_version} on {on} of {len(hs)} host{'s' if len(hs) != 1 else ''}"
+    if stale:
+        text += f" ({stale} stale)"
+    return {"currentVersion": current_version, "hostsOnCurrent": on, "hosts": len(hs), "staleHosts": stale,
+            "versions": [{"version": v, "hosts": n} for v, n in sorted(by_version.items(), reverse=True)],
+            "summary": text}
+
+
+async def rollout(db: Executor, key_id: str, current_version: int) -> dict:
+    hs = await holdings(db, key_id)
+    return {"keyId": key_id, **summarize(current_version, hs), "hostList": [h.to_api() for h in hs]}

@@ -1,0 +1,135 @@
+"""`skm demo` as a user runs it (serving, not --once): a real process on free ports (`--port 0`), so it
+never meets another run's :8442-8444.
+
+What a user relies on: a console login and a CLI token printed once, the `export` line whole on one
+line however narrow the terminal, no warnings for the expected start-up, a re-run that replaces the
+login instead of piling up tokens, and SIGTERM stopping everything the demo started.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SKM = [sys.executable, "-m", "server.cli.main"]
+
+
+class Demo:
+    """One `skm demo` process; its output is read by threads (pipes and select() do not mix with buffering)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "50", "SKM_CONFIG": "/nonexistent"}
+        self.proc = subprocess.Popen([*SKM, "demo", "--data-dir", str(data_dir), "--port", "0"], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out, self.err = [""], [""]
+        for stream, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._pump, args=(stream, buf), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, buf: list[str]) -> None:
+        for line in stream:
+            buf[0] += line
+
+    def wait_serving(self, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while "Press Ctrl-C to stop." not in self.out[0]:
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.out[0] + self.err[0]
+            time.sleep(0.1)
+        return self.out[0]
+
+    def children(self) -> set[int]:
+        found: set[int] = set()
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        return found
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            for pid in self.children():
+                os.kill(pid, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _login(out: str) -> dict:
+    (export,) = [line for line in out.splitlines() if line.startswith("export ")]
+    env = dict(re.findall(r"(SKM_\w+)=(\S+)", export))
+    assert set(env) == {"SKM_ADDR", "SKM_CACERT", "SKM_TOKEN"}, export
+    assert re.fullmatch(r"skm_[0-9a-f]{16}_[\w-]{43}", env["SKM_TOKEN"]), export     # whole, on this one line
+    assert Path(env["SKM_CACERT"]).is_file()
+    name, password = re.search(r"^Console login: (\S+) / (\S+)$", out, re.M).groups()
+    expires = re.search(r"the token expires (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", out).group(1)
+    return {**env, "name": name, "password": password, "expires": expires}
+
+
+def _api(login: dict, method: str, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
+    ctx = ssl.create_default_context(cafile=login["SKM_CACERT"])
+    req = urllib.request.Request(f"{login['SKM_ADDR']}/api/v1{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _active_tokens(login: dict) -> list[dict]:
+    st, out = _api(login, "GET", "/tokens?all=true", token=login["SKM_TOKEN"])
+    assert st == 200, out
+    return [t for t in out["body"]["tokens"] if t["status"] == "ACTIVE"]
+
+
+def _stop(demo: Demo) -> None:
+    """SIGTERM: the demo exits 0 and no process it started survives (the system-key server above all)."""
+    sk = int(re.search(r"system-key server \(pid (\d+)\)", demo.out[0]).group(1))
+    children = demo.children()
+    assert sk in children
+    demo.proc.send_signal(signal.SIGTERM)
+    assert demo.proc.wait(timeout=30) == 0, demo.err[0]
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in children):
+        assert time.monotonic() < deadline, f"still running after the demo stopped: {children}"
+        time.sleep(0.05)
+
+
+def test_demo_prints_a_login_replaces_it_on_rerun_and_stops_on_sigterm(tmp_path):
+    data = Path(f"/tmp/skm-demo-test-{os.getpid()}")       # short: the sidecar's socket path is under it
+    first = Demo(data)
+    try:
+        out = first.wait_serving()
+        login = _login(out)
+        assert "warning" not in (out + first.err[0]).lower(), out + first.err[0]   # expected start-up is quiet
+        active = _active_tokens(login)
+        assert len(active) == 1 and active[0]["operator"] == login["name"] == "demo-admin"   # init's token revoked
+        assert active[0]["expirationDatetime"].replace("T", " ").startswith(login["expires"])  # the real expiry
+        st, body = _api(login, "POST", "/login", {"name": login["name"], "password": login["password"]})
+        assert st == 200, body
+        _stop(first)
+
+        second = Demo(data)
+        try:
+            again = _login(second.wait_serving())
+            assert again["SKM_TOKEN"] != login["SKM_TOKEN"] and again["password"] != login["password"]
+            st, _ = _api(again, "GET", "/whoami", token=login["SKM_TOKEN"])
+            assert st == 401                                          # the first run's token is revoked ...
+            assert [t["operator"] for t in _active_tokens(again)] == ["demo-admin"]   # ... and only one is live
+            st, _ = _api(again, "POST", "/login", {"name": again["name"], "password": login["password"]})
+            assert st == 401                                          # the old password is gone too
+            _stop(second)
+        finally:
+            second.terminate()
+    finally:
+        first.terminate()
+        subprocess.run(["rm", "-rf", str(data)], check=False)
