@@ -66,9 +66,7 @@ async def get_keystore(request: web.Request, _body) -> dict:
 @routes.route("DELETE", r"/keystores/{keystore_id:\d{1,12}}", summary="Delete an empty key store (409 while it "
               "holds keys; a change request on an approval store)", response=m.KeyStoreDeleted, tags=("keystores",))
 async def delete_keystore(request: web.Request, _body) -> dict:
-    from server.audit import AUDIT_ACTION
     from server.keys.keystore_delete import check_deletable
-    request[AUDIT_ACTION] = "keystore.delete"
     op = await admin(request)
     rt = runtime(request)
     ks = await rt.keys.keystore(int(request.match_info["keystore_id"]))
