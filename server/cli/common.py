@@ -232,8 +232,7 @@ def yn(flag: bool) -> str:
 
 
 def fail(msg: str, code: int = 1) -> int:
-    from server.cli.main import _report      # one shape for every failure (JSON under --json)
-    _report(msg, code)
+    report_error(msg, code)
     return code
 
 
@@ -373,3 +372,20 @@ async def with_appkeys(c: MgmtClient, out: dict) -> dict:
     if not projects:
         return out
     return {**out, "appkey": projects[0]["appkey"], "appkeys": {p["name"]: p["appkey"] for p in projects}}
+
+
+# ----------------------------------------------------------------- error output
+class _ErrorShape:
+    json = False      # set by main when --json was given (before parsing, so usage errors follow it too)
+
+
+ERRORS = _ErrorShape()
+
+
+def report_error(text: str, code: int, *, kind: str = "error", **extra: Any) -> None:
+    """One failure, one line: `error: ...` on stderr, or one JSON object there under --json."""
+    if ERRORS.json:
+        print(json.dumps({"error": {"kind": kind, "message": text, "exitCode": code, **extra}}, ensure_ascii=False),
+              file=sys.stderr)
+    else:
+        print(f"error: {text}", file=sys.stderr)

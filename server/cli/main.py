@@ -29,7 +29,6 @@ EXIT = [((Unauthenticated, Forbidden, InvalidAppkey, TooManyAttempts), 3),
         ((NotFound, KeyStoreNotFound, InvalidKeyId), 4), ((Conflict,), 5), ((Sealed, Unavailable), 6),
         ((ApprovalRequired,), 7)]
 USAGE, BROKEN_PIPE = 2, 141
-_json_errors = False          # --json was given: errors are JSON too (set before parsing, for usage errors)
 
 
 class SkmParser(argparse.ArgumentParser):
@@ -74,12 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(text: str, code: int, *, kind: str = "error", **extra) -> None:
-    """One failure, one line: text on stderr, or a JSON object under --json."""
-    if _json_errors:
-        print(json.dumps({"error": {"kind": kind, "message": text, "exitCode": code, **extra}}, ensure_ascii=False),
-              file=sys.stderr)
-    else:
-        print(f"error: {text}", file=sys.stderr)
+    from server.cli.common import report_error
+    report_error(text, code, kind=kind, **extra)
 
 
 def _skm_error(e: SKMError, args: argparse.Namespace) -> int:
@@ -136,9 +131,9 @@ def _quiet_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _json_errors
+    from server.cli.common import ERRORS
     argv = list(sys.argv[1:] if argv is None else argv)
-    _json_errors = "--json" in argv
+    ERRORS.json = "--json" in argv
     parser = build_parser()
     if not argv:
         parser.print_help()
@@ -149,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except ApprovalRequired as e:
-        if _json_errors:
+        if ERRORS.json:
             print(json.dumps({"changeRequestId": e.request_id, "status": "PENDING", "detail": e.detail}))
         else:
             print(f"pending approval: change request {e.request_id} was created; an approver must approve it "

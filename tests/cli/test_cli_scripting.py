@@ -277,6 +277,8 @@ async def test_json_errors_and_confirmation(skm):
     assert code == 2 and json.loads(err)["error"]["kind"] == "usage"
     code, out, err = await run(skm, "keystore", "list", "--json", env={"SKM_ADDR": "http://x:1"})
     assert code == 2 and "https" in json.loads(err)["error"]["message"]
+    code, out, err = await run(skm, "operator", "update", "admin", "--json")     # a command's own check
+    assert code == 2 and "nothing to change" in json.loads(err)["error"]["message"]
 
     # key reveal: the value alone on stdout; audited; admins only.
     code, out, err = await run(skm, "key", "reveal", "apps/pw")
