@@ -168,6 +168,12 @@ async def test_appkey_is_found_again_and_keys_are_named_store_slash_name(skm):
     code, out, _ = await run(skm, "whoami")
     assert skm.appkey in out
 
+    # Key-store auth data by the store's name too.
+    code, _, err = await run(skm, "auth", "ip", "add", "payments", "10.9.0.0/24")
+    assert code == 0, err
+    code, out, err = await run(skm, "auth", "ip", "list", "payments", "--json")
+    assert code == 0 and "10.9.0.0/24" in [e["value"] for e in json.loads(out)["entries"]], err
+
     kid = (await skm.key(store, "SECRET", "db/password", secretValue="v0"))["keyId"]
     for ref in ("payments/db/password", f"{sid}/db/password", kid):
         code, out, err = await run(skm, "key", "show", ref, "--json")
