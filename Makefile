@@ -29,21 +29,24 @@ $(TOOLS_STAMP):
 	$(TOOLS)/bin/pip install -q 'sslyze>=6.0'
 	touch $(TOOLS_STAMP)
 
-.PHONY: install demo test test-long test-postgres bench bench-smoke clean
+.PHONY: install demo test test-long test-postgres bench bench-smoke screenshots clean
 install: $(STAMP)
 
 demo: $(RUNTIME_STAMP)
 	$(BIN)/skm demo
 
+# Every target ends with the secret-hygiene sweep (tests/reliability/test_secret_hygiene.py, ordered
+# last by its conftest): it greps what the run before it left behind, in the same pytest session.
 test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/pytest -q
 
 test-long: $(STAMP) $(TOOLS_STAMP)
-	$(BIN)/pytest -q -m long
+	$(BIN)/pytest -q -m 'long or sweep'
 
 # The API, key and storage tests again with every key server on a throwaway PostgreSQL.
 test-postgres: $(STAMP)
-	SKM_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/api tests/keys tests/storage tests/replicas/test_harness_backend.py
+	SKM_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/api tests/keys tests/storage tests/replicas/test_harness_backend.py \
+		tests/reliability/test_secret_hygiene.py
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[test,bench]'
@@ -52,6 +55,10 @@ bench: $(STAMP)
 # A few seconds per workload, our server + sidecar + floor only: checks the harness, not the numbers.
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --systems skm,sidecar,floor --duration 2 --runs 1 --warmup 0 --scale 2000
+
+# The console's pages in Chromium (Debian's package), full-page PNGs written to docs/console/.
+screenshots: $(STAMP)
+	SKM_SCREENSHOTS=docs/console $(BIN)/pytest -q tests/console/test_home.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .skm build *.egg-info

@@ -19,6 +19,7 @@ def config_text(fx: Fixture, upstream: str, socket: Path) -> str:
         "[upstream]", f'urls = ["{upstream}"]', f'ca = "{fx.ca}"', f'cert = "{fx.sidecar.cert}"',
         f'key = "{fx.sidecar.key}"',
         "[listen]", f'socket = "{socket}"', "tcp_port = 0",
+        "tcp_allow_default = true",             # the bench's own throwaway host: any local user may read
         "[cache]", "ttl = 600.0",
     ]) + "\n"
 

@@ -21,7 +21,7 @@ from server.access.operators import Operators
 from server.access.tls import server_context
 from server.api import middleware
 from server.api.routing import RouteTable
-from server.api.timeouts import DeadlineAppRunner
+from server.api.timeouts import DeadlineAppRunner, DeadlineTCPSite
 from server.barrier.barrier import Barrier
 from server.barrier.keyring import LocalKeyringSource, SystemKeySource
 from server.barrier.rootkey import RootKeyProvider, make_provider
@@ -71,7 +71,8 @@ def _optional_tables(plane: str) -> list[RouteTable]:
                    "server.api.client.event_routes", "server.api.client.sidecar_routes"],
         "mgmt": ["server.api.mgmt.cert_routes", "server.api.mgmt.operator_routes", "server.api.mgmt.approval_routes",
                  "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes",
-                 "server.api.mgmt.credential_routes", "server.api.mgmt.version_routes"],
+                 "server.api.mgmt.credential_routes", "server.api.mgmt.version_routes",
+                 "server.api.mgmt.usage_routes"],
     }[plane]
     return [importlib.import_module(name).routes for name in names]
 
@@ -110,6 +111,7 @@ def build_apps(rt: Runtime) -> tuple[web.Application, web.Application]:
         middleware.request_context, rt.metrics.middleware("mgmt"), *rt.extra.get("mgmt_middlewares", []),
         middleware.errors])
     mgmt[RUNTIME] = rt
+    middleware.add_hsts(mgmt, rt.config.hsts_max_age)
     table = mgmt_routes()
     table.register(mgmt)
     doc = table.openapi("Secure Key Manager management API", VERSION,
@@ -151,7 +153,7 @@ def _extend_runtime(rt: Runtime) -> None:
     """Hooks for modules that add services (certificates, credentials, approvals, audit, console)."""
     import importlib
     for name in ("server.access.certificates", "server.access.callers", "server.access.approvals",
-                 "server.audit", "server.console"):
+                 "server.audit", "server.usage", "server.console"):
         importlib.import_module(name).install(rt)
 
 
@@ -226,6 +228,7 @@ class KeyServer:
         else:
             self.data_port = await self._listen(data_app, "data", client_cert=True, port=place.data_port,
                                                 reuse_port=True)
+        rt.extra["data_port"] = self.data_port      # the console's connection panel names it
         if place is None or place.primary:
             # The management plane, console and background jobs run in one process only.
             self.mgmt_port = await self._listen(mgmt_app, "mgmt", client_cert=False)
@@ -274,8 +277,8 @@ class KeyServer:
                                    keepalive_timeout=cfg.keepalive_timeout)
         await runner.setup()
         lc = getattr(cfg, which)
-        site = web.TCPSite(runner, lc.host, lc.port if port is None else port, ssl_context=ctx,
-                           reuse_port=reuse_port, backlog=1024)
+        site = DeadlineTCPSite(runner, lc.host, lc.port if port is None else port, ssl_context=ctx,
+                               reuse_port=reuse_port, backlog=1024, handshake_timeout=cfg.handshake_timeout)
         await site.start()
         self._runners.append(runner)
         return site._server.sockets[0].getsockname()[1]

@@ -74,12 +74,24 @@ def _table(value: Any, tp: type[T], where: str) -> T:
     return build(tp, value, {}, "", where + ".")
 
 
-def build(cls: type[T], data: Mapping[str, Any], env: Mapping[str, str], env_prefix: str, where: str = "") -> T:
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def build(cls: type[T], data: Mapping[str, Any], env: Mapping[str, str], env_prefix: str, where: str = "",
+          base: Any = None) -> T:
+    """`base`: the instance whose values stand for settings neither file nor environment gives. A nested
+    table starts from its parent field's default (``ServerConfig.data`` is ``ListenerConfig(port=8443)``,
+    not ``ListenerConfig()``), so no config at all means the documented defaults."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(sorted(where + k for k in unknown))}; check the spelling")
+    if base is not None and not isinstance(base, cls):
+        base = None
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
@@ -88,12 +100,15 @@ def build(cls: type[T], data: Mapping[str, Any], env: Mapping[str, str], env_pre
             sub = data.get(f.name, {})
             if not isinstance(sub, Mapping):
                 raise ConfigError(f"{where}{f.name} must be a table")
-            kwargs[f.name] = build(tp, sub, env, env_name + "_", f"{where}{f.name}.")
+            sub_base = getattr(base, f.name) if base is not None else _field_default(f)
+            kwargs[f.name] = build(tp, sub, env, env_name + "_", f"{where}{f.name}.", base=sub_base)
             continue
         if env_name in env:
             kwargs[f.name] = _coerce(env[env_name], tp, env_name)
         elif f.name in data:
             kwargs[f.name] = _coerce(data[f.name], tp, where + f.name)
+    if base is not None:
+        return dataclasses.replace(base, **kwargs)
     return cls(**kwargs)
 
 

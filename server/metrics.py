@@ -24,6 +24,9 @@ class Metrics:
                                   registry=self.registry)
         self.denials = Counter(f"{prefix}_access_denials", "client requests refused by key-store checks",
                                ["reason"], registry=self.registry)
+        # Per key store (its id), never per key: label cardinality stays the number of stores.
+        self.keystore_requests = Counter(f"{prefix}_keystore_requests", "client requests per key store and result "
+                                         "(ok, denied, error)", ["keystore", "result"], registry=self.registry)
 
     def middleware(self, plane: str):
         # Children looked up once per (route, status): labels() validates and locks on every call.

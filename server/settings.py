@@ -3,7 +3,8 @@
 Each nested dataclass is a TOML table whose env names join the path:
 ``[login] max_failures`` is ``SKM_LOGIN_MAX_FAILURES``, ``[audit] enabled`` is
 ``SKM_AUDIT_ENABLED``, ``[approvals] webhook_url`` is ``SKM_APPROVALS_WEBHOOK_URL``,
-``[console] idle_seconds`` is ``SKM_CONSOLE_IDLE_SECONDS``.
+``[console] idle_seconds`` is ``SKM_CONSOLE_IDLE_SECONDS``, ``[compat] inventory_appkey_only`` is
+``SKM_COMPAT_INVENTORY_APPKEY_ONLY``.
 """
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ def _from_config(cls: type[_S], config: Any, attr: str, env_prefix: str) -> _S:
 @dataclass(frozen=True)
 class LoginSettings:
     """Operator login policy: [login] / SKM_LOGIN_*."""
-    max_failures: int = 5             # failed logins in a row before the name is locked
+    max_failures: int = 5             # failed logins in a row from one address before the name is locked there
     lockout_seconds: int = 900
+    max_failures_per_name: int = 100  # failures from all addresses within lockout_seconds: past it, only
+                                      # addresses the operator logged in from before are accepted
     rate_per_minute: int = 30         # login attempts per client IP per minute
     token_ttl_hours: float = 12.0     # lifetime of a token issued by login
     argon2_time_cost: int = 3
@@ -69,10 +72,22 @@ class ApprovalSettings:
     webhook_timeout: float = 5.0
     webhook_retries: int = 3
     expire_interval: float = 60.0     # how often pending requests past their expiry are marked EXPIRED
+    operators: bool = False           # operator management (create, grant, password reset, credentials for
+                                      # someone else) becomes a change request another global admin approves
+    operators_needed: int = 1         # approvals an operator management request needs
 
     @classmethod
     def from_config(cls, config) -> "ApprovalSettings":
         return _from_config(cls, config, "approvals", "SKM_APPROVALS_")
+
+
+@dataclass(frozen=True)
+class CompatSettings:
+    """Where this server is stricter than NHN's, the switch back: [compat] / SKM_COMPAT_*."""
+    # The v1.0+ inventory (GET /keystores...) lists a store's keys, IPs, MACs and certificate names.
+    # false (default): only to a caller that passes that store's own checks; true: to anyone holding
+    # the appkey, as NHN's does.
+    inventory_appkey_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,15 +158,18 @@ class ServerConfig:
     event_loop: str = "auto"          # auto (uvloop when installed) | uvloop | asyncio; see server/loops.py
     max_body_bytes: int = 256 * 1024
     header_timeout: float = 10.0      # a connection must finish a request's headers within this (slow-loris)
+    handshake_timeout: float = 10.0   # ... and its TLS handshake within this, from the TCP connect
     keepalive_timeout: float = 75.0
     body_timeout: float = 10.0
     trusted_proxies: tuple[str, ...] = ()
     log_format: str = "auto"          # auto | json | console
     log_level: str = "info"
     public_url: str = ""              # how clients reach the data plane, for messages only
+    hsts_max_age: int = 31536000      # Strict-Transport-Security on the management listener (console); 0: none
     login: LoginSettings = field(default_factory=LoginSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
+    compat: CompatSettings = field(default_factory=CompatSettings)
     console: "_console_settings()" = field(default_factory=lambda: _console_settings()())  # noqa: F821
 
     @property

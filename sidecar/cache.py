@@ -7,6 +7,10 @@ When the key server fails (unreachable or 5xx), an entry up to
 `stale_if_error` seconds old is served marked stale; older, the error stands.
 A push event drops a key's entries at once; a fetch that raced a drop is not
 stored, so a value the server has replaced never comes back from the cache.
+A key scheduled for deletion or deleted (its event), or refused by the server
+(403/404/409/410), is tombstoned: its entries go and, until the server hands
+out its value again (or a cancellation event), stale-if-error never serves it:
+only a key whose last known state was ACTIVE is an outage fallback.
 Values live only in this process's memory.
 
 A reader may pass `encode(body, content_type) -> bytes` (the local API's encoded
@@ -26,6 +30,8 @@ from typing import Awaitable, Callable
 from sidecar.upstream import UpstreamResponse, UpstreamUnavailable
 
 ENTRY_OVERHEAD = 256          # bytes charged per entry for its key, headers and bookkeeping
+# The server's answers that say the key itself may not be handed out (refused, gone, not in service).
+_KEY_REFUSED = frozenset({403, 404, 409, 410})
 
 
 @dataclass(eq=False)           # identity hash: the read log counts reads per entry
@@ -82,6 +88,8 @@ class Cache:
         self._gen: dict[str, int] = {}        # per key id with a fill in flight, bumped by a drop meanwhile
         self._filling: dict[str, int] = {}    # key id -> fills in flight (only those can race with a drop)
         self._epoch = 0                       # bumped by drop_all / expire_all
+        # Key ids last known not ACTIVE (tombstones; LRU, bounded like the entries): never served stale.
+        self._tombstones: OrderedDict[str, None] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.stale = 0
 
@@ -98,6 +106,7 @@ class Cache:
         return {"entries": len(self._entries), "bytes": self.bytes, "maxEntries": self.max_entries,
                 "maxBytes": self.max_bytes, "ttlSeconds": self.ttl, "staleIfErrorSeconds": self.stale_if_error,
                 "hits": self.hits, "misses": self.misses, "staleServed": self.stale,
+                "tombstones": len(self._tombstones),
                 "hitRatio": self.hit_ratio}
 
     def peek(self, ckey: str) -> tuple[Entry, float] | None:
@@ -164,13 +173,16 @@ class Cache:
                 if self.encode is not None:
                     e.wire = self.encode(e.body, e.content_type)
                 self._store(ckey, e)
+                self._tombstones.pop(key_id, None)   # fetched after any tombstone: the server hands it out
             return Result(200, resp.body, resp.content_type, "miss", 0.0, version)
         if resp.server_error:
             stale = self._stale(ckey)
             if stale is not None:
                 return stale
+        elif resp.status in _KEY_REFUSED:
+            self.tombstone(key_id)    # deleted, not in service, access revoked: none of its values may serve
         else:
-            self._remove(ckey)        # the server says no (deleted, access revoked): forget it
+            self._remove(ckey)        # this request was wrong (400...): forget its entry
         return Result(resp.status, resp.body, resp.content_type, "pass")
 
     def _stale(self, ckey: str) -> Result | None:
@@ -178,7 +190,7 @@ class Cache:
         if e is None:
             return None
         age = self.clock() - e.fetched
-        if age > self.stale_if_error:
+        if age > self.stale_if_error or e.key_id in self._tombstones:
             self._remove(ckey)
             return None
         self._count("stale")
@@ -218,6 +230,24 @@ class Cache:
             self._remove(ckey)
             n += 1
         return n
+
+    def tombstone(self, key_id: str) -> int:
+        """The key was scheduled for deletion, deleted or refused: drop its values at once and serve none of
+        them stale until a value is fetched again (or `revive`)."""
+        n = self.drop_key(key_id)
+        self._tombstones[key_id] = None
+        self._tombstones.move_to_end(key_id)
+        while len(self._tombstones) > self.max_entries:
+            self._tombstones.popitem(last=False)
+        return n
+
+    def revive(self, key_id: str) -> int:
+        """The key's deletion was cancelled: it is ACTIVE again (its values are fetched afresh)."""
+        self._tombstones.pop(key_id, None)
+        return self.drop_key(key_id)
+
+    def tombstoned(self, key_id: str) -> bool:
+        return key_id in self._tombstones
 
     def drop_all(self) -> int:
         n = len(self._entries)

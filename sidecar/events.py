@@ -26,6 +26,7 @@ log = logs.get("skm.sidecar.events")
 
 KEY_EVENTS = {"secret_updated", "key_rotated", "key_created", "key_scheduled_deletion", "key_deletion_cancelled",
               "key_deleted"}
+TOMBSTONE_EVENTS = {"key_scheduled_deletion", "key_deleted"}
 
 
 class EventStream:
@@ -136,7 +137,12 @@ class EventStream:
         key_id = ev.get("key_id") if isinstance(ev, dict) else None
         keystore = ev.get("keystore_id") if isinstance(ev, dict) else None
         if kind in KEY_EVENTS and isinstance(key_id, str):
-            n = self.cache.drop_key(key_id)
+            if kind in TOMBSTONE_EVENTS:
+                n = self.cache.tombstone(key_id)         # never an outage fallback again (sidecar/cache.py)
+            elif kind == "key_deletion_cancelled":
+                n = self.cache.revive(key_id)
+            else:
+                n = self.cache.drop_key(key_id)
             if kind in ("key_created", "key_deleted") and self.on_keystore:
                 self.on_keystore(keystore if isinstance(keystore, int) else None)
             log.debug("invalidated", kind=kind, key_id=key_id, entries=n)

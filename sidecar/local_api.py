@@ -8,7 +8,9 @@ sends anyway are removed and counted (or refused with
 socket each caller's uid/gid comes from SO_PEERCRED and an optional allow-list
 per key or key store decides; the TCP listener answers 127.0.0.1 only and
 requires `X-SKM-Request: 1` so a browser or an SSRF-able service on the host
-cannot be steered into it.
+cannot be steered into it. A TCP caller's uid comes from the kernel's socket
+table (sidecar/peer.py) and the same allow-list applies to it (uid rules only:
+the table names no groups).
 
 Connections are served by `sidecar.fastpath.LocalConnection`: a plain GET of a
 cacheable path (a secret, a public key) is answered by `answer()` below without
@@ -38,6 +40,7 @@ from server import logs
 from server.api import envelope
 from server.errors import ConfigError, Forbidden, SKMError, Unavailable, URLNotFound
 from sidecar import fastpath, reads
+from sidecar.peer import tcp_peer_uid
 from sidecar.cache import Cache, Result
 from sidecar.settings import AccessRule, SidecarConfig
 from sidecar.upstream import Upstream, UpstreamUnavailable
@@ -80,7 +83,11 @@ def caller_of(transport, groups: bool = True) -> Caller:
     if sock is None:
         raise Forbidden("the caller went away")
     if sock.family != socket.AF_UNIX:
-        return Caller("tcp")
+        try:
+            uid = tcp_peer_uid(sock.family, sock.getpeername(), sock.getsockname())
+        except OSError:                  # not connected any more
+            uid = None
+        return Caller("tcp", uid)
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                         struct.calcsize("3i")))
     return Caller("unix", uid, gid, pid, frozenset({gid, *(_supplementary_groups(pid) if groups else ())}),
@@ -197,7 +204,8 @@ class Policy:
                 return
             raise Forbidden("no local access rule grants this caller that key")
         if caller.uid is None:
-            raise Forbidden("this key is limited to listed local users: call over the Unix socket")
+            raise Forbidden("this key is limited to listed local users and the caller's user is unknown: "
+                            "call over the Unix socket")
         if any(caller.uid in r.uids or (caller.groups & r.gids) for r in rules):
             return
         raise Forbidden("this local user is not on the allow-list for that key")

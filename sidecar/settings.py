@@ -54,6 +54,10 @@ class ListenConfig:
     socket: str = "/run/skm/sidecar.sock"
     socket_group: str = ""                # group name or gid owning the socket (mode 0660)
     tcp_port: int = -1                    # -1 off, 0 any free port; always 127.0.0.1 only
+    # Any local user can connect to 127.0.0.1 (no socket file mode to limit who): with
+    # access_default = "allow" every one of them could read every key no rule names. A TCP listener
+    # starts with that only when the operator says so here.
+    tcp_allow_default: bool = False
     max_body_bytes: int = 256 * 1024
     fast_path: bool = True                # cached reads answered without aiohttp's pipeline (sidecar/fastpath.py)
 
@@ -134,6 +138,10 @@ class SidecarConfig:
             raise ConfigError("upstream.key (the host certificate's private key) is missing")
         if self.access_default not in ("allow", "deny"):
             raise ConfigError("access_default must be allow or deny")
+        if self.listen.tcp_port >= 0 and self.access_default == "allow" and not self.listen.tcp_allow_default:
+            raise ConfigError("listen.tcp_port with access_default = \"allow\" lets every local user read every key "
+                              "no access rule names over TCP: set access_default = \"deny\" with access rules, "
+                              "or listen.tcp_allow_default = true to accept that")
         if self.cache.ttl <= 0 or self.cache.max_entries <= 0 or self.cache.max_bytes <= 0:
             raise ConfigError("cache.ttl, cache.max_entries and cache.max_bytes must be positive")
         if self.upstream.retries < 0 or self.upstream.retries > 10:

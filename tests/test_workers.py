@@ -212,6 +212,27 @@ async def test_a_dead_worker_is_restarted(group: Harness):
     assert await worker_of(s, group) == 1
 
 
+async def test_sigterm_leaves_no_process(group: Harness):
+    """SIGTERM to the supervisor stops every worker it started, not just itself.
+
+    The pids are taken before the signal: once the supervisor is gone its children list is gone
+    too, and orphaned workers (what a `Supervisor.stop()` that did nothing would leave) would be
+    re-parented, still alive, and this check sees them.
+    """
+    g: Group = group.server
+    pids = [p for p in g.children() if _alive(p)]
+    assert len(pids) == 2, pids
+    g.proc.send_signal(signal.SIGTERM)
+    try:
+        assert g.proc.wait(30) == 0, g.log.read_text()[-2000:]
+        left = [p for p in pids if _alive(p)]
+        assert not left, f"workers {left} outlived the supervisor"
+    finally:
+        for pid in pids:            # a failing run must not leave workers behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def test_a_worker_that_cannot_start_stops_the_group(tmp_path):
     cfg = load(ServerConfig, write_config(tmp_path, 2), env={})
     await init_server(cfg)

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import json
 import ssl
 from typing import Any
 
 import aiohttp
 
-from server import logs, timeutil
+from server import logs, text, timeutil
+from server.access.changes import Requester
+from server.access.lineage import Lineage
 from server.access.operators import Operator
 from server.barrier.barrier import sealed_aad
 from server.errors import (ApprovalRequired, ApprovalUnavailable, Conflict, Forbidden, InvalidRequest, NotFound,
@@ -68,42 +71,64 @@ class Approvals:
         self._tasks: set[asyncio.Task] = set()
 
     # --------------------------------------------------------------- requests
-    async def request(self, actor: str, ks: KeyStore, op_name: str, params: dict) -> None:
-        """Hold a change as a change request; always raises ApprovalRequired (or a refusal)."""
-        needed = max(1, int(ks.approvals_needed))
-        eligible = await self.rt.operators.eligible_approvers(actor)
+    async def request(self, who: Requester, ks: KeyStore | None, op_name: str, params: dict) -> None:
+        """Hold a change as a change request; always raises ApprovalRequired (or a refusal).
+
+        `ks` None: operator management, decided by another global admin."""
+        if who.operator is None:
+            raise Forbidden("a change request needs an operator identity: use an operator token, a user access key "
+                            "(v1.2) or a bearer token (v1.3)")
+        op = who.operator
+        if ks is None:
+            needed, role, project_id, where = max(1, self.settings.operators_needed), "admin", None, \
+                "operator management"
+        else:
+            needed, role, project_id, where = max(1, int(ks.approvals_needed)), "approver", ks.project_id, \
+                f"key store {ks.name!r}"
+        now = timeutil.now()
+        lineage = await Lineage.load(self.db)
+        eligible = len(lineage.eligible(op.id, role, project_id, timeutil.to_db(now)))
         if eligible < needed:
             # Fail closed: a request nobody can approve would wait forever, or tempt a bypass.
-            raise ApprovalUnavailable(f"key store {ks.name!r} requires {needed} approval(s) but only {eligible} "
-                                      "enabled operator(s) with the approver role (other than you) exist; add "
-                                      "approvers or lower approvalsNeeded")
+            raise ApprovalUnavailable(
+                f"{where} requires {needed} approval(s) but only {eligible} enabled operator(s) with the {role} role "
+                f"can approve your requests (not you, nor operators you created, granted a role or handed a "
+                f"credential, directly or through others); add {role}s or lower approvalsNeeded")
         public = {k: v for k, v in params.items() if k not in SECRET_FIELDS or v is None}
         hidden = {k: v for k, v in params.items() if k in SECRET_FIELDS and v is not None}
         diff = await self._diff(ks, op_name, params)
-        now = timeutil.now()
         expires = now + dt.timedelta(days=self.settings.expiry_days)
+        ks_id = ks.id if ks is not None else None
         async with self.db.transaction() as tx:
             row = await tx.fetchone(
-                "INSERT INTO change_requests (keystore_id, op, params, diff, status, approvals_needed, requested_by, "
-                "created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, 'PENDING', ?, ?, ?, ?, ?) RETURNING id",
-                ks.id, op_name, json.dumps(public), json.dumps(diff), needed, actor, timeutil.to_db(now),
-                timeutil.to_db(now), timeutil.to_db(expires))
+                "INSERT INTO change_requests (keystore_id, project_id, op, params, diff, status, approvals_needed, "
+                "requested_by, requester_id, credential, created_at, updated_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, 'PENDING', ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                ks_id, project_id, op_name, json.dumps(public), json.dumps(diff), needed, op.name, op.id,
+                who.credential, timeutil.to_db(now), timeutil.to_db(now), timeutil.to_db(expires))
             rid = int(row["id"])
             if hidden:
                 blob = self.rt.barrier.seal(json.dumps(hidden).encode(), _aad(rid))
                 await tx.execute("UPDATE change_requests SET secrets_sealed = ? WHERE id = ?", blob, rid)
         key_id = params.get("key_id")
-        await self.rt.events.publish(Event(ks.id, "approval_requested", key_id=key_id))
-        await self._audit("approval.requested", actor, "operator", ks.id, key_id, rid)
-        self._notify({"event": "approval_requested", "changeRequestId": rid, "keyStoreId": ks.id,
-                      "keyStoreName": ks.name, "operation": op_name, "keyId": key_id, "requestedBy": actor,
+        await self.rt.events.publish(Event(ks_id or 0, "approval_requested", key_id=key_id))
+        await self._audit("approval.requested", op.name, "operator", ks_id, key_id, rid,
+                          detail={"credential": who.credential} if who.credential else None, project_id=project_id)
+        self._notify({"event": "approval_requested", "changeRequestId": rid, "keyStoreId": ks_id,
+                      "keyStoreName": ks.name if ks is not None else None, "projectId": project_id,
+                      "operation": op_name, "keyId": key_id, "requestedBy": op.name,
                       "approvalsNeeded": needed, "expirationDatetime": timeutil.to_api(expires), "diff": diff})
-        raise ApprovalRequired(rid, f"the key store requires {needed} approval(s); change request {rid} waits for "
-                                    "an approver")
+        raise ApprovalRequired(rid, f"{where} requires {needed} approval(s); change request {rid} waits for "
+                                    f"{'another global admin' if ks is None else 'an approver'}")
 
-    async def _diff(self, ks: KeyStore, op_name: str, params: dict) -> dict:
+    async def _diff(self, ks: KeyStore | None, op_name: str, params: dict) -> dict:
         """What will change, as {field, from, to} entries; secret values masked."""
         changes: list[dict] = []
+        if ks is None:
+            target = {"operator": params.get("name")}
+            changes = [{"field": k, "from": None, "to": v} for k, v in params.items()
+                       if k not in ("name", "requester_id") and v is not None]
+            return {"operation": op_name, "target": target, "changes": mask(changes)}
         target: dict[str, Any] = {"keyStoreId": ks.id, "keyStoreName": ks.name}
         if op_name == "keystore.update":
             for k, v in (params.get("changes") or {}).items():
@@ -134,20 +159,46 @@ class Approvals:
         return {"operation": op_name, "target": target, "changes": mask(changes)}
 
     # -------------------------------------------------------------- decisions
+    @staticmethod
+    def _role(row: dict) -> str:
+        """Operator management is decided by global admins; key-store changes by approvers."""
+        return "admin" if row["keystore_id"] is None else "approver"
+
+    async def _requester_id(self, tx, row: dict) -> int | None:
+        if row["requester_id"] is not None:
+            return int(row["requester_id"])
+        # A request from before operator identities: `name`, `uak:ID@name` or `token:ID/uak:ID@name`.
+        name = str(row["requested_by"]).rsplit("@", 1)[-1]
+        found = await tx.fetchval("SELECT id FROM operators WHERE name = ?", name)
+        return int(found) if found is not None else None
+
+    def _check_scope(self, by: Operator, row: dict) -> None:
+        if not by.sees(row["project_id"]) or (row["project_id"] is None and not by.is_global):
+            raise NotFound(f"no change request {row['id']}")
+
     async def approve(self, by: Operator, request_id: int, comment: str = "") -> dict:
-        by.require("approver")
+        text.check(comment, "comment")
         await self.expire_due()
         apply_now = False
         async with self.db.transaction() as tx:
-            row = await self._lock_pending(tx, request_id)
-            if row["requested_by"] == by.name:
-                raise Forbidden("the requester cannot approve their own change request")
+            row = await self._lock_pending(tx, request_id, by)
+            role = self._role(row)
+            by.require(role, project_id=row["project_id"])
+            requester_id = await self._requester_id(tx, row)
+            refusal = (await Lineage.load(tx)).refusal(by.id, requester_id, role, row["project_id"],
+                                                       row["created_at"])
+            if refusal is None and row["keystore_id"] is None:
+                target = json.loads(row["params"]).get("name")
+                if target is not None and target == by.name:
+                    refusal = "a change to your own account is decided by another admin"
+            if refusal is not None:
+                raise Forbidden(refusal)
             done = await tx.fetchval("SELECT COUNT(*) AS n FROM change_approvals WHERE request_id = ? AND "
-                                     "operator = ?", request_id, by.name)
+                                     "(operator = ? OR operator_id = ?)", request_id, by.name, by.id)
             if done:
                 raise Conflict("you have already approved this change request; it needs another approver")
-            await tx.execute("INSERT INTO change_approvals (request_id, operator, comment, created_at) "
-                             "VALUES (?, ?, ?, ?)", request_id, by.name, comment[:1000], timeutil.now_db())
+            await tx.execute("INSERT INTO change_approvals (request_id, operator, operator_id, comment, created_at) "
+                             "VALUES (?, ?, ?, ?, ?)", request_id, by.name, by.id, comment[:1000], timeutil.now_db())
             n = await tx.fetchval("SELECT COUNT(*) AS n FROM change_approvals WHERE request_id = ?", request_id)
             if int(n) >= int(row["approvals_needed"]):
                 # Compare-and-set: only the transaction that moves PENDING -> APPROVED applies it.
@@ -156,43 +207,45 @@ class Approvals:
                     "WHERE id = ? AND status = 'PENDING'", by.name, timeutil.now_db(), timeutil.now_db(),
                     request_id) == 1
         if apply_now:
+            before = await self.get(request_id)
             await self._apply(request_id, by)
-        try:
-            return await self.get(request_id)
-        except NotFound:
-            if not apply_now:
-                raise
-            # An applied key-store deletion takes the store's change requests (this one too) with it.
-            mine = {"operator": by.name, "comment": comment[:1000], "created_at": timeutil.now_db()}
-            return {**_api(row, [mine]), "status": "APPLIED", "decidedBy": by.name,
-                    "result": {"keyStoreId": int(row["keystore_id"])}}
+            try:
+                return await self.get(request_id)
+            except NotFound:
+                # Applying deleted the request with its key store (keystore.delete): answer from the snapshot.
+                return {**before, "status": "APPLIED", "decidedBy": by.name,
+                        "decisionDatetime": timeutil.to_api(timeutil.now_db())}
+        return await self.get(request_id)
 
     async def deny(self, by: Operator, request_id: int, reason: str = "") -> dict:
-        by.require("approver")
+        text.check(reason, "comment")
         await self.expire_due()
         async with self.db.transaction() as tx:
-            row = await self._lock_pending(tx, request_id)
-            if row["requested_by"] == by.name:
+            row = await self._lock_pending(tx, request_id, by)
+            by.require(self._role(row), project_id=row["project_id"])
+            if await self._requester_id(tx, row) == by.id:
                 raise Forbidden("the requester cannot decide their own change request; cancel it instead")
             await self._finish(tx, request_id, "DENIED", by.name, reason[:1000] or "denied")
-        await self._audit("approval.denied", by.name, "operator", row["keystore_id"], None, request_id)
+        await self._audit("approval.denied", by.name, "operator", row["keystore_id"], None, request_id,
+                          project_id=row["project_id"])
         return await self.get(request_id)
 
     async def cancel(self, by: Operator, request_id: int) -> dict:
         await self.expire_due()
         async with self.db.transaction() as tx:
-            row = await self._lock_pending(tx, request_id)
-            if row["requested_by"] != by.name:
+            row = await self._lock_pending(tx, request_id, by)
+            if await self._requester_id(tx, row) != by.id:
                 raise Forbidden("only the requester can cancel a change request")
             await self._finish(tx, request_id, "CANCELLED", by.name, "cancelled by the requester")
         return await self.get(request_id)
 
-    async def _lock_pending(self, tx, request_id: int) -> dict:
+    async def _lock_pending(self, tx, request_id: int, by: Operator) -> dict:
         # Touch the row first: on PostgreSQL this takes its lock, so decisions on one request serialise.
         await tx.execute("UPDATE change_requests SET updated_at = ? WHERE id = ?", timeutil.now_db(), request_id)
         row = await tx.fetchone("SELECT * FROM change_requests WHERE id = ?", request_id)
         if row is None:
             raise NotFound(f"no change request {request_id}")
+        self._check_scope(by, row)          # another project's request: as if it did not exist
         if row["status"] != "PENDING":
             raise Conflict(f"change request {request_id} is {row['status']}, not PENDING")
         if row["expires_at"] <= timeutil.now_db():
@@ -210,12 +263,16 @@ class Approvals:
     async def _apply(self, request_id: int, by: Operator) -> None:
         row = await self.db.fetchone("SELECT * FROM change_requests WHERE id = ?", request_id)
         params = json.loads(row["params"])
-        status, reason, result = "APPLIED", "", None
+        status, reason, result, collect = "APPLIED", "", None, None
         try:
             if row["secrets_sealed"] is not None:
                 params.update(json.loads(self.rt.barrier.open(bytes(row["secrets_sealed"]), _aad(request_id))))
             out = await self.rt.changes.apply(row["op"], params, row["requested_by"])
             result = _summary(out)
+            if isinstance(out, dict) and out.get("_collect"):
+                # A credential made for someone else (an operator token): sealed for the requester to
+                # collect once (`POST /approvals/{id}/collect`), never in the result.
+                collect = self.rt.barrier.seal(json.dumps(out["_collect"]).encode(), _aad(request_id))
         except SKMError as e:
             status, reason = "FAILED", e.message + (f": {e.detail}" if e.detail else "")
         except Exception:
@@ -225,9 +282,29 @@ class Approvals:
             params.clear()
         async with self.db.transaction() as tx:
             await self._finish(tx, request_id, status, None, reason, result)
+            if status == "APPLIED" and collect is not None:
+                await tx.execute("UPDATE change_requests SET secrets_sealed = ? WHERE id = ?", collect, request_id)
         await self._audit(f"approval.{status.lower()}", by.name, "operator", row["keystore_id"],
                           (result or {}).get("keyId") or json.loads(row["params"]).get("key_id"), request_id,
-                          result="ok" if status == "APPLIED" else "error", reason=reason or None)
+                          result="ok" if status == "APPLIED" else "error", reason=reason or None,
+                          project_id=row["project_id"])
+
+    async def collect(self, by: Operator, request_id: int) -> dict:
+        """The requester takes, once, a credential an applied request made for someone else."""
+        async with self.db.transaction() as tx:
+            row = await tx.fetchone("SELECT * FROM change_requests WHERE id = ?", request_id)
+            if row is None:
+                raise NotFound(f"no change request {request_id}")
+            self._check_scope(by, row)
+            if await self._requester_id(tx, row) != by.id:
+                raise Forbidden("only the requester collects what their change request made")
+            if row["status"] != "APPLIED" or row["secrets_sealed"] is None:
+                raise Conflict(f"change request {request_id} has nothing to collect (status {row['status']}; "
+                               "a credential is collected once)")
+            out = json.loads(self.rt.barrier.open(bytes(row["secrets_sealed"]), _aad(request_id)))
+            await tx.execute("UPDATE change_requests SET secrets_sealed = NULL, updated_at = ? WHERE id = ?",
+                             timeutil.now_db(), request_id)
+        return out
 
     async def expire_due(self, now: dt.datetime | None = None) -> int:
         stamp = timeutil.to_db(now or timeutil.now())
@@ -241,16 +318,20 @@ class Approvals:
         return n
 
     # ---------------------------------------------------------------- reading
-    async def get(self, request_id: int) -> dict:
+    async def get(self, request_id: int, by: Operator | None = None) -> dict:
         row = await self.db.fetchone("SELECT * FROM change_requests WHERE id = ?", request_id)
         if row is None:
             raise NotFound(f"no change request {request_id}")
+        if by is not None:
+            self._check_scope(by, row)
         approvals = await self.db.fetchall("SELECT operator, comment, created_at FROM change_approvals "
                                            "WHERE request_id = ? ORDER BY created_at", request_id)
         return _api(row, approvals)
 
     async def list(self, *, status: str | None = None, keystore_id: int | None = None,
-                   requested_by: str | None = None, limit: int = 100) -> list[dict]:
+                   requested_by: str | None = None, limit: int = 100,
+                   project_ids: frozenset[int] | None = None) -> list[dict]:
+        """`project_ids`: only requests of these projects (a project-scoped operator); None: all."""
         if status is not None and status not in STATUSES:
             raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}")
         await self.expire_due()
@@ -258,6 +339,10 @@ class Approvals:
         for col, val in (("status", status), ("keystore_id", keystore_id), ("requested_by", requested_by)):
             if val is not None:
                 where.append(f"{col} = ?"), args.append(val)
+        if project_ids is not None:
+            ids = sorted(int(p) for p in project_ids)
+            where.append(f"project_id IN ({', '.join('?' * len(ids))})" if ids else "1 = 0")
+            args.extend(ids)
         sql = "SELECT * FROM change_requests" + (f" WHERE {' AND '.join(where)}" if where else "")
         rows = await self.db.fetchall(sql + " ORDER BY id DESC LIMIT ?", *args, limit)
         out = []
@@ -270,12 +355,13 @@ class Approvals:
     # ---------------------------------------------------------- notification
     async def _audit(self, action: str, actor: str, kind: str, ks_id: int | None, key_id: str | None,
                      rid: int | None, *, result: str = "ok", reason: str | None = None,
-                     detail: dict | None = None) -> None:
+                     detail: dict | None = None, project_id: int | None = None) -> None:
         if self.rt.audit is None:
             return
         d = {"changeRequestId": rid} if rid is not None else {}
+        extra = {"project_id": project_id} if _takes(self.rt.audit.event, "project_id") else {}
         await self.rt.audit.event(action, actor=actor, actor_kind=kind, keystore_id=ks_id, key_id=key_id,
-                                  result=result, reason=reason, detail={**d, **(detail or {})})
+                                  result=result, reason=reason, detail={**d, **(detail or {})}, **extra)
 
     def _notify(self, payload: dict) -> None:
         if not self.settings.webhook_url:
@@ -314,6 +400,14 @@ class Approvals:
                 pass
 
 
+def _takes(fn: Any, param: str) -> bool:
+    """Whether the audit log of this build records `param` (the audit package adds project_id)."""
+    try:
+        return param in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _summary(out: Any) -> dict:
     """Identifiers of what an applied change produced (never values)."""
     if isinstance(out, Key):
@@ -322,7 +416,8 @@ def _summary(out: Any) -> dict:
         return {"keyStoreId": out.id}
     if isinstance(out, dict):
         return {k: v for k, v in out.items() if k in ("keyId", "keyStoreId", "name", "value", "status",
-                                                      "deletionDateTime", "fingerprint") and
+                                                      "deletionDateTime", "fingerprint", "operator", "role",
+                                                      "projectId", "tokenId", "accessKeyId") and
                 isinstance(v, (str, int, type(None)))}
     if isinstance(out, str):
         return {"deletionDateTime": out}
@@ -330,7 +425,9 @@ def _summary(out: Any) -> dict:
 
 
 def _api(r: dict, approvals: list[dict]) -> dict:
-    return {"changeRequestId": int(r["id"]), "keyStoreId": int(r["keystore_id"]), "operation": r["op"],
+    return {"changeRequestId": int(r["id"]),
+            "keyStoreId": int(r["keystore_id"]) if r["keystore_id"] is not None else None,
+            "projectId": r["project_id"], "credential": r["credential"], "operation": r["op"],
             "status": r["status"], "requestedBy": r["requested_by"], "approvalsNeeded": int(r["approvals_needed"]),
             "approvals": [{"operator": a["operator"], "comment": a["comment"],
                            "datetime": timeutil.to_api(a["created_at"])} for a in approvals],
@@ -342,9 +439,12 @@ def _api(r: dict, approvals: list[dict]) -> dict:
 
 
 def install(rt) -> None:
+    from server.access import operator_changes  # noqa: F401  (registers the operator.* changes)
     rt.approvals = Approvals(rt, ApprovalSettings.from_config(rt.config))
     if rt.changes is not None:
         rt.changes.approvals = rt.approvals
+        rt.changes.operators = rt.operators
+        rt.changes.callers = rt.callers
     tasks: list[asyncio.Task] = []
 
     async def expire_loop(rt_) -> None:

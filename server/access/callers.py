@@ -1,7 +1,7 @@
 """Who is calling the client API: appkey (v1.0/v1.1), user access keys (v1.2), bearer tokens (v1.3).
 
-* A user access key belongs to an operator (operators are global on this
-  server) and may be bound to one project: a bound key works only under that
+* A user access key belongs to an operator (an installation-wide identity)
+  and may be bound to one project: a bound key works only under that
   project's appkey, an unbound one under every appkey. The secret is shown once
   and stored as a SHA-256 digest (256 random bits: a fast hash is right).
 * A v1.3 token is issued from a user access key by `POST /oauth2/token/create`
@@ -11,7 +11,9 @@
   timing does not tell which ids exist. A reason more specific than "not
   valid" (expired, revoked, other project) is given only to a caller who
   proved the secret.
-* An access key acts with its operator's role: a non-admin's key uses keys
+* An access key acts as its operator (one identity per person: a change request
+  made with it records the operator, and the operator's project roles apply:
+  no role in the appkey's project, no access). A non-admin's key uses keys
   and reads, but the client API's change endpoints (key create/delete, PUT
   secrets, auth data and certificates) refuse it, as the management plane does.
 """
@@ -27,8 +29,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from server import timeutil
-from server.access.operators import Operator
+from server import text, timeutil
+from server.access.operators import Grant, Operator
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, SKMError, Unauthenticated
 from server.storage.base import Storage
 
@@ -127,6 +129,7 @@ class CallerAuth:
                          project_id: int | None = None, ttl_days: int | None = None) -> tuple[AccessKey, str]:
         if len(description) > 1000:
             raise InvalidRequest("description must be at most 1000 characters")
+        text.check(description, "description")
         if ttl_days is not None and not (1 <= ttl_days <= 3650):
             raise InvalidRequest("expiresInDays must be from 1 to 3650")
         n = await self.db.fetchval("SELECT COUNT(*) AS n FROM user_access_keys WHERE operator_id = ? AND revoked = 0",
@@ -158,7 +161,7 @@ class CallerAuth:
     async def delete_key(self, key_id: str, by: Operator) -> None:
         """Delete a key and every token issued from it (admins: any key; others: their own)."""
         key = await self.key(key_id)
-        if key.operator_id != by.id and by.role != "admin":
+        if key.operator_id != by.id and not by.has(("admin",)):
             raise Forbidden("only an admin deletes another operator's user access key")
         async with self.db.transaction() as tx:
             await tx.execute("DELETE FROM oauth_tokens WHERE access_key_id = ?", key_id)
@@ -246,20 +249,35 @@ class CallerAuth:
                 raise Unauthenticated(MISSING_V12)
             key = await self.verify_key(key_id.strip(), secret.strip())
             identity = key.identity()
+            credential = f"accesskey:{key.id}"
         elif ctx.version == "v1.3":
             header = request.headers.get(TOKEN_HEADER)
             if not header or not bearer_value(header):
                 raise Unauthenticated(MISSING_V13)
             token_id, key = await self.verify_token(header)
             identity = f"token:{token_id}/{key.identity()}"
+            credential = f"bearer:{token_id}"
         else:
             raise Unauthenticated("unknown API version")
         if key.project_id is not None and key.project_id != ctx.project.id:
             raise Unauthenticated("this user access key is bound to another project's appkey")
-        if key.role != "admin" and _handler_name(request) in CHANGE_HANDLERS:
+        # One identity per person: the credential acts as its operator, with that operator's roles.
+        op = await self.operator_of(key)
+        if not op.has(("admin", "approver", "viewer"), ctx.project.id):
+            raise Forbidden(f"{key.operator} holds no role in this project; ask a global admin for one")
+        if not op.has(("admin",), ctx.project.id) and _handler_name(request) in CHANGE_HANDLERS:
             # As on the management plane: only admins change key stores; others use keys and read.
-            raise Forbidden(f"this change needs an admin's access key; {key.operator} is {key.role}")
+            raise Forbidden(f"this change needs an admin's access key; {key.operator} is not an admin of this "
+                            "project")
+        ctx.operator, ctx.credential = op, credential
         return identity
+
+    async def operator_of(self, key: AccessKey) -> Operator:
+        rows = await self.db.fetchall("SELECT role, project_id FROM operator_roles WHERE operator_id = ? AND "
+                                      "revoked_at IS NULL ORDER BY id", key.operator_id)
+        grants = tuple(Grant(r["role"], r["project_id"]) for r in rows)
+        return Operator(key.operator_id, key.operator, next((g.role for g in grants if g.project_id is None), ""),
+                        None, grants)
 
 
 # Client-API handlers that change a key store (its keys or auth data); everything else is use or read.

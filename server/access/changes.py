@@ -6,9 +6,11 @@ as it would have been applied now. `apply` is the single dispatcher.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from server.errors import ApprovalUnavailable, InvalidRequest
+from server import text
+from server.errors import ApprovalUnavailable, Forbidden, InvalidRequest
 from server.keys.model import Key, KeyStore
 
 Op = Callable[["ChangeGate", dict, str], Awaitable[Any]]
@@ -22,25 +24,63 @@ def op(name: str):
     return deco
 
 
+@dataclass(frozen=True)
+class Requester:
+    """Who asks for a change: the name records show, the operator behind it (whatever credential
+    acted: operator token, user access key, bearer token) and that credential."""
+    name: str
+    operator: Any = None               # server.access.operators.Operator, or None (no operator identity)
+    credential: str | None = None      # "token:<id>", "accesskey:<id>", "bearer:<id>"
+
+
+def requester(actor: Any) -> Requester:
+    """A Requester from an Operator, a client-API context (it carries `caller` and `operator`), or a name."""
+    if isinstance(actor, Requester):
+        return actor
+    from server.access.operators import Operator
+    if isinstance(actor, Operator):
+        return Requester(actor.name, actor, f"token:{actor.token_id}" if actor.token_id else None)
+    if hasattr(actor, "caller"):
+        return Requester(actor.caller, getattr(actor, "operator", None), getattr(actor, "credential", None))
+    return Requester(str(actor))
+
+
 class ChangeGate:
     def __init__(self, keys, authdata, certificates=None, approvals=None) -> None:
         self.keys = keys                  # KeyService
         self.authdata = authdata          # AuthData
         self.certificates = certificates  # server.access.certificates.Certificates
         self.approvals = approvals        # server.access.approvals.Approvals (issue: approval workflow)
+        self.operators = None             # server.access.operators.Operators (operator management changes)
+        self.callers = None               # server.access.callers.CallerAuth
 
-    async def submit(self, actor: str, ks: KeyStore | None, name: str, params: dict) -> Any:
-        """Apply now, or hold as a change request when the key store requires approval."""
+    async def submit(self, actor: Any, ks: KeyStore | None, name: str, params: dict) -> Any:
+        """Apply now, or hold as a change request when the key store requires approval.
+
+        `actor`: an Operator, a client-API context or a plain name (see `requester`)."""
         if name not in OPS:
             raise InvalidRequest(f"unknown change {name}")
+        who = requester(actor)
+        text.check_params(params)        # before a change is held for approval, not only when applied
         if ks is not None and ks.approval_required:
             if self.approvals is None:
                 # Fail closed: approval is on but nothing can approve.
                 raise ApprovalUnavailable("approval is required but the approval workflow is not available")
-            await self.approvals.request(actor, ks, name, params)   # raises ApprovalRequired
-        return await self.apply(name, params, actor)
+            await self.approvals.request(who, ks, name, params)   # raises ApprovalRequired
+        return await self.apply(name, params, who.name)
 
-    async def submit_key_op(self, actor: str, ks: KeyStore, name: str, key: Key, params: dict | None = None) -> Any:
+    async def submit_operator_change(self, actor: Any, name: str, params: dict) -> Any:
+        """Operator management: a change request for another global admin when `[approvals] operators`
+        is on, else applied now."""
+        who = requester(actor)
+        if who.operator is None:
+            raise Forbidden("operator management needs an operator")
+        params = {**params, "requester_id": who.operator.id}
+        if self.approvals is not None and self.approvals.settings.operators:
+            await self.approvals.request(who, None, name, params)   # raises ApprovalRequired
+        return await self.apply(name, params, who.name)
+
+    async def submit_key_op(self, actor: Any, ks: KeyStore, name: str, key: Key, params: dict | None = None) -> Any:
         return await self.submit(actor, ks, name, {"key_id": key.id, **(params or {})})
 
     async def apply(self, name: str, params: dict, actor: str) -> Any:
@@ -118,9 +158,3 @@ async def _auth_cancel(g: ChangeGate, p: dict, actor: str):
 @op("auth.delete")
 async def _auth_delete(g: ChangeGate, p: dict, actor: str):
     return await g.authdata.delete_now(await _ks(g, p), p["kind"], p["value"], actor=actor)
-
-
-@op("keystore.delete")
-async def _ks_delete(g: ChangeGate, p: dict, actor: str):
-    from server.keys.keystore_delete import delete_keystore
-    return await delete_keystore(g.keys, await _ks(g, p), actor=actor)

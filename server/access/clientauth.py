@@ -59,6 +59,15 @@ class ClientAccess:
                 metrics.denials.labels(_REASONS.get(type(e), "other")).inc()
             raise
 
+    async def passes(self, request: web.Request, ctx, ks: KeyStore) -> bool:
+        """Whether the caller passes the store's checks now, without counting a denial (listing which
+        of a project's stores a caller may see, re-checking an open event stream)."""
+        try:
+            await self._authorize(request, ctx, ks)
+        except SKMError:
+            return False
+        return True
+
     async def _authorize(self, request: web.Request, ctx, ks: KeyStore) -> None:
         checks = []
         if ks.ip4_auth:

@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from server import timeutil
+from server import text, timeutil
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, TooManyAttempts, Unauthenticated
 from server.settings import LoginSettings   # [login] in the server config
 from server.storage.base import Storage
@@ -35,11 +36,30 @@ MAX_PASSWORD = 1024
 
 
 @dataclass(frozen=True)
+class Grant:
+    """A current role grant: global (project_id None) or for one project."""
+    role: str
+    project_id: int | None = None
+
+    def to_api(self) -> dict:
+        return {"role": self.role, "projectId": self.project_id}
+
+
+@dataclass(frozen=True)
 class Operator:
     id: int
     name: str
-    role: str
+    role: str                       # the global role; "" for an operator with project roles only
     token_id: str | None = None
+    grants: tuple[Grant, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.grants and self.role:
+            object.__setattr__(self, "grants", (Grant(self.role),))
+
+    @property
+    def is_global(self) -> bool:
+        return any(g.project_id is None for g in self.grants)
 
     @property
     def can_change(self) -> bool:
@@ -49,9 +69,25 @@ class Operator:
     def can_approve(self) -> bool:
         return self.role == "approver"
 
-    def require(self, *roles: str) -> None:
-        if self.role not in roles:
-            raise Forbidden(f"this needs the {' or '.join(roles)} role")
+    def has(self, roles: tuple[str, ...], project_id: int | None = None) -> bool:
+        """A grant of one of `roles` covering `project_id` (None: only a global grant does)."""
+        return any(g.role in roles and (g.project_id is None or (project_id is not None and g.project_id == project_id))
+                   for g in self.grants)
+
+    def require(self, *roles: str, project_id: int | None = None) -> None:
+        if not self.has(roles, project_id):
+            where = "" if project_id is not None else " (a global role)"
+            raise Forbidden(f"this needs the {' or '.join(roles)} role{where}")
+
+    def projects(self) -> frozenset[int] | None:
+        """Projects this operator may see; None: every project (a global role)."""
+        if self.is_global:
+            return None
+        return frozenset(g.project_id for g in self.grants if g.project_id is not None)
+
+    def sees(self, project_id: int | None) -> bool:
+        mine = self.projects()
+        return mine is None or project_id in mine
 
 
 def _digest(secret: str) -> str:
@@ -79,10 +115,14 @@ def check_password(password: str) -> str:
 
 @dataclass
 class _Limiter:
-    """Attempts per client IP in a sliding minute, and failures of unknown names (bounded)."""
+    """Attempts per client IP in a sliding minute, and failures of unknown names (bounded).
+
+    Unknown names mirror known ones: failures per (name, source) and a per-name total, so a
+    lockout or a ceiling tells an attacker nothing about which names exist."""
     per_minute: int
     by_ip: dict[str, deque] = field(default_factory=dict)
-    unknown: OrderedDict = field(default_factory=OrderedDict)   # name digest -> (failures, locked_until)
+    unknown: OrderedDict = field(default_factory=OrderedDict)   # digest(name, source) -> (failures, locked_until)
+    unknown_total: OrderedDict = field(default_factory=OrderedDict)   # digest(name) -> (count, window end)
 
     def hit(self, ip: str) -> bool:
         now = time.monotonic()
@@ -98,6 +138,20 @@ class _Limiter:
         return True
 
 
+def login_source(ip: str) -> str:
+    """The address a lockout is kept for: the IPv4 address, or the /64 of an IPv6 one (a host
+    usually holds a whole /64, so single IPv6 addresses would give an attacker endless fresh sources)."""
+    try:
+        addr = ipaddress.ip_address((ip or "").split("%", 1)[0])
+    except ValueError:
+        return (ip or "-")[:64]
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
 class Operators:
     def __init__(self, storage: Storage, settings: LoginSettings | None = None) -> None:
         self.db = storage
@@ -111,86 +165,192 @@ class Operators:
 
     # ------------------------------------------------------------------ accounts
     async def create(self, name: str, role: str, password_hash: str | None = None, *,
-                     password: str | None = None) -> Operator:
+                     password: str | None = None, project_id: int | None = None,
+                     by: Operator | None = None) -> Operator:
+        """A new operator with one role grant. `by`: who creates it (None: `skm server init`)."""
         check_role(role)
         if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise InvalidRequest("operator name must be 1 to 64 letters, digits, '.', '-' or '_'")
         if password is not None:
             password_hash = await self.hash_password(check_password(password))
+        await self._check_project(project_id)
+        now = timeutil.now_db()
+        by_id = by.id if by is not None else None
         try:
             async with self.db.transaction() as tx:
-                row = await tx.fetchone("INSERT INTO operators (name, role, password_hash, created_at) "
-                                        "VALUES (?, ?, ?, ?) RETURNING id", name, role, password_hash,
-                                        timeutil.now_db())
+                row = await tx.fetchone("INSERT INTO operators (name, role, password_hash, created_at, created_by_id) "
+                                        "VALUES (?, ?, ?, ?, ?) RETURNING id", name,
+                                        role if project_id is None else "", password_hash, now, by_id)
+                await tx.execute("INSERT INTO operator_roles (operator_id, role, project_id, granted_by_id, "
+                                 "granted_at) VALUES (?, ?, ?, ?, ?)", row["id"], role, project_id, by_id, now)
         except Exception as e:
             if "UniqueViolation" in type(e).__name__ or "UNIQUE" in str(e):
                 raise Conflict("an operator with that name exists") from None
             raise
-        return Operator(row["id"], name, role)
+        return await self.by_id(row["id"])
+
+    async def _check_project(self, project_id: int | None) -> None:
+        if project_id is not None and not await self.db.fetchval("SELECT COUNT(*) AS n FROM projects WHERE id = ?",
+                                                                 project_id):
+            raise NotFound(f"no project with id {project_id}")
+
+    async def _grants(self, db, operator_id: int) -> tuple[Grant, ...]:
+        rows = await db.fetchall("SELECT role, project_id FROM operator_roles WHERE operator_id = ? AND "
+                                 "revoked_at IS NULL ORDER BY id", operator_id)
+        return tuple(Grant(r["role"], r["project_id"]) for r in rows)
+
+    async def _operator(self, row: dict, token_id: str | None = None) -> Operator:
+        grants = await self._grants(self.db, row["id"])
+        glob = next((g.role for g in grants if g.project_id is None), "")
+        return Operator(row["id"], row["name"], glob, token_id, grants)
 
     async def by_name(self, name: str) -> Operator:
-        row = await self.db.fetchone("SELECT id, name, role FROM operators WHERE name = ?", name)
+        row = await self.db.fetchone("SELECT id, name FROM operators WHERE name = ? AND deleted_at IS NULL", name)
         if row is None:
             raise NotFound("no such operator")
-        return Operator(row["id"], row["name"], row["role"])
+        return await self._operator(row)
+
+    async def by_id(self, operator_id: int) -> Operator:
+        row = await self.db.fetchone("SELECT id, name FROM operators WHERE id = ? AND deleted_at IS NULL", operator_id)
+        if row is None:
+            raise NotFound("no such operator")
+        return await self._operator(row)
 
     async def describe(self, name: str) -> dict:
-        row = await self.db.fetchone(_SELECT + " WHERE name = ?", name)
+        row = await self.db.fetchone(_SELECT + " WHERE o.name = ? AND o.deleted_at IS NULL", name)
         if row is None:
             raise NotFound("no such operator")
-        return _api(row)
+        return (await self._described([row]))[0]
 
     async def list(self) -> list[dict]:
-        return [_api(r) for r in await self.db.fetchall(_SELECT + " ORDER BY name")]
+        return await self._described(await self.db.fetchall(_SELECT + " WHERE o.deleted_at IS NULL ORDER BY o.name"))
+
+    async def _described(self, rows: list[dict]) -> list[dict]:
+        names = {r["id"]: r["name"] for r in await self.db.fetchall("SELECT id, name FROM operators")}
+        grants: dict[int, list[dict]] = {}
+        for g in await self.db.fetchall("SELECT operator_id, role, project_id, granted_by_id, granted_at "
+                                        "FROM operator_roles WHERE revoked_at IS NULL ORDER BY id"):
+            grants.setdefault(g["operator_id"], []).append({
+                "role": g["role"], "projectId": g["project_id"], "grantedBy": names.get(g["granted_by_id"]),
+                "grantedAt": timeutil.to_api(g["granted_at"])})
+        locked = await self._locked_ids()
+        return [{**_api(r), "locked": r["id"] in locked, "roles": grants.get(r["id"], []),
+                 "createdBy": names.get(r["created_by_id"])} for r in rows]
+
+    async def role_history(self, name: str) -> list[dict]:
+        """Every grant the operator ever had, with who granted and who revoked it."""
+        target = await self.by_name(name)
+        names = {r["id"]: r["name"] for r in await self.db.fetchall("SELECT id, name FROM operators")}
+        rows = await self.db.fetchall("SELECT role, project_id, granted_by_id, granted_at, revoked_by_id, revoked_at "
+                                      "FROM operator_roles WHERE operator_id = ? ORDER BY id", target.id)
+        return [{"role": r["role"], "projectId": r["project_id"], "grantedBy": names.get(r["granted_by_id"]),
+                 "grantedAt": timeutil.to_api(r["granted_at"]), "revokedBy": names.get(r["revoked_by_id"]),
+                 "revokedAt": timeutil.to_api(r["revoked_at"])} for r in rows]
 
     async def update(self, name: str, *, role: str | None = None, disabled: bool | None = None,
                      password: str | None = None, unlock: bool = False, by: Operator | None = None) -> dict:
         target = await self.by_name(name)
         if role is not None:
             check_role(role)
-        if by is not None and by.id == target.id and ((role and role != "admin") or disabled):
-            raise Conflict("you cannot demote or disable yourself; ask another admin")
-        if (role not in (None, "admin") or disabled) and target.role == "admin":
+        if by is not None and by.id == target.id and ((role and role != target.role) or disabled):
+            raise Conflict("you cannot change your own role or disable yourself; ask another admin")
+        if disabled and target.role == "admin":
             await self._keep_an_admin(target)
+        if role is not None and role != target.role:
+            await self.grant(name, role, None, by=by)
         sets, args = [], []
-        if role is not None:
-            sets.append("role = ?"), args.append(role)
         if disabled is not None:
             sets.append("disabled = ?"), args.append(int(disabled))
         if password is not None:
             sets.append("password_hash = ?"), args.append(await self.hash_password(check_password(password)))
-        if unlock or password is not None:
-            sets += ["failed_logins = 0", "locked_until = NULL"]
         if sets:
             await self.db.execute(f"UPDATE operators SET {', '.join(sets)} WHERE id = ?", *args, target.id)
+        if password is not None and by is not None and by.id != target.id:
+            await self.record_custody(target.id, by, "password_reset")
+        if unlock or password is not None:
+            await self.db.execute("UPDATE login_attempts SET failures = 0, window_failures = 0, locked_until = NULL "
+                                  "WHERE operator_id = ?", target.id)
         return await self.describe(name)
 
+    async def grant(self, name: str, role: str, project_id: int | None, *, by: Operator | None) -> dict:
+        """Give `name` the `role` globally (project_id None) or in one project; a previous role at the same
+        scope is revoked (history kept). Granting the role it already has changes nothing."""
+        check_role(role)
+        target = await self.by_name(name)
+        await self._check_project(project_id)
+        if by is not None and by.id == target.id:
+            raise Conflict("you cannot change your own roles; ask another admin")
+        if Grant(role, project_id) in target.grants:
+            return await self.describe(name)
+        if project_id is None and target.role == "admin" and role != "admin":
+            await self._keep_an_admin(target)
+        now = timeutil.now_db()
+        by_id = by.id if by is not None else None
+        async with self.db.transaction() as tx:
+            await self._revoke_scope(tx, target.id, project_id, by_id, now)
+            await tx.execute("INSERT INTO operator_roles (operator_id, role, project_id, granted_by_id, granted_at) "
+                             "VALUES (?, ?, ?, ?, ?)", target.id, role, project_id, by_id, now)
+            if project_id is None:
+                await tx.execute("UPDATE operators SET role = ? WHERE id = ?", role, target.id)
+        return await self.describe(name)
+
+    async def revoke(self, name: str, project_id: int | None, *, by: Operator) -> dict:
+        """Take away `name`'s role at one scope (global when project_id is None)."""
+        target = await self.by_name(name)
+        if by.id == target.id:
+            raise Conflict("you cannot change your own roles; ask another admin")
+        if not any(g.project_id == project_id for g in target.grants):
+            raise NotFound("the operator holds no role there")
+        if project_id is None and target.role == "admin":
+            await self._keep_an_admin(target)
+        async with self.db.transaction() as tx:
+            await self._revoke_scope(tx, target.id, project_id, by.id, timeutil.now_db())
+            if project_id is None:
+                await tx.execute("UPDATE operators SET role = '' WHERE id = ?", target.id)
+        return await self.describe(name)
+
+    @staticmethod
+    async def _revoke_scope(tx, operator_id: int, project_id: int | None, by_id: int | None, now: str) -> None:
+        if project_id is None:
+            await tx.execute("UPDATE operator_roles SET revoked_at = ?, revoked_by_id = ? WHERE operator_id = ? "
+                             "AND project_id IS NULL AND revoked_at IS NULL", now, by_id, operator_id)
+        else:
+            await tx.execute("UPDATE operator_roles SET revoked_at = ?, revoked_by_id = ? WHERE operator_id = ? "
+                             "AND project_id = ? AND revoked_at IS NULL", now, by_id, operator_id, project_id)
+
+    async def record_custody(self, operator_id: int, by: Operator, what: str) -> None:
+        """`by` set a password of, or issued a credential to, another operator: a lineage edge."""
+        if by.id != operator_id:
+            await self.db.execute("INSERT INTO operator_custody (operator_id, by_id, what, at) VALUES (?, ?, ?, ?)",
+                                  operator_id, by.id, what, timeutil.now_db())
+
     async def delete(self, name: str, *, by: Operator) -> None:
+        """A tombstone, not a delete: the lineage of everything this operator made must survive it.
+        The name is freed (renamed `name~id`, which no live name can match)."""
         target = await self.by_name(name)
         if target.id == by.id:
             raise Conflict("you cannot delete yourself")
         if target.role == "admin":
             await self._keep_an_admin(target)
-        try:
-            async with self.db.transaction() as tx:
-                await tx.execute("DELETE FROM operator_tokens WHERE operator_id = ?", target.id)
-                await tx.execute("DELETE FROM operators WHERE id = ?", target.id)
-        except Exception as e:
-            if "foreign" in str(e).lower() or "ForeignKey" in type(e).__name__:
-                raise Conflict("the operator still owns user access keys; delete them first or disable "
-                               "the operator instead") from None
-            raise
+        if await self.db.fetchval("SELECT COUNT(*) AS n FROM user_access_keys WHERE operator_id = ? AND revoked = 0",
+                                  target.id):
+            raise Conflict("the operator still owns user access keys; delete them first or disable "
+                           "the operator instead")
+        now = timeutil.now_db()
+        async with self.db.transaction() as tx:
+            await tx.execute("DELETE FROM operator_tokens WHERE operator_id = ?", target.id)
+            await tx.execute("UPDATE operator_roles SET revoked_at = ?, revoked_by_id = ? WHERE operator_id = ? "
+                             "AND revoked_at IS NULL", now, by.id, target.id)
+            await tx.execute("UPDATE operators SET name = ?, role = '', disabled = 1, password_hash = NULL, "
+                             "deleted_at = ? WHERE id = ?", f"{target.name}~{target.id}", now, target.id)
 
     async def _keep_an_admin(self, leaving: Operator) -> None:
-        n = await self.db.fetchval("SELECT COUNT(*) AS n FROM operators WHERE role = 'admin' AND disabled = 0 "
-                                   "AND id <> ?", leaving.id)
+        n = await self.db.fetchval(
+            "SELECT COUNT(*) AS n FROM operator_roles g JOIN operators o ON o.id = g.operator_id "
+            "WHERE g.role = 'admin' AND g.project_id IS NULL AND g.revoked_at IS NULL AND o.disabled = 0 "
+            "AND o.deleted_at IS NULL AND o.id <> ?", leaving.id)
         if not n:
-            raise Conflict("this is the last enabled admin; create another admin first")
-
-    async def eligible_approvers(self, exclude: str) -> int:
-        """Enabled approvers other than `exclude` (the requester)."""
-        return int(await self.db.fetchval("SELECT COUNT(*) AS n FROM operators WHERE role = 'approver' "
-                                          "AND disabled = 0 AND name <> ?", exclude) or 0)
+            raise Conflict("this is the last enabled global admin; create another admin first")
 
     # ----------------------------------------------------------------- passwords
     def _ph(self) -> PasswordHasher:
@@ -222,77 +382,133 @@ class Operators:
         return op, await self.issue_token(op, description, ttl_days=self.settings.token_ttl_hours / 24)
 
     async def check_login(self, name: str, password: str, ip: str) -> Operator:
-        """Rate limit, lockout, and the password check, without issuing anything."""
+        """Rate limit, lockout, and the password check, without issuing anything.
+
+        Lockout is per (name, source address): failures from one address lock the name for that
+        address only, so nobody can lock an operator out from elsewhere without its password. A
+        per-name ceiling (`max_failures_per_name` within `lockout_seconds`, all addresses together)
+        stops a distributed guesser; past it the name still accepts logins from addresses it has
+        logged in from before."""
         if not self._limiter.hit(ip or "-"):
             raise TooManyAttempts("too many login attempts from this address; wait a minute")
         name = (name or "")[:64]
         password = (password or "")[:MAX_PASSWORD]
+        source = login_source(ip)
         now = timeutil.now()
         stamp = timeutil.to_db(now)
-        row = await self.db.fetchone("SELECT id, name, role, password_hash, disabled, locked_until "
-                                     "FROM operators WHERE name = ?", name)
+        window_start = timeutil.to_db(now - dt.timedelta(seconds=self.settings.lockout_seconds))
+        row = await self.db.fetchone("SELECT id, name, password_hash, disabled FROM operators "
+                                     "WHERE name = ? AND deleted_at IS NULL", name)
         if row is None:
-            return await self._unknown_failure(name, password, now)
+            return await self._unknown_failure(name, password, source, now)
+        known = await self.db.fetchval("SELECT last_success_at FROM login_attempts WHERE operator_id = ? AND "
+                                       "source = ?", row["id"], source)
+        if known is None and await self._over_ceiling(row["id"], window_start):
+            await self._verify(None, password)
+            raise TooManyAttempts(_ceiling_hint(self.settings))
         # Count the attempt as a failure before the (slow) password check, in one atomic statement,
         # so concurrent attempts each see their own count: at most `max_failures` passwords are
-        # ever checked before the lock holds. A locked name is not counted (nor checked).
+        # ever checked per source before the lock holds. A locked pair is not counted (nor checked).
         claim = await self.db.fetchone(
-            "UPDATE operators SET failed_logins = failed_logins + 1 WHERE id = ? "
-            "AND (locked_until IS NULL OR locked_until <= ?) RETURNING failed_logins, locked_until",
-            row["id"], stamp)
+            "INSERT INTO login_attempts (operator_id, source, failures, window_failures, last_failure_at) "
+            "VALUES (?, ?, 1, 1, ?) ON CONFLICT (operator_id, source) DO UPDATE SET "
+            "failures = login_attempts.failures + 1, "
+            "window_failures = CASE WHEN login_attempts.last_failure_at IS NULL OR "
+            "login_attempts.last_failure_at <= ? THEN 1 ELSE login_attempts.window_failures + 1 END, "
+            "last_failure_at = ? "
+            "WHERE login_attempts.locked_until IS NULL OR login_attempts.locked_until <= ? RETURNING failures",
+            row["id"], source, stamp, window_start, stamp, stamp)
         limit = max(1, self.settings.max_failures)
         until = timeutil.to_db(now + dt.timedelta(seconds=self.settings.lockout_seconds))
-        if claim is not None and int(claim["failed_logins"]) > limit:
+        if claim is not None and int(claim["failures"]) > limit:
             # The budget is spent by attempts still being checked (or abandoned mid-check): lock now,
-            # so an abandoned attempt cannot leave the name refused with no lockout that ends. An
+            # so an abandoned attempt cannot leave the pair refused with no lockout that ends. An
             # attempt still in flight with the right password lifts the lock when it succeeds.
-            await self.db.execute("UPDATE operators SET failed_logins = 0, locked_until = ? WHERE id = ? "
-                                  "AND (locked_until IS NULL OR locked_until <= ?)", until, row["id"], stamp)
-        if claim is None or int(claim["failed_logins"]) > limit:
+            await self._lock(row["id"], source, until, stamp)
+        if claim is None or int(claim["failures"]) > limit:
             await self._verify(None, password)                     # same work as any other attempt
             raise TooManyAttempts(_locked_hint(self.settings))
         ok = await self._verify(row["password_hash"], password)
         if not ok or row["disabled"]:
-            if int(claim["failed_logins"]) >= limit:
-                await self.db.execute("UPDATE operators SET failed_logins = 0, locked_until = ? WHERE id = ?",
-                                      until, row["id"])
+            if int(claim["failures"]) >= limit:
+                await self._lock(row["id"], source, until, None)
                 raise TooManyAttempts(_locked_hint(self.settings))
             raise Unauthenticated(LOGIN_FAILED)
-        await self.db.execute("UPDATE operators SET failed_logins = 0, locked_until = NULL WHERE id = ?", row["id"])
+        await self.db.execute("UPDATE login_attempts SET failures = 0, window_failures = 0, locked_until = NULL, "
+                              "last_success_at = ? WHERE operator_id = ? AND source = ?", stamp, row["id"], source)
         if self._ph().check_needs_rehash(row["password_hash"]):
             await self.db.execute("UPDATE operators SET password_hash = ? WHERE id = ?",
                                   await self.hash_password(password), row["id"])
-        return Operator(row["id"], row["name"], row["role"])
+        return await self._operator(row)
 
-    async def _unknown_failure(self, name: str, password: str, now: dt.datetime):
+    async def _lock(self, operator_id: int, source: str, until: str, unless_locked_at: str | None) -> None:
+        sql = "UPDATE login_attempts SET failures = 0, locked_until = ? WHERE operator_id = ? AND source = ?"
+        if unless_locked_at is None:
+            await self.db.execute(sql, until, operator_id, source)
+        else:
+            await self.db.execute(sql + " AND (locked_until IS NULL OR locked_until <= ?)", until, operator_id,
+                                  source, unless_locked_at)
+
+    async def _over_ceiling(self, operator_id: int, window_start: str) -> bool:
+        total = await self.db.fetchval("SELECT COALESCE(SUM(window_failures), 0) AS n FROM login_attempts "
+                                       "WHERE operator_id = ? AND last_failure_at > ?", operator_id, window_start)
+        return int(total or 0) >= max(1, self.settings.max_failures_per_name)
+
+    async def _locked_ids(self) -> set[int]:
+        now = timeutil.now()
+        stamp = timeutil.to_db(now)
+        window_start = timeutil.to_db(now - dt.timedelta(seconds=self.settings.lockout_seconds))
+        rows = await self.db.fetchall(
+            "SELECT operator_id, MAX(CASE WHEN locked_until > ? THEN 1 ELSE 0 END) AS locked, "
+            "SUM(CASE WHEN last_failure_at > ? THEN window_failures ELSE 0 END) AS total "
+            "FROM login_attempts GROUP BY operator_id", stamp, window_start)
+        ceiling = max(1, self.settings.max_failures_per_name)
+        return {r["operator_id"] for r in rows if r["locked"] or int(r["total"] or 0) >= ceiling}
+
+    async def _unknown_failure(self, name: str, password: str, source: str, now: dt.datetime):
         await self._verify(None, password)
-        key = _digest("login:" + name)
-        failures, until = self._limiter.unknown.pop(key, (0, None))
+        lim = self._limiter
+        name_key = _digest("login:" + name)
+        count, window_end = lim.unknown_total.pop(name_key, (0, None))
+        if window_end is None or window_end <= now:
+            count, window_end = 0, now + dt.timedelta(seconds=self.settings.lockout_seconds)
+        if count >= max(1, self.settings.max_failures_per_name):
+            lim.unknown_total[name_key] = (count, window_end)
+            raise TooManyAttempts(_ceiling_hint(self.settings))
+        key = _digest("login:" + name + "\x00" + source)
+        failures, until = lim.unknown.pop(key, (0, None))
         if until is not None and until > now:
-            self._limiter.unknown[key] = (failures, until)
+            lim.unknown[key] = (failures, until)
+            lim.unknown_total[name_key] = (count, window_end)
             raise TooManyAttempts(_locked_hint(self.settings))
         failures = 0 if until is not None else failures
         failures += 1
+        lim.unknown_total[name_key] = (count + 1, window_end)
         if failures >= self.settings.max_failures:
-            self._limiter.unknown[key] = (0, now + dt.timedelta(seconds=self.settings.lockout_seconds))
+            lim.unknown[key] = (0, now + dt.timedelta(seconds=self.settings.lockout_seconds))
             self._trim_unknown()
             raise TooManyAttempts(_locked_hint(self.settings))
-        self._limiter.unknown[key] = (failures, None)
+        lim.unknown[key] = (failures, None)
         self._trim_unknown()
         raise Unauthenticated(LOGIN_FAILED)
 
     def _trim_unknown(self) -> None:
-        while len(self._limiter.unknown) > 10000:
-            self._limiter.unknown.popitem(last=False)
+        for d in (self._limiter.unknown, self._limiter.unknown_total):
+            while len(d) > 10000:
+                d.popitem(last=False)
 
     # -------------------------------------------------------------------- tokens
-    async def issue_token(self, op: Operator, description: str = "", ttl_days: float | None = 90) -> str:
+    async def issue_token(self, op: Operator, description: str = "", ttl_days: float | None = 90, *,
+                          by: Operator | None = None) -> str:
+        text.check(description, "description")
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         expires = timeutil.to_db(timeutil.now() + dt.timedelta(days=ttl_days)) if ttl_days else None
         await self.db.execute("INSERT INTO operator_tokens (id, operator_id, secret_hash, description, expires_at, "
                               "created_at) VALUES (?, ?, ?, ?, ?, ?)", token_id, op.id, _digest(secret),
                               description[:200], expires, timeutil.now_db())
+        if by is not None:
+            await self.record_custody(op.id, by, "token")
         return f"skm_{token_id}_{secret}"
 
     async def tokens(self, operator_id: int | None = None) -> list[dict]:
@@ -323,7 +539,7 @@ class Operators:
             raise Unauthenticated("send an operator token: Authorization: Bearer skm_...")
         token_id, secret = parsed
         row = await self.db.fetchone(
-            "SELECT t.secret_hash, t.expires_at, t.revoked, o.id, o.name, o.role, o.disabled FROM operator_tokens t "
+            "SELECT t.secret_hash, t.expires_at, t.revoked, o.id, o.name, o.disabled FROM operator_tokens t "
             "JOIN operators o ON o.id = t.operator_id WHERE t.id = ?", token_id)
         # Compare even when the row is missing so timing does not tell which ids exist.
         expected = row["secret_hash"] if row else _digest("x" * 43)
@@ -332,20 +548,24 @@ class Operators:
             raise Unauthenticated("the operator token is not valid; create a new one with `skm token create`")
         if row["expires_at"] and row["expires_at"] <= timeutil.now_db():
             raise Unauthenticated("the operator token has expired; create a new one with `skm token create`")
-        return Operator(row["id"], row["name"], row["role"], token_id)
+        return await self._operator(row, token_id)
 
 
-_SELECT = ("SELECT id, name, role, disabled, password_hash, locked_until, created_at, "
-           "(SELECT COUNT(*) FROM operator_tokens t WHERE t.operator_id = operators.id AND t.revoked = 0) "
-           "AS tokens FROM operators")
+_SELECT = ("SELECT o.id, o.name, o.role, o.disabled, o.password_hash, o.created_at, o.created_by_id, "
+           "(SELECT COUNT(*) FROM operator_tokens t WHERE t.operator_id = o.id AND t.revoked = 0) "
+           "AS tokens FROM operators o")
 
 
 def _api(r: dict) -> dict:
-    locked = bool(r["locked_until"] and r["locked_until"] > timeutil.now_db())
-    return {"name": r["name"], "role": r["role"], "disabled": bool(r["disabled"]), "locked": locked,
+    return {"name": r["name"], "role": r["role"], "disabled": bool(r["disabled"]),
             "hasPassword": r["password_hash"] is not None, "activeTokens": int(r["tokens"] or 0),
             "creationDatetime": timeutil.to_api(r["created_at"])}
 
 
 def _locked_hint(s: LoginSettings) -> str:
     return f"too many failed logins for this name; try again in {max(1, s.lockout_seconds // 60)} minute(s)"
+
+
+def _ceiling_hint(s: LoginSettings) -> str:
+    return (f"too many failed logins for this name from many addresses; for {max(1, s.lockout_seconds // 60)} "
+            "minute(s) it accepts logins only from addresses it has logged in from before (an admin can unlock it)")

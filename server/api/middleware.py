@@ -43,3 +43,19 @@ async def request_context(request: web.Request, handler):
     resp = await handler(request)
     resp.headers["X-Request-Id"] = rid
     return resp
+
+
+def add_hsts(app: web.Application, max_age: int) -> None:
+    """`Strict-Transport-Security` on every response of `app` (the management plane: console and API).
+
+    The listener is TLS-only, so a browser that once reached the console over HTTPS must never be
+    talked into plain HTTP for it (a downgrade would expose the session cookie and the login form).
+    No includeSubDomains: the key server does not own its host's sibling names. 0 turns it off."""
+    if max_age <= 0:
+        return
+    value = f"max-age={int(max_age)}"
+
+    async def hsts(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.setdefault("Strict-Transport-Security", value)
+
+    app.on_response_prepare.append(hsts)

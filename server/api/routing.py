@@ -56,16 +56,25 @@ async def read_model(request: web.Request, model: type[BaseModel], *, optional: 
     if request.headers.get("Content-Type") != "application/json" and request.content_type != "application/json":
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
     raw = await read_body(request)
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidJSON("the request body is not valid JSON") from None
+    data = parse_json(raw)
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise InvalidRequest(describe_validation_error(e)) from None
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """A request body as JSON: not JSON is `Invalid JSON`, nesting deeper than the parser goes
+    (json.loads recurses per level: 100,000 `[` end in RecursionError) is `Invalid Request`;
+    neither is a 500 with a traceback. No request model nests more than a few levels."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidJSON("the request body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequest("the request body nests too deeply; no request has more than a few levels") from None
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -1,4 +1,10 @@
-"""Connection deadlines for both listeners: a request's headers must arrive in time.
+"""Connection deadlines for both listeners: the TLS handshake and a request's headers must arrive in time.
+
+The handshake comes first: until it completes, aiohttp's protocol does not even
+exist (asyncio's SSL layer holds the connection), so the header deadline below
+cannot cover it, and asyncio's own default gives a silent client 60 s.
+`DeadlineTCPSite` passes `ssl_handshake_timeout` to the server it creates (every
+TLS listener: data, management, system-key server).
 
 aiohttp (3.14) has no header-read timeout: a client that opens a connection and
 sends half a request line ("slow loris") holds a socket, a TLS session and a
@@ -29,6 +35,34 @@ from aiohttp.web_server import Server
 HEADER_TIMEOUT = 10.0        # seconds from a request's first byte (or the connection's opening) to its last header
 KEEPALIVE_TIMEOUT = 75.0     # idle kept-alive connection
 BODY_TIMEOUT = 10.0          # reading a request body (read_model)
+HANDSHAKE_TIMEOUT = 10.0     # from the TCP connection to the end of the TLS handshake
+
+
+class DeadlineTCPSite(web.TCPSite):
+    """web.TCPSite with a TLS handshake deadline (aiohttp's TCPSite does not take one)."""
+
+    def __init__(self, *args: Any, handshake_timeout: float = HANDSHAKE_TIMEOUT, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not handshake_timeout > 0:
+            from server.errors import ConfigError
+            raise ConfigError("handshake_timeout must be more than 0 seconds")
+        self._handshake_timeout = float(handshake_timeout)
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)          # registers the site with its runner (TCPSite.start's first step)
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        extra: dict[str, Any] = {}
+        if self._ssl_context is not None:
+            extra["ssl_handshake_timeout"] = self._handshake_timeout
+        self._server = await loop.create_server(
+            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port, **extra)
+        if self._server.sockets:
+            self._bound_port = self._server.sockets[0].getsockname()[1]
+        else:
+            self._bound_port = self._port
 
 
 class DeadlineRequestHandler(RequestHandler):

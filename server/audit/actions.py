@@ -64,6 +64,12 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", _C + "/sidecar/reads", "sidecar.report-reads", False),
     # ---- management API
     ("GET", "/api/v1/projects", "project.list", False),
+    ("POST", "/api/v1/projects", "project.create", True),
+    ("GET", "/api/v1/projects/{project_id}", "project.read", False),
+    ("GET", "/api/v1/operators/{name}/roles", "operator.roles", False),
+    ("POST", "/api/v1/operators/{name}/roles", "operator.grant", True),
+    ("DELETE", "/api/v1/operators/{name}/roles", "operator.revoke", True),
+    ("POST", "/api/v1/approvals/{request_id}/collect", "approval.collect", True),
     ("POST", "/api/v1/keystores", "keystore.create", True),
     ("GET", "/api/v1/keystores", "keystore.list", False),
     ("GET", _KS, "keystore.read", False),
@@ -120,7 +126,9 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", "/api/v1/access-keys", "accesskey.create", True),
     ("GET", "/api/v1/access-keys", "accesskey.list", False),
     ("DELETE", "/api/v1/access-keys/{key_id}", "accesskey.delete", True),
+    ("GET", "/api/v1/usage", "usage.read", False),
     # ---- console (its page views are not recorded; its forms are)
+    ("GET", _CON + "/audit/export", "audit.export", False),
     ("POST", _CON + "/login", "operator.login", False),
     ("POST", _CON + "/logout", "operator.logout", False),
     ("POST", _CON + "/approvals/{request_id}/approve", "approval.approve", True),
@@ -144,6 +152,11 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", _CON + "/operators/{name}/{action}", "operator.{action}", True),
     ("POST", _CON + "/tokens/new", "token.create", True),
     ("POST", _CON + "/tokens/{token_id}/revoke", "token.revoke", True),
+    ("POST", _CON + "/keystores/{keystore_id}/delete", "keystore.delete", True),
+    ("POST", _CON + "/keystores/{keystore_id}/certificates/pem", "cert.download", False),
+    ("POST", _CON + "/me/password", "operator.password-change", True),
+    ("POST", _CON + "/me/tokens/{token_id}/revoke", "token.revoke", True),
+    ("POST", _CON + "/me/access-keys/{key_id}/delete", "accesskey.delete", True),
 )
 
 UNMATCHED = Action("http.unmatched", False)      # no route: a 404/405 for an unknown path
@@ -167,8 +180,13 @@ def lookup(method: str, route: str | None, match: dict | None = None) -> Action 
     return Action(filled, a.change)
 
 
+# Console GETs that are more than a page view: taking the audit log away is itself audited.
+_CONSOLE_RECORDED = frozenset({_CON + "/audit/export"})
+
+
 def is_console_view(method: str, path: str) -> bool:
-    return method in ("GET", "HEAD") and (path == _CON or path.startswith(_CON + "/"))
+    return method in ("GET", "HEAD") and (path == _CON or path.startswith(_CON + "/")) \
+        and path not in _CONSOLE_RECORDED
 
 
 def change_actions() -> list[str]:

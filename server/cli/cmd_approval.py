@@ -1,4 +1,4 @@
-"""`skm approval list|show|approve|deny|cancel`: change requests of approval key stores."""
+"""`skm approval list|show|approve|deny|cancel|collect`: change requests (key stores, operator management)."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,13 @@ def register(sub) -> None:
     add_connection_args(c)
     c.set_defaults(func=_decide, path="cancel")
 
+    co = s.add_parser("collect", help="take the credential your applied request made (once)",
+                      description="Print, once, the token or access key secret an applied operator management "
+                      "request (a credential for someone else) made. Only the requester can collect it.")
+    co.add_argument("id", type=int)
+    add_connection_args(co)
+    co.set_defaults(func=_collect)
+
 
 def _row(cr: dict) -> dict:
     return {**cr, "approvals": ", ".join(a["operator"] for a in cr["approvals"]) or "-"}
@@ -88,3 +95,11 @@ async def _decide(args: argparse.Namespace) -> int:
         out = await c.call("POST", f"/approvals/{args.id}/{args.path}", body)
     _print(args, out, f"change request {args.id}: {out['status']}")
     return 0 if out["status"] != "FAILED" else 1
+
+
+async def _collect(args: argparse.Namespace) -> int:
+    async with client(args) as c:
+        out = await c.call("POST", f"/approvals/{args.id}/collect")
+    output(args, {k: v for k, v in out.items() if v is not None}, title=f"change request {args.id}: collected "
+           "(shown once)")
+    return 0

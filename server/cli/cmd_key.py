@@ -13,7 +13,7 @@ import os
 import sys
 
 from server.cli.common import (CliError, Col, add_connection_args, add_yes_arg, client, confirm, output,
-                               print_table, resolve_key, resolve_store_id)
+                               print_table, resolve_key, resolve_store_id, shown)
 
 TYPES = ["SECRET", "SYMMETRIC_KEY", "ASYMMETRIC_KEY"]
 SPECS = ["RSA-2048", "RSA-3072", "RSA-4096", "EC-P256", "EC-P384", "ED25519", "AES-256-GCM"]
@@ -182,7 +182,8 @@ async def _reveal(args: argparse.Namespace) -> int:
     if args.json:
         output(args, out)
     else:
-        print(out["secretValue"])
+        # Raw into a pipe (the value is the point); escaped on a terminal, where control characters would act.
+        print(shown(out["secretValue"]) if sys.stdout.isatty() else out["secretValue"])
         print(f"secret {key_id} version {out['keyVersion']}: revealed (recorded in the audit log as key.reveal)",
               file=sys.stderr)
     return 0

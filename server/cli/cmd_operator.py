@@ -1,4 +1,4 @@
-"""`skm operator create|list|show|update|delete`, `skm login`, `skm whoami`."""
+"""`skm operator create|list|show|update|grant|revoke|roles|delete`, `skm login`, `skm whoami`."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,9 @@ from pathlib import Path
 
 from server.cli.common import CONFIG_FILE, add_connection_args, client, connection, fail, output
 
-COLUMNS = ["name", "role", "disabled", "locked", "hasPassword", "activeTokens", "creationDatetime"]
+COLUMNS = ["name", "role", "projectRoles", "disabled", "locked", "hasPassword", "createdBy", "creationDatetime"]
+ROLE_HELP = ("admin changes key stores and keys; approver decides change requests; viewer reads. Global by "
+             "default; --project PROJECT (id or name) limits the role to that project")
 
 
 def register(sub) -> None:
@@ -21,10 +23,36 @@ def register(sub) -> None:
     c = s.add_parser("create", help="create an operator", description="Create an operator. With --password-stdin "
                      "the password is read from standard input (never an argument: arguments show in `ps`).")
     c.add_argument("name")
-    c.add_argument("--role", required=True, choices=["admin", "approver", "viewer"])
+    c.add_argument("--role", required=True, choices=["admin", "approver", "viewer"], help=ROLE_HELP)
+    c.add_argument("--project", help="the role in this project only (id or name); default: a global role")
     c.add_argument("--password-stdin", action="store_true", help="read a login password from standard input")
     add_connection_args(c)
     c.set_defaults(func=_create)
+
+    g = s.add_parser("grant", help="grant a role, global or in one project",
+                     description="Grant NAME a role: global, or with --project in that project only. A previous "
+                     "role at the same scope is replaced (the history is kept: `skm operator roles NAME`). With "
+                     "[approvals] operators = true this becomes a change request another global admin approves.")
+    g.add_argument("name")
+    g.add_argument("--role", required=True, choices=["admin", "approver", "viewer"], help=ROLE_HELP)
+    g.add_argument("--project", help="project id or name (default: the global role)")
+    add_connection_args(g)
+    g.set_defaults(func=_grant)
+
+    rv = s.add_parser("revoke", help="revoke a role (global, or in one project)",
+                      description="Take away NAME's role in --project, or its global role without --project. "
+                      "Takes effect at once (revoking never needs approval).")
+    rv.add_argument("name")
+    rv.add_argument("--project", help="project id or name (default: the global role)")
+    add_connection_args(rv)
+    rv.set_defaults(func=_revoke)
+
+    rh = s.add_parser("roles", help="every role an operator ever held",
+                      description="Show every role grant of NAME: role, project, who granted it and when, who "
+                      "revoked it and when.")
+    rh.add_argument("name")
+    add_connection_args(rh)
+    rh.set_defaults(func=_roles)
 
     ls = s.add_parser("list", help="list operators", description="List every operator and their state.")
     add_connection_args(ls)
@@ -74,20 +102,68 @@ def read_password(prompt: str = "password: ") -> str:
     return sys.stdin.readline().rstrip("\n")
 
 
+async def project_id(c, project: str | None) -> int | None:
+    """A project named by id or by name, resolved through the projects the caller can see."""
+    if project is None:
+        return None
+    projects = (await c.call("GET", "/projects"))["projects"]
+    for p in projects:
+        if str(p["id"]) == project or p["name"] == project:
+            return int(p["id"])
+    from server.errors import NotFound
+    raise NotFound(f"no project {project!r}; see `skm project list`")
+
+
+def _flat(o: dict) -> dict:
+    scoped = [f"{g['role']}@{g['projectId']}" for g in o.get("roles", []) if g.get("projectId") is not None]
+    return {**o, "projectRoles": ", ".join(scoped) or "-"}
+
+
 async def _create(args: argparse.Namespace) -> int:
     body = {"name": args.name, "role": args.role}
     if args.password_stdin:
         body["password"] = read_password()
     async with client(args) as c:
+        pid = await project_id(c, args.project)
+        if pid is not None:
+            body["projectId"] = pid
         out = await c.call("POST", "/operators", body)
     output(args, out, title="operator created")
+    return 0
+
+
+async def _grant(args: argparse.Namespace) -> int:
+    async with client(args) as c:
+        body = {"role": args.role}
+        pid = await project_id(c, args.project)
+        if pid is not None:
+            body["projectId"] = pid
+        out = await c.call("POST", f"/operators/{args.name}/roles", body)
+    output(args, out, title="role granted")
+    return 0
+
+
+async def _revoke(args: argparse.Namespace) -> int:
+    async with client(args) as c:
+        pid = await project_id(c, args.project)
+        out = await c.call("DELETE", f"/operators/{args.name}/roles",
+                           params={"projectId": str(pid)} if pid is not None else None)
+    output(args, out, title="role revoked")
+    return 0
+
+
+async def _roles(args: argparse.Namespace) -> int:
+    async with client(args) as c:
+        out = await c.call("GET", f"/operators/{args.name}/roles")
+    output(args, out, ["role", "projectId", "grantedBy", "grantedAt", "revokedBy", "revokedAt"], out["grants"],
+           title=f"roles of {args.name}")
     return 0
 
 
 async def _list(args: argparse.Namespace) -> int:
     async with client(args) as c:
         out = await c.call("GET", "/operators")
-    output(args, out, COLUMNS, out["operators"], title="operators")
+    output(args, out, COLUMNS, [_flat(o) for o in out["operators"]], title="operators")
     return 0
 
 

@@ -199,31 +199,56 @@ def client(args: argparse.Namespace) -> MgmtClient:
     return MgmtClient(connection(args))
 
 
+def shown(value: Any) -> str:
+    """Stored text as a terminal may print it: control and bidirectional-text characters escaped
+    (`\x1b`, `\n`, `\u202e`). Names and descriptions are refused with them now, but rows stored
+    earlier may hold them; every print of server data goes through here (server/text.py)."""
+    from server.text import visible
+    return visible(value)
+
+
+def cell(value: Any):
+    """A table cell: escaped (`shown`) and never read as rich markup (`[red]` in a name stays text)."""
+    from rich.text import Text
+    return Text(shown("" if value is None else value))
+
+
+def json_text(data: Any) -> str:
+    """JSON for a terminal: what json.dumps leaves raw (DEL, C1 controls, bidi controls) as \\u escapes,
+    which is the same JSON to a parser."""
+    from server.text import is_unsafe
+    raw = json.dumps(data, indent=2, ensure_ascii=False)
+    # A raw newline here is the indentation's: json.dumps escapes every one inside a string.
+    return "".join(f"\\u{ord(ch):04x}" if ch != "\n" and is_unsafe(ch) else ch for ch in raw)
+
+
 def output(args: argparse.Namespace, data: Any, columns: Iterable[str] | None = None,
            rows: list[dict] | None = None, title: str | None = None) -> None:
-    """`--json` prints `data`; otherwise a table of `rows` (or key/value pairs of a dict)."""
+    """`--json` prints `data`; otherwise a table of `rows` (or key/value pairs of a dict).
+    Every value goes through `cell`/`json_text`: stored text never reaches the terminal raw."""
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, ensure_ascii=False))
+        print(json_text(data))
         return
     from rich.console import Console
     from rich.table import Table
     console = Console()
+    caption = cell(title) if title is not None else None
     if rows is None:
-        table = Table(title=title, show_header=False)
+        table = Table(title=caption, show_header=False)
         table.add_column("field", style="bold")
         table.add_column("value")
         for k, v in (data or {}).items():
             if isinstance(v, (list, dict)):
-                v = json.dumps(v)
-            table.add_row(str(k), "" if v is None else str(v))
+                v = json.dumps(v, ensure_ascii=False)
+            table.add_row(cell(k), cell(v))
         console.print(table)
         return
     cols = list(columns or (rows[0].keys() if rows else []))
-    table = Table(title=title)
+    table = Table(title=caption)
     for c in cols:
-        table.add_column(c)
+        table.add_column(cell(c))
     for r in rows:
-        table.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in cols])
+        table.add_row(*[cell(r.get(c)) for c in cols])
     console.print(table)
 
 
@@ -326,38 +351,36 @@ class Col:
 def print_table(columns: list[Col], rows: list[dict], title: str | None = None, width: int | None = None) -> None:
     """A table that fits the terminal by dropping columns from the right, never by cutting a kept one (ids).
 
-    Columns are given most important first. Every cell is plain text (no markup from stored values).
+    Columns are given most important first. Every cell goes through `cell` (escaped, never markup).
     """
     from rich.cells import cell_len
     from rich.console import Console
     from rich.table import Table
-    from rich.text import Text
     console = Console()
     width = width or console.width
 
-    def cell(r: dict, c: Col) -> str:
-        v = r.get(c.field)
-        return "" if v is None else str(v)
+    def text_of(r: dict, c: Col) -> str:
+        return shown("" if r.get(c.field) is None else r.get(c.field))
 
     def need(c: Col) -> int:
-        natural = max([cell_len(c.label), *(cell_len(cell(r, c)) for r in rows)])
+        natural = max([cell_len(c.label), *(cell_len(text_of(r, c)) for r in rows)])
         return min(natural, 20) if c.wrap else natural
 
-    shown = list(columns)
+    visible = list(columns)
     # Each column costs its text plus two spaces of padding and one border; the table one more border.
-    while sum(need(c) + 3 for c in shown) + 1 > width and any(not c.keep for c in shown[1:]):
-        drop = next(c for c in reversed(shown) if not c.keep)
-        shown.remove(drop)
-    hidden = [c.label for c in columns if c not in shown]
-    table = Table(title=title, caption=f"not shown at this width: {', '.join(hidden)} (widen the terminal or "
-                  "use --json)" if hidden else None)
-    for c in shown:
+    while sum(need(c) + 3 for c in visible) + 1 > width and any(not c.keep for c in visible[1:]):
+        visible.remove(next(c for c in reversed(visible) if not c.keep))
+    hidden = [c.label for c in columns if c not in visible]
+    table = Table(title=cell(title) if title is not None else None,
+                  caption=f"not shown at this width: {', '.join(hidden)} (widen the terminal or use --json)"
+                  if hidden else None)
+    for c in visible:
         if c.keep:
             table.add_column(c.label, no_wrap=True, min_width=need(c), overflow="fold")
         else:
             table.add_column(c.label, overflow="fold")
     for r in rows:
-        table.add_row(*[Text(cell(r, c)) for c in shown])
+        table.add_row(*[cell(text_of(r, c)) for c in visible])
     console.print(table)
 
 
@@ -385,7 +408,9 @@ ERRORS = _ErrorShape()
 def report_error(text: str, code: int, *, kind: str = "error", **extra: Any) -> None:
     """One failure, one line: `error: ...` on stderr, or one JSON object there under --json."""
     if ERRORS.json:
-        print(json.dumps({"error": {"kind": kind, "message": text, "exitCode": code, **extra}}, ensure_ascii=False),
-              file=sys.stderr)
+        # Compact (one line), and no raw control or bidi character from a server message reaches the terminal.
+        from server.text import is_unsafe
+        raw = json.dumps({"error": {"kind": kind, "message": text, "exitCode": code, **extra}}, ensure_ascii=False)
+        print("".join(f"\\u{ord(ch):04x}" if is_unsafe(ch) else ch for ch in raw), file=sys.stderr)
     else:
-        print(f"error: {text}", file=sys.stderr)
+        print(f"error: {shown(text)}", file=sys.stderr)      # a server message may quote a stored name

@@ -21,11 +21,16 @@ async def _names(c: Ctx) -> dict[int, str]:
     return {s.id: s.name for s in await c.rt.keys.keystores()}
 
 
+def _decider(cr: dict) -> str:
+    """Operator management (no key store) is decided by global admins, key-store changes by approvers."""
+    return "admin" if cr["keyStoreId"] is None else "approver"
+
+
 @routes.get("/approvals")
 async def list_requests(c: Ctx) -> web.Response:
     svc = service(c)
     pending = await svc.list(status="PENDING", limit=200)
-    waiting = [r for r in pending if r["requestedBy"] != c.op.name and c.op.role == "approver"
+    waiting = [r for r in pending if r["requestedBy"] != c.op.name and c.op.role == _decider(r)
                and c.op.name not in {a["operator"] for a in r["approvals"]}]
     mine = await svc.list(requested_by=c.op.name, limit=100)
     recent = await svc.list(limit=50)
@@ -39,7 +44,7 @@ async def show_request(c: Ctx) -> web.Response:
     await svc.expire_due()
     cr = await svc.get(int(c.match("request_id")))
     voted = c.op.name in {a["operator"] for a in cr["approvals"]}
-    can_decide = (cr["status"] == "PENDING" and c.op.role == "approver" and cr["requestedBy"] != c.op.name
+    can_decide = (cr["status"] == "PENDING" and c.op.role == _decider(cr) and cr["requestedBy"] != c.op.name
                   and not voted)
     can_cancel = cr["status"] == "PENDING" and cr["requestedBy"] == c.op.name
     return render(c, "approval.html", cr=cr, can_decide=can_decide, can_cancel=can_cancel,
@@ -60,6 +65,8 @@ async def _decide(c: Ctx, verb: str) -> web.Response:
            "PENDING": "Approval recorded; the request needs more approvals.", "DENIED": "Denied: nothing changes.",
            "CANCELLED": "Cancelled: nothing changes."}.get(cr["status"], cr["status"])
     c.flash("error" if cr["status"] == "FAILED" else "ok", f"Change request #{rid}: {msg}")
+    if cr["status"] == "APPLIED" and cr.get("operation") == "keystore.delete":
+        return see_other(f"{PREFIX}/keystores")      # the request went with its store
     return see_other(f"{PREFIX}/approvals/{rid}")
 
 

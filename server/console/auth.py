@@ -33,11 +33,6 @@ def _login_page(c: Ctx, *, status: int = 200, error: SKMError | None = None, nam
     return resp
 
 
-@routes.get("/", auth=True)
-async def home(c: Ctx) -> web.Response:
-    return see_other(PREFIX + "/keystores")
-
-
 @routes.get("/login", auth=False)
 async def login_form(c: Ctx) -> web.Response:
     return _login_page(c)

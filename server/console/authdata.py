@@ -37,7 +37,7 @@ async def show(c: Ctx) -> web.Response:
 
 async def _submit(c: Ctx, ks, op_name: str, params: dict, done: str, form: str) -> web.Response:
     try:
-        await c.rt.changes.submit(c.op.name, ks, op_name, {"keystore_id": ks.id, **params})
+        await c.rt.changes.submit(c.op, ks, op_name, {"keystore_id": ks.id, **params})
     except ApprovalRequired:
         raise
     except SKMError as e:
@@ -113,3 +113,36 @@ async def download_bundle(c: Ctx) -> web.Response:
     data = await _certs(c).bundle(ks, name)
     return web.Response(body=data, content_type="application/x-pkcs12", headers={
         **SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}.p12"'})
+
+
+@routes.post(_KS + "/certificates/pem", roles=("admin",))
+async def download_pem(c: Ctx) -> web.Response:
+    """PEM of an issued certificate: `part=cert` the certificate and its CA; `part=key` the private key,
+    encrypted (PKCS#8) with the bundle's own password, so a PEM download is no weaker than the .p12."""
+    import asyncio
+    from server.audit import AUDIT_ACTION, AUDIT_DETAIL
+    ks = await keystore_of(c)
+    name = certs.check_name(form_str(c, "name", limit=100))
+    part = form_str(c, "part", limit=8)
+    if part not in ("cert", "key"):
+        raise InvalidRequest("part is cert or key")
+    c.request[AUDIT_ACTION] = "cert.download"
+    c.request[AUDIT_DETAIL] = {"certificate": name, "format": f"pem-{part}"}
+    svc = _certs(c)
+    bundle = await svc.bundle(ks, name)
+    row = await svc._row(ks, name)
+    from server.barrier.barrier import sealed_aad
+    password = c.rt.barrier.open(bytes(row["password_sealed"]), sealed_aad(certs.TABLE, "password_sealed", row["id"]))
+    body = await asyncio.to_thread(_pem_part, bundle, password, part)
+    suffix = "" if part == "cert" else "-key"
+    return web.Response(body=body, content_type="application/x-pem-file", headers={
+        **SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}{suffix}.pem"'})
+
+
+def _pem_part(bundle: bytes, password: bytes, part: str) -> bytes:
+    from cryptography.hazmat.primitives.serialization import (BestAvailableEncryption, Encoding, PrivateFormat,
+                                                              pkcs12)
+    key, cert, chain = pkcs12.load_key_and_certificates(bundle, password)
+    if part == "cert":
+        return b"".join(x.public_bytes(Encoding.PEM) for x in [cert, *(chain or [])])
+    return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, BestAvailableEncryption(password))

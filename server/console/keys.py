@@ -45,7 +45,7 @@ async def create_key(c: Ctx) -> web.Response:
             if not params["secret_value"]:
                 raise InvalidRequest("a secret needs a value")
             params["key_spec"] = None
-        key = await c.rt.changes.submit(c.op.name, ks, "key.create", params)
+        key = await c.rt.changes.submit(c.op, ks, "key.create", params)
     except ApprovalRequired:
         raise
     except SKMError as e:
@@ -62,9 +62,24 @@ async def _key(c: Ctx, versions: bool = False):
 
 
 async def _detail(c: Ctx, key, ks, *, revealed: str | None = None, status: int = 200) -> web.Response:
+    from server.console.connect import connection
+    from server.console.usage import chart_for, chosen_range
     from server.keys import rollout
     return render(c, "key.html", status=status, key=key, ks=ks, revealed=revealed,
-                  rollout=await rollout.rollout(c.rt.storage, key.id, key.current_version))
+                  rollout=await rollout.rollout(c.rt.storage, key.id, key.current_version),
+                  conn=await connection(c, ks, key),
+                  chart=await chart_for(c, key_id=key.id, range_=chosen_range(c)), tab="overview")
+
+
+@routes.get(_KEY + "/activity")
+async def activity(c: Ctx) -> web.Response:
+    """The key's own audit records (every action on it, newest first)."""
+    from server.console.audit import PAGE, _before, filters, records
+    key, ks = await _key(c)
+    q = filters(c, keyId=key.id)
+    recs = await records(c, q, before=_before(c), limit=PAGE)
+    return render(c, "key_activity.html", key=key, ks=ks, records=recs, q=q, tab="activity",
+                  older=recs[-1]["seq"] if len(recs) == PAGE else None)
 
 
 @routes.get(_KEY)
@@ -86,7 +101,7 @@ async def reveal(c: Ctx) -> web.Response:
 
 async def _key_change(c: Ctx, op_name: str, done: str, params: dict | None = None) -> web.Response:
     key, ks = await _key(c)
-    await c.rt.changes.submit_key_op(c.op.name, ks, op_name, key, params)
+    await c.rt.changes.submit_key_op(c.op, ks, op_name, key, params)
     c.flash("ok", done)
     return see_other(f"{PREFIX}/keys/{key.id}" if op_name != "key.delete" else f"{PREFIX}/keystores/{ks.id}")
 

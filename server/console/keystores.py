@@ -6,6 +6,7 @@ from aiohttp import web
 from server.console.web import PREFIX, ConsoleRoutes, Ctx, form_bool, form_int, form_str, render, see_other
 from server.errors import ApprovalRequired, SKMError
 from server.runtime import ERROR
+import server.keys.stores  # noqa: F401  (registers the keystore.delete change)
 
 routes = ConsoleRoutes()
 _KS = r"/keystores/{keystore_id:\d{1,12}}"
@@ -35,13 +36,29 @@ def _settings_from_form(c: Ctx) -> dict:
     }
 
 
+STORE_SORTS = ("name", "keys", "changed", "id")
+
+
 @routes.get("/keystores")
 async def list_keystores(c: Ctx) -> web.Response:
+    from server.console.lists import listing
+    lst = listing(c.request.query, STORE_SORTS)
     stores = await c.rt.keys.keystores()
-    counts = {}
-    for s in stores:
-        counts[s.id] = len(await c.rt.keys.key_ids(s.id))
-    return render(c, "keystores.html", stores=stores, counts=counts)
+    scope = c.op.projects()
+    if scope is not None:
+        stores = [s for s in stores if s.project_id in scope]
+    if lst.q:
+        needle = lst.q.lower()
+        stores = [s for s in stores if needle in s.name.lower()]
+    rows = await c.rt.storage.fetchall("SELECT keystore_id, COUNT(*) AS n FROM keys GROUP BY keystore_id")
+    counts = {r["keystore_id"]: int(r["n"]) for r in rows}
+    sort_key = {"name": lambda s: s.name.lower(), "keys": lambda s: counts.get(s.id, 0),
+                "changed": lambda s: s.updated_at or "", "id": lambda s: s.id}[lst.sort]
+    stores.sort(key=sort_key, reverse=lst.desc)
+    lst.total = len(stores)
+    lst.page = min(lst.page, lst.pages)
+    shown = stores[(lst.page - 1) * lst.size: lst.page * lst.size]
+    return render(c, "keystores.html", stores=shown, counts=counts, lst=lst, base="/console/keystores")
 
 
 @routes.get("/keystores/new", roles=("admin",))
@@ -71,10 +88,27 @@ async def create_keystore(c: Ctx) -> web.Response:
 
 @routes.get(_KS)
 async def show_keystore(c: Ctx) -> web.Response:
+    from server.console.lists import listing
+    from server.keys.listing import SORTS, search_keys
     ks = await keystore_of(c)
-    keys = await c.rt.keys.keys(ks.id, page_size=1000)
+    lst = listing(c.request.query, SORTS)
+    keys, lst.total = await search_keys(c.rt.storage, ks.id, text=lst.q, sort=lst.sort, desc=lst.desc,
+                                        page=lst.page, page_size=lst.size)
     pending = await _pending(c, ks.id)
-    return render(c, "keystore.html", ks=ks, keys=keys, tab="keys", pending=pending)
+    return render(c, "keystore.html", ks=ks, keys=keys, tab="keys", pending=pending, lst=lst,
+                  base=f"/console/keystores/{ks.id}")
+
+
+@routes.post(_KS + "/delete", roles=("admin",))
+async def delete_keystore(c: Ctx) -> web.Response:
+    """Delete an empty key store (409 while it holds keys); a change request when approval is on."""
+    ks = await keystore_of(c)
+    if form_str(c, "confirm_name", limit=200) != ks.name:
+        from server.errors import InvalidRequest
+        raise InvalidRequest("type the key store's name to confirm its deletion")
+    await c.rt.changes.submit(c.op, ks, "keystore.delete", {"keystore_id": ks.id})
+    c.flash("ok", f"Key store {ks.name!r} deleted.")
+    return see_other(f"{PREFIX}/keystores")
 
 
 async def _pending(c: Ctx, ks_id: int) -> int:
@@ -104,7 +138,7 @@ async def update_keystore(c: Ctx) -> web.Response:
         if not changes:
             c.flash("info", "Nothing changed.")
             return see_other(f"{PREFIX}/keystores/{ks.id}/settings")
-        await c.rt.changes.submit(c.op.name, ks, "keystore.update", {"keystore_id": ks.id, "changes": changes})
+        await c.rt.changes.submit(c.op, ks, "keystore.update", {"keystore_id": ks.id, "changes": changes})
     except ApprovalRequired:
         raise
     except SKMError as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.console.web import PREFIX, ConsoleRoutes, Ctx, form_str, render, see_other
-from server.errors import SKMError
+from server.errors import ApprovalRequired, SKMError
 from server.runtime import ERROR
 
 routes = ConsoleRoutes()
@@ -34,7 +34,11 @@ async def create(c: Ctx) -> web.Response:
         if password != form_str(c, "password2", limit=2000):
             from server.errors import InvalidRequest
             raise InvalidRequest("the two passwords differ")
-        await c.rt.operators.create(name, role, password=password)
+        # Operator management goes through the change gate: lineage recorded, approval when configured.
+        await c.rt.changes.submit_operator_change(c.op, "operator.create", {
+            "name": name, "role": role, "project_id": None, "password": password})
+    except ApprovalRequired:
+        raise
     except SKMError as e:
         c.request[ERROR] = e
         return await _page(c, status=e.status, error=e, values={"name": name, "role": role})
@@ -61,10 +65,7 @@ async def revoke(c: Ctx) -> web.Response:
 @routes.post("/tokens/new", roles=("admin",))
 async def new_token(c: Ctx) -> web.Response:
     """An API token for the CLI, shown once in this response."""
-    owner = c.op
     target = form_str(c, "operator", limit=64).strip()
-    if target and target != c.op.name:
-        owner = await c.rt.operators.by_name(target)
     days = form_str(c, "days", "90", 8)
     try:
         ttl = float(days) if days else 90.0
@@ -73,6 +74,11 @@ async def new_token(c: Ctx) -> web.Response:
     except ValueError:
         from server.errors import InvalidRequest
         raise InvalidRequest("a token's lifetime is 1 to 3650 days") from None
-    token = await c.rt.operators.issue_token(owner, form_str(c, "description", limit=200) or "from the console",
-                                             ttl_days=ttl)
+    description = form_str(c, "description", limit=200) or "from the console"
+    if target and target != c.op.name:
+        owner = await c.rt.operators.by_name(target)
+        out = await c.rt.changes.submit_operator_change(c.op, "operator.token", {
+            "name": owner.name, "description": description, "ttl_days": ttl})
+        return await _page(c, new_token=out["_collect"]["token"])
+    token = await c.rt.operators.issue_token(c.op, description, ttl_days=ttl)
     return await _page(c, new_token=token)

@@ -98,6 +98,7 @@ class Ctx:
     op: Operator | None
     session: Session | None
     form: Any = None
+    nav_pending: int = 0       # change requests waiting for this operator's decision (the nav's badge)
 
     def match(self, name: str) -> str:
         return self.request.match_info[name]
@@ -124,7 +125,8 @@ def render(c: Ctx, template: str, status: int = 200, **ctx: Any) -> web.Response
     if c.session is not None:
         flash, c.session.flash = c.session.flash, []
     base = {"op": c.op, "csrf": c.session.csrf if c.session else "", "flash": flash, "path": c.request.path,
-            "idle_minutes": int(c.request.config_dict[CONSOLE].settings.idle_seconds // 60)}
+            "idle_minutes": int(c.request.config_dict[CONSOLE].settings.idle_seconds // 60),
+            "nav_pending": c.nav_pending}
     return aiohttp_jinja2.render_template(template, c.request, {**base, **ctx}, status=status)
 
 
@@ -137,8 +139,8 @@ def error_page(c: Ctx, e: SKMError, back: str | None = None) -> web.Response:
 def changed(c: Ctx, e: ApprovalRequired) -> web.Response:
     """A form post on an approval store became a change request: say so and show it."""
     c.request[ERROR] = e
-    c.flash("info", f"This key store requires approval: change request #{e.request_id} was created and waits for "
-                    "an approver. Nothing has changed yet.")
+    c.flash("info", f"This change requires approval: change request #{e.request_id} was created and waits for "
+                    "a decision. Nothing has changed yet.")
     return see_other(f"{PREFIX}/approvals/{e.request_id}")
 
 
@@ -203,6 +205,11 @@ def page(view: View, *, method: str, auth: bool = True, roles: tuple[str, ...] =
         try:
             if auth:
                 c.op, c.session = await _session(request)
+                if not c.op.is_global:
+                    # The console's pages show every project: an operator with project roles only would see
+                    # other projects' stores. Fail closed; the CLI and the API are scoped to its projects.
+                    raise Forbidden("the console is for operators with a global role; with project roles use "
+                                    "the skm CLI or the management API, which show your projects")
             if method == "POST":
                 c.form = await request.post()
                 if auth and not csrf_ok(c.session.csrf, c.form):
@@ -210,6 +217,8 @@ def page(view: View, *, method: str, auth: bool = True, roles: tuple[str, ...] =
                                     "reload the page and try again")
             if roles:
                 c.require(*roles)
+            if c.op is not None and method == "GET":
+                c.nav_pending = await waiting_count(c)
             resp = await view(c)
         except Redirect as r:
             resp = see_other(r.location)
@@ -221,6 +230,25 @@ def page(view: View, *, method: str, auth: bool = True, roles: tuple[str, ...] =
 
     handler.__name__ = getattr(view, "__name__", "console_view")
     return handler
+
+
+async def waiting_for(c: Ctx, limit: int = 200) -> list[dict]:
+    """Pending change requests this operator may decide (key-store changes: approvers; operator management:
+    admins), not their own, not yet voted on."""
+    from server.console.approvals import _decider      # the approvals page's own rule
+    svc = getattr(c.rt.changes, "approvals", None)
+    if svc is None or c.op is None or c.op.role not in ("approver", "admin"):
+        return []
+    pending = await svc.list(status="PENDING", limit=limit)
+    return [r for r in pending if r["requestedBy"] != c.op.name and c.op.role == _decider(r)
+            and c.op.name not in {a["operator"] for a in r["approvals"]}]
+
+
+async def waiting_count(c: Ctx) -> int:
+    try:
+        return len(await waiting_for(c))
+    except SKMError:
+        return 0
 
 
 class ConsoleRoutes:

@@ -48,6 +48,12 @@ class Project:
     id: int
     appkey: str
     name: str
+    description: str = ""
+    created_at: str | None = None
+
+    @property
+    def created_at_api(self) -> str | None:
+        return to_api(self.created_at)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from server import timeutil
+from server import text, timeutil
 from server.barrier.barrier import Barrier, sealed_aad
 from server.errors import (Conflict, DataTooLarge, ExportNotAllowed, InvalidKeyId, InvalidKeyStatus,
                            InvalidKeyType, InvalidKeyVersion, InvalidKeyVersionStatus, InvalidRequest,
@@ -29,6 +29,7 @@ from server.keys.model import (DEFAULT_SPEC, MAX_SECRET_BYTES, SPECS, AuthMode, 
 from server.storage.base import Executor, Storage
 
 _APPKEY_ALPHABET = string.ascii_letters + string.digits
+_PROJECT = "SELECT id, appkey, name, description, created_at FROM projects"
 TOUCH_INTERVAL = 60.0          # seconds between last-access writes for one key
 TOUCHED_MAX = 100_000
 
@@ -204,12 +205,14 @@ class KeyService:
         self._touched: dict[str, float] = {}       # key id -> monotonic time its last access was known recent
 
     # ------------------------------------------------------------------ projects
-    async def create_project(self, name: str, appkey: str | None = None) -> Project:
+    async def create_project(self, name: str, appkey: str | None = None, *, description: str = "") -> Project:
+        text.check(name, "name")
         appkey = appkey or "".join(secrets.choice(_APPKEY_ALPHABET) for _ in range(16))
+        now = timeutil.now_db()
         row = await self._insert_returning(
-            "INSERT INTO projects (appkey, name, created_at) VALUES (?, ?, ?) RETURNING id",
-            appkey, name, timeutil.now_db(), conflict=f"a project named {name!r} already exists")
-        return Project(row["id"], appkey, name)
+            "INSERT INTO projects (appkey, name, description, created_at) VALUES (?, ?, ?, ?) RETURNING id",
+            appkey, name, description, now, conflict=f"a project named {name!r} already exists")
+        return Project(row["id"], appkey, name, description, now)
 
     async def project_by_appkey(self, appkey: str) -> Project | None:
         p = self._projects.get(appkey)
@@ -220,15 +223,18 @@ class KeyService:
             p = self._projects[appkey] = Project(row["id"], row["appkey"], row["name"])
         return p
 
+    async def project(self, project_id: int) -> Project | None:
+        row = await self.db.fetchone(_PROJECT + " WHERE id = ?", project_id)
+        return Project(**row) if row is not None else None
+
     async def projects(self) -> list[Project]:
-        rows = await self.db.fetchall("SELECT id, appkey, name FROM projects ORDER BY id")
-        return [Project(r["id"], r["appkey"], r["name"]) for r in rows]
+        return [Project(**r) for r in await self.db.fetchall(_PROJECT + " ORDER BY id")]
 
     async def default_project(self) -> Project:
-        row = await self.db.fetchone("SELECT id, appkey, name FROM projects ORDER BY id LIMIT 1")
+        row = await self.db.fetchone(_PROJECT + " ORDER BY id LIMIT 1")
         if row is None:
             raise NotFound("no project exists; run `skm server init`")
-        return Project(row["id"], row["appkey"], row["name"])
+        return Project(**row)
 
     # ---------------------------------------------------------------- key stores
     async def create_keystore(self, project_id: int, name: str, description: str = "", *,
@@ -238,6 +244,7 @@ class KeyService:
                               actor: str) -> KeyStore:
         if not (ip4_auth or mac_auth or cert_auth):
             raise InvalidRequest("enable at least one client check: ip4AuthUse, macAuthUse or certificateAuthUse")
+        text.check(name, "name"), text.check(description, "description")
         mode, mmode = _auth_mode(auth_mode), _mac_mode(mac_mode)
         now = timeutil.now_db()
         row = await self._insert_returning(

@@ -6,7 +6,7 @@ rewrap walks SEALED_COLUMNS.
 """
 from __future__ import annotations
 
-MIGRATIONS: list[tuple[int, list[str]]] = [
+MIGRATIONS: list[tuple[int, list[str | dict[str, str]]]] = [
     (1, [
         """CREATE TABLE projects (
             id {serial_pk},
@@ -232,6 +232,99 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE audit_head ADD COLUMN restore_note TEXT",
         "UPDATE audit_head SET keyed_from = seq + 1 WHERE id = 1",
     ]),
+    (7, [
+        # Separation of duties: operator lineage (who created whom) and role grants with their history
+        # (granted by whom, when, revoked by whom, when; rows are never deleted). A grant names a project
+        # or none (a global role). Existing operators keep their role as a global grant from the start.
+        # Operators are no longer deleted (a tombstone keeps their lineage): `deleted_at`.
+        "ALTER TABLE operators ADD COLUMN created_by_id {bigint}",
+        "ALTER TABLE operators ADD COLUMN deleted_at TEXT",
+        """CREATE TABLE operator_roles (
+            id {serial_pk},
+            operator_id {bigint} NOT NULL REFERENCES operators(id),
+            role TEXT NOT NULL,
+            project_id {bigint} REFERENCES projects(id),
+            granted_by_id {bigint},
+            granted_at TEXT NOT NULL,
+            revoked_by_id {bigint},
+            revoked_at TEXT)""",
+        "CREATE INDEX operator_roles_operator ON operator_roles (operator_id, revoked_at)",
+        "INSERT INTO operator_roles (operator_id, role, granted_at) SELECT id, role, created_at FROM operators",
+        # Login lockout per (operator, source address) instead of per name.
+        """CREATE TABLE login_attempts (
+            operator_id {bigint} NOT NULL REFERENCES operators(id),
+            source TEXT NOT NULL,
+            failures INTEGER NOT NULL DEFAULT 0,
+            window_failures INTEGER NOT NULL DEFAULT 0,
+            last_failure_at TEXT,
+            locked_until TEXT,
+            last_success_at TEXT,
+            PRIMARY KEY (operator_id, source))""",
+        # Custody: who else ever set an operator's password or issued it a credential (a token, an
+        # access key). Such an operator may be in that person's hands: lineage follows these edges too.
+        """CREATE TABLE operator_custody (
+            id {serial_pk},
+            operator_id {bigint} NOT NULL REFERENCES operators(id),
+            by_id {bigint} NOT NULL,
+            what TEXT NOT NULL,
+            at TEXT NOT NULL)""",
+        "CREATE INDEX operator_custody_operator ON operator_custody (operator_id)",
+        "ALTER TABLE projects ADD COLUMN description TEXT NOT NULL DEFAULT ''",
+        # Change requests: the requester is an operator id (whatever credential made the request), the
+        # request belongs to a project, and operator management requests have no key store.
+        {"sqlite": """CREATE TABLE change_requests_v7 (
+            id {serial_pk},
+            keystore_id {bigint} REFERENCES keystores(id),
+            project_id {bigint},
+            op TEXT NOT NULL,
+            params TEXT NOT NULL,
+            secrets_sealed {blob},
+            diff TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'PENDING',
+            approvals_needed INTEGER NOT NULL DEFAULT 1,
+            requested_by TEXT NOT NULL,
+            requester_id {bigint},
+            credential TEXT,
+            reason TEXT NOT NULL DEFAULT '',
+            result TEXT,
+            decided_by TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            decided_at TEXT)""",
+         "postgresql": "ALTER TABLE change_requests ALTER COLUMN keystore_id DROP NOT NULL"},
+        {"sqlite": """INSERT INTO change_requests_v7 (id, keystore_id, op, params, secrets_sealed, diff, status,
+            approvals_needed, requested_by, reason, result, decided_by, created_at, updated_at, expires_at,
+            decided_at) SELECT id, keystore_id, op, params, secrets_sealed, diff, status, approvals_needed,
+            requested_by, reason, result, decided_by, created_at, updated_at, expires_at, decided_at
+            FROM change_requests""",
+         "postgresql": "ALTER TABLE change_requests ADD COLUMN project_id {bigint}"},
+        {"sqlite": """CREATE TABLE change_approvals_v7 (
+            request_id {bigint} NOT NULL REFERENCES change_requests_v7(id),
+            operator TEXT NOT NULL,
+            operator_id {bigint},
+            comment TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (request_id, operator))""",
+         "postgresql": "ALTER TABLE change_requests ADD COLUMN requester_id {bigint}"},
+        {"sqlite": """INSERT INTO change_approvals_v7 (request_id, operator, comment, created_at)
+            SELECT request_id, operator, comment, created_at FROM change_approvals""",
+         "postgresql": "ALTER TABLE change_requests ADD COLUMN credential TEXT"},
+        {"sqlite": "DROP TABLE change_approvals",
+         "postgresql": "ALTER TABLE change_approvals ADD COLUMN operator_id {bigint}"},
+        {"sqlite": "DROP TABLE change_requests"},
+        {"sqlite": "ALTER TABLE change_requests_v7 RENAME TO change_requests"},
+        {"sqlite": "ALTER TABLE change_approvals_v7 RENAME TO change_approvals"},
+        {"sqlite": "CREATE INDEX change_requests_status ON change_requests (status, expires_at)"},
+        {"sqlite": "CREATE INDEX change_requests_keystore ON change_requests (keystore_id, status)"},
+        "UPDATE change_requests SET project_id = (SELECT k.project_id FROM keystores k "
+        "WHERE k.id = change_requests.keystore_id)",
+        "UPDATE change_requests SET requester_id = (SELECT o.id FROM operators o "
+        "WHERE o.name = change_requests.requested_by)",
+        "UPDATE change_approvals SET operator_id = (SELECT o.id FROM operators o "
+        "WHERE o.name = change_approvals.operator)",
+        "CREATE INDEX change_requests_project ON change_requests (project_id, status)",
+    ]),
     (9, [
         # Rotation roll-out: the version each sidecar host last acknowledged holding, per key. A host is
         # its certificate (SHA-256 fingerprint); `ttl_seconds` is how long its report stays current (the
@@ -251,6 +344,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             PRIMARY KEY (host_fp, key_id))""",
         "CREATE INDEX key_holdings_key ON key_holdings (key_id, version)",
     ]),
+    (10, [
+        # Data-plane usage rollup (server/usage.py): counts per bucket, key store, key ('' = none) and
+        # result; span 1 = a minute, 60 = an hour (minutes compacted into hours). Writers ADD to count.
+        """CREATE TABLE usage_minutes (
+            span INTEGER NOT NULL,
+            minute {bigint} NOT NULL,
+            keystore_id {bigint} NOT NULL,
+            key_id TEXT NOT NULL,
+            result TEXT NOT NULL,
+            count {bigint} NOT NULL,
+            PRIMARY KEY (span, minute, keystore_id, key_id, result))""",
+        "CREATE INDEX usage_minutes_store ON usage_minutes (keystore_id, minute)",
+    ]),
 ]
 
 # (table, column, primary-key columns) of every sealed column: the rewrap job's map.
@@ -265,7 +371,10 @@ SEALED_COLUMNS: list[tuple[str, str, tuple[str, ...]]] = [
 ]
 
 
-def render(sql: str, dialect: str) -> str:
+def render(sql: str | dict[str, str], dialect: str) -> str:
+    """A statement for `dialect`; a dict holds per-dialect variants (a missing one is a no-op)."""
+    if isinstance(sql, dict):
+        sql = sql.get(dialect, "SELECT 1")
     tokens = {
         "sqlite": {"serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "bigint": "INTEGER"},
         "postgresql": {"serial_pk": "BIGSERIAL PRIMARY KEY", "blob": "BYTEA", "bigint": "BIGINT"},

@@ -189,9 +189,10 @@ class PostgresStorage(Storage):
             # Held until commit: replicas starting together queue here.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(_MIGRATION_LOCK))
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            current = await conn.fetchval("SELECT MAX(version) FROM schema_version") or 0
+            # Every migration not yet recorded, in list order (see sqlite.py).
+            applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_version")}
             for version, statements in MIGRATIONS:
-                if version <= current:
+                if version in applied:
                     continue
                 for stmt in statements:
                     await conn.execute(render(stmt, self.dialect))

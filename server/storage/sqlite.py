@@ -73,9 +73,11 @@ class SQLiteStorage(Storage):
     async def _migrate(self) -> None:
         w = _Conn(self._writer)
         await w.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        current = await w.fetchval("SELECT MAX(version) AS v FROM schema_version") or 0
+        # Every migration not yet recorded, in list order: a lower number merged after a higher one
+        # was applied (parallel branches) still runs.
+        applied = {r["version"] for r in await w.fetchall("SELECT version FROM schema_version")}
         for version, statements in MIGRATIONS:
-            if version <= current:
+            if version in applied:
                 continue
             await w.execute("BEGIN IMMEDIATE")
             try:

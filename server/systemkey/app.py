@@ -19,6 +19,7 @@ from aiohttp import web
 from server import logs
 from server.access.pki import fingerprint
 from server.access.tls import AEAD_CIPHERS, server_context
+from server.api.timeouts import DeadlineTCPSite
 from server.audit.checkpoints import CHECKPOINT_PATH
 from server.errors import (ConfigError, Forbidden, InvalidJSON, InvalidRequest, MethodNotAllowed, SKMError,
                            Unauthenticated, Unavailable, UnsupportedMediaType, URLNotFound)
@@ -178,7 +179,8 @@ async def serve(cfg: SystemKeyServerConfig) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(make_app(cfg), access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ctx, reuse_address=True)
+        site = DeadlineTCPSite(runner, cfg.host, cfg.port, ssl_context=ctx, reuse_address=True,
+                               handshake_timeout=cfg.handshake_timeout)
         await site.start()
     except BaseException:
         await runner.cleanup()

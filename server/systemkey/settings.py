@@ -20,6 +20,7 @@ class SystemKeyServerConfig:
     client_ca: str = ""               # CA of key-server client certificates; default <data_dir>/pki/ca.pem
     allow_list: str = ""              # default <data_dir>/allowed.txt
     audit_log: str = ""               # default <data_dir>/audit.jsonl
+    handshake_timeout: float = 10.0   # a connection must finish its TLS handshake within this
     log_format: str = "auto"          # auto | json | console
     log_level: str = "info"
 

@@ -137,31 +137,40 @@ async def test_client_api_certificate_life_cycle_v12(skm, stores):
     a, _, _ = stores
     kid, secret = await access_key(skm)
     h = v12_headers(kid, secret)
+    # The store's own checks gate its administration too (manage_routes' docstring): its certificate.
+    s = skm.session(*await cert_files(skm, a, "owner"))
     body = {"keyStoreName": "cert-a", "name": "api-cert", "password": PASSWORD, "lifeTime": 365,
             "description": "from the API"}
-    st, out = await skm.client("POST", "/auths/certificates", version="v1.2", json=body)
+    st, out = await skm.client("POST", "/auths/certificates", version="v1.2", json=body, session=s)
     assert st == 401                                   # no caller credentials
-    assert assert_ok(*await skm.client("POST", "/auths/certificates", version="v1.2", json=body, headers=h)) == {
-        "name": "api-cert", "description": "from the API"}
+    assert_err(*await skm.client("POST", "/auths/certificates", version="v1.2", json=body, headers=h),
+               403, "Certificate Auth Failure")        # a valid access key, but not the store's certificate
+    assert assert_ok(*await skm.client("POST", "/auths/certificates", version="v1.2", json=body, headers=h,
+                                       session=s)) == {"name": "api-cert", "description": "from the API"}
     ks = a["keyStoreId"]
-    assert assert_ok(*await skm.client("GET", f"/keystores/{ks}/certificates")) == {"certificateList": ["api-cert"]}
-    detail = assert_ok(*await skm.client("GET", f"/keystores/{ks}/certificates?value=api-cert"))["certificateList"]
+    assert assert_ok(*await skm.client("GET", f"/keystores/{ks}/certificates", session=s)) == {
+        "certificateList": ["owner", "api-cert"]}
+    detail = assert_ok(*await skm.client("GET", f"/keystores/{ks}/certificates?value=api-cert",
+                                         session=s))["certificateList"]
     assert detail[0]["password"] == "********" and detail[0]["expirationDate"] and detail[0]["deletionDatetime"] is None
     assert detail[0]["creationUser"].startswith(f"uak:{kid}@")
     ref = {"keyStoreName": "cert-a", "name": "api-cert"}
-    assert_err(*await skm.client("POST", "/auths/certificates/delete", version="v1.2", json=ref, headers=h),
-               404, "Not Found")                       # only a scheduled certificate is deleted at once
-    sched = assert_ok(*await skm.client("PUT", "/auths/certificates/delete", version="v1.2", json=ref, headers=h))
+    assert_err(*await skm.client("POST", "/auths/certificates/delete", version="v1.2", json=ref, headers=h,
+                                 session=s), 404, "Not Found")   # only a scheduled certificate is deleted at once
+    sched = assert_ok(*await skm.client("PUT", "/auths/certificates/delete", version="v1.2", json=ref, headers=h,
+                                        session=s))
     assert sched["name"] == "api-cert" and sched["deletionDateTime"]
-    done = assert_ok(*await skm.client("POST", "/auths/certificates/delete", version="v1.2", json=ref, headers=h))
+    done = assert_ok(*await skm.client("POST", "/auths/certificates/delete", version="v1.2", json=ref, headers=h,
+                                       session=s))
     assert done["name"] == "api-cert"
-    assert assert_ok(*await skm.client("GET", f"/keystores/{ks}/certificates")) == {"certificateList": []}
+    assert assert_ok(*await skm.client("GET", f"/keystores/{ks}/certificates", session=s)) == {
+        "certificateList": ["owner"]}
     # Bad input: a short password, an unknown store.
     bad = {**body, "password": "123"}
-    assert_err(*await skm.client("POST", "/auths/certificates", version="v1.2", json=bad, headers=h),
+    assert_err(*await skm.client("POST", "/auths/certificates", version="v1.2", json=bad, headers=h, session=s),
                400, "Invalid Request")
     assert_err(*await skm.client("POST", "/auths/certificates", version="v1.2",
-                                 json={**body, "keyStoreName": "nope"}, headers=h), 404, "Invalid Key Store")
+                                 json={**body, "keyStoreName": "nope"}, headers=h, session=s), 404, "Invalid Key Store")
 
 
 async def test_certificate_changes_go_through_the_change_gate(skm):

@@ -87,15 +87,17 @@ async def test_concurrent_wrong_logins_check_at_most_the_limit(skm):
     assert statuses.count(401) <= 4, statuses           # the 5th failure locks (429), never a 6th check
     st, _ = await _login(skm, "flood", PW)
     assert st == 429                                     # locked: the right password is refused too
-    row = await skm.rt.storage.fetchone("SELECT failed_logins, locked_until FROM operators WHERE name = 'flood'")
-    assert row["locked_until"] is not None and row["failed_logins"] == 0
+    row = await skm.rt.storage.fetchone("SELECT a.failures, a.locked_until FROM login_attempts a JOIN operators o "
+                                        "ON o.id = a.operator_id WHERE o.name = 'flood' AND a.source = '127.0.0.1'")
+    assert row["locked_until"] is not None and row["failures"] == 0
     st, out = await skm.mgmt("PATCH", "/operators/flood", json={"unlock": True})
     assert out["body"]["locked"] is False
     # After the unlock the budget is whole again; a success resets the count.
     for _ in range(3):
         assert (await _login(skm, "flood", "still-wrong-pw"))[0] == 401
     assert (await _login(skm, "flood", PW))[0] == 200
-    assert await skm.rt.storage.fetchval("SELECT failed_logins FROM operators WHERE name = 'flood'") == 0
+    assert await skm.rt.storage.fetchval("SELECT a.failures FROM login_attempts a JOIN operators o ON "
+                                         "o.id = a.operator_id WHERE o.name = 'flood'") == 0
 
 
 async def test_login_audit_and_approval_settings_are_config_tables(tmp_path):

@@ -312,7 +312,7 @@ async def test_json_errors_and_confirmation(skm):
     code, _, err = await run(skm, "keystore", "delete", "other")
     assert code == 2 and "add --yes" in one_line_error(err)
     code, _, err = await run(skm, "keystore", "delete", "other", "--yes")
-    assert code == 5 and "still holds 1 key(s)" in one_line_error(err)
+    assert code == 5 and "still holds 1 key:" in one_line_error(err)
     code, out, err = await run(skm, "keystore", "delete", "apps", tty=True, stdin="yes\n")
     assert code == 0 and "key store deleted" in out, err
     code, _, err = await run(skm, "keystore", "show", "apps")

@@ -40,6 +40,10 @@ async def test_approval_flow(console, skm):
     await expect(alice.locator(".flash-ok")).to_contain_text("bob")
     await expect(alice.locator("tr[data-operator='bob']")).to_contain_text("approver")
     await console.shot(alice, "operators")
+    # A (who requests) is another admin: bob, made by the bootstrap admin, may decide A's requests but never
+    # the bootstrap admin's own (tests/access/test_sod.py).
+    await console.operator("carol", "admin")
+    alice = await console.page("carol")
     sid = await _create_store(alice, console.url, "approved-store", approval=True)
 
     # A requests a key: a change request, no key.

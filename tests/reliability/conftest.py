@@ -83,6 +83,10 @@ async def sidecar_proc(tmp_path: Path, hygiene, server_proc):
             hygiene.path(p)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sweep: the secret-hygiene sweep; every make target runs it last")
+
+
 def pytest_collection_modifyitems(session, config, items):
     # The hygiene check greps what the rest left behind: it runs after everything else.
     last = [i for i in items if i.path.name == LAST]

@@ -4,16 +4,27 @@ line, audit record, test output, database or system-key file (runs last: see con
 It makes its own traffic first, so it means something when run alone: secrets in
 failing requests (bad JSON around a secret, a secret too long for its field, a secret
 sent to a key that does not exist), a v1.2 access-key secret, an exported key.
+
+Every make target runs this module last (`-m sweep` joins it to `make test-long`, its path
+to `make test-postgres`; conftest.py orders it after everything else), so the soak, the
+floods, the long fuzz and the PostgreSQL runs are grepped too.
 """
 from __future__ import annotations
 
 import secrets
 
+import pytest
+
 from tests.access.helpers import access_key, v12_headers
+
+pytestmark = pytest.mark.sweep
 
 
 async def test_own_traffic_with_secrets_in_failing_requests(tracked, hygiene):
-    skm = tracked
+    await own_traffic(tracked, hygiene)
+
+
+async def own_traffic(skm, hygiene) -> None:
     value = "hygiene-" + secrets.token_hex(16)
     hygiene.secret(value, "hygiene secret value")
     store = await skm.keystore("hygiene")
@@ -51,7 +62,14 @@ async def test_own_traffic_with_secrets_in_failing_requests(tracked, hygiene):
     assert st == 401
 
 
-def test_no_secret_anywhere(hygiene, numbers):
+async def test_no_secret_anywhere(skm, hygiene, numbers, capfd):
+    if not hygiene.harvested_servers:
+        # Run alone (nothing before it registered a server): make, harvest and keep traffic of its own.
+        hygiene.secret(skm.init.token, "harness operator token")
+        await own_traffic(skm, hygiene)
+        out, err = capfd.readouterr()
+        hygiene.text("test_no_secret_anywhere [own traffic output]", out + err)
+        await hygiene.harvest(skm.server.config, f"harness {skm.tmp.name}")
     findings, stats = hygiene.scan()
     numbers.add("hygiene", f"{stats['needles']} secrets and key materials from {stats['servers']} servers, grepped "
                            f"in {stats['texts']} captured outputs/row dumps and {stats['files']} files "

@@ -54,7 +54,9 @@ async def test_stream_carries_this_projects_changes_only_with_heartbeats(skm):
         assert "v1" not in json.dumps(data)                      # never a value
 
         # A store created after subscribing is still this project's.
-        late = await skm.keystore("late", register_loopback=False)
+        late = await skm.keystore("late")                          # its loopback entry admits this caller
+        kind, data, _ = await next_event(resp)
+        assert kind == "auth_changed" and data["keystore_id"] == late["keyStoreId"]
         await skm.key(late, "SYMMETRIC_KEY", "aes")
         kind, data, _ = await next_event(resp)
         assert kind == "key_created" and data["keystore_id"] == late["keyStoreId"]

@@ -102,7 +102,7 @@ async def test_allow_list_by_uid_and_by_key_store_gid(skm, store, make_sidecar, 
 
 async def test_tcp_listener_requires_the_anti_ssrf_header(skm, store, make_sidecar):
     kid = (await skm.key(store, "SECRET", "db", secretValue="tcp-ok"))["keyId"]
-    sc = await make_sidecar(listen={"tcp_port": 0})
+    sc = await make_sidecar(listen={"tcp_port": 0, "tcp_allow_default": True})
     port = sc.api.tcp_port
     assert port
     async with aiohttp.ClientSession() as s:

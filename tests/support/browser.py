@@ -73,7 +73,7 @@ class ConsoleDriver:
         await page.fill("#name", name)
         await page.fill("#password", password)
         await page.click("#login")
-        await page.wait_for_url(re.compile(r".*/console/keystores$"))
+        await page.wait_for_url(re.compile(r".*/console/$"))
 
     async def shot(self, page, name: str) -> Path:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -343,3 +343,18 @@ async def test_remote_source_config_errors_are_clear(pki: TestPKI):
     with pytest.raises(ConfigError):
         await asyncio.wait_for(unseal_with_retry(Barrier(), src, FileRootKey.create(pki.dir / "r.key"),
                                                  initial=0.05, maximum=0.1, log=RecordingLog()), timeout=5)
+
+
+async def test_a_connection_that_never_starts_tls_is_closed_at_the_handshake_deadline(tmp_path: Path, pki: TestPKI):
+    from tests.api.test_hardening import eof_within
+    root = FileRootKey.create(tmp_path / "keyserver" / "root.key")
+    cfg = load(SystemKeyServerConfig, None, env={"SKM_SYSTEMKEY_HANDSHAKE_TIMEOUT": "0.5"}, env_prefix="SKM_SYSTEMKEY_",
+               overrides={"data_dir": str(tmp_path / "systemkey"), "port": 0, "cert": str(pki.systemkey_cert),
+                          "key": str(pki.systemkey_key), "client_ca": str(pki.ca_pem), "log_format": "json"})
+    assert cfg.handshake_timeout == 0.5
+    admin.init(cfg, await new_keyring(root))
+    runner, port = await serve(cfg)
+    try:
+        assert await eof_within("127.0.0.1", port, 10)       # asyncio's default would wait 60 s
+    finally:
+        await runner.cleanup()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -29,6 +30,8 @@ class ClientContext:
     fingerprint: str | None
     mac_header: str | None
     caller: str = "appkey"          # audit identity: appkey, user access key id, token id
+    operator: Any = None            # the Operator owning the v1.2/v1.3 credential (one identity per person)
+    credential: str | None = None   # "accesskey:<id>" or "bearer:<id>"
 
     @property
     def sent_certificate(self) -> bool:
@@ -80,13 +83,33 @@ async def authorize_keystore(request: web.Request, ctx: ClientContext, ks: KeySt
     await rt.access.authorize(request, ctx, ks)
 
 
+async def passes_keystore(request: web.Request, ctx: ClientContext, ks: KeyStore) -> bool:
+    rt = runtime(request)
+    return rt.access is not None and await rt.access.passes(request, ctx, ks)
+
+
+def inventory_appkey_only(request: web.Request) -> bool:
+    """`[compat] inventory_appkey_only`: the v1.0 inventory answers anyone with the appkey, as NHN's does."""
+    compat = getattr(runtime(request).config, "compat", None)
+    return bool(getattr(compat, "inventory_appkey_only", False))
+
+
+async def authorize_inventory(request: web.Request, ctx: ClientContext, ks: KeyStore) -> None:
+    """The inventory of a store (its keys, IPs, MACs, certificate names) is for whoever passes the store's
+    own checks; NHN hands it to any holder of the appkey, which `[compat] inventory_appkey_only` restores."""
+    if not inventory_appkey_only(request):
+        await authorize_keystore(request, ctx, ks)
+
+
 async def key_for_use(request: web.Request, *, check_access: bool = True) -> tuple[ClientContext, Key]:
     """Resolve `{keyid}` in the caller's project and pass its key store's client checks."""
     rt = runtime(request)
     ctx = await client_context(request)
     key = await rt.keys.key(request.match_info["keyid"], project_id=ctx.project.id)
+    # Set before the checks: a denial is then counted and audited against its key and store. The
+    # routing wrapper records an access only once the request succeeds.
+    request[KEY] = key
     if check_access:
         ks = await rt.keys.keystore(key.keystore_id)
         await authorize_keystore(request, ctx, ks)
-    request[KEY] = key       # the routing wrapper records the access once the request succeeds
     return ctx, key

@@ -50,7 +50,7 @@ async def put_secret(request: web.Request, body: m.SecretUpdateIn) -> dict:
     ctx, key = await key_for_use(request)
     rt = runtime(request)
     ks = await rt.keys.keystore(key.keystore_id)
-    key = await rt.changes.submit_key_op(ctx.caller, ks, "update_secret", key,
+    key = await rt.changes.submit_key_op(ctx, ks, "update_secret", key,
                                          {"secretValue": body.secretValue})
     return {"keyId": key.id, "name": key.name, "description": key.description, "secretValue": body.secretValue,
             "creationUser": key.created_by, "creationDatetime": to_api(key.created_at),

@@ -3,6 +3,18 @@
 Key create/delete and auth-data writes are v1.2+ (caller credentials
 required); the read-only inventory is v1.0+. Writes go through the ChangeGate,
 so an approval store turns them into change requests.
+
+Who may administer a store over the client API: the caller credential (an admin's
+user access key or bearer token) says who acts, AND the request must pass the
+store's own client checks (IPv4 / MAC / certificate), exactly as a key use does.
+NHN's document is silent on whether its management APIs apply those checks
+(nhn-skm-api.md §3.2, "[UNKNOWN]"); a leaked access key alone must not rewrite a
+store's access rules from anywhere, so here they do (defence in depth). A store's
+first entries are therefore registered on the management plane (`skm auth ...`,
+the console), which the client checks do not gate.
+
+The inventory needs the store's checks too, unless `[compat] inventory_appkey_only`
+(context.authorize_inventory).
 """
 from __future__ import annotations
 
@@ -12,24 +24,29 @@ from aiohttp import web
 from pydantic import Field
 
 from server.api.client import models as m
-from server.api.client.context import PREFIX, client_context
+from server.api.client.context import (PREFIX, authorize_inventory, authorize_keystore, client_context,
+                                       inventory_appkey_only, passes_keystore)
 from server.api.client.crypto_routes import V12
 from server.api.routing import RouteTable
 from server.errors import InvalidRequest
 from server.keys.model import KeyType
 from server.runtime import runtime
+from server.text import SafeText
 
 routes = RouteTable(PREFIX)
 
 
 async def _ks_by_name(request: web.Request, name: str):
+    """The store a write names, once the request passes its client checks (see the module docstring)."""
     ctx = await client_context(request)
-    return ctx, await runtime(request).keys.keystore_by_name(ctx.project.id, name)
+    ks = await runtime(request).keys.keystore_by_name(ctx.project.id, name)
+    await authorize_keystore(request, ctx, ks)
+    return ctx, ks
 
 
 async def _create(request: web.Request, body, key_type: KeyType, **extra) -> dict:
     ctx, ks = await _ks_by_name(request, body.keyStoreName)
-    key = await runtime(request).changes.submit(ctx.caller, ks, "key.create", {
+    key = await runtime(request).changes.submit(ctx, ks, "key.create", {
         "keystore_id": ks.id, "key_type": key_type.value, "name": body.name,
         "description": body.description, **extra})
     return {"keyId": key.id, "keyStatus": key.status.value}
@@ -57,14 +74,16 @@ async def _key_in_project(request: web.Request):
     ctx = await client_context(request)
     rt = runtime(request)
     key = await rt.keys.key(request.match_info["keyid"], project_id=ctx.project.id)
-    return ctx, key, await rt.keys.keystore(key.keystore_id)
+    ks = await rt.keys.keystore(key.keystore_id)
+    await authorize_keystore(request, ctx, ks)          # as for _ks_by_name
+    return ctx, key, ks
 
 
 @routes.route("PUT", "/keys/{keyid}/delete", summary="Schedule a key for deletion", response=m.KeyDeleteOut,
               versions=V12, tags=("client-manage",))
 async def schedule_key_deletion(request: web.Request, _body) -> dict:
     ctx, key, ks = await _key_in_project(request)
-    key = await runtime(request).changes.submit_key_op(ctx.caller, ks, "key.schedule_deletion", key)
+    key = await runtime(request).changes.submit_key_op(ctx, ks, "key.schedule_deletion", key)
     from server.timeutil import to_api
     return {"keyId": key.id, "deletionDateTime": to_api(key.deletion_at)}
 
@@ -73,7 +92,7 @@ async def schedule_key_deletion(request: web.Request, _body) -> dict:
               versions=V12, tags=("client-manage",))
 async def delete_key(request: web.Request, _body) -> dict:
     ctx, key, ks = await _key_in_project(request)
-    when = await runtime(request).changes.submit_key_op(ctx.caller, ks, "key.delete", key)
+    when = await runtime(request).changes.submit_key_op(ctx, ks, "key.delete", key)
     return {"keyId": key.id, "deletionDateTime": when}
 
 
@@ -81,7 +100,7 @@ async def delete_key(request: web.Request, _body) -> dict:
 class AuthAddIn(m._In):
     keyStoreName: str = Field(min_length=1, max_length=100)
     value: str = Field(min_length=1, max_length=64)
-    description: str = Field(default="", max_length=1000)
+    description: SafeText = Field(default="", max_length=1000)
 
 
 class AuthRefIn(m._In):
@@ -103,7 +122,7 @@ def _auth_kind(request: web.Request) -> str:
               body=AuthAddIn, response=AuthOut, versions=V12, tags=("client-manage",))
 async def add_auth(request: web.Request, body: AuthAddIn) -> dict:
     ctx, ks = await _ks_by_name(request, body.keyStoreName)
-    row = await runtime(request).changes.submit(ctx.caller, ks, "auth.add", {
+    row = await runtime(request).changes.submit(ctx, ks, "auth.add", {
         "keystore_id": ks.id, "kind": _auth_kind(request), "value": body.value, "description": body.description})
     return {"value": row["value"], "description": row["description"]}
 
@@ -112,7 +131,7 @@ async def add_auth(request: web.Request, body: AuthAddIn) -> dict:
               body=AuthRefIn, response=AuthOut, versions=V12, tags=("client-manage",))
 async def schedule_auth_deletion(request: web.Request, body: AuthRefIn) -> dict:
     ctx, ks = await _ks_by_name(request, body.keyStoreName)
-    return await runtime(request).changes.submit(ctx.caller, ks, "auth.schedule_deletion", {
+    return await runtime(request).changes.submit(ctx, ks, "auth.schedule_deletion", {
         "keystore_id": ks.id, "kind": _auth_kind(request), "value": body.value})
 
 
@@ -120,7 +139,7 @@ async def schedule_auth_deletion(request: web.Request, body: AuthRefIn) -> dict:
               body=AuthRefIn, response=AuthOut, versions=V12, tags=("client-manage",))
 async def delete_auth(request: web.Request, body: AuthRefIn) -> dict:
     ctx, ks = await _ks_by_name(request, body.keyStoreName)
-    return await runtime(request).changes.submit(ctx.caller, ks, "auth.delete", {
+    return await runtime(request).changes.submit(ctx, ks, "auth.delete", {
         "keystore_id": ks.id, "kind": _auth_kind(request), "value": body.value})
 
 
@@ -141,7 +160,9 @@ def _int_query(request: web.Request, name: str, default: int, lo: int, hi: int) 
 async def _keystore_param(request: web.Request):
     ctx = await client_context(request)
     raw = request.match_info["keystoreid"]
-    return await runtime(request).keys.keystore(int(raw), project_id=ctx.project.id)
+    ks = await runtime(request).keys.keystore(int(raw), project_id=ctx.project.id)
+    await authorize_inventory(request, ctx, ks)
+    return ks
 
 
 @routes.route("GET", "/keystores", summary="List key stores", query={"detail": {"type": "boolean"}},
@@ -149,6 +170,9 @@ async def _keystore_param(request: web.Request):
 async def list_keystores(request: web.Request, _body) -> dict:
     ctx = await client_context(request)
     stores = await runtime(request).keys.keystores(ctx.project.id)
+    if not inventory_appkey_only(request):
+        # Only the stores whose checks this caller passes; the others are not its business.
+        stores = [s for s in stores if await passes_keystore(request, ctx, s)]
     if _flag(request, "detail"):
         return {"keyStoreList": [s.to_api() for s in stores]}
     return {"keyStoreIdList": [s.id for s in stores]}

@@ -6,6 +6,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.keys.model import MAX_SECRET_BYTES
+from server.text import SafeText
 
 # Character bounds are a first cut; the service checks the UTF-8 byte limits.
 _TEXT = Field(max_length=MAX_SECRET_BYTES)
@@ -125,8 +126,8 @@ class KeyMaterialOut(BaseModel):
 
 class KeyCreateIn(_In):
     keyStoreName: str = Field(min_length=1, max_length=100)
-    name: str = Field(min_length=1, max_length=100)
-    description: str = Field(default="", max_length=1000)
+    name: SafeText = Field(min_length=1, max_length=100)
+    description: SafeText = Field(default="", max_length=1000)
 
 
 class SecretCreateIn(KeyCreateIn):

@@ -10,6 +10,7 @@ from server.api.mgmt.auth import operator
 from server.api.routing import RouteTable
 from server.errors import InvalidRequest, Unavailable
 from server.runtime import runtime
+from server.text import SafeText
 
 routes = RouteTable("/api/v1")
 _CR = r"/approvals/{request_id:\d{1,12}}"
@@ -17,7 +18,7 @@ _CR = r"/approvals/{request_id:\d{1,12}}"
 
 class DecisionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    comment: str = Field(default="", max_length=1000, description="approve: a note; deny: the reason")
+    comment: SafeText = Field(default="", max_length=1000, description="approve: a note; deny: the reason")
 
 
 class ApprovalOut(BaseModel):
@@ -28,7 +29,10 @@ class ApprovalOut(BaseModel):
 
 class ChangeRequestOut(BaseModel):
     changeRequestId: int
-    keyStoreId: int
+    keyStoreId: Optional[int] = Field(default=None, description="null: an operator management request")
+    projectId: Optional[int] = None
+    credential: Optional[str] = Field(default=None, description="what the requester acted with "
+                                      "(token:ID, accesskey:ID, bearer:ID); the requester is always an operator")
     operation: str
     status: str
     requestedBy: str
@@ -72,18 +76,19 @@ async def list_requests(request: web.Request, _body) -> dict:
     if not limit.isdigit() or not 1 <= int(limit) <= 1000:
         raise InvalidRequest("limit must be 1 to 1000")
     status = q.get("status")
+    op = await operator(request)
     return {"changeRequests": await _svc(request).list(
         status=status.upper() if status else None, keystore_id=int(ks) if ks else None,
-        requested_by=q.get("requestedBy") or None, limit=int(limit))}
+        requested_by=q.get("requestedBy") or None, limit=int(limit), project_ids=op.projects())}
 
 
 @routes.route("GET", _CR, summary="One change request with its diff", response=ChangeRequestOut,
               tags=("approvals",))
 async def get_request(request: web.Request, _body) -> dict:
-    await operator(request)
+    op = await operator(request)
     svc = _svc(request)
     await svc.expire_due()
-    return await svc.get(_id(request))
+    return await svc.get(_id(request), by=op)
 
 
 @routes.route("POST", _CR + "/approve", summary="Approve (approver role; never your own request)",
@@ -105,3 +110,16 @@ async def deny(request: web.Request, body: DecisionIn) -> dict:
 async def cancel(request: web.Request, _body) -> dict:
     op = await operator(request)
     return await _svc(request).cancel(op, _id(request))
+
+
+class CollectOut(BaseModel):
+    token: Optional[str] = Field(default=None, description="an operator token (shown once)")
+    accessKeyId: Optional[str] = None
+    secretAccessKey: Optional[str] = Field(default=None, description="a user access key secret (shown once)")
+
+
+@routes.route("POST", _CR + "/collect", summary="Take, once, the credential your applied request made for "
+              "someone else", response=CollectOut, tags=("approvals",))
+async def collect(request: web.Request, _body) -> dict:
+    op = await operator(request)
+    return await _svc(request).collect(op, _id(request))

@@ -118,21 +118,23 @@ async def query(request: web.Request, _body) -> dict:
 
 def _scope(op) -> list[int] | None:
     """The projects an operator may see records of (None: every project, a global operator)."""
-    scope = getattr(op, "project_ids", None)
-    return None if scope is None else list(scope)
+    scope = op.projects()
+    return None if scope is None else sorted(scope)
 
 
 @routes.route("GET", "/audit/verify", summary="Check the keyed chain and the signed checkpoints; report the first "
               "bad record", response=VerifyOut, tags=("audit",))
 async def verify(request: web.Request, _body) -> dict:
-    await operator(request)
+    op = await operator(request)
+    op.require("admin", "approver", "viewer")      # the whole chain: global operators only
     return (await _audit(request).verify()).to_api()
 
 
 @routes.route("GET", "/audit/pubkey", summary="The checkpoint public key (PEM), for verifying exports offline",
               response=PubkeyOut, tags=("audit",))
 async def pubkey(request: web.Request, _body) -> dict:
-    await operator(request)
+    op = await operator(request)
+    op.require("admin", "approver", "viewer")      # the whole chain's key: global operators only
     from server.audit.checkpoints import pub_b64, pub_pem
     import hashlib
     import base64
@@ -143,7 +145,8 @@ async def pubkey(request: web.Request, _body) -> dict:
 @routes.route("GET", "/audit/checkpoints", summary="The signed checkpoints of the current epoch (from the "
               "checkpoint stores)", response=CheckpointsOut, tags=("audit",))
 async def checkpoints(request: web.Request, _body) -> dict:
-    await operator(request)
+    op = await operator(request)
+    op.require("admin", "approver", "viewer")      # the whole chain: global operators only
     found, read, epoch = await _audit(request).checkpoints()
     mine = sorted((c for c in found if c["checkpoint"]["epoch"] == epoch), key=lambda c: c["checkpoint"]["seq"])
     return {"epoch": epoch, "sources": read, "checkpoints": mine}

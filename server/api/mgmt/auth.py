@@ -1,10 +1,17 @@
-"""Operator authentication for the management listener (bearer token)."""
+"""Operator authentication for the management listener (bearer token), and project scoping.
+
+A global role covers every project; a project role covers that project only. Whatever an
+operator may not see answers exactly as if it did not exist (404), so a project-scoped
+operator cannot even learn that another project's key stores, keys or requests exist; what it
+sees but may not change answers 403.
+"""
 from __future__ import annotations
 
 from aiohttp import web
 
 from server.access.operators import Operator
-from server.errors import Sealed, Unauthenticated
+from server.errors import InvalidKeyId, KeyStoreNotFound, Sealed, Unauthenticated
+from server.keys.model import Key, KeyStore
 from server.runtime import OPERATOR, runtime
 
 OPEN_PATHS = frozenset({"/api/v1/openapi.json", "/healthz", "/readyz", "/metrics", "/api/v1/status"})
@@ -26,6 +33,32 @@ async def operator(request: web.Request) -> Operator:
 
 
 async def admin(request: web.Request) -> Operator:
+    """A global admin (installation-wide actions: projects, operators, the barrier)."""
     op = await operator(request)
     op.require("admin")
     return op
+
+
+async def keystore_for(request: web.Request, *, change: bool = False) -> tuple[Operator, KeyStore]:
+    """The operator and the key store of `{keystore_id}`: visible to them, and theirs to change
+    (admin of its project) when `change`."""
+    op = await operator(request)
+    ks = await runtime(request).keys.keystore(int(request.match_info["keystore_id"]))
+    if not op.sees(ks.project_id):
+        raise KeyStoreNotFound(f"no key store with id {ks.id}")
+    if change:
+        op.require("admin", project_id=ks.project_id)
+    return op, ks
+
+
+async def key_for(request: web.Request, *, change: bool = False,
+                  with_versions: bool = False) -> tuple[Operator, KeyStore, Key]:
+    op = await operator(request)
+    rt = runtime(request)
+    key = await rt.keys.key(request.match_info["key_id"], with_versions=with_versions)
+    ks = await rt.keys.keystore(key.keystore_id)
+    if not op.sees(ks.project_id):
+        raise InvalidKeyId("no key with that id")
+    if change:
+        op.require("admin", project_id=ks.project_id)
+    return op, ks, key

@@ -4,7 +4,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.api.mgmt import models as m
-from server.api.mgmt.auth import admin, operator
+from server.api.mgmt.auth import keystore_for
 from server.api.routing import RouteTable
 from server.runtime import runtime
 
@@ -12,20 +12,15 @@ routes = RouteTable("/api/v1")
 _P = r"/keystores/{keystore_id:\d{1,12}}/auths/{kind:ipv4s|macs}"
 
 
-async def _ks(request: web.Request):
-    return await runtime(request).keys.keystore(int(request.match_info["keystore_id"]))
-
-
 @routes.route("GET", _P, summary="List IPv4 or MAC entries", response=m.AuthEntryList, tags=("auth-data",))
 async def list_entries(request: web.Request, _body) -> dict:
-    await operator(request)
-    return {"entries": await runtime(request).authdata.list(await _ks(request), request.match_info["kind"])}
+    _, ks = await keystore_for(request)
+    return {"entries": await runtime(request).authdata.list(ks, request.match_info["kind"])}
 
 
 async def _change(request: web.Request, name: str, params: dict):
-    op = await admin(request)
-    ks = await _ks(request)
-    return await runtime(request).changes.submit(op.name, ks, name, {
+    op, ks = await keystore_for(request, change=True)
+    return await runtime(request).changes.submit(op, ks, name, {
         "keystore_id": ks.id, "kind": request.match_info["kind"], **params})
 
 

@@ -11,9 +11,10 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.access import certificates as certs
-from server.api.mgmt.auth import admin, operator
+from server.api.mgmt.auth import keystore_for
 from server.api.routing import RouteTable
 from server.runtime import runtime
+from server.text import SafeText
 
 routes = RouteTable("/api/v1")
 _P = r"/keystores/{keystore_id:\d{1,12}}/certificates"
@@ -29,7 +30,7 @@ class CertIn(_In):
     password: str = Field(min_length=certs.MIN_PASSWORD, max_length=certs.MAX_PASSWORD,
                           json_schema_extra={"sensitive": True})   # no body HMAC over it (server/audit/middleware.py)
     lifeTime: int = Field(default=365, ge=1, le=certs.MAX_LIFETIME_DAYS)
-    description: str = Field(default="", max_length=1000)
+    description: SafeText = Field(default="", max_length=1000)
 
 
 class CertRefIn(_In):
@@ -57,47 +58,41 @@ class CertList(BaseModel):
     certificates: list[CertOut]
 
 
-async def _ks(request: web.Request):
-    return await runtime(request).keys.keystore(int(request.match_info["keystore_id"]))
-
-
 @routes.route("GET", _P, summary="List a key store's client certificates", response=CertList,
               tags=("certificates",))
 async def list_certificates(request: web.Request, _body) -> dict:
-    await operator(request)
-    return {"certificates": await runtime(request).certificates.list(await _ks(request))}
+    _, ks = await keystore_for(request)
+    return {"certificates": await runtime(request).certificates.list(ks)}
 
 
 @routes.route("POST", _P, summary="Issue a client certificate for a key store", body=CertIn, response=CertOut,
               tags=("certificates",), status=201)
 async def create_certificate(request: web.Request, body: CertIn) -> dict:
-    op = await admin(request)
+    op, ks = await keystore_for(request, change=True)
     rt = runtime(request)
-    ks = await _ks(request)
     params = certs.create_params(rt.barrier, ks, body.name, body.password, body.lifeTime, body.description)
-    return await rt.changes.submit(op.name, ks, "cert.create", params)
+    return await rt.changes.submit(op, ks, "cert.create", params)
 
 
 @routes.route("GET", _P + _NAME, summary="One client certificate", response=CertOut, tags=("certificates",))
 async def get_certificate(request: web.Request, _body) -> dict:
-    await operator(request)
-    return await runtime(request).certificates.get(await _ks(request), request.match_info["name"])
+    _, ks = await keystore_for(request)
+    return await runtime(request).certificates.get(ks, request.match_info["name"])
 
 
 @routes.route("GET", _P + _NAME + "/bundle", summary="Download the PKCS#12 bundle (application/x-pkcs12)",
               tags=("certificates",), raw=True, media_type="application/x-pkcs12")
 async def download_certificate(request: web.Request, _body) -> web.Response:
-    await admin(request)
+    _, ks = await keystore_for(request, change=True)      # the bundle holds a private key: admins only
     name = request.match_info["name"]
-    data = await runtime(request).certificates.bundle(await _ks(request), name)
+    data = await runtime(request).certificates.bundle(ks, name)
     return web.Response(body=data, content_type="application/x-pkcs12", headers={
         "Content-Disposition": f'attachment; filename="{name}.p12"', "Cache-Control": "no-store"})
 
 
 async def _change(request: web.Request, change: str, body: CertRefIn):
-    op = await admin(request)
-    ks = await _ks(request)
-    return await runtime(request).changes.submit(op.name, ks, change, {"keystore_id": ks.id, "name": body.name})
+    op, ks = await keystore_for(request, change=True)
+    return await runtime(request).changes.submit(op, ks, change, {"keystore_id": ks.id, "name": body.name})
 
 
 @routes.route("POST", _P + "/schedule-deletion", summary="Schedule a client certificate for deletion",

@@ -1,7 +1,7 @@
 """Management API: user access keys, the v1.2/v1.3 caller credentials of the client API.
 
-An operator manages their own keys; an admin also creates and deletes keys of
-other operators. The secret is in the create response only.
+An operator manages their own keys; a global admin also creates (under approval
+when `[approvals] operators` is on) and deletes keys of other operators. The secret is in the create response only.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.mgmt.auth import operator
 from server.api.routing import RouteTable
-from server.errors import InvalidAppkey
+from server.errors import InvalidAppkey, InvalidRequest
 from server.runtime import runtime
+from server.text import SafeText
 
 routes = RouteTable("/api/v1")
 
@@ -22,7 +23,7 @@ class AccessKeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     operator: Optional[str] = Field(default=None, min_length=1, max_length=64,
                                     description="owner (admins only; default: the caller)")
-    description: str = Field(default="", max_length=1000)
+    description: SafeText = Field(default="", max_length=1000)
     appkey: Optional[str] = Field(default=None, max_length=64,
                                   description="bind the key to this project's appkey (default: every project)")
     expiresInDays: Optional[int] = Field(default=None, ge=1, le=3650)
@@ -55,19 +56,28 @@ async def create_access_key(request: web.Request, body: AccessKeyIn) -> dict:
     project_id = None
     if body.appkey:
         project = await rt.keys.project_by_appkey(body.appkey)
-        if project is None:
+        if project is None or not op.sees(project.id):
             raise InvalidAppkey("no project has that appkey")
+        if not owner.has(("admin", "approver", "viewer"), project.id):
+            raise InvalidRequest(f"{owner.name} holds no role in that project; a key bound to it would never work")
         project_id = project.id
+    if owner.id != op.id:
+        # A credential for someone else puts that operator in the issuer's hands: operator management.
+        out = await rt.changes.submit_operator_change(op, "accesskey.create", {
+            "name": owner.name, "description": body.description, "project_id": project_id,
+            "ttl_days": body.expiresInDays})
+        collect = out.pop("_collect")
+        return {**out, "secretAccessKey": collect["secretAccessKey"]}
     key, secret = await rt.callers.create_key(owner, actor=op.name, description=body.description,
                                               project_id=project_id, ttl_days=body.expiresInDays)
     return {**key.to_api(), "secretAccessKey": secret}
 
 
-@routes.route("GET", "/access-keys", summary="List user access keys (admins: everyone's)", response=AccessKeyList,
-              tags=("access-keys",))
+@routes.route("GET", "/access-keys", summary="List user access keys (global admins: everyone's)",
+              response=AccessKeyList, tags=("access-keys",))
 async def list_access_keys(request: web.Request, _body) -> dict:
     op = await operator(request)
-    keys = await runtime(request).callers.keys(None if op.role == "admin" else op.id)
+    keys = await runtime(request).callers.keys(None if op.has(("admin",)) else op.id)
     return {"accessKeys": [k.to_api() for k in keys]}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.api.mgmt import models as m
-from server.api.mgmt.auth import admin, operator
+from server.api.mgmt.auth import key_for, keystore_for
 from server.api.routing import RouteTable
 from server.runtime import runtime
 
@@ -16,10 +16,9 @@ _KEY = r"/keys/{key_id:[0-9a-f]{32}}"
 @routes.route("POST", _KS + "/keys", summary="Create a key (SECRET, SYMMETRIC_KEY or ASYMMETRIC_KEY)",
               body=m.KeyCreate, response=m.KeyOut, tags=("keys",), status=201)
 async def create_key(request: web.Request, body: m.KeyCreate) -> dict:
-    op = await admin(request)
+    op, ks = await keystore_for(request, change=True)
     rt = runtime(request)
-    ks = await rt.keys.keystore(int(request.match_info["keystore_id"]))
-    key = await rt.changes.submit(op.name, ks, "key.create", {
+    key = await rt.changes.submit(op, ks, "key.create", {
         "keystore_id": ks.id, "key_type": body.keyType, "name": body.name, "description": body.description,
         "key_spec": body.keySpec, "auto_rotation_days": body.autoRotationPeriod, "exportable": body.exportable,
         "secret_value": body.secretValue})
@@ -31,11 +30,10 @@ async def create_key(request: web.Request, body: m.KeyCreate) -> dict:
                      "page": {"type": "integer"}, "pageSize": {"type": "integer"},
                      "after": {"type": "string", "pattern": "^[0-9a-f]{32}$"}})
 async def list_keys(request: web.Request, _body) -> dict:
-    await operator(request)
     from server.api.client.manage_routes import _int_query
     from server.errors import InvalidRequest
+    _, ks = await keystore_for(request)
     rt = runtime(request)
-    ks = await rt.keys.keystore(int(request.match_info["keystore_id"]))
     status = request.query.get("status")
     if status not in (None, "active", "inactive"):
         raise InvalidRequest("status must be active or inactive")
@@ -49,16 +47,13 @@ async def list_keys(request: web.Request, _body) -> dict:
 
 @routes.route("GET", _KEY, summary="A key's metadata with its versions", response=m.KeyOut, tags=("keys",))
 async def get_key(request: web.Request, _body) -> dict:
-    await operator(request)
-    return (await runtime(request).keys.key(request.match_info["key_id"], with_versions=True)).to_api()
+    _, _, key = await key_for(request, with_versions=True)
+    return key.to_api()
 
 
 async def _key_op(request: web.Request, name: str, params: dict | None = None):
-    op = await admin(request)
-    rt = runtime(request)
-    key = await rt.keys.key(request.match_info["key_id"])
-    ks = await rt.keys.keystore(key.keystore_id)
-    return key, await rt.changes.submit_key_op(op.name, ks, name, key, params)
+    op, ks, key = await key_for(request, change=True)
+    return key, await runtime(request).changes.submit_key_op(op, ks, name, key, params)
 
 
 @routes.route("PATCH", _KEY, summary="Change a key's description or rotation period", body=m.KeyUpdate,

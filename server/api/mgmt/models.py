@@ -6,6 +6,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.keys.model import MAX_SECRET_BYTES
+from server.text import SafeText
 
 
 class _In(BaseModel):
@@ -16,8 +17,8 @@ YN = Literal["Y", "N"]
 
 
 class KeyStoreCreate(_In):
-    name: str = Field(min_length=1, max_length=100)
-    description: str = Field(default="", max_length=1000)
+    name: SafeText = Field(min_length=1, max_length=100)
+    description: SafeText = Field(default="", max_length=1000)
     ip4AuthUse: YN = "N"
     macAuthUse: YN = "N"
     certificateAuthUse: YN = "N"
@@ -26,11 +27,12 @@ class KeyStoreCreate(_In):
     approvalRequired: bool = False
     approvalsNeeded: int = Field(default=1, ge=1, le=10)
     appkey: Optional[str] = Field(default=None, max_length=64)
+    projectId: Optional[int] = Field(default=None, ge=1, le=10**12)
 
 
 class KeyStoreUpdate(_In):
-    name: Optional[str] = Field(default=None, min_length=1, max_length=100)
-    description: Optional[str] = Field(default=None, max_length=1000)
+    name: Optional[SafeText] = Field(default=None, min_length=1, max_length=100)
+    description: Optional[SafeText] = Field(default=None, max_length=1000)
     ip4AuthUse: Optional[YN] = None
     macAuthUse: Optional[YN] = None
     certificateAuthUse: Optional[YN] = None
@@ -62,7 +64,7 @@ class KeyStoreOut(BaseModel):
 class KeyStoreDeleted(BaseModel):
     keyStoreId: int
     name: str
-    deletionDateTime: Optional[str]
+    deleted: bool
 
 
 class KeyStoreList(BaseModel):
@@ -71,8 +73,8 @@ class KeyStoreList(BaseModel):
 
 class KeyCreate(_In):
     keyType: Literal["SECRET", "SYMMETRIC_KEY", "ASYMMETRIC_KEY"]
-    name: str = Field(min_length=1, max_length=100)
-    description: str = Field(default="", max_length=1000)
+    name: SafeText = Field(min_length=1, max_length=100)
+    description: SafeText = Field(default="", max_length=1000)
     keySpec: Optional[Literal["SECRET", "AES-256-GCM", "RSA-2048", "RSA-3072", "RSA-4096", "EC-P256", "EC-P384",
                               "ED25519"]] = None
     autoRotationPeriod: int = Field(default=0, ge=0, le=3650)
@@ -81,7 +83,7 @@ class KeyCreate(_In):
 
 
 class KeyUpdate(_In):
-    description: Optional[str] = Field(default=None, max_length=1000)
+    description: Optional[SafeText] = Field(default=None, max_length=1000)
     autoRotationPeriod: Optional[int] = Field(default=None, ge=0, le=3650)
 
 
@@ -127,7 +129,7 @@ class DeletedOut(BaseModel):
 
 class AuthEntryIn(_In):
     value: str = Field(min_length=1, max_length=64)
-    description: str = Field(default="", max_length=1000)
+    description: SafeText = Field(default="", max_length=1000)
 
 
 class AuthRefIn(_In):
@@ -151,10 +153,19 @@ class AuthEntryList(BaseModel):
     entries: list[AuthEntryOut]
 
 
+class ProjectCreate(_In):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
+    description: str = Field(default="", max_length=1000)
+
+
 class ProjectOut(BaseModel):
     id: int
     appkey: str
     name: str
+    description: str = ""
+    createdAt: Optional[str] = None
+    dataPlaneUrl: Optional[str] = Field(default=None, description="client-API base of this project, when the "
+                                        "server knows its public URL (`public_url`)")
 
 
 class ProjectList(BaseModel):

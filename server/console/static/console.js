@@ -31,3 +31,38 @@ document.addEventListener("DOMContentLoaded", function () {
     });
   }
 });
+
+// Copy buttons: <button data-copy="#id"> copies that element's text.
+document.addEventListener("click", function (ev) {
+  var btn = ev.target.closest ? ev.target.closest("[data-copy]") : null;
+  if (!btn) { return; }
+  var src = document.querySelector(btn.getAttribute("data-copy"));
+  if (!src) { return; }
+  var text = src.textContent;
+  var done = function () { btn.textContent = "Copied"; setTimeout(function () { btn.textContent = "Copy"; }, 1500); };
+  if (navigator.clipboard && navigator.clipboard.writeText) {
+    navigator.clipboard.writeText(text).then(done, function () { selectText(src); });
+  } else {
+    selectText(src);
+  }
+});
+
+function selectText(el) {
+  var range = document.createRange();
+  range.selectNodeContents(el);
+  var sel = window.getSelection();
+  sel.removeAllRanges();
+  sel.addRange(range);
+}
+
+// The collapsed navigation of narrow windows.
+document.addEventListener("DOMContentLoaded", function () {
+  var toggle = document.getElementById("nav-toggle");
+  var nav = document.getElementById("mainnav");
+  if (toggle && nav) {
+    toggle.addEventListener("click", function () {
+      var open = nav.classList.toggle("open");
+      toggle.setAttribute("aria-expanded", open ? "true" : "false");
+    });
+  }
+});
