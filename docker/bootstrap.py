@@ -5,7 +5,11 @@ systemkey  (systemkey)  install the wrapped keyring and allow the key server's c
 provision  (keyserver)  once per database, under an advisory lock: the demo project, an admin
                         operator and token, a key store that trusts the sidecar's attested MAC,
                         a secret and a data-encryption key; their ids go to /shared/demo.json.
+                        The secret is also the password of the database role demo_app (demo-psql logs in).
 sidecar    (sidecar)    the sidecar with the appkey from /shared/demo.json.
+rotate     (keyserver, by hand: `docker compose exec keyserver python3 /opt/skm/docker/bootstrap.py rotate`)
+                        a new password for demo_app, set on the role and then stored with `skm key rotate`;
+                        the sidecar re-renders the files that use it and signals demo-file-app.
 
 Everything here is for the demo stack only; production hosts get their files by enrolment.
 """
@@ -24,6 +28,7 @@ CERTS = Path(os.environ.get("SKM_DEMO_CERTS", "/certs"))
 SHARED = Path(os.environ.get("SKM_DEMO_SHARED", "/shared"))
 SIDECAR_MAC = os.environ.get("SKM_DEMO_SIDECAR_MAC", "02:42:0a:53:4b:4d")
 PROVISION_LOCK = "skm-demo-provision"
+DEMO_ROLE = "demo_app"          # the database role whose password is the demo secret (compose.yaml: demo-psql)
 
 
 def _say(msg: str) -> None:
@@ -161,8 +166,10 @@ async def provision() -> int:
                 "macAuthUse": "Y", "macVerification": "attested"})
             sid = store["keyStoreId"]
             await call("POST", f"/keystores/{sid}/auths/macs", {"value": SIDECAR_MAC, "description": "sidecar"})
+            password = os.urandom(12).hex()
+            await _set_role_password(lock, password)
             secret = await call("POST", f"/keystores/{sid}/keys", {
-                "keyType": "SECRET", "name": "db-password", "secretValue": os.urandom(12).hex()})
+                "keyType": "SECRET", "name": "db-password", "secretValue": password})
             kek = await call("POST", f"/keystores/{sid}/keys", {"keyType": "SYMMETRIC_KEY", "name": "data-key"})
         token_file = SHARED / "admin-token"
         token_file.write_text(token + "\n")
@@ -177,6 +184,49 @@ async def provision() -> int:
         await lock.close()
 
 
+async def _set_role_password(conn, password: str) -> None:
+    """Create or alter the demo role: it may log in to the database and do nothing else (no grants)."""
+    exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", DEMO_ROLE)
+    # Utility statements take no parameters: quote on the server (%I, %L) rather than by hand here.
+    sql = await conn.fetchval("SELECT format('%s ROLE %I LOGIN PASSWORD %L', $1::text, $2::text, $3::text)",
+                              "ALTER" if exists else "CREATE", DEMO_ROLE, password)
+    await conn.execute(sql)
+
+
+# ------------------------------------------------------------------ rotate
+async def rotate() -> int:
+    """A new demo password: on the database role first, then into the key store with `skm key rotate`.
+
+    Between the two steps (well under a second) and until the sidecar has rendered the new file,
+    a login with the old file is refused; run this again if the second step fails.
+    """
+    import asyncpg
+    from server.config import load
+    from server.settings import ServerConfig
+
+    cfg = load(ServerConfig, os.environ.get("SKM_CONFIG", "/etc/skm/keyserver.toml"))
+    demo = json.loads((SHARED / "demo.json").read_text())
+    password = os.urandom(16).hex()      # 32 characters (the first one had 24): the demo apps show the change
+    conn = await asyncpg.connect(cfg.storage_url(), timeout=10)
+    try:
+        await _set_role_password(conn, password)
+    finally:
+        await conn.close()
+    _say(f"new password set on database role {DEMO_ROLE}")
+    env = {k: v for k, v in os.environ.items() if k != "SKM_CONFIG"}     # SKM_CONFIG here is the server's file
+    env.update(SKM_ADDR=f"https://127.0.0.1:{cfg.mgmt.port}", SKM_CACERT=str(CERTS / "ca.pem"),
+               SKM_TOKEN=(SHARED / "admin-token").read_text().strip())
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli.main", "key", "rotate", demo["secret_key_id"], "--value-file", "-",
+        stdin=asyncio.subprocess.PIPE, env=env)
+    await p.communicate(password.encode())
+    if p.returncode != 0:
+        _say("skm key rotate failed: the role has a password the key store does not; run this step again")
+        return p.returncode or 1
+    _say(f"rotated secret {demo['secret_key_id']} (demo/db-password) to the role's new password")
+    return 0
+
+
 # ------------------------------------------------------------------ sidecar
 async def sidecar() -> int:
     demo = json.loads((SHARED / "demo.json").read_text())
@@ -188,7 +238,7 @@ async def sidecar() -> int:
     return await run(load_config(os.environ.get("SKM_SIDECAR_CONFIG", "/etc/skm/sidecar.toml")))
 
 
-STEPS = {"certs": certs, "systemkey": systemkey, "provision": provision, "sidecar": sidecar}
+STEPS = {"certs": certs, "systemkey": systemkey, "provision": provision, "sidecar": sidecar, "rotate": rotate}
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in STEPS:

@@ -79,8 +79,9 @@ async def test_records_who_what_result_and_the_chain_verifies(skm):
     st, out = await skm.mgmt("GET", "/audit?plane=mgmt&result=denied")
     assert any(r["actor"] == "anonymous" and "not valid" in r["reason"] for r in out["body"]["records"])
     st, out = await skm.mgmt("GET", f"/audit?plane=mgmt&keyId={w['secret']['keyId']}")
-    assert [r["actor"] for r in out["body"]["records"]] == ["admin"]     # the rotation
-    assert out["body"]["records"][0]["detail"]["bodyHmac"].startswith("hmac-sha256:")
+    recs = out["body"]["records"]
+    assert [(r["actor"], r["action"]) for r in recs] == [("admin", "key.create"), ("admin", "key.rotate")]
+    assert recs[1]["detail"]["bodyHmac"].startswith("hmac-sha256:")
     # Each record carries the hash of the one before.
     st, out = await skm.mgmt("GET", "/audit?limit=1000")
     allrecs = out["body"]["records"]

@@ -60,7 +60,7 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", "/oauth2/token/create", "bearer.create", True),
     ("POST", "/oauth2/token/revoke", "bearer.revoke", True),
     ("GET", _C + "/events", "events.subscribe", False),
-    ("POST", _C + "/sidecar/acks", "sidecar.ack", True),
+    ("POST", _C + "/sidecar/acks", "sidecar.ack", False),       # a heartbeat: telemetry, not a change
     ("POST", _C + "/sidecar/reads", "sidecar.report-reads", False),
     # ---- management API
     ("GET", "/api/v1/projects", "project.list", False),

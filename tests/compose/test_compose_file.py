@@ -9,6 +9,7 @@ read by it).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -129,7 +130,7 @@ def test_every_file_the_containers_use_exists(compose, tmp_path, monkeypatch):
         assert key.stat().st_mode & 0o077 == 0, key
 
 
-def test_configs_load_with_the_real_loaders():
+def test_configs_load_with_the_real_loaders(tmp_path):
     ServerConfig_ = load(ServerConfig, DOCKER / "config" / "keyserver.toml", env={})
     assert ServerConfig_.systemkey.source == "remote"
     assert ServerConfig_.systemkey.urls == ("https://systemkey:8445",)
@@ -137,14 +138,30 @@ def test_configs_load_with_the_real_loaders():
     assert sk.port == 8445
     sc = load(SidecarConfig, DOCKER / "config" / "sidecar.toml", env_prefix="SKM_SIDECAR_",
               env={"SKM_SIDECAR_APPKEY": "demoAppkey123"})
+    # The [[render]] files go to the app-run volume, mounted at /run/app in the containers that read them.
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for block in sc.render:
+        for path in (block.destination, block.reload_pidfile):
+            assert not path or path.startswith("/run/app/"), path
+    for name in ("sidecar", "demo-file-app", "demo-psql"):
+        assert any(v.split(":")[:2] == ["app-run", "/run/app"] for v in services[name]["volumes"]), name
+    assert services["demo-file-app"]["pid"] == "service:sidecar"      # the sidecar signals the pid it wrote
+    # Validated as the container sees them: with /run/app (a directory the check requires) here under tmp_path.
+    run = tmp_path / "run-app"
+    run.mkdir(mode=0o750)
+    here = lambda p: p and str(run / Path(p).name)      # noqa: E731
+    sc = dataclasses.replace(sc, render=tuple(dataclasses.replace(b, destination=here(b.destination),
+                                                                  reload_pidfile=here(b.reload_pidfile))
+                                              for b in sc.render))
     sc.validate()
+    assert {b.name for b in sc.render} == {"demo-db", "demo-pgpass"}
     assert sc.upstream.urls == ("https://keyserver:8443",)
 
 
 def test_environment_variables(compose):
     text = COMPOSE.read_text()
     # Interpolated variables all have defaults: a bare `docker compose up` needs none set.
-    for m in re.finditer(r"\$\{([^}]*)\}", text):
+    for m in re.finditer(r"(?<!\$)\$\{([^}]*)\}", text):     # $${...} is the shell's, not compose's
         assert re.fullmatch(r"[A-Z_][A-Z0-9_]*:-[^}]*", m.group(1)), f"${{{m.group(1)}}} has no default"
     # Variables set for a container are read by it: by a config loader or by a docker/ script.
     scripts = "\n".join(p.read_text() for p in DOCKER.glob("*.py")) + (DOCKER / "keyserver.sh").read_text()

@@ -4,8 +4,9 @@ No registry is reachable, so: the base image is a debootstrapped Debian (cached 
 tests/support/docker.py), the project is installed in the image from wheels built here, and
 the PostgreSQL service runs Debian's postgresql from the same base (SKM_POSTGRES_IMAGE). Then
 `docker-compose up` with compose.yaml as users run it; the demo app must print its round trip
-and exit 0. Afterwards one key-server replica is killed and the app runs again through the
-sidecar's failover to the other one. Everything is torn down, engine included.
+and exit 0; psql, a shell script and `skm run` get the demo password from the sidecar's rendered
+files and environment, and again after a rotation. Afterwards one key-server replica is killed
+and the app runs again through the sidecar's failover to the other one. Everything is torn down, engine included.
 """
 from __future__ import annotations
 
@@ -92,6 +93,30 @@ def test_compose_up_runs_the_demo_app(tmp_path):
             assert "round trip OK" in logs, logs
             print(logs)                     # what a user sees (pytest -s)
 
+            # Programs that read the password from a file or the environment, unchanged: a shell script
+            # reading the rendered db.env, PostgreSQL's psql with the rendered .pgpass, and `skm run`.
+            # The first password has 24 characters: "DB_PASSWORD=" + 24 + newline is 37 bytes.
+            _wait_log(d, compose, env, "demo-file-app", "demo-file-app: read 37 bytes from /run/app/db.env")
+            _wait_log(d, compose, env, "demo-psql", "demo-psql: logged in as demo_app with .pgpass #1 from the sidecar")
+            envapp = _wait_exit(d, project, "demo-env-app", 120)
+            out = _logs(d, compose, env, "demo-env-app")
+            assert envapp["State"]["ExitCode"] == 0 and "demo-env-app: DB_PASSWORD has 24 characters" in out, out
+
+            # A rotation (the role's password, then `skm key rotate` in the key-server container): the sidecar
+            # renders both files again on the push event and signals the file app; psql logs in with the new
+            # .pgpass (the old password no longer works); `skm run` passes the new value.
+            rot = d.compose(REPO, *compose, "exec", "-T", "keyserver", "python3", "/opt/skm/docker/bootstrap.py",
+                            "rotate", env=env, check=False, timeout=120)
+            assert rot.returncode == 0, rot.stdout.decode()[-2000:] + rot.stderr.decode()[-2000:]
+            _wait_log(d, compose, env, "demo-file-app", "demo-file-app: reloaded, 45 bytes")
+            _wait_log(d, compose, env, "demo-psql", "demo-psql: logged in as demo_app with .pgpass #2 from the sidecar")
+            again = d.compose(REPO, *compose, "run", "--rm", "--no-deps", "demo-env-app", env=env, check=False,
+                              timeout=180)
+            assert again.returncode == 0 and "DB_PASSWORD has 32 characters" in again.stdout.decode(), \
+                again.stdout.decode() + again.stderr.decode()[-2000:]
+            shown = "".join(_logs(d, compose, env, s) for s in ("demo-file-app", "demo-psql", "demo-env-app"))
+            print(shown)
+
             keyservers = _containers(d, project, "keyserver")
             assert len(keyservers) == 2 and all(c["State"]["Health"]["Status"] == "healthy" for c in keyservers)
             sidecar = _containers(d, project, "sidecar")[0]
@@ -116,6 +141,17 @@ def test_compose_up_runs_the_demo_app(tmp_path):
             assert sk["State"]["ExitCode"] == 0, sk["State"]
         finally:
             d.compose(REPO, *compose, "down", "-v", "--timeout", "5", env=env, check=False, timeout=180)
+
+
+def _logs(d: Dockerd, compose: list[str], env: dict, service: str) -> str:
+    return d.compose(REPO, *compose, "logs", "--no-color", service, env=env).stdout.decode()
+
+
+def _wait_log(d: Dockerd, compose: list[str], env: dict, service: str, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (out := _logs(d, compose, env, service)):
+        assert time.monotonic() < deadline, f"{service} never printed {text!r}:\n{out}" + _all_logs(d, compose, env)
+        time.sleep(1)
 
 
 def _state(d: Dockerd, container: dict) -> dict:
