@@ -74,6 +74,7 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("GET", "/api/v1/keystores", "keystore.list", False),
     ("GET", _KS, "keystore.read", False),
     ("PATCH", _KS, "keystore.update", True),
+    ("DELETE", _KS, "keystore.delete", True),
     ("POST", _KS + "/keys", "key.create", True),
     ("GET", _KS + "/keys", "key.list", False),
     ("GET", _KEY, "key.read", False),
