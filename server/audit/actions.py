@@ -127,6 +127,8 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("GET", "/api/v1/access-keys", "accesskey.list", False),
     ("DELETE", "/api/v1/access-keys/{key_id}", "accesskey.delete", True),
     ("GET", "/api/v1/usage", "usage.read", False),
+    # A backup reads everything (sealed): a sensitive export, not a change.
+    ("POST", "/api/v1/backup", "backup.create", False),
     # ---- console (its page views are not recorded; its forms are)
     ("GET", _CON + "/audit/export", "audit.export", False),
     ("POST", _CON + "/login", "operator.login", False),
