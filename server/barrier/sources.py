@@ -1,5 +1,5 @@
 """The key server's system-key source and root key, as configured: built once, shared by the start-up
-unseal, the keyring refresh route and the keyring follower.
+unseal, the keyring refresh route, the keyring follower and the backup tools.
 
 Here rather than in server/app.py or remote.py: both need them, and remote.py (the client) must not
 import the application.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from server.barrier.barrier import Barrier
 from server.barrier.keyring import LocalKeyringSource, SystemKeySource
 from server.barrier.providers import make_provider
 from server.barrier.remote import RemoteKeyringSource, refresh_keyring
@@ -23,6 +24,12 @@ def system_key_source(config: ServerConfig) -> SystemKeySource:
     if config.systemkey.source == "remote":
         return RemoteKeyringSource(config.systemkey_client())
     raise ConfigError("systemkey.source must be 'local' or 'remote'")
+
+
+async def unseal_once(barrier: Barrier, source: SystemKeySource, root: RootKeyProvider) -> None:
+    ring = await source.fetch()
+    keys = await ring.unwrap_all(root)
+    barrier.unseal(keys, ring.current)
 
 
 async def key_sources(rt) -> tuple[SystemKeySource, RootKeyProvider]:

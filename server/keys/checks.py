@@ -55,6 +55,9 @@ def mac_mode(v: str | MacMode) -> MacMode:
 
 
 def secret_bytes(value: str) -> bytes:
+    if value == "":
+        # An empty secret is always a mistake upstream (an unset variable, an empty pipe): refuse it.
+        raise InvalidRequest("secretValue must not be empty")
     return text_bytes(value, "secretValue")
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 
 from server.access.authdata import AuthData
 from server.access.pki import DevPKI
-from server.app import unseal_once
 from server.barrier.barrier import Barrier
 from server.barrier.providers import make_provider
-from server.barrier.sources import system_key_source
+from server.barrier.sources import system_key_source, unseal_once
 from server.events import EventBus
 from server.init import init_server
 from server.keys.service import KeyService
