@@ -7,21 +7,12 @@ as it would have been applied now. `apply` is the single dispatcher.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from server import text
+from server.access.ops import OPS, op  # noqa: F401  (re-exported: where the change modules register)
 from server.errors import ApprovalUnavailable, Forbidden, InvalidRequest
 from server.keys.model import Key, KeyStore
-
-Op = Callable[["ChangeGate", dict, str], Awaitable[Any]]
-OPS: dict[str, Op] = {}
-
-
-def op(name: str):
-    def deco(fn: Op) -> Op:
-        OPS[name] = fn
-        return fn
-    return deco
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import secrets
 import string
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server import text, timeutil
-from server.access.changes import ChangeGate, op
+from server.access.ops import op
 from server.errors import Conflict, InvalidRequest, KeyStoreNotFound, NotFound
 from server.events import Event
 from server.keys import checks
 from server.keys.context import KeyContext, is_unique_violation
 from server.keys.model import KeyStore, Project
+
+if TYPE_CHECKING:
+    from server.access.changes import ChangeGate    # the access layer imports the key service
 
 _APPKEY_ALPHABET = string.ascii_letters + string.digits
 _PROJECT = "SELECT id, appkey, name, description, created_at FROM projects"
