@@ -75,6 +75,28 @@ def main(argv: list[str] | None = None) -> int:
         return 6
     except KeyboardInterrupt:
         return 130
+    except (TimeoutError, asyncio.TimeoutError):
+        print("error: no answer in time; is the server (or sidecar) overloaded, and is SKM_ADDR right?",
+              file=sys.stderr)
+        return 6
+    except aiohttp.ClientError as e:   # a TLS failure, a dropped connection: the server side, not a file
+        print(f"error: the connection to the server failed ({type(e).__name__}: {e}); is SKM_ADDR right, "
+              "and SKM_CACERT its CA?", file=sys.stderr)
+        return 6
+    except OSError as e:
+        # A file named on the command line (--value-file, --password-file, --out ...) that cannot be read
+        # or written: say which and why, not a traceback.
+        from server.cli.common import shown
+        where = f": {shown(e.filename)}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; check the path and its permissions", file=sys.stderr)
+        return 1
+    except Exception as e:   # noqa: BLE001 - the last resort: no traceback reaches a user unless asked for
+        if os.environ.get("SKM_DEBUG"):
+            raise
+        from server.cli.common import shown
+        print(f"error: unexpected {type(e).__name__}: {shown(str(e))[:300]} (SKM_DEBUG=1 shows the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

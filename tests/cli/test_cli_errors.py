@@ -1,0 +1,50 @@
+"""What a user meets when a command goes wrong: one line saying what to do, never a traceback."""
+from __future__ import annotations
+
+import json
+
+from tests.cli.test_cli import skm_cli
+
+
+async def test_unreadable_files_are_one_line_errors(skm, tmp_path):
+    code, out, err = await skm_cli(skm, "keystore", "create", "files", "--ip", "--json")
+    assert code == 0, err
+    ks = str(json.loads(out)["keyStoreId"])
+    code, out, err = await skm_cli(skm, "key", "create", ks, "pw", "--type", "SECRET", "--json", stdin="v1\n")
+    assert code == 0, err
+    key = json.loads(out)["keyId"]
+    missing = str(tmp_path / "no-such-file")
+    for args in (("key", "rotate", key, "--value-file", missing),
+                 ("key", "create", ks, "pw2", "--type", "SECRET", "--value-file", missing),
+                 ("auth", "cert", "create", ks, "c1", "--password-file", missing)):
+        code, out, err = await skm_cli(skm, *args)
+        assert code == 1, (args, err)
+        assert "Traceback" not in err and err.count("\n") == 1, (args, err)
+        assert err.startswith("error: No such file or directory: ") and missing in err, (args, err)
+    # Nothing was changed by the refused commands.
+    code, out, _ = await skm_cli(skm, "key", "list", ks, "--json")
+    assert [k["name"] for k in json.loads(out)["keyList"]] == ["pw"]
+    assert json.loads((await skm_cli(skm, "key", "show", key, "--json"))[1])["currentKeyValueVersion"] == 0
+
+
+async def test_value_file_for_a_generated_key_is_refused(skm, tmp_path):
+    code, out, err = await skm_cli(skm, "keystore", "create", "gen", "--ip", "--json")
+    ks = str(json.loads(out)["keyStoreId"])
+    f = tmp_path / "material"
+    f.write_text("not key material\n")
+    code, out, err = await skm_cli(skm, "key", "create", ks, "aes", "--type", "SYMMETRIC_KEY", "--value-file",
+                                   str(f))
+    assert code == 2 and "--value-file is for SECRET keys only" in err and "Traceback" not in err
+    code, out, _ = await skm_cli(skm, "key", "list", ks, "--json")
+    assert json.loads(out)["keyList"] == []
+
+
+async def test_wrong_ca_is_one_line(skm, tmp_path):
+    # Another CA than the server's: the TLS check fails; the user is told what to check.
+    from server.access.pki import DevPKI
+    other = DevPKI(tmp_path / "other")
+    other.dir.mkdir(parents=True, exist_ok=True)
+    other.create()
+    code, out, err = await skm_cli(skm, "keystore", "list", env={"SKM_CACERT": str(other.ca_cert)})
+    assert code == 6 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "SKM_ADDR" in err
