@@ -77,7 +77,7 @@ async def _version_change(request: web.Request, name: str, params: dict) -> dict
     rt = runtime(request)
     key = await rt.keys.key(request.match_info["key_id"])
     ks = await rt.keys.keystore(key.keystore_id)
-    return await rt.changes.submit_key_op(op.name, ks, name, key,
+    return await rt.changes.submit_key_op(op, ks, name, key,
                                           {"version": int(request.match_info["version"]), **params})
 
 
