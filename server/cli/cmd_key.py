@@ -79,10 +79,13 @@ async def _create(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.key_type == "SECRET":
-        value = read_secret_value(args.value_file or ("-" if not sys.stdin.isatty() else None))
-        if value is None:
-            print("error: give the secret value with --value-file FILE, SKM_SECRET_VALUE, or on standard input",
-                  file=sys.stderr)
+        # SKM_SECRET_VALUE wins over a standard input that is merely not a terminal (a script, cron, CI):
+        # reading that empty input used to store an empty secret and ignore the variable.
+        source = args.value_file or (None if "SKM_SECRET_VALUE" in os.environ or sys.stdin.isatty() else "-")
+        value = read_secret_value(source)
+        if not value:
+            print("error: give the secret value with --value-file FILE, SKM_SECRET_VALUE, or on standard input"
+                  + (" (it was empty)" if value == "" else ""), file=sys.stderr)
             return 2
         body["secretValue"] = value
     async with client(args) as c:
@@ -118,6 +121,10 @@ async def _show(args: argparse.Namespace) -> int:
 async def _rotate(args: argparse.Namespace) -> int:
     body = {}
     value = read_secret_value(args.value_file)
+    if value == "":
+        print("error: the new secret value is empty; give it with --value-file FILE or SKM_SECRET_VALUE",
+              file=sys.stderr)
+        return 2
     if value is not None:
         body["secretValue"] = value
     async with client(args) as c:

@@ -48,3 +48,24 @@ async def test_wrong_ca_is_one_line(skm, tmp_path):
     code, out, err = await skm_cli(skm, "keystore", "list", env={"SKM_CACERT": str(other.ca_cert)})
     assert code == 6 and "Traceback" not in err and err.count("\n") == 1, err
     assert "SKM_ADDR" in err
+
+
+async def test_secret_value_from_the_environment_in_a_script(skm, tmp_path):
+    # A script's standard input is not a terminal, and often empty: SKM_SECRET_VALUE (what the README
+    # shows) is the value, and an empty value is refused rather than stored.
+    code, out, err = await skm_cli(skm, "keystore", "create", "env", "--ip", "--json")
+    ks = str(json.loads(out)["keyStoreId"])
+    code, out, err = await skm_cli(skm, "key", "create", ks, "db-password", "--type", "SECRET", "--json",
+                                   stdin="", env={"SKM_SECRET_VALUE": "from-the-env"})
+    assert code == 0, err
+    key = await skm.rt.keys.key(json.loads(out)["keyId"])
+    assert await skm.rt.keys.secret_value(key) == "from-the-env"
+    code, out, err = await skm_cli(skm, "key", "create", ks, "empty", "--type", "SECRET", stdin="")
+    assert code == 2 and "it was empty" in err
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    code, out, err = await skm_cli(skm, "key", "rotate", key.id, "--value-file", str(empty))
+    assert code == 2 and "empty" in err
+    assert await skm.rt.keys.secret_value(await skm.rt.keys.key(key.id)) == "from-the-env"
+    code, out, _ = await skm_cli(skm, "key", "list", ks, "--json")
+    assert [k["name"] for k in json.loads(out)["keyList"]] == ["db-password"]
