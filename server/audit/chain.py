@@ -47,6 +47,7 @@ class Walker:
         self.prev: str | None = GENESIS if first_seq == 1 else None
         self.n = 0
         self.untagged = 0
+        self.untagged_seqs: list[int] = []      # the first few, to name in the warning
         self.last_seq = 0 if first_seq is None else first_seq - 1
         self.cps: dict[int, list[dict]] = {}
         for c in checkpoints or []:
@@ -73,6 +74,8 @@ class Walker:
         if not legacy:
             if r.get("tag") is None:
                 self.untagged += 1
+                if len(self.untagged_seqs) < 10:
+                    self.untagged_seqs.append(seq)
             elif self.key is not None and not tag_ok(self.key, r["hash"], r["tag"]):
                 raise Broken(seq, f"record {seq} was rewritten: its tag does not match (the chain was recomputed "
                              "without the audit key)")
@@ -147,7 +150,12 @@ async def verify_chain(db, *, key: bytes | None = None, checkpoints: list[dict] 
             res.warnings.append("no signed checkpoint of this chain was found: truncation cannot be ruled out"
                                 + ("" if sources else " (no checkpoint store could be read)"))
     if res.untagged:
-        res.warnings.append(f"{res.untagged} record(s) were written while the barrier was sealed and carry no tag")
+        # Not proof of a sealed barrier: whoever holds the database can null a tag after rewriting a record
+        # (after a crash, before the next start checkpoint); say that nothing vouches for these.
+        seqs = ", ".join(map(str, w.untagged_seqs)) + (" ..." if res.untagged > len(w.untagged_seqs) else "")
+        res.warnings.append(f"{res.untagged} record(s) carry no tag ({seqs}): records written while the barrier "
+                            "was sealed have none, and so do records rewritten by whoever holds the database; "
+                            "nothing vouches for their contents")
     return res
 
 

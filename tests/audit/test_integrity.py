@@ -189,3 +189,21 @@ async def test_downgrading_to_unkeyed_links_is_reported(skm):
     code, out, res = await _verify_live(skm)
     assert code == 1, out
     assert res["brokenSeq"] is not None and res["brokenSeq"] <= cp
+
+
+async def test_untagged_records_are_named_and_not_vouched_for(skm):
+    # An insider rewrites the records after the latest checkpoint, recomputes their digests and nulls
+    # their tags (what a sealed barrier writes). verify cannot tell that from a sealed period, but it
+    # must not claim one: it names the records and says nothing vouches for them.
+    await _traffic(skm)
+    await _checkpoint(skm)
+    await _traffic(skm, 2)
+    db = skm.rt.storage
+    head = await db.fetchval("SELECT seq FROM audit_head WHERE id = 1")
+    await db.execute("UPDATE audit_log SET actor = 'someone-else', tag = NULL WHERE seq >= ?", head - 1)
+    await _recompute_from(db, head - 1)
+    res = (await skm.rt.audit.verify()).to_api()
+    assert res["untagged"] == 2
+    [warning] = [w for w in res["warnings"] if "no tag" in w]
+    assert f"({head - 1}, {head})" in warning and "nothing vouches for their contents" in warning
+    assert "were written while the barrier was sealed" not in warning
