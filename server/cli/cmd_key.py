@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from server.cli.common import add_connection_args, client, output
+from server.cli.common import add_connection_args, client, key_id, output
 
 COLUMNS = ["keyId", "name", "keyType", "keySpec", "keyStatus", "currentKeyValueVersion", "autoRotationPeriod",
            "deletionDatetime"]
@@ -42,7 +42,7 @@ def register(sub) -> None:
                               ("delete", "schedule deletion, or --now to delete a scheduled key", _delete),
                               ("cancel-delete", "cancel a scheduled deletion", _cancel)):
         sp = s.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
-        sp.add_argument("key_id")
+        sp.add_argument("key_id", type=key_id, help="the key's id (32 hex characters)")
         if name == "rotate":
             sp.add_argument("--value-file", help="new secret value file ('-' for standard input)")
         if name == "delete":
@@ -52,7 +52,7 @@ def register(sub) -> None:
 
     u = s.add_parser("update", help="change description or rotation period",
                      description="Change a key's description or automatic rotation period.")
-    u.add_argument("key_id")
+    u.add_argument("key_id", type=key_id, help="the key's id (32 hex characters)")
     u.add_argument("--description")
     u.add_argument("--rotation-days", type=int)
     add_connection_args(u)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from server.cli.common import add_connection_args, client, fail, output
+from server.cli.common import add_connection_args, client, key_id, fail, output
 
 COLUMNS = ["host", "mac", "version", "ackDatetime", "deliveredDatetime", "reloadOk", "stale"]
 
@@ -30,7 +30,7 @@ def register(sub) -> None:
                      description="Show, per sidecar host (certificate name, attested MAC), the version of the key it "
                                  "holds, when it acknowledged it, whether its reload succeeded, and a summary such as "
                                  "'version 3 on 12 of 14 hosts'. Hosts silent longer than their TTL are stale.")
-    r.add_argument("key_id")
+    r.add_argument("key_id", type=key_id, help="the key's id (32 hex characters)")
     add_connection_args(r)
     r.set_defaults(func=_rollout)
 
@@ -42,14 +42,14 @@ def register(sub) -> None:
     d = vs.add_parser("disable", help="disable a version (refused while a reporting host holds it)",
                       description="Disable version V of a key. Refused while a sidecar host that still reports holds "
                                   "V (see `skm key rollout`), unless --force; the current version cannot be disabled.")
-    d.add_argument("key_id")
+    d.add_argument("key_id", type=key_id, help="the key's id (32 hex characters)")
     d.add_argument("version", type=int)
     d.add_argument("--force", action="store_true",
                    help="disable even though reporting hosts still hold it (recorded as forced in the audit log)")
     add_connection_args(d)
     d.set_defaults(func=_disable)
     e = vs.add_parser("enable", help="enable a disabled version", description="Enable a disabled key version again.")
-    e.add_argument("key_id")
+    e.add_argument("key_id", type=key_id, help="the key's id (32 hex characters)")
     e.add_argument("version", type=int)
     add_connection_args(e)
     e.set_defaults(func=_enable)

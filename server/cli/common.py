@@ -157,6 +157,15 @@ def yn(flag: bool) -> str:
     return "Y" if flag else "N"
 
 
+def key_id(text: str) -> str:
+    """argparse type of a key id: a typo is named here, not answered by the server as an unknown URL."""
+    import re
+    if not re.fullmatch(r"[0-9a-f]{32}", text):
+        raise argparse.ArgumentTypeError(f"{shown(text)!r} is not a key id: 32 lowercase hex characters "
+                                         "(`skm key list STORE` shows them)")
+    return text
+
+
 def fail(msg: str, code: int = 1) -> int:
     print(f"error: {shown(msg)}", file=sys.stderr)
     return code

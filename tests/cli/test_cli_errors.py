@@ -69,3 +69,11 @@ async def test_secret_value_from_the_environment_in_a_script(skm, tmp_path):
     assert await skm.rt.keys.secret_value(await skm.rt.keys.key(key.id)) == "from-the-env"
     code, out, _ = await skm_cli(skm, "key", "list", ks, "--json")
     assert [k["name"] for k in json.loads(out)["keyList"]] == ["db-password"]
+
+
+async def test_a_mistyped_key_id_is_named_before_any_request(skm):
+    for args in (("key", "show", "db-password"), ("key", "rotate", "ABC"), ("key", "rollout", "1"),
+                 ("key", "version", "disable", "c47a0fb2", "0")):
+        code, out, err = await skm_cli(skm, *args)
+        assert code == 2 and "is not a key id: 32 lowercase hex characters" in err, (args, err)
+        assert "URL NOT FOUND" not in err and "Traceback" not in err
