@@ -97,9 +97,12 @@ def register(sub) -> None:
 
 
 def read_password(prompt: str = "password: ") -> str:
-    if sys.stdin.isatty():
-        return getpass.getpass(prompt)
-    return sys.stdin.readline().rstrip("\n")
+    password = getpass.getpass(prompt) if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    if not password:
+        # Said here: the server's answer would be a schema message ("String should have at least 1 character").
+        raise SystemExit(fail("no password given: type it at the prompt, or send it as the first line of "
+                              "standard input", 2))
+    return password
 
 
 async def project_id(c, project: str | None) -> int | None:

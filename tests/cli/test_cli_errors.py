@@ -77,3 +77,14 @@ async def test_a_mistyped_key_id_is_named_before_any_request(skm):
         code, out, err = await skm_cli(skm, *args)
         assert code == 2 and "is not a key id: 32 lowercase hex characters" in err, (args, err)
         assert "URL NOT FOUND" not in err and "Traceback" not in err
+
+
+async def test_login_without_a_password_says_so(skm):
+    code, out, err = await skm_cli(skm, "login", "admin", stdin="")
+    assert code == 2 and err == "error: no password given: type it at the prompt, or send it as the first line " \
+        "of standard input\n", err
+    code, out, err = await skm_cli(skm, "operator", "create", "nopw", "--role", "viewer", "--password-stdin",
+                                   stdin="\n")
+    assert code == 2 and "no password given" in err
+    code, out, err = await skm_cli(skm, "operator", "show", "nopw")
+    assert code == 4
