@@ -88,3 +88,10 @@ async def test_login_without_a_password_says_so(skm):
     assert code == 2 and "no password given" in err
     code, out, err = await skm_cli(skm, "operator", "show", "nopw")
     assert code == 4
+    # An admin resetting a password leaves the current one empty: still allowed.
+    code, out, err = await skm_cli(skm, "operator", "create", "reset-me", "--role", "viewer", "--password-stdin",
+                                   stdin="a long enough password 1\n")
+    assert code == 0, err
+    code, out, err = await skm_cli(skm, "operator", "update", "reset-me", "--password-stdin",
+                                   stdin="a long enough password 2\n")
+    assert code == 0, err
