@@ -50,11 +50,12 @@ test-postgres: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[test,bench]'
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --postgres
+	$(BIN)/python -m bench --cores 2 --postgres --systems skm,openbao --only secret-read --only encrypt --only sign-ec --scale 0
 
 # A few seconds per workload, our server + sidecar + floor only: checks the harness, not the numbers.
 bench-smoke: $(STAMP)
-	$(BIN)/python -m bench --systems skm,sidecar,floor --duration 2 --runs 1 --warmup 0 --scale 2000
+	$(BIN)/python -m bench --systems skm,sidecar,floor --duration 2 --runs 1 --warmup 0 --scale 2000 --backup-keys 2000
 
 # The console's pages in Chromium (Debian's package), full-page PNGs written to docs/console/.
 screenshots: $(STAMP)

@@ -2,9 +2,11 @@
 same concurrency and duration, runs interleaved (A B A B), medians of the runs.
 
 Each server runs as its own process pinned to core 1, the load client (ab, or bench.unixload
-for the sidecar's Unix socket) on core 0. Results: a printed table and JSON in bench/results/.
-Exit status: 0 when every run finished without errors, 1 when a run had errors, 2 when the
-harness could not set a system up.
+for the sidecar's Unix socket) on core 0; `--cores 2` gives the servers two cores (unpinned on a
+2-core machine) and compares worker counts. Every run also checks a sample of answers
+(bench/check.py). Results: a printed table and JSON in bench/results/.
+Exit status: 0 when every run finished without errors (wrong answers are errors), 1 when a run
+had errors, 2 when the harness could not set a system up.
 """
 from __future__ import annotations
 
@@ -24,11 +26,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench import keyserver, load, openbao, procs, scale
+from bench import backup as backup_bench
+from bench import check, keyserver, load, openbao, procs, scale
 from bench import sidecar as sidecar_mod
 from bench.report import Report, Sample
 
-WORKLOADS = ("floor", "secret-read", "encrypt", "decrypt", "sign-rsa", "sign-ec", "datakey", "scale")
+WORKLOADS = ("floor", "secret-read", "secret-read-v13", "encrypt", "decrypt", "sign-rsa", "sign-ec", "datakey", "scale",
+             "backup")
 SYSTEMS = ("skm", "sidecar", "openbao", "floor")
 console = Console(stderr=True)
 
@@ -40,6 +44,13 @@ class Case:
     request: load.Request
     proc: procs.Proc          # whose CPU time is charged to the requests
     concurrency: int | None = None    # None: --concurrency
+    check: check.Check | None = None  # how a sampled answer is judged (None: not checked)
+    also: tuple = ()          # more processes charged to the requests (PostgreSQL's postmaster and backends)
+    workers: int = 1
+    client: check.Client | None = None   # the answer checks' client (None: the first fixture's CA and certificate)
+
+
+PG_DURABLE = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "off"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma list of systems to run: " + ",".join(SYSTEMS) + " (default all)")
     p.add_argument("--scale", type=int, default=100_000, metavar="N",
                    help="keys in the large store of the scale workload, compared with 1,000 (0 skips it)")
+    p.add_argument("--backup-keys", type=int, default=100_000, metavar="N",
+                   help="keys in the store of the backup workload: skm backup create/restore vs sqlite3 .backup "
+                        "(and pg_dump/pg_restore with --postgres), read p99 during a backup (0 skips it)")
     p.add_argument("--scale-concurrency", type=int, default=4,
                    help="connections for the scale workload, a latency measurement (default 4)")
     p.add_argument("--no-openbao-audit", action="store_true",
@@ -65,9 +79,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="our key server's event_loop setting (server/loops.py); the floor runs on the same loop "
                         "(default auto: uvloop when installed)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="run our key server with N worker processes on its data port (server/workers.py); "
-                        "they share the server's core, so this measures their overhead here, not a gain")
+    p.add_argument("--workers", default=None, metavar="N[,M...]",
+                   help="worker processes of our key server (server/workers.py); a list runs one server per "
+                        "count side by side (default 1; with --cores 2: 1,2)")
+    p.add_argument("--cores", type=int, default=1, metavar="N",
+                   help="cores for the servers (default 1: core 1, the client on core 0). With N >= the "
+                        "machine's cores nothing is pinned: the scaling comparison (workers 1 vs 2 vs OpenBao)")
+    p.add_argument("--pg-synchronous-commit", choices=("on", "off"), default="off",
+                   help="PostgreSQL's synchronous_commit (fsync is always on): off matches SQLite's WAL with "
+                        "synchronous=NORMAL (durable across a crash of the server, the last commits may be lost "
+                        "with the machine); on waits for the WAL flush of every commit")
     p.add_argument("--workdir", type=Path, help="keep data dirs and logs here (default: a temp dir, removed)")
     p.add_argument("--results", type=Path, default=None, help="directory for the JSON (default bench/results)")
     a = p.parse_args(argv)
@@ -75,8 +96,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = a.systems - set(SYSTEMS)
     if bad:
         p.error(f"unknown system(s): {', '.join(sorted(bad))}")
-    if a.runs < 1 or a.concurrency < 1 or a.duration <= 0:
-        p.error("--runs, --concurrency and --duration must be positive")
+    if a.runs < 1 or a.concurrency < 1 or a.duration <= 0 or a.cores < 1:
+        p.error("--runs, --concurrency, --duration and --cores must be positive")
+    try:
+        a.workers = sorted({int(x) for x in (a.workers or ("1,2" if a.cores > 1 else "1")).split(",")})
+    except ValueError:
+        p.error("--workers takes a number or a comma list of numbers, e.g. 1,2")
+    if not a.workers or min(a.workers) < 1 or max(a.workers) > 64:
+        p.error("--workers must be from 1 to 64")
     return a
 
 
@@ -88,13 +115,28 @@ def json_body(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def skm_cases(args, fx: keyserver.Fixture, p: procs.Proc, system: str) -> list[Case]:
+def skm_cases(args, fx: keyserver.Fixture, p: procs.Proc, system: str, also: tuple = (),
+              workers: int = 1) -> list[Case]:
     pem = fx.client.combined
     bearer = {"X-NHN-Authorization": f"Bearer {fx.token}"}
     k = fx.keys
     url = lambda path, v="v1.0": keyserver.client_url(p, fx, path, v)  # noqa: E731
+    decrypt = url(f"/symmetric-keys/{k['aes']}/decrypt")
+    checks = {
+        "secret-read": check.ours_value("secret", keyserver.SECRET_1K),
+        "secret-read-v13": check.ours_value("secret", keyserver.SECRET_1K),
+        "encrypt": check.ours_encrypt(decrypt, keyserver.PLAINTEXT_1K),
+        "decrypt": check.ours_value("plaintext", keyserver.PLAINTEXT_1K),
+        "sign-rsa": check.ours_signature(url(f"/asymmetric-keys/{k['rsa']}/verify-standard", "v1.3"),
+                                         keyserver.SIGN_INPUT, "RSASSA-PSS", bearer),
+        "sign-ec": check.ours_signature(url(f"/asymmetric-keys/{k['ec']}/verify-standard", "v1.3"),
+                                        keyserver.SIGN_INPUT, "ECDSA", bearer),
+        "datakey": check.ours_datakey(decrypt),
+    }
     reqs = {
         "secret-read": load.Request(url(f"/secrets/{k['secret']}"), cert_pem=pem),
+        # The same read with a v1.3 bearer token: what checking the token costs (issue 18: within 10 %).
+        "secret-read-v13": load.Request(url(f"/secrets/{k['secret']}", "v1.3"), headers=bearer, cert_pem=pem),
         "encrypt": load.Request(url(f"/symmetric-keys/{k['aes']}/encrypt"), "POST",
                                 json_body({"plaintext": keyserver.PLAINTEXT_1K}), cert_pem=pem),
         "decrypt": load.Request(url(f"/symmetric-keys/{k['aes']}/decrypt"), "POST",
@@ -107,7 +149,9 @@ def skm_cases(args, fx: keyserver.Fixture, p: procs.Proc, system: str) -> list[C
                                 headers=bearer, cert_pem=pem),
         "datakey": load.Request(url(f"/symmetric-keys/{k['aes']}/create-local-key"), "POST", b"", cert_pem=pem),
     }
-    return [Case(w, system, r, p) for w, r in reqs.items() if wanted(args, w)]
+    client = check.Client(fx.client.combined, fx.ca)       # each fixture has its own CA
+    return [Case(w, system, r, p, check=checks[w], also=also, workers=workers, client=client)
+            for w, r in reqs.items() if wanted(args, w)]
 
 
 def bao_cases(args, bao: openbao.OpenBao, pem: Path) -> list[Case]:
@@ -124,7 +168,16 @@ def bao_cases(args, bao: openbao.OpenBao, pem: Path) -> list[Case]:
                                 h, pem),
         "datakey": load.Request(u + "transit/datakey/plaintext/aes", "POST", b"{}", h, pem),
     }
-    return [Case(w, "openbao", r, bao.proc) for w, r in reqs.items() if wanted(args, w)]
+    checks = {
+        "secret-read": check.bao_secret(keyserver.SECRET_1K),
+        "encrypt": check.bao_encrypt(u + "transit/decrypt/aes", b64, h),
+        "decrypt": check.bao_plaintext(b64),
+        "sign-rsa": check.bao_signature(u + "transit/verify/rsa/sha2-256", keyserver.SIGN_INPUT, h,
+                                        {"signature_algorithm": "pss"}),
+        "sign-ec": check.bao_signature(u + "transit/verify/ec/sha2-256", keyserver.SIGN_INPUT, h),
+        "datakey": check.bao_datakey(u + "transit/decrypt/aes", h),
+    }
+    return [Case(w, "openbao", r, bao.proc, check=checks[w]) for w, r in reqs.items() if wanted(args, w)]
 
 
 def settle(p: procs.Proc, timeout: float = 60.0) -> None:
@@ -143,11 +196,25 @@ def settle(p: procs.Proc, timeout: float = 60.0) -> None:
 def measure(case: Case, args, run: int) -> Sample:
     for p in args.procs:
         settle(p)
-    cpu0 = case.proc.cpu_seconds()
+    charged = (case.proc, *case.also)
+    cpu0 = sum(p.cpu_seconds() for p in charged)
+    sampler = None
+    if case.check is not None:
+        sampler = check.Sampler(case.client or args.checker, case.request, case.check, args.duration).start()
     r = load.run(case.request, concurrency=case.concurrency or args.concurrency, duration=args.duration)
-    cpu = case.proc.cpu_seconds() - cpu0
-    return Sample(case.workload, case.system, run, r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors,
-                  cpu / r.requests * 1e6 if r.requests else 0.0, r.error_detail)
+    cpu = sum(p.cpu_seconds() for p in charged) - cpu0
+    errors, detail, checked = r.errors, r.error_detail, 0
+    if sampler is not None:
+        sampler.join()
+        checked = sampler.checked
+        if sampler.failures or not sampler.checked:
+            errors += max(1, len(sampler.failures))
+            why = sampler.failures[0] if sampler.failures else "no answer could be checked"
+            detail = "; ".join(x for x in (detail, f"wrong answers: {len(sampler.failures)} of "
+                                                   f"{sampler.attempted} sampled ({why})") if x)
+    return Sample(case.workload, case.system, run, r.rps, r.p50_ms, r.p99_ms, r.requests, errors,
+                  cpu / r.requests * 1e6 if r.requests else 0.0, detail, checked=checked,
+                  cores_used=cpu / r.seconds if r.seconds else 0.0, workers=case.workers)
 
 
 def run_cases(cases: list[Case], args, report: Report) -> None:
@@ -164,12 +231,17 @@ def run_cases(cases: list[Case], args, report: Report) -> None:
                 report.samples.append(s)
                 flag = f" [red]{s.errors} errors[/red]" if s.errors else ""
                 console.print(f"run {run}/{args.runs} {w:>24} {c.system:<14} {s.rps:9,.0f} req/s  "
-                              f"p50 {s.p50_ms:6.1f} ms  p99 {s.p99_ms:6.1f} ms  {s.cpu_us_per_req:7,.0f} µs CPU/req{flag}")
+                              f"p50 {s.p50_ms:6.1f} ms  p99 {s.p99_ms:6.1f} ms  {s.cpu_us_per_req:7,.0f} µs CPU/req  "
+                              f"{s.cores_used:4.2f} cores  {s.checked} answers checked{flag}")
 
 
 def _uvloop(choice: str) -> bool:
     from server.loops import loop_factory
     return loop_factory(choice) is not None
+
+
+def system_name(base: str, workers: int) -> str:
+    return base if workers == 1 else f"{base}-w{workers}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,44 +251,61 @@ def main(argv: list[str] | None = None) -> int:
     if not load.ab_available():
         console.print("[red]ab not found[/red]: apt-get install apache2-utils")
         return 2
+    procs.use_cores(args.cores)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="skm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    started: list[procs.Proc] = []
+    started: list = []
     cases: list[Case] = []
     report = Report(settings={"duration": args.duration, "concurrency": args.concurrency, "runs": args.runs,
                               "warmup": args.warmup, "postgres": args.postgres, "only": args.only,
-                              "systems": sorted(args.systems), "scale": args.scale, "event_loop": args.event_loop, "openbao_audit": not args.no_openbao_audit,
-                              "workers": args.workers,
+                              "systems": sorted(args.systems), "scale": args.scale, "event_loop": args.event_loop,
+                              "openbao_audit": not args.no_openbao_audit, "workers": args.workers,
+                              "cores": args.cores, "pg_settings": _pg_settings(args) if args.postgres else None,
                               "scale_concurrency": args.scale_concurrency, "server_cpu": procs.SERVER_CPU,
-                              "client_cpu": procs.CLIENT_CPU})
+                              "client_cpu": procs.CLIENT_CPU, "answers_checked_per_run": check.SAMPLES})
     side = None
     pg = None
     try:
         t0 = time.monotonic()
-        console.print(f"preparing in {work}")
+        console.print(f"preparing in {work} (servers on cores {procs.SERVER_CPU or 'all'}, "
+                      f"load client on {procs.CLIENT_CPU or 'any'})")
         fx = asyncio.run(keyserver.prepare(work / "skm"))
+        args.checker = check.Client(fx.client.combined, fx.ca)
         pem = fx.client.combined
-        core_workloads = [w for w in WORKLOADS if w not in ("floor", "scale") and wanted(args, w)]
+        core_workloads = [w for w in WORKLOADS if w not in ("floor", "scale", "backup") and wanted(args, w)]
         if "skm" in args.systems and core_workloads:
-            ks = keyserver.launch(fx, event_loop=args.event_loop, workers=args.workers)
-            started.append(ks)
-            cases += skm_cases(args, fx, ks, "skm")
+            ks = None
+            for n in args.workers:
+                fxn = fx if n == args.workers[0] else asyncio.run(keyserver.prepare(work / f"skm-w{n}"))
+                name = system_name("skm", n)
+                kn = keyserver.launch(fxn, event_loop=args.event_loop, workers=n, name=name)
+                started.append(kn)
+                cases += skm_cases(args, fxn, kn, name, workers=n)
+                ks = ks or kn
             if args.postgres:
                 from tests.support.postgres import PostgresCluster
-                pg = PostgresCluster()
+                pg = PostgresCluster(settings=_pg_settings(args))
                 pg.__enter__()
-                fxp = asyncio.run(keyserver.prepare(work / "skm-pg", pg.create_database()))
-                kp = keyserver.launch(fxp, event_loop=args.event_loop, workers=args.workers, name="skm-pg")
-                started.append(kp)
-                cases += skm_cases(args, fxp, kp, "skm-pg")
+                # PostgreSQL works for the key server: its CPU is charged to our requests, on our cores.
+                postmaster = procs.Running("postgres", int((pg.data_dir / "postmaster.pid").read_text().split()[0]))
+                postmaster.pin(procs.SERVER_CPU)
+                args.extra_procs = [postmaster]
+                for n in args.workers:
+                    fxp = asyncio.run(keyserver.prepare(work / f"skm-pg-w{n}", pg.create_database()))
+                    name = system_name("skm-pg", n)
+                    kp = keyserver.launch(fxp, event_loop=args.event_loop, workers=n, name=name)
+                    started.append(kp)
+                    cases += skm_cases(args, fxp, kp, name, also=(postmaster,), workers=n)
             if "sidecar" in args.systems and wanted(args, "secret-read"):
                 side = sidecar_mod.launch(fx, ks.info["data_url"])
                 started.append(side)
                 path = f"/keymanager/v1.0/appkey/{fx.appkey}/secrets/{fx.keys['secret']}"
+                secret = check.ours_value("secret", keyserver.SECRET_1K)
                 cases.append(Case("secret-read", "sidecar-unix", load.Request(f"unix:{side.info['socket']}:{path}"),
-                                  side))
+                                  side, check=secret))
                 cases.append(Case("secret-read", "sidecar-tcp",
-                                  load.Request(side.info["tcp_url"] + path, headers=sidecar_mod.ANTI_SSRF), side))
+                                  load.Request(side.info["tcp_url"] + path, headers=sidecar_mod.ANTI_SSRF), side,
+                                  check=secret))
         if "openbao" in args.systems and core_workloads:
             from server.access.pki import DevPKI
             pki = DevPKI(fx.ca.parent)
@@ -225,13 +314,15 @@ def main(argv: list[str] | None = None) -> int:
             started.append(bao.proc)
             cases += bao_cases(args, bao, pem)
         if "floor" in args.systems and wanted(args, "floor"):
+            from bench.floor import BODY
             pki_dir = fx.ca.parent
             cmd = [sys.executable, "-m", "bench.floor", "--cert", str(pki_dir / "server.pem"),
                    "--key", str(pki_dir / "server-key.pem"), "--ca", str(fx.ca)] + (["--uvloop"] if _uvloop(args.event_loop) else [])
             fl = procs.start("floor", cmd, work / "floor.log")
             started.append(fl)
             m = fl.wait_for(r"floor: (https://\S+)")
-            cases.append(Case("floor", "floor", load.Request(m.group(1) + "/floor", cert_pem=pem), fl))
+            cases.append(Case("floor", "floor", load.Request(m.group(1) + "/floor", cert_pem=pem), fl,
+                              check=check.exact(BODY)))
         if args.scale > 0 and wanted(args, "scale") and "skm" in args.systems:
             cases += scale_cases(args, work, started)
         console.print(f"set up in {time.monotonic() - t0:.1f} s; {len(cases)} cases")
@@ -239,35 +330,79 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]setup failed:[/red] {e}")
         _stop(started, pg)
         return 2
+    backups: list = []
     try:
-        args.procs = started
+        args.procs = started + getattr(args, "extra_procs", [])
         run_cases(cases, args, report)
         if side is not None:
             report.notes["sidecar_rss_mb_after"] = round(side.rss_mb(), 1)
-        for p in started:
+        for p in args.procs:
             report.notes.setdefault("rss_mb_after", {})[p.name] = round(p.rss_mb(), 1)
         _scale_notes(report, args)
+        backups = run_backup(args, work, pg)
     finally:
         _stop(started, pg)
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    report.print(Console(width=max(140, Console().width)))
+    wide = Console(width=max(140, Console().width))
+    report.print(wide)
+    if "skm" in args.systems and wanted(args, "secret-read"):
+        from bench import audit_cost
+        cost = audit_cost.against(audit_cost.measure(), report.rows())
+        report.notes["audit_cost"] = cost.to_dict()
+        wide.print(audit_cost.line(cost))
+    if backups:
+        report.notes["backup"] = [b.to_dict() for b in backups]
+        wide.print(backup_bench.table(backups))
+        if any(b.errors for b in backups):
+            report.notes["backup_errors"] = [e for b in backups for e in b.errors]
     path = report.write(args.results) if args.results else report.write()
     console.print(f"results: {path}")
-    return 1 if report.errors else 0
+    return 1 if report.errors or report.notes.get("backup_errors") else 0
+
+
+def _pg_settings(args) -> dict[str, str]:
+    return {**PG_DURABLE, "synchronous_commit": args.pg_synchronous_commit}
 
 
 def scale_cases(args, work: Path, started: list[procs.Proc]) -> list[Case]:
     cases = []
     for n in (1_000, args.scale):
         fx = asyncio.run(keyserver.prepare(work / f"scale-{n}", bulk_keys=n))
-        p = keyserver.launch(fx, event_loop=args.event_loop, workers=args.workers, name=f"skm-{n}")
+        p = keyserver.launch(fx, event_loop=args.event_loop, workers=args.workers[0], name=f"skm-{n}")
         started.append(p)
         for w, path in scale.workloads(n, fx.keystore_id, fx.keys["secret"]).items():
+            ok = check.ours_value("secret", keyserver.SECRET_1K) if w == "scale-secret-read" else check.ours_ok()
             cases.append(Case(w, f"skm@{n:,}", load.Request(keyserver.client_url(p, fx, path),
                                                              cert_pem=fx.client.combined), p,
-                              concurrency=args.scale_concurrency))
+                              concurrency=args.scale_concurrency, check=ok,
+                              client=check.Client(fx.client.combined, fx.ca)))
     return cases
+
+
+def run_backup(args, work: Path, pg) -> list:
+    """The backup workload (bench/backup.py) on SQLite, and on PostgreSQL with --postgres."""
+    if args.backup_keys <= 0 or not wanted(args, "backup") or "skm" not in args.systems:
+        return []
+    own = None
+    if args.postgres and pg is None:
+        from tests.support.postgres import PostgresCluster
+        pg = own = PostgresCluster()
+        pg.__enter__()
+    out = []
+    try:
+        for b in ["sqlite"] + (["postgresql"] if args.postgres else []):
+            try:
+                out.append(backup_bench.measure(b, args.backup_keys, work, pg=pg, duration=args.duration,
+                                                concurrency=args.scale_concurrency, console=console))
+            except (RuntimeError, OSError) as e:       # a tool missing or a command failing: say which
+                console.print(f"[red]backup workload on {b} failed:[/red] {e}")
+                out.append(backup_bench.BackupResult(b, args.backup_keys, 0, 0, 0, 0, "", 0, 0, 0, 0, 0,
+                                                     [str(e)]))
+        return out
+    finally:
+        if own is not None:
+            own.__exit__(None, None, None)
 
 
 def _scale_notes(report: Report, args) -> None:

@@ -46,10 +46,11 @@ class Fixture:
     client: Identity
     sidecar: Identity
     extra: dict = field(default_factory=dict)
+    operator_token: str = field(default="", repr=False)    # admin, for management-API steps (backup)
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
-                if k not in ("token",)}
+                if k not in ("token", "operator_token")}
 
 
 def config_text(data_dir: Path, storage: str = "", workers: int = 1) -> str:
@@ -120,7 +121,7 @@ async def prepare(root: Path, storage: str = "", *, bulk_keys: int = 0, quiet: b
     finally:
         await server.stop()
     return Fixture(dir=root, config=cfg_path, appkey=init.appkey, keystore_id=ks.id, keys=keys, token=token,
-                   ciphertext=ciphertext, ca=init.ca_cert, client=client, sidecar=side)
+                   ciphertext=ciphertext, ca=init.ca_cert, client=client, sidecar=side, operator_token=init.token)
 
 
 def launch(fx: Fixture, *, event_loop: str = "auto", workers: int = 1, name: str = "skm") -> procs.Proc:

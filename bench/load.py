@@ -18,7 +18,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.procs import CLIENT_CPU, pinned
+from bench import procs
+from bench.procs import pinned
 
 
 @dataclass
@@ -74,7 +75,7 @@ def run_ab(req: Request, *, concurrency: int, duration: float) -> Result:
         elif req.method != "GET":
             raise ValueError("ab drives GET and POST only")
         cmd.append(req.url)
-        proc = subprocess.run(pinned(cmd, CLIENT_CPU), capture_output=True, text=True,
+        proc = subprocess.run(pinned(cmd, procs.CLIENT_CPU), capture_output=True, text=True,
                               timeout=duration + 120)
         return parse_ab(proc.stdout, proc.stderr, pct if pct.exists() else None, proc.returncode)
 
@@ -115,7 +116,7 @@ def run_unix(req: Request, *, concurrency: int, duration: float) -> Result:
            "-t", str(duration), "--method", req.method]
     for k, v in req.headers.items():
         cmd += ["-H", f"{k}: {v}"]
-    proc = subprocess.run(pinned(cmd, CLIENT_CPU), capture_output=True, text=True, timeout=duration + 120,
+    proc = subprocess.run(pinned(cmd, procs.CLIENT_CPU), capture_output=True, text=True, timeout=duration + 120,
                           input=(req.body or b"").decode())
     if proc.returncode != 0:
         return Result(0, 1, 0.0, 0.0, 0.0, 0.0, (proc.stderr.strip().splitlines() or ["unixload failed"])[-1][:300])

@@ -158,7 +158,8 @@ def _retry(fn, tries: int = 50):
 
 
 def _bench_token(bao: OpenBao) -> str:
-    """A non-root service token with a policy for exactly the benchmark paths (what an app would hold)."""
+    """A non-root service token with a policy for exactly the benchmark paths (what an app would hold);
+    verify is there for the answer checks (bench/check.py)."""
     policy = """
 path "secret/data/bench" { capabilities = ["read"] }
 path "transit/encrypt/aes" { capabilities = ["update"] }
@@ -168,6 +169,8 @@ path "transit/sign/rsa" { capabilities = ["update"] }
 path "transit/sign/rsa/*" { capabilities = ["update"] }
 path "transit/sign/ec" { capabilities = ["update"] }
 path "transit/sign/ec/*" { capabilities = ["update"] }
+path "transit/verify/rsa/*" { capabilities = ["update"] }
+path "transit/verify/ec/*" { capabilities = ["update"] }
 """
     bao.api("PUT", "/v1/sys/policies/acl/bench", {"policy": policy})
     out = bao.api("POST", "/v1/auth/token/create", {"policies": ["bench"], "ttl": "24h", "no_default_policy": True})

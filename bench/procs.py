@@ -16,15 +16,36 @@ from pathlib import Path
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cores() -> tuple[str | None, str | None]:
-    """(server core, client core): apart when there are two or more cores, unpinned otherwise."""
+def cores(server_cores: int = 1) -> tuple[str | None, str | None]:
+    """(server cores, client core) as taskset lists: the servers on `server_cores` cores and the load
+    client on core 0 when the machine has a core to spare for it; with no core to spare the servers
+    (and the client) run unpinned over every core (the `--cores 2` scaling run on a 2-core machine)."""
     n = len(os.sched_getaffinity(0))
-    if n >= 2 and shutil.which("taskset"):
-        return "1", "0"
+    if not shutil.which("taskset"):
+        return None, None
+    if n > server_cores:
+        return ("1" if server_cores == 1 else f"1-{server_cores}"), "0"
     return None, None
 
 
 SERVER_CPU, CLIENT_CPU = cores()
+
+
+def use_cores(server_cores: int) -> None:
+    """Pin what starts from now on to `server_cores` server cores (see cores())."""
+    global SERVER_CPU, CLIENT_CPU
+    SERVER_CPU, CLIENT_CPU = cores(server_cores)
+
+
+def cpu_set(spec: str | None) -> set[int] | None:
+    """"1-2" -> {1, 2}; None -> None."""
+    if spec is None:
+        return None
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def pinned(cmd: list[str], cpu: str | None) -> list[str]:
@@ -117,8 +138,35 @@ class Proc:
             self.popen.wait(5)
 
 
-def start(name: str, cmd: list[str], log: Path, *, cpu: str | None = SERVER_CPU, env: dict | None = None,
+@dataclass
+class Running:
+    """A process tree we did not start (PostgreSQL's postmaster and its backends): CPU and memory only."""
+    name: str
+    pid: int
+    info: dict = field(default_factory=dict)
+
+    tree = Proc.tree
+    cpu_seconds = Proc.cpu_seconds
+    rss_mb = Proc.rss_mb
+
+    def pin(self, cpu: str | None) -> None:
+        """Pin the tree (and what the postmaster forks later) to `cpu`, like a server we start."""
+        cpus = cpu_set(cpu)
+        if cpus is None:
+            return
+        for pid in self.tree():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, cpus)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Not ours to stop (the cluster's owner does)."""
+
+
+def start(name: str, cmd: list[str], log: Path, *, cpu: str | None | bool = True, env: dict | None = None,
           cwd: Path | None = None) -> Proc:
+    """Start `cmd` pinned to `cpu` (default: the server cores at the time of the call)."""
+    if cpu is True:
+        cpu = SERVER_CPU
     log.parent.mkdir(parents=True, exist_ok=True)
     out = open(log, "wb")
     try:

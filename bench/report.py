@@ -16,8 +16,13 @@ from rich.table import Table
 
 RESULTS = Path(__file__).parent / "results"
 OURS = ("skm", "skm-pg", "sidecar-unix", "sidecar-tcp")
+
+
+def ours(system: str) -> bool:
+    """Our systems: skm, skm-pg, their worker variants (skm-w2, skm-pg-w2) and the sidecar."""
+    return system in OURS or system.startswith(("skm-w", "skm-pg-w"))
 # Which OpenBao row a row of ours is compared with.
-BAO_PEER = {"secret-read": "secret-read", "encrypt": "encrypt", "decrypt": "decrypt", "sign-rsa": "sign-rsa",
+BAO_PEER = {"secret-read": "secret-read", "secret-read-v13": "secret-read", "encrypt": "encrypt", "decrypt": "decrypt", "sign-rsa": "sign-rsa",
             "sign-ec": "sign-ec", "datakey": "datakey"}
 
 
@@ -33,6 +38,9 @@ class Sample:
     errors: int
     cpu_us_per_req: float
     error_detail: str = ""
+    checked: int = 0              # answers compared with the expected value during the run (bench/check.py)
+    cores_used: float = 0.0       # CPU seconds of the charged processes per second of the run
+    workers: int = 1
 
 
 @dataclass
@@ -53,11 +61,22 @@ class Report:
                         "p99_ms": statistics.median(s.p99_ms for s in ss),
                         "cpu_us_per_req": statistics.median(s.cpu_us_per_req for s in ss),
                         "requests": sum(s.requests for s in ss), "errors": sum(s.errors for s in ss),
+                        "checked": sum(s.checked for s in ss), "workers": ss[0].workers,
+                        "cores_used": statistics.median(s.cores_used for s in ss),
                         "rps_runs": [round(s.rps, 1) for s in ss]})
         index = {(r["workload"], r["system"]): r for r in out}
         floor = index.get(("floor", "floor"))
         for r in out:
-            if r["system"] in OURS:
+            if r["workload"] == "secret-read-v13":      # the bearer token's cost: v1.3 against v1.0
+                v10 = index.get(("secret-read", r["system"]))
+                r["vs_v10"] = r["rps"] / v10["rps"] if v10 and v10["rps"] else None
+                r["cpu_vs_v10"] = (r["cpu_us_per_req"] / v10["cpu_us_per_req"]
+                                   if v10 and v10["cpu_us_per_req"] else None)
+        for r in out:
+            if r["workers"] > 1:        # skm-w2 against skm, skm-pg-w2 against skm-pg
+                one = index.get((r["workload"], r["system"].rsplit("-w", 1)[0]))
+                r["vs_one_worker"] = r["rps"] / one["rps"] if one and one["rps"] else None
+            if ours(r["system"]):
                 bao = index.get((BAO_PEER.get(r["workload"], ""), "openbao"))
                 r["vs_openbao"] = r["rps"] / bao["rps"] if bao and bao["rps"] else None
                 r["vs_floor"] = r["rps"] / floor["rps"] if floor and floor["rps"] else None
@@ -82,6 +101,8 @@ class Report:
 
     def print(self, console: Console | None = None) -> None:
         console = console or Console()
+        if not self.samples:            # e.g. only the backup workload ran: it prints its own table
+            return
         t = Table(title=f"requests/s (median of {self.settings.get('runs')} runs, concurrency "
                         f"{self.settings.get('concurrency')}, {self.settings.get('duration')} s each)")
         for col in ("workload", "system", "req/s", "p50 ms", "p99 ms", "server CPU µs/req", "ours/OpenBao",
@@ -92,6 +113,23 @@ class Report:
                       f"{r['cpu_us_per_req']:,.0f}", _ratio(r.get("vs_openbao")), _ratio(r.get("vs_floor")),
                       str(r["errors"]) if r["errors"] else "0")
         console.print(t)
+        scaling = [r for r in self.rows() if r["system"] == "openbao" or r["system"].startswith("skm")]
+        if any(r["workers"] > 1 for r in scaling):
+            t = Table(title=f"scaling: servers on {self.settings.get('server_cpu') or 'all cores (unpinned)'}, "
+                            f"load client on {self.settings.get('client_cpu') or 'any core'}")
+            for col in ("workload", "system", "workers", "req/s", "p99 ms", "cores used", "server CPU µs/req",
+                        "vs 1 worker", "ours/OpenBao"):
+                t.add_column(col, justify="left" if col in ("workload", "system") else "right")
+            for r in scaling:
+                t.add_row(r["workload"], r["system"], "" if r["system"] == "openbao" else str(r["workers"]),
+                          f"{r['rps']:,.0f}", f"{r['p99_ms']:.1f}", f"{r['cores_used']:.2f}",
+                          f"{r['cpu_us_per_req']:,.0f}", _ratio(r.get("vs_one_worker")), _ratio(r.get("vs_openbao")))
+            console.print(t)
+        for r in self.rows():
+            if r.get("vs_v10") is not None:
+                cpu = r.get("cpu_vs_v10")
+                console.print(f"secret read v1.3 (bearer token) / v1.0 on {r['system']}: {r['vs_v10']:.2f}x req/s"
+                              + (f", {cpu:.2f}x server CPU per request" if cpu is not None else ""))
         for k, v in self.notes.items():
             console.print(f"{k}: {v}")
         bad = [s for s in self.samples if s.errors]

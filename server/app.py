@@ -72,7 +72,7 @@ def _optional_tables(plane: str) -> list[RouteTable]:
         "mgmt": ["server.api.mgmt.cert_routes", "server.api.mgmt.operator_routes", "server.api.mgmt.approval_routes",
                  "server.api.mgmt.audit_routes", "server.api.mgmt.system_routes",
                  "server.api.mgmt.credential_routes", "server.api.mgmt.version_routes",
-                 "server.api.mgmt.usage_routes"],
+                 "server.api.mgmt.usage_routes", "server.api.mgmt.backup_routes"],
     }[plane]
     return [importlib.import_module(name).routes for name in names]
 
@@ -85,6 +85,12 @@ async def _health(request: web.Request) -> web.Response:
     body = {"status": "ok", "sealed": False}
     if "worker" in rt.extra:
         body["worker"] = rt.extra["worker"]     # which of several worker processes answered
+    schedule = rt.extra.get("backup_schedule")
+    if schedule is not None:
+        # Still serving (200): an old backup is an operator's problem, not a reason to fail over.
+        warning = schedule.warning()
+        if warning:
+            body["warnings"] = [f"backup: {warning}"]
     return web.json_response(body)
 
 
@@ -143,7 +149,7 @@ def build_runtime(config: ServerConfig, storage, barrier: Barrier | None = None)
     # Auth data is cached per key store and dropped on every auth_changed event.
     rt = Runtime(config=config, storage=storage, barrier=barrier, keys=keys, events=events,
                  access=CachedClientAccess(storage, config.trusted_proxies, events=events), authdata=authdata,
-                 operators=Operators(storage, config.login), metrics=Metrics())
+                 operators=Operators(storage, config.login, events), metrics=Metrics())
     rt.changes = ChangeGate(keys, authdata)
     _extend_runtime(rt)
     return rt
@@ -211,6 +217,8 @@ class KeyServer:
             rt.extra["worker_channel"] = channel
         if place is not None:
             rt.extra["worker"] = place.index
+        if place is not None and place.count > 1 and rt.audit is not None:
+            await self._host_audit_writer(rt, place)
         # PostgreSQL: events reach every replica (and worker) via LISTEN/NOTIFY; SQLite workers: datagrams.
         relay = await replication.enable(rt, transport=channel)
         if relay is not None:
@@ -233,6 +241,9 @@ class KeyServer:
             # The management plane, console and background jobs run in one process only.
             self.mgmt_port = await self._listen(mgmt_app, "mgmt", client_cert=False)
             self._tasks.append(asyncio.create_task(self._jobs(), name="jobs"))
+            if cfg.backup.dir:
+                from server.backup.schedule import start_schedule
+                self._tasks.append(start_schedule(rt))
             for hook in rt.extra.get("on_start", []):
                 await hook(rt)
         from server.loops import loop_name
@@ -240,6 +251,24 @@ class KeyServer:
                  worker=None if place is None else place.index, event_loop=loop_name())
         if wait_unsealed and cfg.systemkey.source == "local":
             assert not rt.barrier.sealed
+
+    @staticmethod
+    async def _host_audit_writer(rt: Runtime, place: WorkerPlace) -> None:
+        """Worker 0 writes every worker's audit records (server/audit/host.py); the others send theirs."""
+        from server.audit.host import HostWriter, HostWriterClient
+        if place.primary:
+            host = HostWriter(rt.audit, place.rundir)
+            await host.start()              # before "ready": the other workers start after this one
+
+            async def stop(_rt) -> None:
+                await host.stop()
+        else:
+            client = rt.audit.host = HostWriterClient(place.rundir)
+
+            async def stop(_rt) -> None:
+                await _rt.audit.close()     # what is queued goes to worker 0 while the connection lasts
+                await client.close()
+        rt.extra.setdefault("on_stop", []).insert(0, stop)
 
     async def _unseal_remote(self) -> None:
         """Unseal in the background; only a configuration error stops trying, and nothing ends silently."""

@@ -22,6 +22,14 @@ class Metrics:
                                  registry=self.registry)
         self.rewrap_total = Gauge(f"{prefix}_rewrap_records_total", "records the running rewrap must re-seal",
                                   registry=self.registry)
+        self.backup_last_success = Gauge(f"{prefix}_backup_last_success_timestamp",
+                                         "Unix time of the last successful scheduled backup", registry=self.registry)
+        self.backup_last_size = Gauge(f"{prefix}_backup_last_size_bytes", "size of the last successful scheduled "
+                                      "backup", registry=self.registry)
+        self.backup_last_seconds = Gauge(f"{prefix}_backup_last_duration_seconds", "how long the last successful "
+                                         "scheduled backup took", registry=self.registry)
+        self.backup_failures = Counter(f"{prefix}_backup_failures", "scheduled backups that failed",
+                                       registry=self.registry)
         self.denials = Counter(f"{prefix}_access_denials", "client requests refused by key-store checks",
                                ["reason"], registry=self.registry)
         # Per key store (its id), never per key: label cardinality stays the number of stores.

@@ -4,7 +4,7 @@ Each nested dataclass is a TOML table whose env names join the path:
 ``[login] max_failures`` is ``SKM_LOGIN_MAX_FAILURES``, ``[audit] enabled`` is
 ``SKM_AUDIT_ENABLED``, ``[approvals] webhook_url`` is ``SKM_APPROVALS_WEBHOOK_URL``,
 ``[console] idle_seconds`` is ``SKM_CONSOLE_IDLE_SECONDS``, ``[compat] inventory_appkey_only`` is
-``SKM_COMPAT_INVENTORY_APPKEY_ONLY``.
+``SKM_COMPAT_INVENTORY_APPKEY_ONLY``, ``[backup] dir`` is ``SKM_BACKUP_DIR``.
 """
 from __future__ import annotations
 
@@ -91,6 +91,18 @@ class CompatSettings:
 
 
 @dataclass(frozen=True)
+class BackupSettings:
+    """Scheduled backups: [backup] / SKM_BACKUP_* (server/backup/schedule.py)."""
+    dir: str = ""                     # where scheduled backups go; "" = none scheduled
+    interval: float = 86400.0         # seconds between backups
+    keep: int = 7                     # newest backups kept in `dir`; older ones are deleted
+
+    @classmethod
+    def from_config(cls, config) -> "BackupSettings":
+        return _from_config(cls, config, "backup", "SKM_BACKUP_")
+
+
+@dataclass(frozen=True)
 class _NoConsole:
     """Stands in for the console's settings in a build without server.console."""
     idle_seconds: float = 900.0
@@ -170,6 +182,7 @@ class ServerConfig:
     audit: AuditSettings = field(default_factory=AuditSettings)
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)
     compat: CompatSettings = field(default_factory=CompatSettings)
+    backup: BackupSettings = field(default_factory=BackupSettings)
     console: "_console_settings()" = field(default_factory=lambda: _console_settings()())  # noqa: F821
 
     @property

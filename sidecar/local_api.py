@@ -59,6 +59,7 @@ _CACHEABLE = re.compile(r"^/(?:secrets/[0-9a-f]{32}|asymmetric-keys/[0-9a-f]{32}
 # Reads of a key's value that go straight upstream (exports): recorded for the audit like cached ones.
 _VALUE_READ = re.compile(r"^/(?:symmetric-keys/[0-9a-f]{32}/symmetric-key|asymmetric-keys/[0-9a-f]{32}/privateKey)$")
 _SOURCE = {"hit": reads.CACHE, "stale": reads.CACHE, "miss": reads.UPSTREAM}
+_now = time.time
 _CREDENTIALS_LOWER = tuple(h.lower().encode() for h in CREDENTIAL_HEADERS)
 
 
@@ -256,9 +257,12 @@ class LocalAPI:
     reporters: dict = field(default_factory=dict)        # name -> .status() (in /v1/status), .problem() (/healthz)
 
     fast_hits: int = 0                                    # answered by the fast path, not yet in metrics
+    _note_hit: object = None                              # read_log.pending.append, bound once (hot path)
 
     def __post_init__(self) -> None:
         self.metrics.pending.append(self._export_hits)
+        if self.read_log is not None:
+            self._note_hit = self.read_log.pending.append
 
     def _export_hits(self) -> None:
         n, self.fast_hits = self.fast_hits, 0
@@ -468,8 +472,9 @@ class LocalAPI:
             if hit is not None:
                 e, age = hit
                 self.fast_hits += 1
-                if self.read_log is not None:        # one tuple per hit; sidecar/reads.py does the rest later
-                    self.read_log.pending.append((conn, e, reads.CACHE, time.time()))
+                note = self._note_hit
+                if note is not None:                 # one tuple per hit; sidecar/reads.py does the rest later
+                    note((conn, e, "cache", _now()))
                 if e.wire:
                     return fastpath.encode_hit(e.wire, age, rid, head)
                 return fastpath.encode_response(200, [("X-SKM-Cache", "hit"), ("Age", str(int(age))),

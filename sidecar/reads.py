@@ -35,6 +35,7 @@ import base64
 import contextlib
 import json
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -132,6 +133,8 @@ class Spool:
         self.max_records = max_records
         self.records = 0              # records in the file not yet shipped
         self.offset = 0               # bytes of the file already shipped (this run)
+        # File work runs in worker threads; one cancelled at stop may still be running when stop spools.
+        self._lock = threading.Lock()
 
     def scan(self) -> None:
         """At start: how many records a previous run left (their count is stored in clear)."""
@@ -151,6 +154,10 @@ class Spool:
 
     def append(self, batches: list[Batch]) -> int:
         """Write what fits; returns how many records did not fit (the caller counts them as dropped)."""
+        with self._lock:
+            return self._append(batches)
+
+    def _append(self, batches: list[Batch]) -> int:
         lines, lost = [], 0
         for b in batches:
             room = self.max_records - self.records
@@ -172,15 +179,26 @@ class Spool:
         return lost
 
     def next(self) -> tuple[Batch | None, int, int]:
-        """(batch, records it holds, bytes the line took) at the shipping offset; (None, 0, 0) at the end.
+        """(batch, records it holds, bytes the line took) at the shipping offset; (None, 0, 0) at the end
+        (and then the file, all shipped, is removed).
         A line that cannot be opened comes back as batch None with its record count."""
+        with self._lock:
+            return self._next()
+
+    def _next(self) -> tuple[Batch | None, int, int]:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
                 line = f.readline()
         except FileNotFoundError:
-            return None, 0, 0
+            # Removed behind our back: whatever it still held is lost, and reported as such.
+            lost, self.offset, self.records = self.records, 0, 0
+            return None, lost, 0
         if not line:
+            # All shipped: the file goes, under the same lock as the read (no append slips in between).
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.offset = self.records = 0
             return None, 0, 0
         head, _, blob = line.rstrip(b"\n").partition(b" ")
         n = int(head) if head.isdigit() else 0
@@ -193,13 +211,10 @@ class Spool:
         return b, max(n, 1) if b is None else n, len(line)
 
     def shipped(self, n: int, size: int) -> None:
-        self.offset += size
-        self.records = max(0, self.records - n)
+        with self._lock:
+            self.offset += size
+            self.records = max(0, self.records - n)
 
-    def done(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        self.offset = self.records = 0
 
 
 class ReadLog:
@@ -210,7 +225,9 @@ class ReadLog:
         self.upstream = upstream
         self.metrics = metrics
         self.on_delivered = on_delivered              # acks: [(key_id, version, time), ...]
-        self.pending: list[tuple] = []                # (who, ref, source, time): the fast path appends here
+        # (who, ref, source, time): the local API appends here (its fast path through a bound `append`, so
+        # this list object is never replaced: _take copies and clears it).
+        self.pending: list[tuple] = []
         self.spool = Spool(Path(self.cfg.spool_path(cfg)), key or spool_key(cfg), self.cfg.spool_max_records)
         self.dropped = 0                              # reads lost since the last report (buffer full)
         self.unreadable = 0                           # records in spool lines that could not be opened
@@ -271,7 +288,8 @@ class ReadLog:
 
     # ------------------------------------------------------------ records
     def _take(self) -> list[Batch]:
-        raw, self.pending = self.pending, []
+        raw = self.pending.copy()
+        self.pending.clear()
         records = self._records(raw) if raw else []
         n = max(1, self.cfg.batch_max)
         return [Batch(self._batch_id(), records[i:i + n]) for i in range(0, len(records), n)]
@@ -346,8 +364,11 @@ class ReadLog:
     async def _drain_spool(self) -> None:
         while True:
             b, n, size = await asyncio.to_thread(self.spool.next)
-            if size == 0:
-                self.spool.done()
+            if size == 0:                        # the end: Spool.next removed the shipped file
+                if n:
+                    self.unreadable += n
+                    self.metrics.reads_dropped.inc(n)
+                    log.warning("read_spool_missing", records=n)
                 return
             if b is None:
                 self.unreadable += n

@@ -165,6 +165,65 @@ async def test_workers_share_the_port_and_hear_each_others_changes(storage_url, 
     st, out = await h.mgmt("GET", "/audit/verify")
     assert st == 200 and out["body"]["ok"] is True, out
     assert out["body"]["checked"] > 25
+    # Worker 1 handed its records to worker 0, the host's one audit writer (server/audit/host.py).
+    assert "audit_host_connected" in h.server.log.read_text()
+
+
+async def test_a_revoked_credential_is_refused_by_every_worker_on_the_next_request(storage_url, group: Harness):
+    """Verified tokens and access keys are cached per worker; a revocation made through one worker (or the
+    management plane) is refused by the other on its very next request, on a connection that stayed open."""
+    import base64
+    h = group
+    store = await h.keystore("tokens")
+    key = await h.key(store, "SECRET", "s", secretValue="behind a token")
+    st, out = await h.mgmt("POST", "/access-keys", json={"description": "workers"})
+    assert st == 201, out
+    key_id, secret = out["body"]["accessKeyId"], out["body"]["secretAccessKey"]
+    basic = {"Authorization": "Basic " + base64.b64encode(f"{key_id}:{secret}".encode()).decode()}
+    v12 = {"X-TC-AUTHENTICATION-ID": key_id, "X-TC-AUTHENTICATION-SECRET": secret}
+    w = {i: await session_on_worker(h, i) for i in (0, 1)}
+
+    async def token(on: int) -> str:
+        async with w[on].post(f"{h.data_url}/oauth2/token/create", data={"grant_type": "client_credentials"},
+                              headers=basic) as r:
+            assert r.status == 200, await r.text()
+            return (await r.json())["access_token"]
+
+    async def read(on: int, headers: dict, version: str = "v1.3") -> int:
+        st, out = await h.client("GET", f"/secrets/{key['keyId']}", version=version, session=w[on], headers=headers)
+        assert (st == 200) == (out["header"]["isSuccessful"] is True), out
+        return st
+
+    for revoker, other in ((0, 1), (1, 0)):
+        tok = await token(other)
+        bearer = {"X-NHN-Authorization": f"Bearer {tok}"}
+        for _ in range(3):                         # verified once, then served from each worker's memory
+            assert await read(0, bearer) == 200 and await read(1, bearer) == 200
+        async with w[revoker].post(f"{h.data_url}/oauth2/token/revoke", data={"token": tok}, headers=basic) as r:
+            assert r.status == 200, await r.text()
+        assert await worker_of(w[other], h) == other          # the same connection, the same worker
+        assert await read(other, bearer) == 401
+        assert await read(revoker, bearer) == 401
+
+    # An access key deleted on the management plane (worker 0): the key and its tokens end on worker 1 too.
+    tok = await token(1)
+    bearer = {"X-NHN-Authorization": f"Bearer {tok}"}
+    assert await read(1, bearer) == 200 and await read(1, v12, "v1.2") == 200
+    st, out = await h.mgmt("DELETE", f"/access-keys/{key_id}")
+    assert st == 200, out
+    assert await read(1, bearer) == 401 and await read(1, v12, "v1.2") == 401
+
+    # An operator disabled on the management plane: their access key stops at once on worker 1.
+    st, out = await h.mgmt("POST", "/operators", json={"name": "carol", "role": "admin"})
+    assert st == 201, out
+    st, out = await h.mgmt("POST", "/access-keys", json={"operator": "carol", "description": "carol's"})
+    assert st == 201, out
+    carol = {"X-TC-AUTHENTICATION-ID": out["body"]["accessKeyId"],
+             "X-TC-AUTHENTICATION-SECRET": out["body"]["secretAccessKey"]}
+    assert await read(1, carol, "v1.2") == 200 and await read(1, carol, "v1.2") == 200
+    st, out = await h.mgmt("PATCH", "/operators/carol", json={"disabled": True})
+    assert st == 200, out
+    assert await read(1, carol, "v1.2") == 401
 
 
 async def test_a_new_system_key_version_reaches_every_worker(group: Harness):
@@ -210,6 +269,45 @@ async def test_a_dead_worker_is_restarted(group: Harness):
     assert "worker 1 exited with status -9; restarting" in g.log.read_text()
     s = await session_on_worker(group, 1)          # and the new one serves
     assert await worker_of(s, group) == 1
+
+
+async def test_worker_0_dies_and_the_others_go_on_auditing(group: Harness):
+    """Worker 0 writes the host's audit records; while it is gone worker 1 writes its own (the chain
+    stays one line), and once it is back worker 1 hands them to it again."""
+    h = group
+    g: Group = h.server
+    store = await h.keystore("writer-gone")
+    key = await h.key(store, "SECRET", "s", secretValue="audited")
+    w1 = await session_on_worker(h, 1)
+    st, _ = await h.client("GET", f"/secrets/{key['keyId']}", session=w1)
+    assert st == 200
+    w0 = min(g.children())                   # worker 0 starts first
+    os.kill(w0, signal.SIGKILL)
+    # Wait until the supervisor has reaped it: every thread gone, its sockets closed by the kernel. (A
+    # request in flight at that moment fails closed: its record may have been lost with worker 0.)
+    deadline = time.monotonic() + 10
+    while "worker 0 exited with status -9" not in g.log.read_text():
+        assert time.monotonic() < deadline, g.log.read_text()[-2000:]
+        await asyncio.sleep(0.02)
+    for _ in range(10):                      # answered (and audited) by worker 1 alone meanwhile
+        st, out = await h.client("GET", f"/secrets/{key['keyId']}", session=w1)
+        assert st == 200 and out["body"]["secret"] == "audited", out
+    deadline = time.monotonic() + 30
+    while "worker_restarted" not in g.log.read_text():
+        assert time.monotonic() < deadline, g.log.read_text()[-2000:]
+        await asyncio.sleep(0.2)
+    for _ in range(10):
+        st, _ = await h.client("GET", f"/secrets/{key['keyId']}", session=w1)
+        assert st == 200
+    # The new worker 0 listens on a new management port (the config says port 0).
+    import json
+    ports = [json.loads(line)["mgmt_port"] for line in g.log.read_text().splitlines()
+             if line.startswith("{") and '"listening"' in line and '"worker": 0' in line]
+    g.mgmt_port = ports[-1]
+    st, out = await h.mgmt("GET", "/audit/verify")
+    assert st == 200 and out["body"]["ok"] is True, out
+    n = await h.mgmt("GET", "/audit?action=secret.read&limit=100")
+    assert n[0] == 200 and len(n[1]["body"]["records"]) >= 21, n
 
 
 async def test_sigterm_leaves_no_process(group: Harness):

@@ -11,6 +11,10 @@
   timing does not tell which ids exist. A reason more specific than "not
   valid" (expired, revoked, other project) is given only to a caller who
   proved the secret.
+* Verified tokens and access keys are kept in memory per worker (server/access/authcache.py,
+  `CredentialCache`): every change to a credential (revoke, delete, an operator changed)
+  publishes `credential_changed`, which reaches every worker and replica before their next
+  request; a wrong secret always costs the database read.
 * An access key acts as its operator (one identity per person: a change request
   made with it records the operator, and the operator's project roles apply:
   no role in the appkey's project, no access). A non-admin's key uses keys
@@ -30,8 +34,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from server import text, timeutil
+from server.access.authcache import CREDENTIAL_CHANGED, CredentialCache, VerifiedCredential
 from server.access.operators import Grant, Operator
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, SKMError, Unauthenticated
+from server.events import Event, EventBus
 from server.storage.base import Storage
 
 ID_HEADER = "X-TC-AUTHENTICATION-ID"
@@ -52,6 +58,15 @@ BAD_TOKEN = "the bearer token is not valid; get a new one from /oauth2/token/cre
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _epoch(db_time: str | None) -> float | None:
+    return None if db_time is None else timeutil.from_db(db_time).timestamp()
+
+
+def _earliest(*times: float | None) -> float | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
 
 
 def _new_key_id() -> str:
@@ -120,9 +135,16 @@ def parse_token(token: str) -> tuple[str, str] | None:
 
 
 class CallerAuth:
-    def __init__(self, storage: Storage, metrics=None) -> None:
+    def __init__(self, storage: Storage, metrics=None, events: EventBus | None = None) -> None:
         self.db = storage
         self.metrics = metrics
+        self.events = events
+        self.cache = CredentialCache(events) if events is not None else None
+
+    async def _changed(self, what: str) -> None:
+        """Tell every worker and replica to drop what they verified of `what` (token:<id>, accesskey:<id>)."""
+        if self.events is not None:
+            await self.events.publish(Event(keystore_id=0, kind=CREDENTIAL_CHANGED, key_id=what))
 
     # -- user access keys (management plane) ----------------------------------
     async def create_key(self, owner: Operator, *, actor: str, description: str = "",
@@ -166,10 +188,18 @@ class CallerAuth:
         async with self.db.transaction() as tx:
             await tx.execute("DELETE FROM oauth_tokens WHERE access_key_id = ?", key_id)
             await tx.execute("DELETE FROM user_access_keys WHERE id = ?", key_id)
+        await self._changed(f"accesskey:{key_id}")
 
     async def verify_key(self, key_id: str, secret: str) -> AccessKey:
         row = None
+        cache = self.cache
+        gen = 0
         if 0 < len(key_id) <= 64 and len(secret) <= 256:
+            if cache is not None:
+                hit = cache.get("k", key_id)
+                if hit is not None and hmac.compare_digest(hit.digest, _digest(secret)) and not cache.expired(hit):
+                    return hit.key
+                gen = cache.generation
             row = await self.db.fetchone(_KEY_SELECT + " WHERE k.id = ?", key_id)
         good = hmac.compare_digest(row["secret_hash"] if row else _DUMMY, _digest(secret))
         if row is None or not good or row["revoked"] or row["disabled"]:
@@ -177,6 +207,9 @@ class CallerAuth:
         key = AccessKey.from_row(row)
         if key.expired:
             raise Unauthenticated("the user access key has expired; create a new one with `skm accesskey create`")
+        if cache is not None:
+            cache.put("k", key_id, VerifiedCredential(row["secret_hash"], key, _epoch(key.expires_at), key.id,
+                                                      key.operator_id), gen)
         return key
 
     # -- bearer tokens (v1.3) ---------------------------------------------------
@@ -204,12 +237,20 @@ class CallerAuth:
         good = hmac.compare_digest(row["token_hash"] if row else _DUMMY, _digest(secret))
         if row is not None and good and row["access_key_id"] == key.id:
             await self.db.execute("UPDATE oauth_tokens SET revoked = 1 WHERE id = ?", token_id)
+            await self._changed(f"token:{token_id}")
 
     async def verify_token(self, token: str) -> tuple[str, AccessKey]:
         parsed = parse_token(bearer_value(token))
         row = None
         token_id, secret = parsed or ("", token)
+        cache = self.cache
+        gen = 0
         if parsed is not None:
+            if cache is not None:
+                hit = cache.get("t", token_id)
+                if hit is not None and hmac.compare_digest(hit.digest, _digest(secret)) and not cache.expired(hit):
+                    return token_id, hit.key
+                gen = cache.generation     # a miss, a wrong secret or an expiry: the database decides and says why
             row = await self.db.fetchone(
                 "SELECT t.token_hash, t.expires_at AS token_expires_at, t.revoked AS token_revoked, "
                 + _KEY_SELECT[len("SELECT "):] + " JOIN oauth_tokens t ON t.access_key_id = k.id WHERE t.id = ?",
@@ -224,6 +265,9 @@ class CallerAuth:
         key = AccessKey.from_row(row)
         if key.expired:
             raise Unauthenticated("the user access key behind this token has expired")
+        if cache is not None:
+            cache.put("t", token_id, VerifiedCredential(row["token_hash"], key, _earliest(
+                _epoch(row["token_expires_at"]), _epoch(key.expires_at)), key.id, key.operator_id), gen)
         return token_id, key
 
     async def purge_expired(self, now: dt.datetime | None = None) -> int:
@@ -273,11 +317,21 @@ class CallerAuth:
         return identity
 
     async def operator_of(self, key: AccessKey) -> Operator:
+        cache = self.cache
+        gen = 0
+        if cache is not None:
+            hit = cache.operator(key.operator_id)
+            if hit is not None:
+                return hit
+            gen = cache.generation
         rows = await self.db.fetchall("SELECT role, project_id FROM operator_roles WHERE operator_id = ? AND "
                                       "revoked_at IS NULL ORDER BY id", key.operator_id)
         grants = tuple(Grant(r["role"], r["project_id"]) for r in rows)
-        return Operator(key.operator_id, key.operator, next((g.role for g in grants if g.project_id is None), ""),
-                        None, grants)
+        op = Operator(key.operator_id, key.operator, next((g.role for g in grants if g.project_id is None), ""),
+                      None, grants)
+        if cache is not None:
+            cache.put_operator(key.operator_id, op, gen)
+        return op
 
 
 # Client-API handlers that change a key store (its keys or auth data); everything else is use or read.
@@ -294,4 +348,4 @@ def _handler_name(request: web.Request) -> str:
 
 
 def install(rt) -> None:
-    rt.callers = CallerAuth(rt.storage, rt.metrics)
+    rt.callers = CallerAuth(rt.storage, rt.metrics, rt.events)

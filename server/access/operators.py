@@ -153,8 +153,9 @@ def login_source(ip: str) -> str:
 
 
 class Operators:
-    def __init__(self, storage: Storage, settings: LoginSettings | None = None) -> None:
+    def __init__(self, storage: Storage, settings: LoginSettings | None = None, events=None) -> None:
         self.db = storage
+        self.events = events          # server.events.EventBus: a changed operator drops its cached credentials
         self.configure(settings or LoginSettings.from_config(None))
 
     def configure(self, settings: LoginSettings) -> None:
@@ -265,12 +266,21 @@ class Operators:
             sets.append("password_hash = ?"), args.append(await self.hash_password(check_password(password)))
         if sets:
             await self.db.execute(f"UPDATE operators SET {', '.join(sets)} WHERE id = ?", *args, target.id)
+        if disabled is not None:
+            await self._changed(target)
         if password is not None and by is not None and by.id != target.id:
             await self.record_custody(target.id, by, "password_reset")
         if unlock or password is not None:
             await self.db.execute("UPDATE login_attempts SET failures = 0, window_failures = 0, locked_until = NULL "
                                   "WHERE operator_id = ?", target.id)
         return await self.describe(name)
+
+    async def _changed(self, op: Operator) -> None:
+        """Every worker and replica drops the access keys, tokens and roles it verified for `op`."""
+        if self.events is not None:
+            from server.access.authcache import CREDENTIAL_CHANGED
+            from server.events import Event
+            await self.events.publish(Event(keystore_id=0, kind=CREDENTIAL_CHANGED, key_id=f"operator:{op.id}"))
 
     async def grant(self, name: str, role: str, project_id: int | None, *, by: Operator | None) -> dict:
         """Give `name` the `role` globally (project_id None) or in one project; a previous role at the same
@@ -292,6 +302,7 @@ class Operators:
                              "VALUES (?, ?, ?, ?, ?)", target.id, role, project_id, by_id, now)
             if project_id is None:
                 await tx.execute("UPDATE operators SET role = ? WHERE id = ?", role, target.id)
+        await self._changed(target)
         return await self.describe(name)
 
     async def revoke(self, name: str, project_id: int | None, *, by: Operator) -> dict:
@@ -307,6 +318,7 @@ class Operators:
             await self._revoke_scope(tx, target.id, project_id, by.id, timeutil.now_db())
             if project_id is None:
                 await tx.execute("UPDATE operators SET role = '' WHERE id = ?", target.id)
+        await self._changed(target)
         return await self.describe(name)
 
     @staticmethod
@@ -343,6 +355,7 @@ class Operators:
                              "AND revoked_at IS NULL", now, by.id, target.id)
             await tx.execute("UPDATE operators SET name = ?, role = '', disabled = 1, password_hash = NULL, "
                              "deleted_at = ? WHERE id = ?", f"{target.name}~{target.id}", now, target.id)
+        await self._changed(target)
 
     async def _keep_an_admin(self, leaving: Operator) -> None:
         n = await self.db.fetchval(

@@ -60,7 +60,7 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", "/oauth2/token/create", "bearer.create", True),
     ("POST", "/oauth2/token/revoke", "bearer.revoke", True),
     ("GET", _C + "/events", "events.subscribe", False),
-    ("POST", _C + "/sidecar/acks", "sidecar.ack", True),
+    ("POST", _C + "/sidecar/acks", "sidecar.ack", False),       # a heartbeat: telemetry, not a change
     ("POST", _C + "/sidecar/reads", "sidecar.report-reads", False),
     # ---- management API
     ("GET", "/api/v1/projects", "project.list", False),
@@ -74,6 +74,7 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("GET", "/api/v1/keystores", "keystore.list", False),
     ("GET", _KS, "keystore.read", False),
     ("PATCH", _KS, "keystore.update", True),
+    ("DELETE", _KS, "keystore.delete", True),
     ("POST", _KS + "/keys", "key.create", True),
     ("GET", _KS + "/keys", "key.list", False),
     ("GET", _KEY, "key.read", False),
@@ -126,6 +127,8 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("GET", "/api/v1/access-keys", "accesskey.list", False),
     ("DELETE", "/api/v1/access-keys/{key_id}", "accesskey.delete", True),
     ("GET", "/api/v1/usage", "usage.read", False),
+    # A backup reads everything (sealed): a sensitive export, not a change.
+    ("POST", "/api/v1/backup", "backup.create", False),
     # ---- console (its page views are not recorded; its forms are)
     ("GET", _CON + "/audit/export", "audit.export", False),
     ("POST", _CON + "/login", "operator.login", False),

@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from server import logs, timeutil
+from server import jsonlines, logs, timeutil
 from server.barrier.barrier import sealed_aad
 from server.errors import ConfigError, InvalidRequest
 
@@ -163,33 +163,15 @@ class FileSink:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
-    def _append(self, line: bytes) -> None:
+    def _append(self, entry: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line)      # one write with O_APPEND: lines from several processes never interleave
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        jsonlines.append(self.path, entry)
 
     async def send(self, entry: dict) -> None:
-        await asyncio.to_thread(self._append, (json.dumps(entry, separators=(",", ":")) + "\n").encode())
-
-    def _read(self) -> list[dict]:
-        out = []
-        try:
-            with open(self.path, "rb") as f:
-                for line in f:
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError:
-                        continue
-        except FileNotFoundError:
-            pass
-        return out
+        await asyncio.to_thread(self._append, entry)
 
     async def load(self) -> list[dict]:
-        return await asyncio.to_thread(self._read)
+        return await asyncio.to_thread(jsonlines.read, self.path)
 
 
 class WebhookSink:

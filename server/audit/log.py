@@ -11,6 +11,9 @@ reserves the batch's sequence numbers and yields the previous digest; the record
 queue order, tagged, inserted together, and the head's digest is set once, all in that transaction.
 Only then are the waiting requests released, so a response never leaves before its record is
 durable. A write failure fails every request of its batch (503) unless `fail_closed` is off.
+
+With several workers, worker 0 is the host's one writer and the others hand their batches to it
+(`host`, server/audit/host.py): one process contends for the database's write lock instead of N.
 """
 from __future__ import annotations
 
@@ -37,6 +40,16 @@ _TRUNCATE = {f: 256 for f in ("actor", "ip", "fingerprint", "mac", "route", "act
 _TRUNCATE["reason"] = 1000
 
 
+async def read_link_key(db, barrier) -> bytes | None:
+    """The link key of a database's chain, read only (None when it has none yet or the barrier is sealed)."""
+    if barrier.sealed:
+        return None
+    row = await db.fetchone("SELECT hmac_key_sealed FROM audit_head WHERE id = 1")
+    if row is None or row["hmac_key_sealed"] is None:
+        return None
+    return link_key(barrier.open(bytes(row["hmac_key_sealed"]), _HMAC_AAD))
+
+
 class Audit:
     def __init__(self, storage: Storage, barrier, settings: AuditSettings | None = None, *,
                  config: Any = None) -> None:
@@ -50,6 +63,9 @@ class Audit:
         self._writer: asyncio.Task | None = None
         self.checkpointer = None           # server.audit.checkpoints.Checkpointer (the primary process)
         self._sinks: list | None = None
+        self.host = None                   # server.audit.host.HostWriterClient: worker 0 writes for us
+
+    row_fields = frozenset(FIELDS) - {"seq", "prev_hash"}     # what `_row` makes (and the host writer takes)
 
     # ----------------------------------------------------------------- HMACs
     async def hmac_key(self) -> bytes | None:
@@ -117,6 +133,34 @@ class Audit:
             self._writer = loop.create_task(self._drain(), name="audit-writer")
         return list(await asyncio.gather(*futs))
 
+    async def append_rows(self, rows: list[dict[str, Any]]) -> list[int]:
+        """Append rows already shaped by `_row` (another worker's, through the host writer), in order."""
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[int]] = []
+        for row in rows:
+            fut: asyncio.Future[int] = loop.create_future()
+            self._queue.append((dict(row), fut))
+            futs.append(fut)
+        w = self._writer
+        if w is None or w.done() or w.get_loop() is not loop:
+            self._writer = loop.create_task(self._drain(), name="audit-writer")
+        return list(await asyncio.gather(*futs))
+
+    async def _commit(self, rows: list[dict]) -> int | None:
+        """Write a batch: through the host's writer when there is one (None: its head is not ours to
+        checkpoint), else here in one transaction (the head's sequence number)."""
+        if self.host is not None:
+            from server.audit.host import HostUnreachable
+            try:
+                seqs = await self.host.write(rows)
+            except HostUnreachable:
+                pass                        # nothing was sent: write it ourselves (the chain stays one line)
+            else:
+                for row, seq in zip(rows, seqs):
+                    row["seq"] = seq
+                return None
+        return await self._write(rows)
+
     async def _drain(self) -> None:
         """The one writer: commit what is queued, a batch per transaction, until the queue is empty."""
         me = asyncio.current_task()
@@ -126,7 +170,7 @@ class Audit:
                 n = min(max(1, int(self.settings.batch_max)), 1000)    # bound the statement's parameters
                 batch, self._queue[:n] = self._queue[:n], []
                 try:
-                    head_seq = await self._write([row for row, _ in batch])
+                    head_seq = await self._commit([row for row, _ in batch])
                 except Exception as e:
                     for _, fut in batch:
                         if not fut.done():
@@ -135,7 +179,7 @@ class Audit:
                     for row, fut in batch:
                         if not fut.done():
                             fut.set_result(row["seq"])
-                    if self.checkpointer is not None:
+                    if self.checkpointer is not None and head_seq is not None:
                         self.checkpointer.nudge(head_seq)
                 batch = []
         finally:

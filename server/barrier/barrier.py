@@ -6,11 +6,15 @@ another row or version does not open.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import struct
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from server.errors import BarrierError, Sealed
 
@@ -27,9 +31,20 @@ def sealed_aad(table: str, column: str, *pk: object) -> bytes:
     return record_aad(table, column, *pk)
 
 
+# HKDF-Extract salt of the per-version derivation root: purpose keys never come from the AES key itself.
+_DERIVE_SALT = b"skm barrier derive v1"
+
+
+def _derivation_root(key: bytes) -> bytes:
+    """HKDF-Extract(salt, system key): the pseudo-random key purpose keys are expanded from."""
+    return hmac.new(_DERIVE_SALT, key, hashlib.sha256).digest()
+
+
 class Barrier:
     def __init__(self) -> None:
         self._keys: dict[int, AESGCM] = {}
+        # Per version: HKDF-Extract of the system key, so derive() needs no raw system-key bytes kept here.
+        self._roots: dict[int, bytes] = {}
         self.current_version: int | None = None
         self.sealed_reason: str = "starting: the system key has not been fetched yet"
 
@@ -41,10 +56,12 @@ class Barrier:
         if current not in system_keys:
             raise ValueError("current system-key version is missing from the keyring")
         self._keys = {v: AESGCM(k) for v, k in system_keys.items()}
+        self._roots = {v: _derivation_root(k) for v, k in system_keys.items()}
         self.current_version = current
 
     def add_version(self, version: int, key: bytes, make_current: bool = True) -> None:
         self._keys[version] = AESGCM(key)
+        self._roots[version] = _derivation_root(key)
         if make_current:
             self.current_version = version
 
@@ -52,12 +69,14 @@ class Barrier:
         if version == self.current_version:
             raise ValueError("cannot retire the current system-key version")
         self._keys.pop(version, None)
+        self._roots.pop(version, None)
 
     def versions(self) -> list[int]:
         return sorted(self._keys)
 
     def seal_now(self, reason: str) -> None:
         self._keys.clear()
+        self._roots.clear()
         self.current_version = None
         self.sealed_reason = reason
 
@@ -83,6 +102,20 @@ class Barrier:
             return key.decrypt(blob[4:16], blob[16:], aad)
         except InvalidTag:
             raise BarrierError("a sealed record failed its integrity check (tampered, moved, or a wrong system key)") from None
+
+    def derive(self, purpose: bytes, version: int | None = None, length: int = 32) -> tuple[int, bytes]:
+        """A purpose key: HKDF-SHA256(system key `version`, info=`purpose`); returns (version, key).
+
+        `version` None means the current one. Distinct purposes give independent keys; the
+        system key itself never leaves the barrier. A key derived from a version verifies
+        only while that version is in the keyring (not retired)."""
+        self._require_open()
+        v = self.current_version if version is None else version
+        root = self._roots.get(v)
+        if root is None:
+            raise BarrierError(f"system-key version {v} is not in this server's keyring (retired, or another "
+                               "installation's)")
+        return v, HKDFExpand(hashes.SHA256(), length, purpose).derive(root)
 
     @staticmethod
     def version_of(blob: bytes) -> int:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
-from server.cli.common import add_connection_args, client, output
+from server.cli.common import CliError, add_connection_args, client, output
 
 COLUMNS = ["accessKeyId", "operator", "projectId", "description", "expirationDate", "creationDatetime"]
 
@@ -24,7 +25,7 @@ def register(sub) -> None:
     c.add_argument("--appkey", help="bind the key to one project's appkey (default: valid for every project)")
     c.add_argument("--expires-days", type=int, help="expire after this many days (default: never)")
     add_connection_args(c)
-    c.set_defaults(func=_create)
+    c.set_defaults(func=_create, api_flags={"expiresInDays": "--expires-days"})
 
     ls = s.add_parser("list", help="list user access keys", description="List your user access keys "
                       "(admins: everyone's). Secrets are never shown again.")
@@ -59,6 +60,9 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 async def _delete(args: argparse.Namespace) -> int:
+    if not re.fullmatch(r"[A-Z0-9]{1,64}", args.key_id):
+        raise CliError(f"{args.key_id[:70]!r} is not an access key id (capital letters and digits; `skm accesskey "
+                       "list` shows them)")
     async with client(args) as c:
         out = await c.call("DELETE", f"/access-keys/{args.key_id}")
     output(args, out, title="user access key deleted")

@@ -14,10 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-from server.cli.common import add_connection_args, client, fail, output
+from server.cli.common import (CliError, add_connection_args, add_yes_arg, client, confirm, output,
+                               resolve_store_id)
 
 CERT_COLUMNS = ["name", "status", "expirationDate", "fingerprint", "description", "deletionDatetime"]
 ENTRY_COLUMNS = ["value", "status", "description", "deletionDatetime", "creationUser"]
+API_FLAGS = {"lifeTime": "--life-time"}
 
 
 def register(sub) -> None:
@@ -44,32 +46,32 @@ def _cert_commands(s) -> None:
     cr = _sub(c, "create", "issue a client certificate",
               "Issue a client certificate for the key store. The PKCS#12 password is read from --password-file, "
               "SKM_CERT_PASSWORD or a prompt. With --out the bundle is downloaded at once.")
-    cr.add_argument("keystore", type=int, help="key store id")
+    cr.add_argument("keystore", help="key store id or name")
     cr.add_argument("name", help="certificate name (A-Z a-z 0-9 . _ -)")
     cr.add_argument("--life-time", type=int, default=365, help="validity in days (default 365)")
     cr.add_argument("--description", default="")
     cr.add_argument("--password-file", help="file whose first line is the PKCS#12 password")
     cr.add_argument("--out", help="also save the PKCS#12 bundle to this file")
     add_connection_args(cr)
-    cr.set_defaults(func=_cert_create)
+    cr.set_defaults(func=_cert_create, api_flags=API_FLAGS)
 
     dl = _sub(c, "download", "save a certificate's PKCS#12 bundle",
               "Save the PKCS#12 bundle (protected by the password chosen at issue) to a file, mode 0600.")
-    dl.add_argument("keystore", type=int)
+    dl.add_argument("keystore", help="key store id or name")
     dl.add_argument("name")
     dl.add_argument("--out", help="file to write (default NAME.p12)")
     add_connection_args(dl)
     dl.set_defaults(func=_cert_download)
 
     ls = _sub(c, "list", "list a key store's client certificates")
-    ls.add_argument("keystore", type=int)
+    ls.add_argument("keystore", help="key store id or name")
     add_connection_args(ls)
     ls.set_defaults(func=_cert_list)
 
     de = _sub(c, "delete", "schedule a certificate for deletion (--now: delete a scheduled one)",
               "Schedule a certificate for deletion (it stops working at once); --now deletes one already "
               "scheduled; --cancel puts a scheduled one back in service.")
-    de.add_argument("keystore", type=int)
+    de.add_argument("keystore", help="key store id or name")
     de.add_argument("name")
     _delete_flags(de)
     add_connection_args(de)
@@ -78,8 +80,10 @@ def _cert_commands(s) -> None:
 
 def _delete_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--now", action="store_true", help="delete an entry already scheduled for deletion")
+    g.add_argument("--now", action="store_true", help="delete an entry already scheduled for deletion (asks "
+                   "first on a terminal; cannot be undone)")
     g.add_argument("--cancel", action="store_true", help="cancel a scheduled deletion")
+    add_yes_arg(p)
 
 
 def _entry_commands(s, kind: str, path: str, what: str) -> None:
@@ -88,21 +92,21 @@ def _entry_commands(s, kind: str, path: str, what: str) -> None:
     c.required = True
 
     a = _sub(c, "add", f"register a {what}")
-    a.add_argument("keystore", type=int)
+    a.add_argument("keystore", help="key store id or name")
     a.add_argument("value")
     a.add_argument("--description", default="")
     add_connection_args(a)
     a.set_defaults(func=_entry_add, path=path)
 
     ls = _sub(c, "list", f"list {what} entries")
-    ls.add_argument("keystore", type=int)
+    ls.add_argument("keystore", help="key store id or name")
     add_connection_args(ls)
     ls.set_defaults(func=_entry_list, path=path)
 
     de = _sub(c, "delete", f"schedule a {what} for deletion (--now: delete a scheduled one)",
               f"Schedule a {what} for deletion (it stops matching at once); --now deletes one already scheduled; "
               "--cancel puts a scheduled one back in service.")
-    de.add_argument("keystore", type=int)
+    de.add_argument("keystore", help="key store id or name")
     de.add_argument("value")
     _delete_flags(de)
     add_connection_args(de)
@@ -115,11 +119,12 @@ def read_password(path: str | None) -> str:
         return lines[0] if lines else ""
     if os.environ.get("SKM_CERT_PASSWORD"):
         return os.environ["SKM_CERT_PASSWORD"]
-    if not sys.stdin.isatty():
-        raise SystemExit(fail("give the PKCS#12 password with --password-file or SKM_CERT_PASSWORD", 2))
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise CliError("give the PKCS#12 password with --password-file or SKM_CERT_PASSWORD (standard input is not "
+                       "a terminal to ask on)")
     first = getpass.getpass("PKCS#12 password: ")
     if getpass.getpass("again: ") != first:
-        raise SystemExit(fail("the passwords differ", 2))
+        raise CliError("the passwords differ; nothing was changed")
     return first
 
 
@@ -134,9 +139,10 @@ async def _cert_create(args: argparse.Namespace) -> int:
     password = read_password(args.password_file)
     body = {"name": args.name, "password": password, "lifeTime": args.life_time, "description": args.description}
     async with client(args) as c:
-        out = await c.call("POST", f"/keystores/{args.keystore}/certificates", body)
+        ks = await resolve_store_id(c, args.keystore)
+        out = await c.call("POST", f"/keystores/{ks}/certificates", body)
         if args.out:
-            save_private(Path(args.out), await c.raw("GET", f"/keystores/{args.keystore}/certificates/"
+            save_private(Path(args.out), await c.raw("GET", f"/keystores/{ks}/certificates/"
                                                              f"{args.name}/bundle"))
     output(args, out, title="certificate issued" + (f" (bundle saved to {args.out})" if args.out else ""))
     return 0
@@ -145,7 +151,8 @@ async def _cert_create(args: argparse.Namespace) -> int:
 async def _cert_download(args: argparse.Namespace) -> int:
     out = Path(args.out or f"{args.name}.p12")
     async with client(args) as c:
-        data = await c.raw("GET", f"/keystores/{args.keystore}/certificates/{args.name}/bundle")
+        ks = await resolve_store_id(c, args.keystore)
+        data = await c.raw("GET", f"/keystores/{ks}/certificates/{args.name}/bundle")
     save_private(out, data)
     print(f"saved {out} ({len(data)} bytes, PKCS#12, protected by the certificate's password)", file=sys.stderr)
     return 0
@@ -153,7 +160,8 @@ async def _cert_download(args: argparse.Namespace) -> int:
 
 async def _cert_list(args: argparse.Namespace) -> int:
     async with client(args) as c:
-        out = await c.call("GET", f"/keystores/{args.keystore}/certificates")
+        ks = await resolve_store_id(c, args.keystore)
+        out = await c.call("GET", f"/keystores/{ks}/certificates")
     output(args, out, CERT_COLUMNS, out["certificates"], title=f"certificates of key store {args.keystore}")
     return 0
 
@@ -163,15 +171,19 @@ def _step(args: argparse.Namespace) -> str:
 
 
 async def _cert_delete(args: argparse.Namespace) -> int:
+    if args.now:
+        confirm(args, f"deleting certificate {args.name!r} of key store {args.keystore} now")
     async with client(args) as c:
-        out = await c.call("POST", f"/keystores/{args.keystore}/certificates/{_step(args)}", {"name": args.name})
+        ks = await resolve_store_id(c, args.keystore)
+        out = await c.call("POST", f"/keystores/{ks}/certificates/{_step(args)}", {"name": args.name})
     output(args, out, title="certificate " + _step(args).replace("-", " "))
     return 0
 
 
 async def _entry_add(args: argparse.Namespace) -> int:
     async with client(args) as c:
-        out = await c.call("POST", f"/keystores/{args.keystore}/auths/{args.path}",
+        ks = await resolve_store_id(c, args.keystore)
+        out = await c.call("POST", f"/keystores/{ks}/auths/{args.path}",
                            {"value": args.value, "description": args.description})
     output(args, out, title="entry registered")
     return 0
@@ -179,14 +191,18 @@ async def _entry_add(args: argparse.Namespace) -> int:
 
 async def _entry_list(args: argparse.Namespace) -> int:
     async with client(args) as c:
-        out = await c.call("GET", f"/keystores/{args.keystore}/auths/{args.path}")
+        ks = await resolve_store_id(c, args.keystore)
+        out = await c.call("GET", f"/keystores/{ks}/auths/{args.path}")
     output(args, out, ENTRY_COLUMNS, out["entries"], title=f"{args.path} of key store {args.keystore}")
     return 0
 
 
 async def _entry_delete(args: argparse.Namespace) -> int:
+    if args.now:
+        confirm(args, f"deleting {args.value} from the {args.path} of key store {args.keystore} now")
     async with client(args) as c:
-        out = await c.call("POST", f"/keystores/{args.keystore}/auths/{args.path}/{_step(args)}",
+        ks = await resolve_store_id(c, args.keystore)
+        out = await c.call("POST", f"/keystores/{ks}/auths/{args.path}/{_step(args)}",
                            {"value": args.value})
     output(args, out, title="entry " + _step(args).replace("-", " "))
     return 0

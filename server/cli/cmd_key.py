@@ -1,95 +1,148 @@
-"""`skm key create|list|show|rotate|delete|cancel-delete|update`."""
+"""`skm key create|list|show|reveal|rotate|update|delete|cancel-delete`.
+
+A key is named by its id (32 hex) or as STORE/NAME (a key store's name or id, a slash, the key's
+name). A secret's value comes from, in this order: --value-file, SKM_SECRET_VALUE, piped standard
+input, or a prompt on a terminal; never from an argument (arguments show in `ps`). An empty value
+is refused, here and by the server.
+"""
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import sys
 
-from server.cli.common import add_connection_args, client, key_id, output
+from server.cli.common import (CliError, Col, add_connection_args, add_yes_arg, client, confirm, output,
+                               print_table, resolve_key, resolve_store_id, shown)
 
-COLUMNS = ["keyId", "name", "keyType", "keySpec", "keyStatus", "currentKeyValueVersion", "autoRotationPeriod",
-           "deletionDatetime"]
+TYPES = ["SECRET", "SYMMETRIC_KEY", "ASYMMETRIC_KEY"]
+SPECS = ["RSA-2048", "RSA-3072", "RSA-4096", "EC-P256", "EC-P384", "ED25519", "AES-256-GCM"]
+# Most important first: the table drops columns from the end when the terminal is narrow; never the id.
+COLUMNS = [Col("keyId", "keyId", keep=True), Col("name", "name", wrap=True), Col("keyType", "type"),
+           Col("keyStatus", "status"), Col("deletionDatetime", "deletion"), Col("currentKeyValueVersion", "version"),
+           Col("keySpec", "spec"), Col("autoRotationPeriod", "rotation days")]
+KEY_REF = "key id (32 hex characters) or STORE/NAME (key store name or id / key name)"
+SECRET_SOURCES = "--value-file, SKM_SECRET_VALUE or standard input"
+# API field names in server messages -> what the user typed (only names that cannot be ordinary words).
+API_FLAGS = {"keyType": "--type", "keySpec": "--spec", "autoRotationPeriod": "--rotation-days",
+             "secretValue": f"the secret value ({SECRET_SOURCES})"}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("key", help="manage keys", description="Create, list, rotate and delete keys.")
+    p = sub.add_parser("key", help="manage keys", description="Create, list, show, reveal, rotate and delete keys. "
+                       f"A key is named by its {KEY_REF}.")
     s = p.add_subparsers(dest="key_command", metavar="SUBCOMMAND")
     s.required = True
 
     c = s.add_parser("create", help="create a key", description="Create a SECRET, SYMMETRIC_KEY or ASYMMETRIC_KEY. "
-                     "A secret's value is read from --value-file, SKM_SECRET_VALUE or standard input, never from "
-                     "an argument (arguments show in `ps`).")
-    c.add_argument("keystore", type=int, help="key store id")
+                     "A secret's value is read from --value-file, else SKM_SECRET_VALUE, else standard input when "
+                     "it is not a terminal, else a prompt; never from an argument (arguments show in `ps`). An "
+                     "empty value is refused.")
+    c.add_argument("keystore", help="key store id or name")
     c.add_argument("name")
-    c.add_argument("--type", required=True, choices=["SECRET", "SYMMETRIC_KEY", "ASYMMETRIC_KEY"], dest="key_type")
-    c.add_argument("--spec", help="RSA-2048 (default), RSA-3072, RSA-4096, EC-P256, EC-P384, ED25519; AES-256-GCM")
+    c.add_argument("--type", required=True, type=str.upper, choices=TYPES, dest="key_type",
+                   help="key type (any case)")
+    c.add_argument("--spec", type=str.upper, choices=SPECS,
+                   help="ASYMMETRIC_KEY: RSA-2048 (default), RSA-3072, RSA-4096, EC-P256, EC-P384, ED25519; "
+                        "SYMMETRIC_KEY: AES-256-GCM (any case)")
     c.add_argument("--description", default="")
-    c.add_argument("--rotation-days", type=int, default=0, help="automatic rotation period (0 = off)")
+    c.add_argument("--rotation-days", type=int, default=0, help="automatic rotation period (0 = off; not for "
+                   "secrets)")
     c.add_argument("--exportable", action="store_true", help="allow exporting the key material (one-way)")
-    c.add_argument("--value-file", help="file holding the secret value ('-' for standard input)")
+    c.add_argument("--value-file", help="SECRET: file holding the value ('-' for standard input)")
     add_connection_args(c)
-    c.set_defaults(func=_create)
+    c.set_defaults(func=_create, api_flags=API_FLAGS)
 
-    ls = s.add_parser("list", help="list a key store's keys", description="List the keys of a key store.")
-    ls.add_argument("keystore", type=int)
-    ls.add_argument("--type", dest="key_type")
-    ls.add_argument("--status", choices=["active", "inactive"])
+    ls = s.add_parser("list", help="list a key store's keys", description="List the keys of a key store. Key ids "
+                      "are never shortened: on a narrow terminal the last columns are left out (--json has all).")
+    ls.add_argument("keystore", help="key store id or name")
+    ls.add_argument("--type", dest="key_type", type=str.upper, choices=TYPES, help="only keys of this type "
+                    "(any case)")
+    ls.add_argument("--status", type=str.lower, choices=["active", "inactive"])
     add_connection_args(ls)
-    ls.set_defaults(func=_list)
+    ls.set_defaults(func=_list, api_flags=API_FLAGS)
 
     for name, help_, func in (("show", "show a key and its versions", _show),
-                              ("rotate", "rotate now (secrets: give the new value)", _rotate),
+                              ("reveal", "print a SECRET's current value (admin; recorded in the audit log)",
+                               _reveal),
+                              ("rotate", "rotate now (a SECRET takes its new value like create does)", _rotate),
                               ("delete", "schedule deletion, or --now to delete a scheduled key", _delete),
                               ("cancel-delete", "cancel a scheduled deletion", _cancel)):
         sp = s.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
-        sp.add_argument("key_id", type=key_id, help="the key's id (32 hex characters)")
+        sp.add_argument("key", metavar="KEY", help=KEY_REF)
         if name == "rotate":
-            sp.add_argument("--value-file", help="new secret value file ('-' for standard input)")
+            sp.description += (" A SECRET's new value is read from --value-file, else SKM_SECRET_VALUE, else "
+                               "standard input when it is not a terminal, else a prompt.")
+            sp.add_argument("--value-file", help="SECRET: file holding the new value ('-' for standard input)")
         if name == "delete":
-            sp.add_argument("--now", action="store_true", help="delete a key already scheduled for deletion")
+            sp.add_argument("--now", action="store_true", help="delete a key already scheduled for deletion "
+                            "(asks first on a terminal; cannot be undone)")
+            add_yes_arg(sp)
         add_connection_args(sp)
-        sp.set_defaults(func=func)
+        sp.set_defaults(func=func, api_flags=API_FLAGS)
 
     u = s.add_parser("update", help="change description or rotation period",
                      description="Change a key's description or automatic rotation period.")
-    u.add_argument("key_id", type=key_id, help="the key's id (32 hex characters)")
+    u.add_argument("key", metavar="KEY", help=KEY_REF)
     u.add_argument("--description")
     u.add_argument("--rotation-days", type=int)
     add_connection_args(u)
-    u.set_defaults(func=_update)
+    u.set_defaults(func=_update, api_flags=API_FLAGS)
 
 
-def read_secret_value(path: str | None) -> str | None:
-    if path == "-":
-        return sys.stdin.read().rstrip("\n")
-    if path:
-        with open(path, encoding="utf-8") as f:
-            return f.read().rstrip("\n")
-    return os.environ.get("SKM_SECRET_VALUE")
+def read_secret_value(value_file: str | None) -> str:
+    """The value, from the first source given: --value-file, SKM_SECRET_VALUE, piped stdin, a prompt."""
+    if value_file == "-":
+        value, source = _read_stdin(), "standard input (--value-file -)"
+    elif value_file:
+        try:
+            with open(value_file, encoding="utf-8") as f:
+                value = f.read()
+        except UnicodeDecodeError:
+            raise CliError(f"--value-file {value_file} is not UTF-8 text; a secret value is text") from None
+        source = f"--value-file {value_file}"
+    elif "SKM_SECRET_VALUE" in os.environ:
+        value, source = os.environ["SKM_SECRET_VALUE"], "SKM_SECRET_VALUE"
+    elif sys.stdin is not None and not sys.stdin.isatty():
+        value, source = _read_stdin(), "standard input"
+    elif sys.stdin is not None:
+        value = getpass.getpass("secret value: ")
+        if getpass.getpass("again: ") != value:
+            raise CliError("the two values differ; nothing was changed")
+        source = "the prompt"
+    else:
+        raise CliError(f"give the secret value with {SECRET_SOURCES}")
+    value = value.rstrip("\r\n")
+    if not value:
+        unset = " (unset it to read standard input)" if source == "SKM_SECRET_VALUE" else ""
+        raise CliError(f"the secret value from {source} is empty{unset}; a secret needs a value")
+    return value
+
+
+def _read_stdin() -> str:
+    if sys.stdin is None:
+        raise CliError("standard input is closed; give the secret value with --value-file or SKM_SECRET_VALUE")
+    return sys.stdin.read()
 
 
 async def _create(args: argparse.Namespace) -> int:
+    secret = args.key_type == "SECRET"
+    if not secret and args.value_file:
+        raise CliError(f"--value-file is for a SECRET; a {args.key_type} makes its own key material")
+    if secret and args.rotation_days:
+        raise CliError("--rotation-days is not for a SECRET: a secret changes when you give it a new value "
+                       "(`skm key rotate`)")
+    if secret and args.spec:
+        raise CliError("--spec is not for a SECRET")
     body = {"keyType": args.key_type, "name": args.name, "description": args.description,
             "autoRotationPeriod": args.rotation_days, "exportable": args.exportable}
     if args.spec:
         body["keySpec"] = args.spec
-    if args.value_file and args.key_type != "SECRET":
-        # A symmetric or asymmetric key's material is generated inside the server, never imported.
-        print(f"error: --value-file is for SECRET keys only; a {args.key_type} is generated by the server",
-              file=sys.stderr)
-        return 2
-    if args.key_type == "SECRET":
-        # SKM_SECRET_VALUE wins over a standard input that is merely not a terminal (a script, cron, CI):
-        # reading that empty input used to store an empty secret and ignore the variable.
-        source = args.value_file or (None if "SKM_SECRET_VALUE" in os.environ or sys.stdin.isatty() else "-")
-        value = read_secret_value(source)
-        if not value:
-            print("error: give the secret value with --value-file FILE, SKM_SECRET_VALUE, or on standard input"
-                  + (" (it was empty)" if value == "" else ""), file=sys.stderr)
-            return 2
-        body["secretValue"] = value
+    if secret:
+        body["secretValue"] = read_secret_value(args.value_file)
     async with client(args) as c:
-        out = await c.call("POST", f"/keystores/{args.keystore}/keys", body)
+        store = await resolve_store_id(c, args.keystore)
+        out = await c.call("POST", f"/keystores/{store}/keys", body)
     output(args, out, title="key created")
     return 0
 
@@ -99,53 +152,76 @@ async def _list(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     after: dict[str, str] = {}
     async with client(args) as c:
+        store = await resolve_store_id(c, args.keystore)
         while True:
             # Keyset paging: each page starts after the last key seen, so deep pages cost what the first does.
-            out = await c.call("GET", f"/keystores/{args.keystore}/keys", params={**params, **after,
-                                                                                   "pageSize": "1000"})
+            out = await c.call("GET", f"/keystores/{store}/keys", params={**params, **after, "pageSize": "1000"})
             rows += out["keyList"]
             if len(out["keyList"]) < 1000:
                 break
             after = {"after": out["keyList"][-1]["keyId"]}
-    output(args, {"keyList": rows}, COLUMNS, rows, title=f"keys of key store {args.keystore}")
+    if args.json:
+        output(args, {"keyList": rows})
+    else:
+        print_table(COLUMNS, rows, title=f"keys of key store {args.keystore}")
     return 0
 
 
 async def _show(args: argparse.Namespace) -> int:
     async with client(args) as c:
-        out = await c.call("GET", f"/keys/{args.key_id}")
-    output(args, out, title=f"key {args.key_id}")
+        key_id = await resolve_key(c, args.key)
+        out = await c.call("GET", f"/keys/{key_id}")
+    output(args, out, title=f"key {key_id}")
+    return 0
+
+
+async def _reveal(args: argparse.Namespace) -> int:
+    async with client(args) as c:
+        key_id = await resolve_key(c, args.key)
+        out = await c.call("POST", f"/keys/{key_id}/reveal")
+    if args.json:
+        output(args, out)
+    else:
+        # Raw into a pipe (the value is the point); escaped on a terminal, where control characters would act.
+        print(shown(out["secretValue"]) if sys.stdout.isatty() else out["secretValue"])
+        print(f"secret {key_id} version {out['keyVersion']}: revealed (recorded in the audit log as key.reveal)",
+              file=sys.stderr)
     return 0
 
 
 async def _rotate(args: argparse.Namespace) -> int:
-    body = {}
-    value = read_secret_value(args.value_file)
-    if value == "":
-        print("error: the new secret value is empty; give it with --value-file FILE or SKM_SECRET_VALUE",
-              file=sys.stderr)
-        return 2
-    if value is not None:
-        body["secretValue"] = value
     async with client(args) as c:
-        out = await c.call("POST", f"/keys/{args.key_id}/rotate", body)
+        key_id = await resolve_key(c, args.key)
+        key = await c.call("GET", f"/keys/{key_id}")
+        body = {}
+        if key["keyType"] == "SECRET":
+            body["secretValue"] = read_secret_value(args.value_file)
+        elif args.value_file:
+            raise CliError(f"--value-file is for a SECRET; key {key_id} is a {key['keyType']}, which makes its own "
+                           "new key material")
+        out = await c.call("POST", f"/keys/{key_id}/rotate", body)
     output(args, out, title="key rotated")
     return 0
 
 
 async def _delete(args: argparse.Namespace) -> int:
     async with client(args) as c:
+        key_id = await resolve_key(c, args.key)
         if args.now:
-            out = await c.call("DELETE", f"/keys/{args.key_id}")
+            key = await c.call("GET", f"/keys/{key_id}")
+            confirm(args, f"deleting key {key['name']!r} ({key_id}) of key store {key['keyStoreId']} and all its "
+                          "versions now")
+            out = await c.call("DELETE", f"/keys/{key_id}")
         else:
-            out = await c.call("POST", f"/keys/{args.key_id}/schedule-deletion")
+            out = await c.call("POST", f"/keys/{key_id}/schedule-deletion")
     output(args, out, title="key deleted" if args.now else "key scheduled for deletion")
     return 0
 
 
 async def _cancel(args: argparse.Namespace) -> int:
     async with client(args) as c:
-        out = await c.call("POST", f"/keys/{args.key_id}/cancel-deletion")
+        key_id = await resolve_key(c, args.key)
+        out = await c.call("POST", f"/keys/{key_id}/cancel-deletion")
     output(args, out, title="deletion cancelled")
     return 0
 
@@ -153,7 +229,10 @@ async def _cancel(args: argparse.Namespace) -> int:
 async def _update(args: argparse.Namespace) -> int:
     body = {k: v for k, v in (("description", args.description), ("autoRotationPeriod", args.rotation_days))
             if v is not None}
+    if not body:
+        raise CliError("nothing to change: give --description and/or --rotation-days")
     async with client(args) as c:
-        out = await c.call("PATCH", f"/keys/{args.key_id}", body)
+        key_id = await resolve_key(c, args.key)
+        out = await c.call("PATCH", f"/keys/{key_id}", body)
     output(args, out, title="key updated")
     return 0

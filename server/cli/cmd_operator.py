@@ -248,7 +248,8 @@ def _toml_str(s: str) -> str:
 
 
 async def _whoami(args: argparse.Namespace) -> int:
+    from server.cli.common import with_appkeys
     async with client(args) as c:
-        out = await c.call("GET", "/whoami")
+        out = await with_appkeys(c, await c.call("GET", "/whoami"))
     output(args, out)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from server.cli.common import add_connection_args, client, output
+from server.cli.common import CliError, add_connection_args, client, output
 
 COLUMNS = ["tokenId", "operator", "description", "status", "creationDatetime", "expirationDatetime"]
 
@@ -21,7 +21,7 @@ def register(sub) -> None:
     c.add_argument("--days", type=float, default=90, help="lifetime in days (default 90; 0 = never expires)")
     c.add_argument("--operator", help="owner (admins only; default: you)")
     add_connection_args(c)
-    c.set_defaults(func=_create)
+    c.set_defaults(func=_create, api_flags={"expiresInDays": "--days"})
 
     ls = s.add_parser("list", help="list tokens", description="List your tokens (--all: everyone's, admins only).")
     ls.add_argument("--all", action="store_true", help="every operator's tokens (admin)")
@@ -59,6 +59,9 @@ async def _revoke(args: argparse.Namespace) -> int:
     token_id = args.token_id
     if token_id.startswith("skm_"):          # a whole token was pasted: use only its id
         token_id = token_id.split("_", 2)[1]
+    if len(token_id) != 16 or not set(token_id) <= set("0123456789abcdef"):
+        # Not echoed: what was pasted may be a secret.
+        raise CliError("that is not a token id (16 hex characters, the part after skm_; `skm token list` shows them)")
     async with client(args) as c:
         out = await c.call("DELETE", f"/tokens/{token_id}")
     output(args, {"tokenId": token_id, "status": "REVOKED"} if out else out, title="token revoked")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -32,18 +33,74 @@ class Connection:
     addr: str
     token: str | None
     ca: str | None
+    addr_source: str = "SKM_ADDR"     # where each value came from, for errors that say what to change
+    ca_source: str = "SKM_CACERT"
+
+
+class CliError(SKMError):
+    """A mistake the CLI itself detects (before or instead of the server): one line saying what to do."""
+    message = "error"
+
+    def __init__(self, detail: str, exit_code: int = 2) -> None:
+        super().__init__(detail)
+        self.exit_code = exit_code
 
 
 def connection(args: argparse.Namespace) -> Connection:
     cfg: dict[str, Any] = {}
     if CONFIG_FILE.exists():
-        cfg = tomllib.loads(CONFIG_FILE.read_text())
-    addr = getattr(args, "addr", None) or os.environ.get("SKM_ADDR") or cfg.get("addr") or "https://127.0.0.1:8444"
+        try:
+            cfg = tomllib.loads(CONFIG_FILE.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise CliError(f"the CLI config file {CONFIG_FILE} is not valid TOML ({e}); fix or remove it "
+                           "(SKM_CONFIG names another)", 1) from None
+    addr, addr_source = _first(("--addr", getattr(args, "addr", None)), ("SKM_ADDR", os.environ.get("SKM_ADDR")),
+                               (str(CONFIG_FILE), cfg.get("addr")), ("the default", "https://127.0.0.1:8444"))
     token = getattr(args, "token", None) or os.environ.get("SKM_TOKEN") or cfg.get("token")
-    ca = getattr(args, "ca", None) or os.environ.get("SKM_CACERT") or cfg.get("ca")
+    ca, ca_source = _first(("--ca", getattr(args, "ca", None)), ("SKM_CACERT", os.environ.get("SKM_CACERT")),
+                           (str(CONFIG_FILE), cfg.get("ca")))
     if ca is None and Path(".skm/pki/ca.pem").exists():
-        ca = ".skm/pki/ca.pem"
-    return Connection(addr.rstrip("/"), token, ca)
+        ca, ca_source = ".skm/pki/ca.pem", "the default (.skm/pki/ca.pem)"
+    return Connection(management_url(str(addr), addr_source), token, ca, addr_source, ca_source or "SKM_CACERT")
+
+
+def _first(*candidates: tuple[str, Any]) -> tuple[Any, str | None]:
+    for source, value in candidates:
+        if value:
+            return value, source
+    return None, None
+
+
+def management_url(addr: str, source: str = "SKM_ADDR") -> str:
+    """The management URL: https only (the listener speaks TLS); `host:port` alone means https://host:port."""
+    addr = addr.strip().rstrip("/")
+    scheme, sep, rest = addr.partition("://")
+    if not sep:
+        scheme, rest = "https", addr
+    if scheme.lower() != "https":
+        raise CliError(f"{source} is {addr!r}: the management API is served over TLS only; use "
+                       f"https://{rest or 'HOST:8444'}")
+    if rest.endswith("/api/v1"):           # the API's own prefix: the CLI adds it
+        rest = rest[:-len("/api/v1")]
+    if not rest or rest.startswith("/"):
+        raise CliError(f"{source} is {addr!r}, which names no host; use https://HOST:PORT (e.g. "
+                       "https://127.0.0.1:8444)")
+    return f"https://{rest}"
+
+
+def _ssl_context(conn: Connection):
+    if not conn.ca:
+        return None
+    path = Path(conn.ca)
+    what = f"{conn.ca_source} names {conn.ca}"
+    if not path.is_file():
+        raise CliError(f"{what}, which does not exist; set SKM_CACERT to the CA certificate that signed the "
+                       "server's certificate (the server's <data-dir>/pki/ca.pem)")
+    try:
+        return client_context(path)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise CliError(f"{what}, which is not a readable PEM CA certificate ({getattr(e, 'strerror', None) or e}); "
+                       "set SKM_CACERT to the CA certificate that signed the server's certificate") from None
 
 
 class ApiError(SKMError):
@@ -59,7 +116,11 @@ def _raise_for(status: int, envelope: dict) -> None:
         raise errors.ApprovalRequired(envelope["body"]["changeRequestId"], detail)
     cls = {401: errors.Unauthenticated, 403: errors.Forbidden, 404: errors.NotFound, 409: errors.Conflict,
            429: errors.TooManyAttempts, 503: errors.Unavailable}.get(status, ApiError)
-    raise cls(detail, message=msg)
+    err = cls(detail, message=msg)
+    err.status = status
+    if isinstance(header.get("resultCode"), int):
+        err.result_code = header["resultCode"]
+    raise err
 
 
 class MgmtClient:
@@ -67,7 +128,7 @@ class MgmtClient:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        ssl_ctx = client_context(Path(conn.ca)) if conn.ca else None
+        ssl_ctx = _ssl_context(conn)
         headers = {"Authorization": f"Bearer {conn.token}"} if conn.token else {}
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_ctx), headers=headers,
                                              timeout=aiohttp.ClientTimeout(total=60))
@@ -83,17 +144,55 @@ class MgmtClient:
         async with self.session.request(method, url, json=body, params=params) as r:
             try:
                 env = await r.json(content_type=None)
-            except (json.JSONDecodeError, aiohttp.ContentTypeError):
-                env = {}
+            except (json.JSONDecodeError, UnicodeDecodeError, aiohttp.ContentTypeError):
+                env = None
+            if not isinstance(env, dict) or "header" not in env:
+                raise self._not_skm(r.status)
             if r.status >= 300 or not (env.get("header") or {}).get("isSuccessful", False) or r.status == 202:
+                if r.status == 404 and env["header"].get("resultCode") == URL_NOT_FOUND:
+                    await self._check_plane()
+                if r.status == 401 and not self.conn.token and path != "/login":
+                    raise CliError("no operator token: set SKM_TOKEN (`skm server init` printed one), or run "
+                                   "`skm login NAME --save`", 3)
                 _raise_for(r.status, env)
             return env.get("body")
 
     async def raw(self, method: str, path: str, params: dict | None = None) -> bytes:
         async with self.session.request(method, f"{self.conn.addr}/api/v1{path}", params=params) as r:
             if r.status >= 300:
-                _raise_for(r.status, await r.json(content_type=None))
+                try:
+                    env = await r.json(content_type=None)
+                except (json.JSONDecodeError, UnicodeDecodeError, aiohttp.ContentTypeError):
+                    raise self._not_skm(r.status) from None
+                if r.status == 404 and ((env or {}).get("header") or {}).get("resultCode") == URL_NOT_FOUND:
+                    await self._check_plane()
+                _raise_for(r.status, env)
             return await r.read()
+
+    def _not_skm(self, status: int) -> CliError:
+        return CliError(f"{self.conn.addr} (from {self.conn.addr_source}) answered HTTP {status}, not like a "
+                        "Secure Key Manager management API; point SKM_ADDR at the management listener "
+                        "(default port 8444)", 1)
+
+    async def _check_plane(self) -> None:
+        """A route the CLI knows is missing: say so when SKM_ADDR is the data plane or not a key server at all."""
+        try:
+            async with self.session.get(f"{self.conn.addr}/api/v1/openapi.json") as r:
+                if r.status == 200:
+                    return                      # the management listener: the 404 is the route's own
+            async with self.session.get(f"{self.conn.addr}/keymanager/v1.0/appkey/-/confirm") as r:
+                env = await r.json(content_type=None)
+                data_plane = ((env or {}).get("header") or {}).get("resultCode") not in (None, URL_NOT_FOUND)
+        except (aiohttp.ClientError, json.JSONDecodeError, UnicodeDecodeError):
+            data_plane = False
+        if data_plane:
+            raise CliError(f"{self.conn.addr} (from {self.conn.addr_source}) is the key server's data plane "
+                           "(the client API port); point SKM_ADDR at the management listener (default port "
+                           "8444)", 1)
+        raise self._not_skm(404)
+
+
+URL_NOT_FOUND = -1005
 
 
 def client(args: argparse.Namespace) -> MgmtClient:
@@ -157,15 +256,161 @@ def yn(flag: bool) -> str:
     return "Y" if flag else "N"
 
 
-def key_id(text: str) -> str:
-    """argparse type of a key id: a typo is named here, not answered by the server as an unknown URL."""
-    import re
-    if not re.fullmatch(r"[0-9a-f]{32}", text):
-        raise argparse.ArgumentTypeError(f"{shown(text)!r} is not a key id: 32 lowercase hex characters "
-                                         "(`skm key list STORE` shows them)")
-    return text
-
-
 def fail(msg: str, code: int = 1) -> int:
-    print(f"error: {shown(msg)}", file=sys.stderr)
+    report_error(msg, code)
     return code
+
+
+# ------------------------------------------------------------------ confirmation
+def add_yes_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="do not ask for confirmation (needed when standard input is not a terminal)")
+
+
+def confirm(args: argparse.Namespace, what: str) -> None:
+    """Ask before something that cannot be undone; scripts say --yes. Raises CliError when not confirmed."""
+    if getattr(args, "yes", False):
+        return
+    stdin = sys.stdin
+    if stdin is None or not stdin.isatty():
+        raise CliError(f"{what} cannot be undone; add --yes to confirm (standard input is not a terminal, so "
+                       "there is no one to ask)")
+    print(f"{what} cannot be undone. Continue? [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        raise CliError("not confirmed; nothing was changed", 1)
+
+
+# ------------------------------------------------------------- key stores, keys
+KEY_ID_CHARS = frozenset("0123456789abcdef")
+
+
+def is_key_id(ref: str) -> bool:
+    return len(ref) == 32 and set(ref) <= KEY_ID_CHARS
+
+
+async def resolve_store(c: MgmtClient, ref: str) -> dict:
+    """A key store by id (digits) or by name; its API object."""
+    ref = ref.strip()
+    if ref.isdigit():
+        return await c.call("GET", f"/keystores/{int(ref)}")
+    stores = (await c.call("GET", "/keystores"))["keyStoreList"]
+    found = [s for s in stores if s["name"] == ref]
+    if not found:
+        from server.errors import KeyStoreNotFound
+        raise KeyStoreNotFound(f"no key store named {ref!r} (`skm keystore list` shows them)",
+                               message="Invalid Key Store")
+    if len(found) > 1:      # one name per project: several projects may reuse it
+        ids = ", ".join(str(s["keyStoreId"]) for s in found)
+        raise CliError(f"{len(found)} key stores are named {ref!r} (ids {ids}); give the id instead")
+    return found[0]
+
+
+async def resolve_store_id(c: MgmtClient, ref: str) -> int:
+    ref = ref.strip()
+    return int(ref) if ref.isdigit() else (await resolve_store(c, ref))["keyStoreId"]
+
+
+async def resolve_key(c: MgmtClient, ref: str) -> str:
+    """A key id from an id (32 hex) or STORE/NAME (store name or id, a slash, the key's name)."""
+    ref = ref.strip()
+    if is_key_id(ref):
+        return ref
+    store, sep, name = ref.partition("/")
+    if not sep or not store or not name:
+        raise CliError(f"{ref!r} is neither a key id (32 lowercase hex characters) nor STORE/NAME (a key store "
+                       "name or id, a slash, the key's name)")
+    store_id = await resolve_store_id(c, store)
+    keys = (await c.call("GET", f"/keystores/{store_id}/keys", params={"name": name}))["keyList"]
+    if not keys:
+        from server.errors import InvalidKeyId
+        raise InvalidKeyId(f"key store {store} has no key named {name!r} (`skm key list {store}` shows them)",
+                           message="Invalid Key Id")
+    return keys[0]["keyId"]
+
+
+# --------------------------------------------------------------- errors in flags
+def name_flags(text: str | None, flags: dict[str, str] | None) -> str | None:
+    """Rewrite the API field names in a server message as the CLI flags that set them (`ip4AuthUse` -> `--ip`)."""
+    if not text or not flags:
+        return text
+    import re
+    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True)) + r")\b")
+    return pattern.sub(lambda m: flags[m.group(1)], text)
+
+
+# ----------------------------------------------------------------------- tables
+@dataclass(frozen=True)
+class Col:
+    field: str
+    label: str
+    keep: bool = False        # never dropped, never shortened (ids)
+    wrap: bool = False        # may wrap onto several lines (free text such as names)
+
+
+def print_table(columns: list[Col], rows: list[dict], title: str | None = None, width: int | None = None) -> None:
+    """A table that fits the terminal by dropping columns from the right, never by cutting a kept one (ids).
+
+    Columns are given most important first. Every cell goes through `cell` (escaped, never markup).
+    """
+    from rich.cells import cell_len
+    from rich.console import Console
+    from rich.table import Table
+    console = Console()
+    width = width or console.width
+
+    def text_of(r: dict, c: Col) -> str:
+        return shown("" if r.get(c.field) is None else r.get(c.field))
+
+    def need(c: Col) -> int:
+        natural = max([cell_len(c.label), *(cell_len(text_of(r, c)) for r in rows)])
+        return min(natural, 20) if c.wrap else natural
+
+    visible = list(columns)
+    # Each column costs its text plus two spaces of padding and one border; the table one more border.
+    while sum(need(c) + 3 for c in visible) + 1 > width and any(not c.keep for c in visible[1:]):
+        visible.remove(next(c for c in reversed(visible) if not c.keep))
+    hidden = [c.label for c in columns if c not in visible]
+    table = Table(title=cell(title) if title is not None else None,
+                  caption=f"not shown at this width: {', '.join(hidden)} (widen the terminal or use --json)"
+                  if hidden else None)
+    for c in visible:
+        if c.keep:
+            table.add_column(c.label, no_wrap=True, min_width=need(c), overflow="fold")
+        else:
+            table.add_column(c.label, overflow="fold")
+    for r in rows:
+        table.add_row(*[cell(text_of(r, c)) for c in visible])
+    console.print(table)
+
+
+# ---------------------------------------------------------------------- appkeys
+async def with_appkeys(c: MgmtClient, out: dict) -> dict:
+    """`out` plus the appkey(s) the caller can see: what `skm server init` printed once, findable again."""
+    from server.errors import Forbidden
+    try:
+        projects = (await c.call("GET", "/projects"))["projects"]
+    except Forbidden:
+        return out
+    if not projects:
+        return out
+    return {**out, "appkey": projects[0]["appkey"], "appkeys": {p["name"]: p["appkey"] for p in projects}}
+
+
+# ----------------------------------------------------------------- error output
+class _ErrorShape:
+    json = False      # set by main when --json was given (before parsing, so usage errors follow it too)
+
+
+ERRORS = _ErrorShape()
+
+
+def report_error(text: str, code: int, *, kind: str = "error", **extra: Any) -> None:
+    """One failure, one line: `error: ...` on stderr, or one JSON object there under --json."""
+    if ERRORS.json:
+        # Compact (one line), and no raw control or bidi character from a server message reaches the terminal.
+        from server.text import is_unsafe
+        raw = json.dumps({"error": {"kind": kind, "message": text, "exitCode": code, **extra}}, ensure_ascii=False)
+        print("".join(f"\\u{ord(ch):04x}" if is_unsafe(ch) else ch for ch in raw), file=sys.stderr)
+    else:
+        print(f"error: {shown(text)}", file=sys.stderr)      # a server message may quote a stored name

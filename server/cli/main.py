@@ -3,7 +3,10 @@
 Each `server/cli/cmd_*.py` module adds its commands through `register(sub)`;
 a command's `func(args)` may be sync or async. Exit codes scripts can rely on:
 0 ok, 1 error, 2 usage, 3 authentication/permission, 4 not found, 5 conflict,
-6 server unavailable or sealed, 7 approval pending.
+6 server unavailable or sealed, 7 approval pending, 141 output pipe closed early.
+
+Every failure is one line on stderr saying what to do (under `--json`, one JSON
+object: {"error": {...}}); `SKM_DEBUG=1` shows the traceback of an unexpected one.
 """
 from __future__ import annotations
 
@@ -11,22 +14,37 @@ import argparse
 import asyncio
 import importlib
 import inspect
+import json
 import os
 import pkgutil
+import ssl
 import sys
 
 import aiohttp
 
-from server.errors import (ApprovalRequired, ConfigError, Conflict, Forbidden, InvalidAppkey, KeyStoreNotFound,
-                           NotFound, InvalidKeyId, Sealed, SKMError, TooManyAttempts, Unauthenticated, Unavailable)
+from server.errors import (ApprovalRequired, Conflict, Forbidden, InvalidAppkey, InvalidKeyId, KeyStoreNotFound,
+                           NotFound, Sealed, SKMError, TooManyAttempts, Unauthenticated, Unavailable)
 
 EXIT = [((Unauthenticated, Forbidden, InvalidAppkey, TooManyAttempts), 3),
         ((NotFound, KeyStoreNotFound, InvalidKeyId), 4), ((Conflict,), 5), ((Sealed, Unavailable), 6),
         ((ApprovalRequired,), 7)]
+USAGE, BROKEN_PIPE = 2, 141
+
+
+class SkmParser(argparse.ArgumentParser):
+    """argparse with errors in the CLI's one shape; a command group given alone prints its help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("the following arguments are required: ") and \
+                message.split(": ", 1)[1].split(",")[0] in ("COMMAND", "SUBCOMMAND", "KIND"):
+            self.print_help()
+            sys.exit(USAGE)
+        _report(f"{message} (see `{self.prog} --help`)", USAGE, kind="usage")
+        sys.exit(USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SkmParser(
         prog="skm", description="Secure Key Manager: key server, system-key server, sidecar and admin CLI.",
         epilog="Management commands read SKM_ADDR, SKM_TOKEN and SKM_CACERT (or ~/.config/skm/config.toml).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -39,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def exit_code(e: BaseException) -> int:
+    code = getattr(e, "exit_code", None)
+    if isinstance(code, int):
+        return code
     for classes, code in EXIT:
         if isinstance(e, classes):
             return code
@@ -51,51 +72,108 @@ def run(args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
+def _report(text: str, code: int, *, kind: str = "error", **extra) -> None:
+    from server.cli.common import report_error
+    report_error(text, code, kind=kind, **extra)
+
+
+def _skm_error(e: SKMError, args: argparse.Namespace) -> int:
+    from server.cli.common import CliError, name_flags
+    code = exit_code(e)
+    flags = getattr(args, "api_flags", None)
+    detail = name_flags(e.detail, flags)
+    if isinstance(e, CliError):
+        _report(detail or e.message, code)
+        return code
+    text = e.message + (f": {detail}" if detail else "")
+    extra = {"status": e.status, "resultCode": e.result_code} if e.status >= 400 else {}
+    _report(text, code, kind="server", **extra)
+    return code
+
+
+def _connection_error(e: aiohttp.ClientError, args: argparse.Namespace) -> str:
+    """What went wrong talking to the server, and what to change."""
+    from server.cli.common import connection
+    try:
+        conn = connection(args)
+        where, src = conn.addr, conn.addr_source
+    except SKMError:
+        where, src = "the server", "SKM_ADDR"
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        cert_err = e.certificate_error
+        if isinstance(cert_err, ssl.SSLCertVerificationError) and "hostname" in str(cert_err).lower():
+            return (f"the certificate of {where} is not issued for that host name ({cert_err.verify_message}); "
+                    f"use the name or address the certificate names in {src}")
+        return (f"the certificate of {where} is not trusted ({getattr(cert_err, 'verify_message', None) or cert_err}); "
+                "set SKM_CACERT to the CA certificate that signed it (the server's <data-dir>/pki/ca.pem)")
+    if isinstance(e, aiohttp.ClientSSLError):
+        return (f"the TLS handshake with {where} failed ({e.os_error if hasattr(e, 'os_error') else e}); is "
+                f"{src} the key server's management listener?")
+    if isinstance(e, aiohttp.ClientConnectorError):
+        reason = e.os_error.strerror if e.os_error and e.os_error.strerror else str(e.os_error or e)
+        return f"cannot reach {where} ({reason}); is the server running, and is {src} right?"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return (f"{where} closed the connection without answering; is {src} the key server's management "
+                "listener (https, default port 8444)?")
+    if isinstance(e, aiohttp.InvalidURL):
+        return f"{src} is not a valid URL ({e}); use https://HOST:PORT"
+    return f"talking to {where} failed ({type(e).__name__}: {e}); is {src} right and the server running?"
+
+
+def _quiet_stdout() -> None:
+    # The reader went away (`skm audit export | head`): drop what is still buffered instead of failing again
+    # when the interpreter flushes stdout at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    from server.cli.common import ERRORS
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ERRORS.json = "--json" in argv
     parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return USAGE
     args = parser.parse_args(argv)
     from server import logs
     logs.configure("auto", os.environ.get("SKM_LOG_LEVEL", "warning"))
-    if not hasattr(args, "func"):
-        parser.parse_args([*(argv or sys.argv[1:]), "--help"])
     try:
         return run(args)
     except ApprovalRequired as e:
-        print(f"pending approval: change request {e.request_id} was created; an approver must approve it "
-              f"(`skm approval approve {e.request_id}`)", file=sys.stderr)
+        if ERRORS.json:
+            print(json.dumps({"changeRequestId": e.request_id, "status": "PENDING", "detail": e.detail}))
+        else:
+            print(f"pending approval: change request {e.request_id} was created; an approver must approve it "
+                  f"(`skm approval approve {e.request_id}`)", file=sys.stderr)
         return 7
     except SKMError as e:
-        from server.cli.common import shown
-        hint = f": {e.detail}" if e.detail else ""
-        print(f"error: {shown(e.message)}{shown(hint)}", file=sys.stderr)   # a server message may quote a name
-        return exit_code(e)
-    except aiohttp.ClientConnectorError as e:
-        print(f"error: cannot reach the server ({e.os_error.strerror if e.os_error else e}); "
-              "is it running, and is SKM_ADDR right?", file=sys.stderr)
+        return _skm_error(e, args)
+    except aiohttp.ClientError as e:
+        _report(_connection_error(e, args), 6, kind="connection")
         return 6
+    except asyncio.TimeoutError:
+        _report("the server did not answer in time; is it overloaded or is SKM_ADDR pointing somewhere else?", 6,
+                kind="connection")
+        return 6
+    except BrokenPipeError:
+        _quiet_stdout()
+        return BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
-    except (TimeoutError, asyncio.TimeoutError):
-        print("error: no answer in time; is the server (or sidecar) overloaded, and is SKM_ADDR right?",
-              file=sys.stderr)
-        return 6
-    except aiohttp.ClientError as e:   # a TLS failure, a dropped connection: the server side, not a file
-        print(f"error: the connection to the server failed ({type(e).__name__}: {e}); is SKM_ADDR right, "
-              "and SKM_CACERT its CA?", file=sys.stderr)
-        return 6
     except OSError as e:
-        # A file named on the command line (--value-file, --password-file, --out ...) that cannot be read
-        # or written: say which and why, not a traceback.
-        from server.cli.common import shown
-        where = f": {shown(e.filename)}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}; check the path and its permissions", file=sys.stderr)
+        # Local files: --value-file, --password-file, --output and the like.
+        name = f"{e.filename}: " if e.filename else ""
+        _report(f"{name}{e.strerror or e}", 1, kind="file")
         return 1
-    except Exception as e:   # noqa: BLE001 - the last resort: no traceback reaches a user unless asked for
+    except Exception as e:
         if os.environ.get("SKM_DEBUG"):
             raise
-        from server.cli.common import shown
-        print(f"error: unexpected {type(e).__name__}: {shown(str(e))[:300]} (SKM_DEBUG=1 shows the traceback; "
-              "please report it)", file=sys.stderr)
+        _report(f"unexpected {type(e).__name__}: {e} (a bug: please report it; SKM_DEBUG=1 shows the traceback)", 1,
+                kind="bug")
         return 1
 
 

@@ -760,6 +760,9 @@ def _mac_mode(v: str | MacMode) -> MacMode:
 
 
 def _secret_bytes(value: str) -> bytes:
+    if value == "":
+        # An empty secret is always a mistake upstream (an unset variable, an empty pipe): refuse it.
+        raise InvalidRequest("secretValue must not be empty")
     return _text_bytes(value, "secretValue")
 
 

@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import abc
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
+
+from server.storage.migrations import MIGRATIONS
 
 Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    blob: bool          # BLOB / BYTEA: values are bytes
 
 
 class Executor(abc.ABC):
@@ -30,9 +39,58 @@ class Executor(abc.ABC):
         row = await self.fetchone(sql, *args)
         return None if row is None else next(iter(row.values()))
 
+    async def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Insert many rows into one table (a restore's bulk path; backends override with faster ones)."""
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        for r in rows:
+            await self.execute(sql, *r)
+
+
+class Snapshot(Executor):
+    """One consistent, read-only view of the whole database (a backup reads through it).
+
+    SQLite: a deferred transaction on its own connection (WAL: it sees the database as of its
+    first read while writers go on). PostgreSQL: REPEATABLE READ READ ONLY on its own connection.
+    """
+
+    dialect: str = "abstract"
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        raise RuntimeError("a snapshot is read-only")
+
+    @abc.abstractmethod
+    def stream(self, sql: str, *args: Any, batch: int = 1000) -> AsyncIterator[list[tuple]]:
+        """The rows of a query as tuples, `batch` at a time, without holding them all in memory."""
+
+    @abc.abstractmethod
+    async def tables(self) -> list[str]:
+        """The application's tables (not the backend's own, not schema_version)."""
+
+    @abc.abstractmethod
+    async def columns(self, table: str) -> list[Column]:
+        """A table's columns in their declared order."""
+
+    @abc.abstractmethod
+    async def sequences(self) -> dict[str, int]:
+        """Per table with a generated id: the last id handed out (never reused after a restore)."""
+
 
 class Storage(Executor):
     dialect: str = "abstract"
+    # The migrations open() applies; a restore narrows it to the ones its backup was made at.
+    migrations: list[tuple[int, list[str]]] = MIGRATIONS
+
+    def snapshot(self) -> AbstractAsyncContextManager[Snapshot]:
+        """A consistent read-only view for as long as the block runs; writers are not blocked."""
+        raise NotImplementedError(f"{self.dialect} storage has no snapshot")
+
+    async def set_sequences(self, tx: Executor, sequences: dict[str, int]) -> None:
+        """After a restore: generated ids continue after the highest the backup had handed out."""
+        return None
+
+    async def schema_versions(self) -> list[int]:
+        rows = await self.fetchall("SELECT version FROM schema_version ORDER BY version")
+        return [int(r["version"]) for r in rows]
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -380,3 +380,11 @@ def render(sql: str | dict[str, str], dialect: str) -> str:
         "postgresql": {"serial_pk": "BIGSERIAL PRIMARY KEY", "blob": "BYTEA", "bigint": "BIGINT"},
     }[dialect]
     return sql.format(**tokens)
+
+
+def all_sql():
+    """Every statement's SQL text in migration order, each dialect's of a per-dialect statement
+    (what readers of the schema history, like the backup's table order, look at)."""
+    for _version, statements in MIGRATIONS:
+        for stmt in statements:
+            yield from (stmt.values() if isinstance(stmt, dict) else (stmt,))

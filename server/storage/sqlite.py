@@ -6,6 +6,7 @@ small pool of reader connections, which WAL lets run beside the writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 from contextlib import asynccontextmanager
@@ -14,8 +15,8 @@ from typing import Any, AsyncIterator
 
 import aiosqlite
 
-from server.storage.base import Executor, Row, Storage
-from server.storage.migrations import MIGRATIONS, render
+from server.storage.base import Column, Executor, Row, Snapshot, Storage
+from server.storage.migrations import render
 
 
 def _dict_factory(cursor: sqlite3.Cursor, row: tuple) -> Row:
@@ -37,6 +38,42 @@ class _Conn(Executor):
     async def execute(self, sql: str, *args: Any) -> int:
         async with self.conn.execute(sql, args) as cur:
             return cur.rowcount
+
+    async def insert_rows(self, table: str, columns, rows) -> None:
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        await self.conn.executemany(sql, rows)
+
+
+class _Snapshot(_Conn, Snapshot):
+    dialect = "sqlite"
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return await Snapshot.execute(self, sql, *args)
+
+    async def stream(self, sql: str, *args: Any, batch: int = 1000) -> AsyncIterator[list[tuple]]:
+        cur = await self.conn.execute(sql, args)
+        cur.row_factory = None          # plain tuples: the backup encodes them positionally
+        try:
+            while True:
+                rows = await cur.fetchmany(batch)
+                if not rows:
+                    return
+                yield rows
+        finally:
+            await cur.close()
+
+    async def tables(self) -> list[str]:
+        rows = await self.fetchall("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+                                   "AND name <> 'schema_version' ORDER BY name")
+        return [r["name"] for r in rows]
+
+    async def columns(self, table: str) -> list[Column]:
+        rows = await self.fetchall("SELECT name, type FROM pragma_table_info(?) ORDER BY cid", table)
+        return [Column(r["name"], (r["type"] or "").upper() == "BLOB") for r in rows]
+
+    async def sequences(self) -> dict[str, int]:
+        rows = await self.fetchall("SELECT name, seq FROM sqlite_sequence ORDER BY name")
+        return {r["name"]: int(r["seq"]) for r in rows}
 
 
 class SQLiteStorage(Storage):
@@ -76,7 +113,7 @@ class SQLiteStorage(Storage):
         # Every migration not yet recorded, in list order: a lower number merged after a higher one
         # was applied (parallel branches) still runs.
         applied = {r["version"] for r in await w.fetchall("SELECT version FROM schema_version")}
-        for version, statements in MIGRATIONS:
+        for version, statements in self.migrations:
             if version in applied:
                 continue
             await w.execute("BEGIN IMMEDIATE")
@@ -114,6 +151,31 @@ class SQLiteStorage(Storage):
     async def execute(self, sql: str, *args: Any) -> int:
         async with self.transaction() as tx:
             return await tx.execute(sql, *args)
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Snapshot]:
+        # Its own connection: a long backup must not hold one of the pooled readers.
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = _dict_factory
+        try:
+            await conn.execute("PRAGMA busy_timeout=5000")
+            await conn.execute("PRAGMA query_only=ON")
+            await conn.execute("BEGIN")
+            snap = _Snapshot(conn)
+            # The read transaction (and so the WAL snapshot) starts at the first read: take it now.
+            await snap.fetchone("SELECT COUNT(*) AS n FROM sqlite_master")
+            yield snap
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+            await conn.close()
+
+    async def set_sequences(self, tx: Executor, sequences: dict[str, int]) -> None:
+        for table, seq in sequences.items():
+            # AUTOINCREMENT keeps the highest id ever used here; inserting explicit ids already raised it.
+            n = await tx.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = ?", seq, table)
+            if not n:
+                await tx.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", table, seq)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:

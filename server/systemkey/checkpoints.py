@@ -9,10 +9,10 @@ under the key they name are kept: nobody can fill the log with garbage in someon
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
+from server import jsonlines
 from server.audit.checkpoints import MAX_ENTRY_BYTES, check_entry
 
 FILE = "audit-checkpoints.jsonl"
@@ -25,30 +25,12 @@ class CheckpointLog:
 
     def append(self, entry: dict) -> None:
         check_entry(entry)
-        line = (json.dumps({k: entry[k] for k in ("checkpoint", "sig", "pub")}, separators=(",", ":"),
-                           sort_keys=True) + "\n").encode()
-        if len(line) > MAX_ENTRY_BYTES:
+        kept = {k: entry[k] for k in ("checkpoint", "sig", "pub")}
+        if len(json.dumps(kept)) > MAX_ENTRY_BYTES:
             from server.errors import InvalidRequest
             raise InvalidRequest(f"a checkpoint is at most {MAX_ENTRY_BYTES} bytes")
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            jsonlines.append(self.path, kept)
 
     def read(self, pub: str | None) -> list[dict]:
-        out = []
-        try:
-            with open(self.path, "rb") as f:
-                for line in f:
-                    try:
-                        e = json.loads(line)
-                    except ValueError:
-                        continue
-                    if pub is None or e.get("pub") == pub:
-                        out.append(e)
-        except FileNotFoundError:
-            pass
-        return out
+        return [e for e in jsonlines.read(self.path) if isinstance(e, dict) and (pub is None or e.get("pub") == pub)]

@@ -21,6 +21,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from server import jsonlines
 from server.access.pki import fingerprint
 from server.barrier.keyring import WrappedKeyring, load_keyring_file, save_keyring_file
 from server.errors import ConfigError, InvalidRequest
@@ -169,16 +170,7 @@ class SystemKeyState:
         """Append one JSON line (O_APPEND, fsync): never key material, only identities and outcomes."""
         record = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
                   "peer_fingerprint": peer_fingerprint, "result": result, **fields}
-        line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode()
-        fd = os.open(self.audit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        jsonlines.append(self.audit_path, record)
 
     def audit_records(self) -> list[dict]:
-        try:
-            return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
-        except FileNotFoundError:
-            return []
+        return jsonlines.read(self.audit_path)

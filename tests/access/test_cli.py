@@ -44,8 +44,10 @@ async def test_auth_commands(skm):
     rc, out, _ = await run(skm, "auth", "cert", "list", ks, "--json")
     assert [c["name"] for c in json.loads(out)["certificates"]] == ["c1", "c2"]
     rc, _, err = await run(skm, "auth", "cert", "delete", ks, "c1", "--now")
+    assert rc == 2 and "add --yes" in err             # cannot be undone: a script confirms with --yes
+    rc, _, err = await run(skm, "auth", "cert", "delete", ks, "c1", "--now", "--yes")
     assert rc == 4, err                                # only a scheduled certificate is deleted at once
-    for flags in ((), ("--cancel",), (), ("--now",)):
+    for flags in ((), ("--cancel",), (), ("--now", "--yes")):
         rc, _, err = await run(skm, "auth", "cert", "delete", ks, "c1", *flags)
         assert rc == 0, err
     rc, out, _ = await run(skm, "auth", "cert", "list", ks, "--json")
@@ -56,7 +58,7 @@ async def test_auth_commands(skm):
         assert rc == 0, err
         rc, out, _ = await run(skm, "auth", kind, "list", ks, "--json")
         assert shown in [e["value"] for e in json.loads(out)["entries"]]
-        for flags in ((), ("--now",)):
+        for flags in ((), ("--now", "--yes")):
             rc, _, err = await run(skm, "auth", kind, "delete", ks, value, *flags)
             assert rc == 0, err
         rc, out, _ = await run(skm, "auth", kind, "list", ks, "--json")

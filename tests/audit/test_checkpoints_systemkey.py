@@ -24,6 +24,15 @@ async def _verify(h) -> dict:
     return res
 
 
+async def _started(h) -> None:
+    """The start checkpoint is signed by the checkpointer's first round after unsealing."""
+    for _ in range(600):
+        if h.rt.audit.checkpointer is not None and h.rt.audit.checkpointer._started:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the checkpointer did not start")
+
+
 async def _pubkey(h) -> str:
     code, out, err = await skm_cli(h, "audit", "pubkey")
     assert code == 0, err
@@ -40,6 +49,7 @@ async def test_checkpoints_survive_restart_and_system_key_rotation(tmp_path: Pat
         key = await h.key(store, "SECRET", "pw", secretValue="checkpointed-value")
         for _ in range(5):
             assert (await h.client("GET", f"/secrets/{key['keyId']}"))[0] == 200
+        await _started(h)
         await h.rt.audit.checkpointer.emit("periodic")
         res = await _verify(h)
         assert res["ok"] and res["checkpoints"]["sources"] == ["systemkey"] and res["checkpoints"]["checked"] >= 2
@@ -53,6 +63,7 @@ async def test_checkpoints_survive_restart_and_system_key_rotation(tmp_path: Pat
         assert len(log.read(None)) == before + 1 and log.read(None)[-1]["checkpoint"]["kind"] == "final"
         h = await st.start_keyserver()
         await wait_unsealed(h)
+        await _started(h)
         res = await _verify(h)
         assert res["ok"], res
         assert await _pubkey(h) == pub

@@ -22,22 +22,29 @@ def test_bench_smoke(tmp_path):
     results = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--systems", "skm,sidecar,floor", "--duration", "2", "--runs", "1",
-         "--warmup", "0", "--concurrency", "8", "--scale", "1500", "--workdir", str(tmp_path / "work"),
+         "--warmup", "0", "--concurrency", "8", "--scale", "1500", "--backup-keys", "1500", "--workdir", str(tmp_path / "work"),
          "--results", str(results)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((results / "latest.json").read_text())
     assert report["errors"] == 0
     rows = {(r["workload"], r["system"]): r for r in report["rows"]}
-    expected = {("floor", "floor"), ("secret-read", "skm"), ("secret-read", "sidecar-unix"),
+    expected = {("floor", "floor"), ("secret-read", "skm"), ("secret-read-v13", "skm"), ("secret-read", "sidecar-unix"),
                 ("secret-read", "sidecar-tcp"), ("encrypt", "skm"), ("decrypt", "skm"), ("sign-rsa", "skm"),
                 ("sign-ec", "skm"), ("datakey", "skm"), ("scale-secret-read", "skm@1,000"),
                 ("scale-secret-read", "skm@1,500"), ("scale-list-middle-page", "skm@1,500")}
     assert expected <= set(rows), sorted(set(rows))
     for key in expected:
         assert rows[key]["requests"] > 0 and rows[key]["rps"] > 0, key
+        assert rows[key]["checked"] > 0, key          # answers compared with the expected values, not just statuses
     assert rows[("secret-read", "skm")]["vs_floor"] is not None
     assert report["notes"]["sidecar_rss_mb_after"] > 0
+    # The backup row: skm backup create/restore next to sqlite3 .backup/.restore, read p99 idle and during.
+    (backup,) = report["notes"]["backup"]
+    assert backup["backend"] == "sqlite" and backup["keys"] == 1500 and not backup["errors"]
+    for k in ("create_s", "restore_s", "raw_backup_s", "raw_restore_s", "p99_idle_ms", "p99_during_ms"):
+        assert backup[k] > 0, k
+    assert backup["backups_during"] >= 1 and backup["file_bytes"] > 0
     # Every process the harness started is gone.
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "work")], capture_output=True, text=True).stdout
     assert leftover.strip() == ""

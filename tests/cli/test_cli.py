@@ -42,7 +42,7 @@ async def test_keystore_and_key_lifecycle_through_the_cli(skm):
     code, out, _ = await skm_cli(skm, "key", "cancel-delete", aes, "--json")
     assert json.loads(out)["keyStatus"] == "ACTIVE"
     # Exit codes scripts can use.
-    code, _, err = await skm_cli(skm, "key", "delete", aes, "--now")
+    code, _, err = await skm_cli(skm, "key", "delete", aes, "--now", "--yes")
     assert code == 5 and "schedule the key for deletion first" in err
     code, _, err = await skm_cli(skm, "key", "show", "0" * 32)
     assert code == 4

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from server.events import Event
 from tests.support.sidecar import register_certificate, start_sidecar
 
 
@@ -24,6 +25,9 @@ async def make_sidecar(skm, store):
         made.append(sc)
         if register:
             await register_certificate(skm.rt.storage, skm.rt.barrier, store["keyStoreId"], host, name)
+            # What the certificate API does after a change: the data plane drops the store's cached auth data
+            # (a second sidecar's certificate must not wait for that cache to expire).
+            await skm.rt.events.publish(Event(store["keyStoreId"], "auth_changed"))
             if sc.events is not None:
                 # Reads before the stream's hello would be marked expired by it: start from a steady state.
                 end = time.monotonic() + 5

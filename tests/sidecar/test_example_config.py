@@ -17,7 +17,7 @@ def test_the_example_config_loads_and_says_what_it_shows():
     # Every value it gives without "example" beside it is the default, as its header says.
     text = EXAMPLE.read_text()
     default = SidecarConfig()
-    for section in ("upstream", "listen", "cache", "events", "attest"):
+    for section in ("upstream", "listen", "cache", "events", "attest", "reads", "acks"):
         for f in dataclasses.fields(getattr(default, section)):
             line = next((ln for ln in text.splitlines() if ln.startswith(f"{f.name} = ")), None)
             if line is not None and "# example" not in line:

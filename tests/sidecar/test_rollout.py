@@ -7,7 +7,7 @@ import json
 import time
 
 from sidecar.app import Sidecar
-from tests.cli.test_cli import skm_cli
+from tests.support.cli import skm_cli
 from tests.support.sidecar import unix_session
 
 FAST = {"acks": {"ttl": 2}, "reads": {"flush_interval": 0.1}}

@@ -23,7 +23,8 @@ from server.config import load
 from server.init import InitResult, init_server
 from server.settings import ServerConfig
 
-__all__ = ["Harness", "make_config", "skm", "start_harness", "harness_backend"]
+__all__ = ["Harness", "make_config", "skm", "start_harness", "start_restored_harness", "harness_backend",
+           "harness_restored"]
 
 
 def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
@@ -138,6 +139,37 @@ async def start_harness(tmp: Path, *, storage: str | None = None, **overrides: A
     return Harness(server, result, tmp)
 
 
+async def start_restored_harness(tmp: Path, storage: str, **overrides: Any) -> Harness:
+    """A server whose store arrived by backup and restore: initialised on SQLite, backed up, restored
+    into `storage` (a fresh PostgreSQL database), and served from there (same root and system key)."""
+    from server.backup.keys import unsealed_barrier
+    from server.backup.restore import restore
+    from server.backup.schedule import backup_to_file
+    from server.storage.base import open_storage
+    src_cfg = make_config(tmp / "data", **overrides)
+    result = await init_server(src_cfg)
+    backup = tmp / "harness.skmbak"
+    async with unsealed_barrier(src_cfg) as barrier:
+        src = open_storage(src_cfg.storage_url())
+        await src.open()
+        try:
+            await backup_to_file(src, barrier, backup)
+        finally:
+            await src.close()
+        await restore(backup, barrier, storage)
+    for leftover in (tmp / "data").glob("skm.db*"):
+        leftover.unlink()            # the server can only be reading the restored store
+    cfg = make_config(tmp / "data", storage=storage, **overrides)
+    server = await KeyServer(cfg).start()
+    return Harness(server, result, tmp)
+
+
+def harness_restored() -> bool:
+    """SKM_TEST_RESTORED=1 (with SKM_TEST_STORAGE=postgresql): every `skm` server starts on a store moved from
+    SQLite to PostgreSQL through `skm backup` (server/backup/), so a suite proves the moved store serves."""
+    return os.environ.get("SKM_TEST_RESTORED", "") == "1"
+
+
 def harness_backend() -> str:
     """SKM_TEST_STORAGE=postgresql runs every `skm` test on a throwaway PostgreSQL database."""
     backend = os.environ.get("SKM_TEST_STORAGE", "sqlite") or "sqlite"
@@ -154,7 +186,12 @@ async def skm(request, tmp_path):
         if harness_backend() == "postgresql":
             from tests.support.postgres import session_cluster
             storage = stack.enter_context(session_cluster(request.config).database())
-        h = await start_harness(tmp_path, storage=storage)
+        if harness_restored():
+            if storage is None:
+                raise ValueError("SKM_TEST_RESTORED=1 needs SKM_TEST_STORAGE=postgresql (the restore's target)")
+            h = await start_restored_harness(tmp_path, storage)
+        else:
+            h = await start_harness(tmp_path, storage=storage)
         try:
             yield h
         finally:

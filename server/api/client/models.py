@@ -10,6 +10,7 @@ from server.text import SafeText
 
 # Character bounds are a first cut; the service checks the UTF-8 byte limits.
 _TEXT = Field(max_length=MAX_SECRET_BYTES)
+_SECRET = Field(min_length=1, max_length=MAX_SECRET_BYTES)   # an empty secret value is refused everywhere
 _B64_64K = Field(max_length=(64 * 1024 * 4) // 3 + 4)
 
 
@@ -30,7 +31,7 @@ class SecretOut(BaseModel):
 
 
 class SecretUpdateIn(_In):
-    secretValue: str = _TEXT
+    secretValue: str = _SECRET
 
 
 class SecretUpdateOut(BaseModel):
@@ -130,7 +131,7 @@ class KeyCreateIn(_In):
 
 
 class SecretCreateIn(KeyCreateIn):
-    secretValue: str = _TEXT
+    secretValue: str = _SECRET
 
 
 class CryptoKeyCreateIn(KeyCreateIn):

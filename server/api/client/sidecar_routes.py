@@ -46,8 +46,7 @@ _CLOCK_SKEW = 86_400.0                # ... and one more than a day ahead of our
 ACTIONS = {"secret": "secret.read", "publicKey": "publickey.read", "privateKey": "key.export",
            "symmetricKey": "key.export"}
 DROPPED_ACTION = "sidecar.reads-dropped"
-_seen_batches: OrderedDict[str, None] = OrderedDict()    # recent batch ids: a retried batch is not appended twice
-_SEEN_MAX = 4096
+_SEEN_MAX = 4096                      # recent batch ids kept per process: a retried batch is not appended twice
 
 
 class _In(BaseModel):
@@ -226,8 +225,9 @@ async def reads(request: web.Request, body: ReadsIn) -> dict:
     if rt.audit is None:
         from server.errors import Unavailable
         raise Unavailable("the audit log is not available on this server")
+    seen: OrderedDict[str, None] = rt.extra.setdefault("sidecar_read_batches", OrderedDict())
     batch_key = f"{host.fingerprint}:{body.batchId}"
-    if batch_key in _seen_batches:
+    if batch_key in seen:
         request[AUDIT_DETAIL] = {"duplicateBatch": body.batchId}
         return {"accepted": 0, "refused": [], "duplicate": True}
     adm = _Admission(request, ctx)
@@ -265,9 +265,9 @@ async def reads(request: web.Request, body: ReadsIn) -> dict:
                                    "cause": d.reason, "batch": body.batchId}})
     if records:
         await append_many(rt.audit, records)
-        _seen_batches[batch_key] = None
-        while len(_seen_batches) > _SEEN_MAX:
-            _seen_batches.popitem(last=False)
+        seen[batch_key] = None
+        while len(seen) > _SEEN_MAX:
+            seen.popitem(last=False)
     return _finish(request, len(records), refused, errors)
 
 

@@ -8,6 +8,7 @@ from server.api.mgmt.auth import admin, keystore_for, operator
 from server.api.routing import RouteTable
 from server.errors import InvalidAppkey, InvalidRequest, NotFound
 from server.runtime import runtime
+import server.keys.stores  # noqa: F401,E402  (registers the keystore.delete change: the rule lives there)
 
 routes = RouteTable("/api/v1")
 
@@ -107,7 +108,23 @@ async def list_keystores(request: web.Request, _body) -> dict:
               tags=("keystores",))
 async def get_keystore(request: web.Request, _body) -> dict:
     _, ks = await keystore_for(request)
-    return ks.to_api()
+    # The appkey is what a client needs next (every client-API URL holds it): show it with the store.
+    project = await runtime(request).keys.project(ks.project_id)
+    return {**ks.to_api(), "projectId": ks.project_id, "appkey": project.appkey if project else None}
+
+
+@routes.route("DELETE", r"/keystores/{keystore_id:\d{1,12}}", summary="Delete an empty key store (409 while it "
+              "holds keys; a change request on an approval store)", response=m.KeyStoreDeleted, tags=("keystores",))
+async def delete_keystore(request: web.Request, _body) -> dict:
+    from server.errors import Conflict
+    op, ks = await keystore_for(request, change=True)
+    rt = runtime(request)
+    # Checked before a change request too: one that cannot apply helps nobody (the apply checks again).
+    n = len(await rt.keys.key_ids(ks.id))
+    if n:
+        raise Conflict(f"the key store still holds {n} key{'s' if n != 1 else ''}: delete them first "
+                       "(a key scheduled for deletion counts until it is purged)")
+    return await rt.changes.submit(op, ks, "keystore.delete", {"keystore_id": ks.id})
 
 
 @routes.route("PATCH", r"/keystores/{keystore_id:\d{1,12}}", summary="Change a key store's settings",

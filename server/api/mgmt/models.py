@@ -57,6 +57,14 @@ class KeyStoreOut(BaseModel):
     creationDatetime: Optional[str]
     lastChangeUser: str
     lastChangeDatetime: Optional[str]
+    projectId: Optional[int] = None
+    appkey: Optional[str] = Field(default=None, description="the project's appkey (in every client-API URL)")
+
+
+class KeyStoreDeleted(BaseModel):
+    keyStoreId: int
+    name: str
+    deleted: bool
 
 
 class KeyStoreList(BaseModel):
@@ -71,7 +79,7 @@ class KeyCreate(_In):
                               "ED25519"]] = None
     autoRotationPeriod: int = Field(default=0, ge=0, le=3650)
     exportable: bool = False
-    secretValue: Optional[str] = Field(default=None, max_length=MAX_SECRET_BYTES)
+    secretValue: Optional[str] = Field(default=None, min_length=1, max_length=MAX_SECRET_BYTES)
 
 
 class KeyUpdate(_In):
@@ -80,7 +88,7 @@ class KeyUpdate(_In):
 
 
 class KeyRotate(_In):
-    secretValue: Optional[str] = Field(default=None, max_length=MAX_SECRET_BYTES)
+    secretValue: Optional[str] = Field(default=None, min_length=1, max_length=MAX_SECRET_BYTES)
 
 
 class KeyVersionOut(BaseModel):

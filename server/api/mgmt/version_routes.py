@@ -10,7 +10,7 @@ from typing import Optional
 from aiohttp import web
 from pydantic import BaseModel
 
-from server.api.mgmt.auth import admin, operator
+from server.api.mgmt.auth import key_for
 from server.api.mgmt.models import _In
 from server.api.routing import RouteTable
 from server.audit import AUDIT_DETAIL
@@ -66,18 +66,13 @@ class VersionChangeOut(BaseModel):
 @routes.route("GET", _KEY + "/rollout", summary="Which version of the key each sidecar host holds (stale: silent "
               "longer than its TTL)", response=RolloutOut, tags=("keys",))
 async def get_rollout(request: web.Request, _body) -> dict:
-    await operator(request)
-    rt = runtime(request)
-    key = await rt.keys.key(request.match_info["key_id"])
-    return await rollout.rollout(rt.storage, key.id, key.current_version)
+    _, _, key = await key_for(request)         # a project-scoped operator sees its projects' keys only
+    return await rollout.rollout(runtime(request).storage, key.id, key.current_version)
 
 
 async def _version_change(request: web.Request, name: str, params: dict) -> dict:
-    op = await admin(request)
-    rt = runtime(request)
-    key = await rt.keys.key(request.match_info["key_id"])
-    ks = await rt.keys.keystore(key.keystore_id)
-    return await rt.changes.submit_key_op(op, ks, name, key,
+    op, ks, key = await key_for(request, change=True)
+    return await runtime(request).changes.submit_key_op(op, ks, name, key,
                                           {"version": int(request.match_info["version"]), **params})
 
 

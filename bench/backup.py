@@ -1,0 +1,171 @@
+"""Backup and restore at N keys (default 100,000): `skm backup create` / `skm backup restore` next to
+the raw tools on the same database in the same run (`sqlite3 .backup` / `.restore`; `pg_dump -Fc` /
+`pg_restore` with --postgres), and the secret-read p99 while backups run vs while none does.
+
+Every time is the wall time of the command as an operator runs it (a new process each: Python's
+start-up is in ours, as the raw tools' start-up is in theirs). The key server runs as
+`skm server run`, pinned to the server core; the load client (ab) on the client core.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bench import keyserver, load, procs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class BackupResult:
+    backend: str
+    keys: int
+    create_s: float
+    restore_s: float
+    raw_backup_s: float
+    raw_restore_s: float
+    raw_tool: str
+    file_bytes: int
+    raw_bytes: int
+    p99_idle_ms: float
+    p99_during_ms: float
+    backups_during: int
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _skm(*args: str) -> list[str]:
+    # This checkout's code (not whatever `skm` a venv points at).
+    return [sys.executable, "-m", "server.cli.main", *args]
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKM_")}
+    env.update(PYTHONPATH=str(REPO), SKM_LOG_LEVEL="warning", SKM_CONFIG=str(REPO / "bench" / ".no-cli-config"))
+    env.update(extra or {})
+    return env
+
+
+def _timed(cmd: list[str], env: dict | None = None) -> float:
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({p.returncode}): {(p.stderr or p.stdout)[-400:]}")
+    return time.monotonic() - t0
+
+
+def _launch(fx: keyserver.Fixture, name: str) -> procs.Proc:
+    p = procs.start(name, _skm("server", "run", "--config", str(fx.config)), fx.dir / f"{name}.log", env=_env())
+    m = p.wait_for(r"data plane https://[\d.]+:(\d+), management https://[\d.]+:(\d+)")
+    p.info = {"data_url": f"https://127.0.0.1:{m.group(1)}", "mgmt_url": f"https://127.0.0.1:{m.group(2)}"}
+    return p
+
+
+def _restore_config(fx: keyserver.Fixture, storage: str = "") -> Path:
+    """The fixture's config with its root key and keyring named, so another data dir can be the target."""
+    data = Path(fx.config.read_text().split('data_dir = "', 1)[1].split('"', 1)[0])
+    text = fx.config.read_text()
+    if storage:
+        text = "\n".join(ln for ln in text.splitlines() if not ln.startswith("storage = ")) + "\n"
+        text = text.replace("[data]", f'storage = "{storage}"\n[data]', 1)
+    text += f'[rootkey]\npath = "{data / "root.key"}"\n[systemkey]\npath = "{data / "systemkey.json"}"\n'
+    out = fx.dir / "restore.toml"
+    out.write_text(text)
+    return out
+
+
+def measure(backend: str, keys: int, work: Path, *, pg=None, duration: float = 10.0, concurrency: int = 4,
+            console: Console | None = None) -> BackupResult:
+    console = console or Console(stderr=True)
+    if backend == "sqlite" and shutil.which("sqlite3") is None:
+        raise RuntimeError("sqlite3 not found: apt-get install sqlite3 (the raw tool compared with)")
+    root = work / f"backup-{backend}"
+    storage = pg.create_database() if backend == "postgresql" else ""
+    console.print(f"backup bench: {keys:,} keys on {backend}")
+    fx = asyncio.run(keyserver.prepare(root, storage, bulk_keys=keys))
+    server = _launch(fx, f"skm-backup-{backend}")
+    try:
+        env = _env({"SKM_ADDR": server.info["mgmt_url"], "SKM_TOKEN": fx.operator_token, "SKM_CACERT": str(fx.ca)})
+        out = root / "bench.skmbak"
+        create_s = _timed(_skm("backup", "create", "--out", str(out)), env)
+        if backend == "sqlite":
+            db = root / "data" / "skm.db"
+            raw = root / "raw.db"
+            raw_backup_s = _timed(["sqlite3", str(db), f".backup '{raw}'"])
+            raw_tool = "sqlite3 .backup / .restore"
+        else:
+            raw = root / "raw.dump"
+            raw_backup_s = _timed([str(pg.bindir / "pg_dump"), "-Fc", "-f", str(raw), storage])
+            raw_tool = "pg_dump -Fc / pg_restore"
+        # Secret-read latency with no backup running, then with backups back to back.
+        req = load.Request(keyserver.client_url(server, fx, f"/secrets/{fx.keys['secret']}"),
+                           cert_pem=fx.client.combined)
+        idle = load.run(req, concurrency=concurrency, duration=duration)
+        stop = threading.Event()
+        taken: list[float] = []
+        errors: list[str] = []
+
+        def loop() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                f = root / f"during-{n}.skmbak"
+                try:
+                    taken.append(_timed(_skm("backup", "create", "--out", str(f)), env))
+                except RuntimeError as e:
+                    errors.append(str(e))
+                    return
+                finally:
+                    f.unlink(missing_ok=True)
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        during = load.run(req, concurrency=concurrency, duration=duration)
+        stop.set()
+        t.join()
+    finally:
+        server.stop()
+    # Restores into fresh targets (the server is stopped: a restore runs offline).
+    if backend == "sqlite":
+        target = root / "restored"
+        restore_s = _timed(_skm("backup", "restore", str(out), "--config", str(_restore_config(fx)),
+                                "--data-dir", str(target)), _env())
+        raw_restore_s = _timed(["sqlite3", str(root / "raw-restored.db"), f".restore '{raw}'"])
+    else:
+        url = pg.create_database()
+        restore_s = _timed(_skm("backup", "restore", str(out), "--config", str(_restore_config(fx, storage)),
+                                "--storage", url), _env())
+        url2 = pg.create_database()
+        raw_restore_s = _timed([str(pg.bindir / "pg_restore"), "--no-owner", "-d", url2, str(raw)])
+    res = BackupResult(backend, keys, round(create_s, 2), round(restore_s, 2), round(raw_backup_s, 2),
+                       round(raw_restore_s, 2), raw_tool, out.stat().st_size, raw.stat().st_size,
+                       idle.p99_ms, during.p99_ms, len(taken), errors + ([idle.error_detail] if idle.errors else [])
+                       + ([during.error_detail] if during.errors else []))
+    shutil.rmtree(root / "restored", ignore_errors=True)
+    return res
+
+
+def table(results: list[BackupResult]) -> Table:
+    t = Table(title="backup / restore (wall time of each command; secret-read p99 at the scale concurrency)")
+    for col in ("backend", "keys", "skm backup create s", "raw backup s", "ratio", "skm backup restore s",
+                "raw restore s", "ratio", "file MB", "raw MB", "read p99 idle ms", "read p99 during backup ms",
+                "backups during"):
+        t.add_column(col, justify="left" if col == "backend" else "right")
+    for r in results:
+        t.add_row(f"{r.backend} ({r.raw_tool})", f"{r.keys:,}", f"{r.create_s:.2f}", f"{r.raw_backup_s:.2f}",
+                  f"{r.create_s / r.raw_backup_s:.2f}x" if r.raw_backup_s else "-", f"{r.restore_s:.2f}",
+                  f"{r.raw_restore_s:.2f}", f"{r.restore_s / r.raw_restore_s:.2f}x" if r.raw_restore_s else "-",
+                  f"{r.file_bytes / 1e6:.1f}", f"{r.raw_bytes / 1e6:.1f}", f"{r.p99_idle_ms:.1f}",
+                  f"{r.p99_during_ms:.1f}", str(r.backups_during))
+    return t
