@@ -73,10 +73,11 @@ class Walker:
             raise Broken(seq, f"record {seq} was changed: its contents do not match its digest")
         if not legacy:
             if r.get("tag") is None:
-                self.untagged += 1
-                if len(self.untagged_seqs) < 10:
-                    self.untagged_seqs.append(seq)
-            elif self.key is not None and not tag_ok(self.key, r["hash"], r["tag"]):
+                # The writer never writes one (records made while sealed wait in memory for the key):
+                # a keyed record without a tag was rewritten by someone without the audit key.
+                raise Broken(seq, f"record {seq} has no tag although keyed links began at record "
+                             f"{self.keyed_from}: it was rewritten without the audit key")
+            if self.key is not None and not tag_ok(self.key, r["hash"], r["tag"]):
                 raise Broken(seq, f"record {seq} was rewritten: its tag does not match (the chain was recomputed "
                              "without the audit key)")
         for c in self.cps.get(seq, ()):
@@ -149,13 +150,6 @@ async def verify_chain(db, *, key: bytes | None = None, checkpoints: list[dict] 
         if not mine and head_seq:
             res.warnings.append("no signed checkpoint of this chain was found: truncation cannot be ruled out"
                                 + ("" if sources else " (no checkpoint store could be read)"))
-    if res.untagged:
-        # Not proof of a sealed barrier: whoever holds the database can null a tag after rewriting a record
-        # (after a crash, before the next start checkpoint); say that nothing vouches for these.
-        seqs = ", ".join(map(str, w.untagged_seqs)) + (" ..." if res.untagged > len(w.untagged_seqs) else "")
-        res.warnings.append(f"{res.untagged} record(s) carry no tag ({seqs}): records written while the barrier "
-                            "was sealed have none, and so do records rewritten by whoever holds the database; "
-                            "nothing vouches for their contents")
     return res
 
 
