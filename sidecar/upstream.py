@@ -149,7 +149,13 @@ def load_identity(cfg: SidecarConfig) -> HostIdentity:
             return HostIdentity(ctx, cert)
         cert = x509.load_pem_x509_certificate(Path(up.cert).read_bytes())
         return HostIdentity(client_context(ca, Path(up.cert), Path(up.key)), cert)
-    except (OSError, ValueError, ssl.SSLError) as e:
+    except OSError as e:
+        if isinstance(e, ssl.SSLError) or not e.filename:
+            raise ConfigError(f"cannot load the host certificate: {type(e).__name__}") from None
+        # A missing or unreadable file: name it (a path is no secret) and the settings that point at it.
+        raise ConfigError(f"cannot load the host certificate: {e.strerror}: {e.filename} (check upstream.cert/key, "
+                          "upstream.pkcs12 and upstream.ca)") from None
+    except ValueError as e:
         raise ConfigError(f"cannot load the host certificate: {type(e).__name__}") from None
 
 

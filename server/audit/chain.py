@@ -47,6 +47,7 @@ class Walker:
         self.prev: str | None = GENESIS if first_seq == 1 else None
         self.n = 0
         self.untagged = 0
+        self.untagged_seqs: list[int] = []      # the first few, to name in the warning
         self.last_seq = 0 if first_seq is None else first_seq - 1
         self.cps: dict[int, list[dict]] = {}
         for c in checkpoints or []:
@@ -72,8 +73,11 @@ class Walker:
             raise Broken(seq, f"record {seq} was changed: its contents do not match its digest")
         if not legacy:
             if r.get("tag") is None:
-                self.untagged += 1
-            elif self.key is not None and not tag_ok(self.key, r["hash"], r["tag"]):
+                # The writer never writes one (records made while sealed wait in memory for the key):
+                # a keyed record without a tag was rewritten by someone without the audit key.
+                raise Broken(seq, f"record {seq} has no tag although keyed links began at record "
+                             f"{self.keyed_from}: it was rewritten without the audit key")
+            if self.key is not None and not tag_ok(self.key, r["hash"], r["tag"]):
                 raise Broken(seq, f"record {seq} was rewritten: its tag does not match (the chain was recomputed "
                              "without the audit key)")
         for c in self.cps.get(seq, ()):
@@ -146,8 +150,6 @@ async def verify_chain(db, *, key: bytes | None = None, checkpoints: list[dict] 
         if not mine and head_seq:
             res.warnings.append("no signed checkpoint of this chain was found: truncation cannot be ruled out"
                                 + ("" if sources else " (no checkpoint store could be read)"))
-    if res.untagged:
-        res.warnings.append(f"{res.untagged} record(s) were written while the barrier was sealed and carry no tag")
     return res
 
 

@@ -322,6 +322,7 @@ class Checkpointer:
         while True:
             try:
                 if not self.audit.barrier.sealed:
+                    await self.audit.flush_held()       # what was made while sealed goes in first
                     if not self._started:
                         await self._announce()
                         self._started = True

@@ -38,6 +38,7 @@ COLUMNS = FIELDS + ("hash", "tag")
 _HMAC_AAD = sealed_aad("audit_head", "hmac_key_sealed", 1)
 _TRUNCATE = {f: 256 for f in ("actor", "ip", "fingerprint", "mac", "route", "action", "key_id", "result")}
 _TRUNCATE["reason"] = 1000
+HELD_MAX = 10_000          # records held in memory while the barrier is sealed
 
 
 async def read_link_key(db, barrier) -> bytes | None:
@@ -61,6 +62,11 @@ class Audit:
         self._link: bytes | None = None
         self._queue: list[tuple[dict, asyncio.Future]] = []   # records waiting for the writer, in order
         self._writer: asyncio.Task | None = None
+        # Records made while the barrier is sealed (no audit key, so no tag): held here, in order, and
+        # written tagged ahead of everything else once it opens. Only refusals and the unseal itself
+        # are answered while sealed; past HELD_MAX they are counted and summarised in one record.
+        self._held: list[dict] = []
+        self._held_dropped = 0
         self.checkpointer = None           # server.audit.checkpoints.Checkpointer (the primary process)
         self._sinks: list | None = None
         self.host = None                   # server.audit.host.HostWriterClient: worker 0 writes for us
@@ -161,6 +167,38 @@ class Audit:
                 return None
         return await self._write(rows)
 
+    def _hold(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
+        for row, fut in batch:
+            if len(self._held) < HELD_MAX:
+                self._held.append(row)
+            else:
+                self._held_dropped += 1
+            if not fut.done():
+                fut.set_result(0)           # not yet in the log: written when the barrier opens
+
+    def _release_held(self) -> None:
+        """Put the held records (and a note of any dropped) at the head of the queue, in order."""
+        rows, self._held = self._held, []
+        if self._held_dropped:
+            rows.append(self._row({"plane": "system", "actor": "system", "actor_kind": "system",
+                                   "action": "audit.sealed-dropped", "result": "error", "change": False,
+                                   "reason": f"{self._held_dropped} record(s) made while the barrier was sealed "
+                                   f"were not kept (more than {HELD_MAX})",
+                                   "detail": {"count": self._held_dropped}}))
+            self._held_dropped = 0
+        loop = asyncio.get_running_loop()
+        self._queue[:0] = [(row, loop.create_future()) for row in rows]
+
+    async def flush_held(self) -> None:
+        """Write what was held while sealed (called when the barrier has opened)."""
+        if (self._held or self._held_dropped) and await self.link_key() is not None:
+            loop = asyncio.get_running_loop()
+            if not self._queue:
+                self._release_held()
+                w = self._writer
+                if w is None or w.done() or w.get_loop() is not loop:
+                    self._writer = loop.create_task(self._drain(), name="audit-writer")
+
     async def _drain(self) -> None:
         """The one writer: commit what is queued, a batch per transaction, until the queue is empty."""
         me = asyncio.current_task()
@@ -168,6 +206,13 @@ class Audit:
         try:
             while self._queue:
                 n = min(max(1, int(self.settings.batch_max)), 1000)    # bound the statement's parameters
+                if self.host is None and await self.link_key() is None:
+                    batch, self._queue = self._queue, []
+                    self._hold(batch)
+                    batch = []
+                    break
+                if self._held or self._held_dropped:
+                    self._release_held()
                 batch, self._queue[:n] = self._queue[:n], []
                 try:
                     head_seq = await self._commit([row for row, _ in batch])
@@ -203,9 +248,12 @@ class Audit:
 
     async def _write(self, rows: list[dict]) -> int:
         """One transaction: reserve len(rows) sequence numbers, chain and tag the rows in order, insert,
-        move the head. A record written while the barrier is sealed gets no tag (verify counts them)."""
+        move the head. Never without the link key: a record made while sealed waits (see `_held`)."""
         n = len(rows)
         key = self._link if self._link is not None else await self.link_key()
+        if key is None:
+            from server.errors import Sealed
+            raise Sealed(self.barrier.sealed_reason)
         async with self.db.transaction() as tx:
             head = await tx.fetchone("UPDATE audit_head SET seq = seq + ? WHERE id = 1 RETURNING seq, hash", n)
             seq, prev = int(head["seq"]) - n, head["hash"]
@@ -215,7 +263,7 @@ class Audit:
                 row["seq"], row["prev_hash"] = seq, prev
                 prev = digest(row)
                 values += [row[f] for f in FIELDS]
-                values += [prev, tag(key, prev) if key is not None else None]
+                values += [prev, tag(key, prev)]
             one = f"({', '.join('?' * len(COLUMNS))})"
             await tx.execute(f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES {', '.join([one] * n)}",
                              *values)

@@ -96,10 +96,13 @@ def register(sub) -> None:
     w.set_defaults(func=_whoami)
 
 
-def read_password(prompt: str = "password: ") -> str:
-    if sys.stdin.isatty():
-        return getpass.getpass(prompt)
-    return sys.stdin.readline().rstrip("\n")
+def read_password(prompt: str = "password: ", *, allow_empty: bool = False) -> str:
+    password = getpass.getpass(prompt) if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    if not password and not allow_empty:
+        # Said here: the server's answer would be a schema message ("String should have at least 1 character").
+        raise SystemExit(fail("no password given: type it at the prompt, or send it as the first line of "
+                              "standard input", 2))
+    return password
 
 
 async def project_id(c, project: str | None) -> int | None:
@@ -185,7 +188,7 @@ async def _update(args: argparse.Namespace) -> int:
     if args.password_stdin:
         body["password"] = read_password("new password: ")
         # Non-admins prove their current password; admins may leave it empty.
-        current = read_password("current password (empty if you are an admin): ")
+        current = read_password("current password (empty if you are an admin): ", allow_empty=True)
         if current:
             body["currentPassword"] = current
     if not body:

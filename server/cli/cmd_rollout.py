@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from server.cli.common import add_connection_args, client, fail, output
+from server.cli.common import add_connection_args, client, fail, output, resolve_key
+from server.cli.cmd_key import KEY_REF
 
 COLUMNS = ["host", "mac", "version", "ackDatetime", "deliveredDatetime", "reloadOk", "stale"]
 
@@ -30,7 +31,7 @@ def register(sub) -> None:
                      description="Show, per sidecar host (certificate name, attested MAC), the version of the key it "
                                  "holds, when it acknowledged it, whether its reload succeeded, and a summary such as "
                                  "'version 3 on 12 of 14 hosts'. Hosts silent longer than their TTL are stale.")
-    r.add_argument("key_id")
+    r.add_argument("key_id", metavar="KEY", help=KEY_REF)
     add_connection_args(r)
     r.set_defaults(func=_rollout)
 
@@ -42,14 +43,14 @@ def register(sub) -> None:
     d = vs.add_parser("disable", help="disable a version (refused while a reporting host holds it)",
                       description="Disable version V of a key. Refused while a sidecar host that still reports holds "
                                   "V (see `skm key rollout`), unless --force; the current version cannot be disabled.")
-    d.add_argument("key_id")
+    d.add_argument("key_id", metavar="KEY", help=KEY_REF)
     d.add_argument("version", type=int)
     d.add_argument("--force", action="store_true",
                    help="disable even though reporting hosts still hold it (recorded as forced in the audit log)")
     add_connection_args(d)
     d.set_defaults(func=_disable)
     e = vs.add_parser("enable", help="enable a disabled version", description="Enable a disabled key version again.")
-    e.add_argument("key_id")
+    e.add_argument("key_id", metavar="KEY", help=KEY_REF)
     e.add_argument("version", type=int)
     add_connection_args(e)
     e.set_defaults(func=_enable)
@@ -57,7 +58,7 @@ def register(sub) -> None:
 
 async def _rollout(args: argparse.Namespace) -> int:
     async with client(args) as c:
-        out = await c.call("GET", f"/keys/{args.key_id}/rollout")
+        out = await c.call("GET", f"/keys/{await resolve_key(c, args.key_id)}/rollout")
     rows = [{**h, "mac": h.get("mac") or "", "reloadOk": "" if h.get("reloadOk") is None else
              ("yes" if h["reloadOk"] else "FAILED"), "stale": "STALE" if h.get("stale") else ""}
             for h in out["hostList"]]
@@ -69,7 +70,7 @@ async def _disable(args: argparse.Namespace) -> int:
     if args.version < 0:
         return fail("the version is a whole number from 0", 2)
     async with client(args) as c:
-        out = await c.call("POST", f"/keys/{args.key_id}/versions/{args.version}/disable",
+        out = await c.call("POST", f"/keys/{await resolve_key(c, args.key_id)}/versions/{args.version}/disable",
                            {"force": True} if args.force else None)
     output(args, out, title=f"version {args.version} disabled" + (" (forced)" if out.get("forced") else ""))
     return 0
@@ -77,6 +78,6 @@ async def _disable(args: argparse.Namespace) -> int:
 
 async def _enable(args: argparse.Namespace) -> int:
     async with client(args) as c:
-        out = await c.call("POST", f"/keys/{args.key_id}/versions/{args.version}/enable")
+        out = await c.call("POST", f"/keys/{await resolve_key(c, args.key_id)}/versions/{args.version}/enable")
     output(args, out, title=f"version {args.version} enabled")
     return 0

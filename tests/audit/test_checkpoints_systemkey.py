@@ -126,3 +126,21 @@ async def test_the_system_key_server_refuses_unsigned_or_unknown_callers(tmp_pat
                 assert r.status == 403
         stored = CheckpointLog(st.sk_cfg.data_path).read(None)
         assert all(e["checkpoint"]["seq"] < 1000 for e in stored)
+
+
+async def test_records_made_while_sealed_are_written_tagged_once_it_opens(tmp_path: Path):
+    async with stack_of(tmp_path) as st:
+        h = await st.start_keyserver()                       # no system-key server yet: sealed
+        assert h.rt.barrier.sealed
+        st_, _ = await h.client("GET", f"/secrets/{'0' * 32}")
+        assert st_ == 503
+        assert await h.rt.storage.fetchval("SELECT COUNT(*) FROM audit_log WHERE tag IS NULL") == 0
+        assert h.rt.audit._held                              # held, in order, until the key is there
+        await st.start_systemkey()
+        await wait_unsealed(h, timeout=30)
+        await _started(h)
+        rows = await h.rt.storage.fetchall("SELECT * FROM audit_log WHERE action = 'secret.read'")
+        assert rows and rows[0]["status"] == 503 and rows[0]["tag"] is not None
+        assert not h.rt.audit._held
+        res = await _verify(h)
+        assert res["ok"] and res["keyed"], res

@@ -189,3 +189,18 @@ async def test_downgrading_to_unkeyed_links_is_reported(skm):
     code, out, res = await _verify_live(skm)
     assert code == 1, out
     assert res["brokenSeq"] is not None and res["brokenSeq"] <= cp
+
+
+async def test_untagged_records_are_reported(skm):
+    # An insider rewrites the records after the latest checkpoint, recomputes their digests and nulls
+    # their tags, hoping to pass them off as written while the barrier was sealed. The writer never
+    # writes an untagged keyed record (those wait in memory for the key), so verify names the first.
+    await _traffic(skm)
+    await _checkpoint(skm)
+    await _traffic(skm, 2)
+    db = skm.rt.storage
+    head = await db.fetchval("SELECT seq FROM audit_head WHERE id = 1")
+    await db.execute("UPDATE audit_log SET actor = 'someone-else', tag = NULL WHERE seq >= ?", head - 1)
+    await _recompute_from(db, head - 1)
+    code, out, res = await _verify_live(skm)
+    assert code == 1 and res["brokenSeq"] == head - 1 and "has no tag" in res["reason"], out

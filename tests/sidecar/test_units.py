@@ -174,3 +174,15 @@ async def test_the_allow_list_decides_without_io_exactly_as_check_does():
                 assert p.allows_now(c, t) is allowed, (default, c, t)
         p.forget(7)
         assert not p.allows_now(callers[0], targets[0])
+
+
+def test_a_missing_host_certificate_is_named(tmp_path):
+    # What `skm sidecar --check` says for the example config before its files exist: which file, and
+    # which settings point at it (it said only "FileNotFoundError").
+    from sidecar.upstream import load_identity
+    missing = tmp_path / "host.pem"
+    cfg = load_config(None, env={}, overrides={"appkey": "a" * 16, "upstream": {
+        "urls": ["https://127.0.0.1:9"], "cert": str(missing), "key": str(tmp_path / "host-key.pem")}})
+    with pytest.raises(ConfigError) as e:
+        load_identity(cfg)
+    assert f"No such file or directory: {missing}" in str(e.value) and "upstream.cert" in str(e.value)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import server.storage.postgres as pg_mod
-import server.storage.sqlite as sqlite_mod
+from server.storage.base import Storage
 from server.storage.factory import open_storage
 from server.storage.migrations import MIGRATIONS
 from tests.support.postgres import storage_url  # noqa: F401
@@ -16,8 +15,7 @@ T = "2026-01-01T00:00:00.000000Z"
 async def test_migration_7_keeps_operators_requests_and_approvals(storage_url: str,  # noqa: F811
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     before = [m for m in MIGRATIONS if m[0] < 7]
-    for mod in (sqlite_mod, pg_mod):
-        monkeypatch.setattr(mod, "MIGRATIONS", before)
+    monkeypatch.setattr(Storage, "migrations", before)       # what open() applies
     s = open_storage(storage_url)
     await s.open()
     try:
@@ -67,8 +65,7 @@ async def test_a_lower_migration_merged_later_still_runs(storage_url: str,  # no
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Branches take numbers in parallel: a database that has 7 but not 6 gets 6 when it appears."""
     without = [m for m in MIGRATIONS if m[0] != 5]
-    for mod in (sqlite_mod, pg_mod):
-        monkeypatch.setattr(mod, "MIGRATIONS", without)
+    monkeypatch.setattr(Storage, "migrations", without)
     s = open_storage(storage_url)
     await s.open()
     await s.close()
