@@ -1,4 +1,5 @@
 """Secure Key Manager server package."""
+VERSION = "0.1.0"          # the server's version (API documents, backups' manifests)
 import os as _os
 
 # Before anything imports ssl: OpenSSL reads OPENSSL_CONF once, when it first initialises.

@@ -38,7 +38,7 @@ from server.storage.factory import open_storage
 from server.workers import WorkerPlace
 
 log = logs.get("skm.server")
-VERSION = "0.1.0"
+from server import VERSION  # noqa: E402,F401  (re-exported: server.app.VERSION)
 
 
 def client_routes() -> RouteTable:

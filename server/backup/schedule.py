@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server import logs
+from server.backup.lock import backup_lock
 from server.backup.format import SUFFIX
 from server.backup.snapshot import Summary, create_backup
 from server.settings import BackupSettings
@@ -98,7 +99,6 @@ def prune(directory: Path, keep: int) -> list[Path]:
 
 
 async def take_one(rt, state: ScheduleState) -> Summary:
-    from server.api.mgmt.backup_routes import backup_lock
     directory = Path(state.settings.dir)
     await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True, mode=0o700)
     now = time.time()

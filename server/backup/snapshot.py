@@ -20,6 +20,7 @@ from server.barrier.barrier import Barrier
 from server.barrier.rewrap import count_by_version
 from server.errors import Sealed
 from server.storage.base import Snapshot, Storage
+from server import VERSION
 from server.storage.migrations import SEALED_COLUMNS, all_sql
 
 Sink = Callable[[bytes], Awaitable[object]]
@@ -74,7 +75,6 @@ async def _manifest(snap: Snapshot, barrier: Barrier, backend: str) -> Manifest:
                   if k != "id" and isinstance(v, (int, str)) and not k.endswith("_sealed")}
     backup_id = uuid.uuid4().hex
     mac_version, _key, check = mac_key(barrier, backup_id)
-    from server.app import VERSION
     return Manifest(backup_id=backup_id, created_at=timeutil.now_db(), backend=backend, schema_versions=versions,
                     tables=tables, sequences=await snap.sequences(),
                     system_key_versions=sorted(set(by_version) | {mac_version}), records_by_version=by_version,

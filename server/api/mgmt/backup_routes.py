@@ -15,6 +15,7 @@ from aiohttp import web
 from server import logs
 from server.api.mgmt.auth import admin
 from server.api.routing import RouteTable
+from server.backup.lock import backup_lock
 from server.backup.format import SUFFIX
 from server.backup.snapshot import create_backup
 from server.audit import AUDIT_ACTION, AUDIT_DETAIL
@@ -24,14 +25,6 @@ from server.timeutil import now_db
 
 routes = RouteTable("/api/v1")
 log = logs.get("skm.backup")
-LOCK = "backup_lock"          # rt.extra: one backup at a time per process (API and schedule share it)
-
-
-def backup_lock(rt) -> asyncio.Lock:
-    lock = rt.extra.get(LOCK)
-    if lock is None:
-        lock = rt.extra[LOCK] = asyncio.Lock()
-    return lock
 
 
 @routes.route("POST", "/backup", summary="Stream an online, consistent backup of the whole store (sealed records, "
