@@ -61,6 +61,17 @@ async def _denials(c: Ctx, names: dict[int, str]) -> list[dict]:
     return sorted(by.values(), key=lambda d: -d["count"])
 
 
+def _last_backup(rt) -> dict | None:
+    """The scheduled backups' last success (server/backup/schedule.py), when this server takes them."""
+    from server.backup.schedule import STATE
+    state = rt.extra.get(STATE)
+    if state is None or state.last_success is None:
+        return None
+    import datetime as dt
+    at = dt.datetime.fromtimestamp(state.last_success, dt.timezone.utc).replace(tzinfo=None)
+    return {"lastSuccessAt": at.isoformat(timespec="seconds"), "sizeBytes": state.last_size}
+
+
 @routes.get("/")
 async def dashboard(c: Ctx) -> web.Response:
     stores = await c.rt.keys.keystores()
@@ -70,11 +81,11 @@ async def dashboard(c: Ctx) -> web.Response:
         waiting = await waiting_for(c)
     except SKMError:
         waiting = []
-    backup = c.rt.extra.get("backup_status")
+    backup = _last_backup(c.rt)
     barrier = c.rt.barrier
     return render(c, "dashboard.html", waiting=waiting, stores=names,
                   rotations=await _rotations(c, names), certs=await _certificates(c, names),
-                  denials=await _denials(c, names), backup=backup if isinstance(backup, dict) else None,
+                  denials=await _denials(c, names), backup=backup,
                   sealed=barrier.sealed, sealed_reason=barrier.sealed_reason,
                   system_key_version=barrier.current_version, key_versions=len(barrier.versions()),
                   rotation_days=ROTATION_DAYS, cert_days=CERT_DAYS, denial_hours=DENIAL_HOURS)

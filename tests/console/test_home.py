@@ -68,7 +68,11 @@ async def _setup(skm):
 
 async def test_dashboard_usage_connection_audit_and_escaping(console, skm):
     good, evil, sec, sym, bad = await _setup(skm)
-    skm.rt.extra["backup_status"] = {"lastSuccessAt": "2026-11-29T03:00:00", "sizeBytes": 3 * 1048576}
+    # A real scheduled backup (the schedule's own step), so the dashboard shows its time and size.
+    from server.backup.schedule import STATE, ScheduleState, take_one
+    from server.settings import BackupSettings
+    state = skm.rt.extra[STATE] = ScheduleState(BackupSettings(dir=str(skm.tmp / "backups")))
+    summary = await take_one(skm.rt, state)
     page = await console.page()
     seen = _watch(page)
     await console.login(page, "admin")
@@ -82,7 +86,10 @@ async def test_dashboard_usage_connection_audit_and_escaping(console, skm):
     await expect(page.locator("#tile-denials .tile-n")).to_have_text("3")
     await expect(page.locator("#denials")).to_contain_text(XSS_NAME)          # shown as text
     await expect(page.locator("#tile-barrier")).to_contain_text("Unsealed")
-    await expect(page.locator("#tile-backup")).to_contain_text("2026-11-29 03:00:00 UTC")
+    import datetime as dt
+    taken = dt.datetime.fromtimestamp(state.last_success, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    await expect(page.locator("#tile-backup")).to_contain_text(taken)
+    await expect(page.locator("#tile-backup")).to_contain_text(f"{round(summary.bytes / 1048576, 1)} MiB")
     await _shot(console, page, "dashboard")
 
     # Usage of a store: the SVG has bars and the totals.
