@@ -187,7 +187,12 @@ class Audit:
                                    "detail": {"count": self._held_dropped}}))
             self._held_dropped = 0
         loop = asyncio.get_running_loop()
-        self._queue[:0] = [(row, loop.create_future()) for row in rows]
+        held = []
+        for row in rows:
+            fut = loop.create_future()      # nobody waits on these: a failed write is logged by the writer
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            held.append((row, fut))
+        self._queue[:0] = held
 
     async def flush_held(self) -> None:
         """Write what was held while sealed (called when the barrier has opened)."""
