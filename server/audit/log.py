@@ -51,6 +51,11 @@ async def read_link_key(db, barrier) -> bytes | None:
     return link_key(barrier.open(bytes(row["hmac_key_sealed"]), _HMAC_AAD))
 
 
+def _log_held_failure(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("audit_held_record_not_written", error_type=type(fut.exception()).__name__)
+
+
 class Audit:
     def __init__(self, storage: Storage, barrier, settings: AuditSettings | None = None, *,
                  config: Any = None) -> None:
@@ -189,8 +194,8 @@ class Audit:
         loop = asyncio.get_running_loop()
         held = []
         for row in rows:
-            fut = loop.create_future()      # nobody waits on these: a failed write is logged by the writer
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            fut = loop.create_future()      # nobody waits on these: a failed write is logged here
+            fut.add_done_callback(_log_held_failure)
             held.append((row, fut))
         self._queue[:0] = held
 
