@@ -103,7 +103,7 @@ class Usage:
             self.count(key.keystore_id, key.id, result_of(status))
             return
         ks = request.match_info.get("keystoreid")
-        if ks and ks.isdigit() and request.get(CLIENT_CTX) is not None:
+        if ks and (ks.isascii() and ks.isdigit()) and request.get(CLIENT_CTX) is not None:
             self.count(int(ks), None, result_of(status))
 
     # ------------------------------------------------------------ storage

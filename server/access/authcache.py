@@ -213,7 +213,7 @@ class CredentialCache:
         elif kind == "accesskey":
             for k in [k for k, (_, c) in self._d.items() if c.access_key_id == ident]:
                 del self._d[k]
-        elif kind == "operator" and ident.isdigit():
+        elif kind == "operator" and (ident.isascii() and ident.isdigit()):
             op = int(ident)
             self._ops.pop(op, None)
             for k in [k for k, (_, c) in self._d.items() if c.operator_id == op]:

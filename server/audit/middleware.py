@@ -188,7 +188,7 @@ async def describe(audit, request: web.Request, plane: str, der: bytes | None, s
     key_id = key.id if key is not None else (request.match_info.get("key_id") or request.match_info.get("keyid"))
     rec["key_id"] = key_id[:64] if key_id else None
     ks = request.match_info.get("keystore_id") or request.match_info.get("keystoreid")
-    rec["keystore_id"] = key.keystore_id if key is not None else (int(ks) if ks and ks.isdigit() else None)
+    rec["keystore_id"] = key.keystore_id if key is not None else (int(ks) if ks and (ks.isascii() and ks.isdigit()) else None)
     named = request.get(AUDIT_ACTION)
     act = lookup(request.method, route, dict(request.match_info))
     if act is not None and act.name in ("key.create", "keystore.create") and status < 300 and resp is not None:

@@ -292,7 +292,7 @@ def is_key_id(ref: str) -> bool:
 async def resolve_store(c: MgmtClient, ref: str) -> dict:
     """A key store by id (digits) or by name; its API object."""
     ref = ref.strip()
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():
         return await c.call("GET", f"/keystores/{int(ref)}")
     stores = (await c.call("GET", "/keystores"))["keyStoreList"]
     found = [s for s in stores if s["name"] == ref]
@@ -308,7 +308,7 @@ async def resolve_store(c: MgmtClient, ref: str) -> dict:
 
 async def resolve_store_id(c: MgmtClient, ref: str) -> int:
     ref = ref.strip()
-    return int(ref) if ref.isdigit() else (await resolve_store(c, ref))["keyStoreId"]
+    return int(ref) if (ref.isascii() and ref.isdigit()) else (await resolve_store(c, ref))["keyStoreId"]
 
 
 async def resolve_key(c: MgmtClient, ref: str) -> str:

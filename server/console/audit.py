@@ -7,6 +7,7 @@ import json
 
 from aiohttp import web
 
+from server.api.params import ID_MAX, parse_int
 from server.console.web import SECURITY_HEADERS, ConsoleRoutes, Ctx, render
 from server.errors import InvalidRequest, Unavailable
 
@@ -29,8 +30,8 @@ def audit_of(c: Ctx):
 def filters(c: Ctx, **fixed: str) -> dict:
     q = {k: (c.request.query.get(k) or "").strip()[:128] for k in FILTERS}
     q.update(fixed)
-    if q["keyStoreId"] and not q["keyStoreId"].isdigit():
-        raise InvalidRequest("key store id must be a number")
+    if q["keyStoreId"]:
+        parse_int(q["keyStoreId"], "key store id", 0, ID_MAX)
     if q["plane"] and q["plane"] not in PLANES or q["result"] and q["result"] not in RESULTS:
         raise InvalidRequest("unknown plane or result filter")
     q["changes"] = "1" if q["changes"] in ("1", "on", "true") else ""
@@ -51,7 +52,7 @@ async def records(c: Ctx, q: dict, *, before: int | None, limit: int) -> list[di
 
 def _before(c: Ctx) -> int | None:
     b = c.request.query.get("before", "")
-    return int(b) if b.isdigit() and len(b) < 19 else None
+    return int(b) if (b.isascii() and b.isdigit()) and len(b) < 19 else None
 
 
 @routes.get("/audit")

@@ -33,4 +33,4 @@ def listing(query, sorts, default: str = "name") -> Listing:
     sort = query.get("sort") or default
     page = query.get("page") or "1"
     return Listing(q=q, sort=sort if sort in sorts else default, desc=query.get("desc") == "1",
-                   page=int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1)
+                   page=int(page) if (page.isascii() and page.isdigit()) and 0 < int(page) < 100_000 else 1)

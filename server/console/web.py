@@ -275,6 +275,6 @@ def form_int(c: Ctx, name: str, default: int, lo: int, hi: int, what: str) -> in
     raw = form_str(c, name).strip()
     if raw == "":
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
         raise InvalidRequest(f"{what} must be a whole number from {lo} to {hi}")
     return int(raw)

@@ -93,7 +93,7 @@ def lock_key(name: str) -> int:
 def rowcount(status: str) -> int:
     """Rows changed from a command tag: 'UPDATE 3' → 3, 'INSERT 0 1' → 1, 'CREATE TABLE' → 0."""
     last = status.rsplit(" ", 1)[-1] if status else ""
-    return int(last) if last.isdigit() else 0
+    return int(last) if (last.isascii() and last.isdigit()) else 0
 
 
 class _SqlCache:

@@ -119,3 +119,21 @@ async def test_decrypt_ciphertext_from_encrypt_base64(skm, keys):
     assert len(base64.b64decode(enc["ciphertext"])) == 32
     assert assert_ok(*await skm.client("POST", f"/symmetric-keys/{keys['sym']}/decrypt",
                                        json={"ciphertext": enc["ciphertext"]}))["plaintext"] == ""
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "9223372036854775808", "²", "-1", "1e3"])
+async def test_number_parameters_out_of_range_are_400_on_every_api(skm, keys, value):
+    """A number too big for the database's integer, or a digit `int()` refuses, is a 400 naming the parameter:
+    it used to reach SQLite as an overflow and come back a 500 (found by the long fuzz)."""
+    before = await snapshot(skm)
+    mgmt = [("/approvals", "keyStoreId"), ("/approvals", "limit"), ("/audit", "keyStoreId"), ("/audit", "beforeSeq"),
+            ("/usage", "keyStoreId"), (f"/keystores/{keys['store']['keyStoreId']}/keys", "pageSize")]
+    for path, name in mgmt:
+        st, body = await skm.mgmt("GET", path, params={name: value})
+        assert st == 400, (path, name, st, body)
+        assert name in body["header"]["resultDetail"], body
+    st, body = await skm.mgmt("DELETE", "/operators/admin/roles", params={"projectId": value})
+    assert st == 400 and "projectId" in body["header"]["resultDetail"], body
+    st, body = await skm.client("GET", f"/asymmetric-keys/{keys['asym']}/publicKey", params={"keyVersion": value}, version="v1.1")
+    assert st == 400 and "keyVersion" in body["header"]["resultDetail"], body
+    assert await snapshot(skm) == before

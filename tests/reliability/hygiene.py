@@ -50,6 +50,12 @@ class Hygiene:
     paths: set[Path] = field(default_factory=set)
     harvested_servers: int = 0
 
+    def __repr__(self) -> str:
+        # pytest prints a failing test's arguments: the default repr would put every needle (the secrets
+        # themselves) into the failure report, which the sweep then greps and finds.
+        return (f"Hygiene({len(self.needles)} needles, {len(self.texts)} texts, {len(self.paths)} paths, "
+                f"{self.harvested_servers} servers)")
+
     # -- what must never leak ----------------------------------------------------
     def secret(self, value: str | bytes, label: str, *, allowed_in: tuple[Path, ...] = ()) -> None:
         if len(value) < MIN_NEEDLE:

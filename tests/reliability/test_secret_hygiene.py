@@ -20,6 +20,17 @@ from tests.access.helpers import access_key, v12_headers
 pytestmark = pytest.mark.sweep
 
 
+def test_the_sweeps_own_repr_holds_no_needle():
+    """pytest prints a failing test's fixtures: the sweep's record of secrets must not print them."""
+    from tests.reliability.hygiene import Hygiene
+    h = Hygiene()
+    value = "repr-" + secrets.token_hex(16)
+    h.secret(value, "repr probe")
+    h.text("probe output", "some text " + value)
+    assert value not in repr(h) and value.encode().hex() not in repr(h)
+    assert "1 needles" in repr(h)
+
+
 async def test_own_traffic_with_secrets_in_failing_requests(tracked, hygiene):
     await own_traffic(tracked, hygiene)
 

@@ -5,6 +5,7 @@ from aiohttp import web
 
 from server.api.client import models as m
 from server.api.client.context import PREFIX, client_context, key_for_use
+from server.api.params import parse_int
 from server.api.routing import RouteTable, ok
 from server.errors import InvalidRequest
 from server.keys import formats
@@ -21,9 +22,7 @@ def query_version(request: web.Request) -> int | None:
     raw = request.query.get("keyVersion")
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or len(raw) > 9:
-        raise InvalidRequest("keyVersion must be a non-negative integer")
-    return int(raw)
+    return parse_int(raw, "keyVersion", 0, 10**9 - 1)
 
 
 @routes.route("GET", "/confirm", summary="Show what the server sees of the caller", response=m.Confirm,

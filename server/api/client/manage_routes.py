@@ -28,6 +28,7 @@ from server.api.client.context import (PREFIX, authorize_inventory, authorize_ke
                                        inventory_appkey_only, passes_keystore)
 from server.api.client.crypto_routes import V12
 from server.api.routing import RouteTable
+from server.api.params import int_param
 from server.errors import InvalidRequest
 from server.keys.model import KeyType
 from server.runtime import runtime
@@ -148,15 +149,6 @@ def _flag(request: web.Request, name: str) -> bool:
     return request.query.get(name, "false").lower() == "true"
 
 
-def _int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or not (lo <= int(raw) <= hi):
-        raise InvalidRequest(f"{name} must be an integer from {lo} to {hi}")
-    return int(raw)
-
-
 async def _keystore_param(request: web.Request):
     ctx = await client_context(request)
     raw = request.match_info["keystoreid"]
@@ -200,8 +192,8 @@ async def list_keys(request: web.Request, _body) -> dict:
     if status not in (None, "active", "inactive"):
         raise InvalidRequest("status must be active or inactive")
     keys = await rt.keys.keys(ks.id, key_type=q.get("type"), name=name, status=status,
-                              page=_int_query(request, "pageNumber", 1, 1, 10**6),
-                              page_size=_int_query(request, "pageSize", 10, 10, 100))
+                              page=int_param(request.query, "pageNumber", 1, 1, 10**6),
+                              page_size=int_param(request.query, "pageSize", 10, 10, 100))
     return {"keyList": [k.to_api() for k in keys]}
 
 

@@ -52,7 +52,7 @@ async def create_token(request: web.Request, _body) -> web.Response:
     if form.get("grant_type") != "client_credentials":
         raise InvalidRequest("grant_type must be client_credentials")
     raw = form.get("expires_in", str(TOKEN_TTL_MAX))
-    if not raw.isdigit() or len(raw) > 6:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 6:
         raise InvalidRequest(f"expires_in must be a whole number of seconds from {TOKEN_TTL_MIN} to {TOKEN_TTL_MAX}")
     out = await runtime(request).callers.issue_token(key, int(raw))
     return web.json_response(out, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})

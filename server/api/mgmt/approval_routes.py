@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.mgmt.auth import operator
 from server.api.routing import RouteTable
+from server.api.params import int_param
 from server.errors import InvalidRequest, Unavailable
 from server.runtime import runtime
 from server.text import SafeText
@@ -69,17 +70,13 @@ def _id(request: web.Request) -> int:
 async def list_requests(request: web.Request, _body) -> dict:
     await operator(request)
     q = request.query
-    ks = q.get("keyStoreId")
-    if ks is not None and not ks.isdigit():
-        raise InvalidRequest("keyStoreId must be a number")
-    limit = q.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-        raise InvalidRequest("limit must be 1 to 1000")
+    ks = int_param(q, "keyStoreId", None)
+    limit = int_param(q, "limit", 100, 1, 1000)
     status = q.get("status")
     op = await operator(request)
     return {"changeRequests": await _svc(request).list(
-        status=status.upper() if status else None, keystore_id=int(ks) if ks else None,
-        requested_by=q.get("requestedBy") or None, limit=int(limit), project_ids=op.projects())}
+        status=status.upper() if status else None, keystore_id=ks,
+        requested_by=q.get("requestedBy") or None, limit=limit, project_ids=op.projects())}
 
 
 @routes.route("GET", _CR, summary="One change request with its diff", response=ChangeRequestOut,

@@ -7,6 +7,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from server.api.mgmt.auth import operator
+from server.api.params import int_param
 from server.api.routing import RouteTable
 from server.audit import parse_time
 from server.errors import InvalidRequest, Unavailable
@@ -76,15 +77,6 @@ def _audit(request: web.Request):
     return a
 
 
-def _int(q, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    v = q.get(name)
-    if v is None or v == "":
-        return default
-    if not v.isdigit() or not lo <= int(v) <= hi:
-        raise InvalidRequest(f"{name} must be a whole number from {lo} to {hi}")
-    return int(v)
-
-
 @routes.route("GET", "/audit", summary="Query the audit log", response=AuditList, tags=("audit",),
               query={"since": {"type": "string", "format": "date-time"},
                      "until": {"type": "string", "format": "date-time"}, "actor": {"type": "string"},
@@ -97,7 +89,7 @@ def _int(q, name: str, default: int | None, lo: int, hi: int) -> int | None:
 async def query(request: web.Request, _body) -> dict:
     op = await operator(request)
     q = request.query
-    limit = _int(q, "limit", 100, 1, 1000)
+    limit = int_param(q, "limit", 100, 1, 1000)
     order = q.get("order") or "asc"
     if order not in ("asc", "desc"):
         raise InvalidRequest("order is asc (oldest first) or desc (newest first)")
@@ -105,12 +97,12 @@ async def query(request: web.Request, _body) -> dict:
     if changes not in ("true", "false", "1", "0"):
         raise InvalidRequest("changes is true or false")
     desc = order == "desc"
-    before = _int(q, "beforeSeq", None, 1, 2**62)
+    before = int_param(q, "beforeSeq", None, 1, 2**62)
     records = await _audit(request).query(
         since=parse_time(q.get("since"), "since"), until=parse_time(q.get("until"), "until"),
         actor=q.get("actor") or None, plane=q.get("plane") or None, key_id=q.get("keyId") or None,
-        keystore_id=_int(q, "keyStoreId", None, 0, 10**12), result=q.get("result") or None,
-        action=q.get("action") or None, after_seq=_int(q, "afterSeq", 0, 0, 2**62), before_seq=before,
+        keystore_id=int_param(q, "keyStoreId", None, 0, 10**12), result=q.get("result") or None,
+        action=q.get("action") or None, after_seq=int_param(q, "afterSeq", 0, 0, 2**62), before_seq=before,
         limit=limit, changes=changes in ("true", "1"), newest_first=desc, project_ids=_scope(op))
     nxt = records[-1]["seq"] if len(records) == limit else None
     return {"records": records, "nextAfterSeq": None if desc else nxt, "nextBeforeSeq": nxt if desc else None}

@@ -5,6 +5,7 @@ from aiohttp import web
 
 from server.api.mgmt import models as m
 from server.api.mgmt.auth import key_for, keystore_for
+from server.api.params import int_param
 from server.api.routing import RouteTable
 from server.runtime import runtime
 
@@ -30,7 +31,6 @@ async def create_key(request: web.Request, body: m.KeyCreate) -> dict:
                      "page": {"type": "integer"}, "pageSize": {"type": "integer"},
                      "after": {"type": "string", "pattern": "^[0-9a-f]{32}$"}})
 async def list_keys(request: web.Request, _body) -> dict:
-    from server.api.client.manage_routes import _int_query
     from server.errors import InvalidRequest
     _, ks = await keystore_for(request)
     rt = runtime(request)
@@ -39,8 +39,8 @@ async def list_keys(request: web.Request, _body) -> dict:
         raise InvalidRequest("status must be active or inactive")
     keys = await rt.keys.keys(ks.id, key_type=request.query.get("type") or None,
                               name=request.query.get("name") or None, status=status,
-                              page=_int_query(request, "page", 1, 1, 10**6),
-                              page_size=_int_query(request, "pageSize", 100, 1, 1000),
+                              page=int_param(request.query, "page", 1, 1, 10**6),
+                              page_size=int_param(request.query, "pageSize", 100, 1, 1000),
                               after=request.query.get("after") or None)
     return {"keyList": [k.to_api() for k in keys]}
 

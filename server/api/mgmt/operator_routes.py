@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.access.operators import MAX_PASSWORD, Operator, check_password
 from server.api.mgmt.auth import admin, key_for, operator
+from server.api.params import int_param
 from server.api.routing import RouteTable
 from server.audit import AUDIT_ACTION, AUDIT_DETAIL
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, Sealed, Unauthenticated
@@ -233,10 +234,8 @@ async def grant_role(request: web.Request, body: GrantIn) -> dict:
               query={"projectId": {"type": "integer"}})
 async def revoke_role(request: web.Request, _body) -> dict:
     op = await admin(request)
-    raw = request.query.get("projectId")
-    if raw is not None and (not raw.isdigit() or len(raw) > 12):
-        raise InvalidRequest("projectId must be a number")
-    return await runtime(request).operators.revoke(request.match_info["name"], int(raw) if raw else None, by=op)
+    project_id = int_param(request.query, "projectId", None)
+    return await runtime(request).operators.revoke(request.match_info["name"], project_id, by=op)
 
 
 @routes.route("PATCH", _OP, summary="Change an operator's role, password, disabled flag or lockout",

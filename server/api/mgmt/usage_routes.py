@@ -7,6 +7,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from server.api.mgmt.auth import operator
+from server.api.params import int_param
 from server.api.routing import RouteTable
 from server.errors import InvalidRequest, Unavailable
 from server.runtime import runtime
@@ -61,9 +62,7 @@ async def usage_for(rt, op, *, range_: str, keystore_id: int | None, key_id: str
 async def usage(request: web.Request, _body) -> dict:
     op = await operator(request)
     q = request.query
-    ks = q.get("keyStoreId") or None
-    if ks is not None and (not ks.isdigit() or len(ks) > 12):
-        raise InvalidRequest("keyStoreId must be a number")
+    ks = int_param(q, "keyStoreId", None)
     key_id = q.get("keyId") or None
     if key_id is not None and (len(key_id) != 32 or any(ch not in "0123456789abcdef" for ch in key_id)):
         raise InvalidRequest("keyId must be a key id (32 hex digits)")
