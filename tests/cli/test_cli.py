@@ -51,21 +51,18 @@ async def test_keystore_and_key_lifecycle_through_the_cli(skm):
 
 
 def test_every_command_has_help():
-    from server.cli.main import build_parser
-    import argparse
+    """Every command answers --help with its usage: the whole tree in-process through `main()`, and the
+    installed entry point as a real process for the root and one leaf."""
     import subprocess
-    parser = build_parser()
 
-    def walk(p: argparse.ArgumentParser, path: list[str]):
-        yield path
-        for action in p._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    yield from walk(sub, [*path, name])
-
-    commands = list(walk(parser, []))
+    from server.cli.main import build_parser
+    from tests.support.cli import help_in_process, walk_commands
+    commands = [path for path, _ in walk_commands(build_parser())]
     assert len(commands) > 10
     for cmd in commands:
+        code, out = help_in_process(cmd)
+        assert code == 0 and out.startswith("usage: skm"), (cmd, out[:200])
+    for cmd in ([], ["key", "create"]):
         r = subprocess.run([*SKM, *cmd, "--help"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "usage: skm" in r.stdout, (cmd, r.stderr)
 

@@ -1,35 +1,26 @@
 """`skm operator|token|login|whoami|approval|audit` as a user runs them: real processes, a real server."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import stat
-import subprocess
 
 from tests.cli.test_cli import SKM, skm_cli
+from tests.support.cli import help_in_process, walk_commands
 
 MINE = ("operator", "token", "login", "whoami", "approval", "audit")
 PW = "a long enough password"
 
 
-def _walk(p: argparse.ArgumentParser, path: list[str]):
-    yield path, p
-    for action in p._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _walk(sub, [*path, name])
-
-
 def test_every_operator_command_has_help_and_a_description():
     from server.cli.main import build_parser
-    commands = [(path, p) for path, p in _walk(build_parser(), []) if path and path[0] in MINE]
+    commands = [(path, p) for path, p in walk_commands(build_parser()) if path and path[0] in MINE]
     assert {c[0][0] for c in commands} == set(MINE) and len(commands) >= 20
     for path, p in commands:
         assert p.description, path
-        r = subprocess.run([*SKM, *path, "--help"], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0 and "usage: skm" in r.stdout, (path, r.stderr)
+        code, out = help_in_process(path)
+        assert code == 0 and out.startswith("usage: skm"), (path, out[:200])
 
 
 async def _json(skm, *args, **kw):

@@ -170,10 +170,10 @@ def test_new_commands_have_help_and_a_description():
 
     from server.cli.main import build_parser
     from tests.cli.test_cli import SKM
-    from tests.cli.test_cli_operators import _walk
+    from tests.support.cli import walk_commands
     wanted = {("project", "create"), ("project", "list"), ("project", "show"), ("operator", "grant"),
               ("operator", "revoke"), ("operator", "roles"), ("approval", "collect")}
-    found = {tuple(path): p for path, p in _walk(build_parser(), []) if tuple(path) in wanted}
+    found = {tuple(path): p for path, p in walk_commands(build_parser()) if tuple(path) in wanted}
     assert set(found) == wanted
     for path, p in found.items():
         assert isinstance(p, argparse.ArgumentParser) and p.description, path

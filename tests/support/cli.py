@@ -21,3 +21,30 @@ async def skm_cli(h, *args: str, env: dict | None = None, stdin: bytes | None = 
                                              env={**cli_env(h), **(env or {})})
     out, err = await asyncio.wait_for(p.communicate(stdin), timeout)
     return p.returncode, out.decode(), err.decode()
+
+
+def walk_commands(p, path: list[str] | None = None):
+    """Every (command path, parser) of the CLI's argparse tree, the root first."""
+    import argparse
+    path = path or []
+    yield path, p
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from walk_commands(sub, [*path, name])
+
+
+def help_in_process(cmd: list[str]) -> tuple[int, str]:
+    """`skm CMD --help` through the CLI's own `main()`, in this process (a subprocess per command cost a
+    second each); returns the exit code and what it printed."""
+    import contextlib
+    import io
+
+    from server.cli.main import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            code = main([*cmd, "--help"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue()
