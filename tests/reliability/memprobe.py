@@ -39,10 +39,85 @@ def _status() -> dict[str, int]:
     return out
 
 
+def _smaps() -> str:
+    """Anonymous resident memory by kind of mapping: the brk heap, thread stacks, glibc's per-thread
+    arenas (64 MiB reservations) and the rest (pymalloc's arenas, large mmapped mallocs)."""
+    kinds = {"brk": 0, "arenas": 0, "other": 0}
+    name, size = "", 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                name, size = (head[5] if len(head) > 5 else ""), hi - lo
+                start = lo
+            elif head[0] == "Anonymous:":
+                kb = int(head[1])
+                if name == "[heap]":
+                    kinds["brk"] += kb
+                elif name == "" and start % (64 << 20) == 0 and size <= (64 << 20):
+                    kinds["arenas"] += kb       # a non-main arena's heap starts 64 MiB aligned
+                elif name == "":
+                    kinds["other"] += kb
+    return " ".join(f"{k}={v >> 10}M" for k, v in kinds.items())
+
+
+def _arenas(libc) -> str:
+    """glibc's malloc_info: each arena's size and free bytes, and the mmapped chunks."""
+    import re
+    import tempfile
+    with tempfile.NamedTemporaryFile("r", suffix=".xml") as tmp:
+        fp = libc.fopen(tmp.name.encode(), b"w")
+        if not fp:
+            return ""
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        xml = tmp.read()
+    out = []
+    for nr, body in re.findall(r'<heap nr="(\d+)">(.*?)</heap>', xml, re.S):
+        cur = re.search(r'<system type="current" size="(\d+)"', body)
+        free = sum(int(x) for x in re.findall(r'<total type="(?:fast|rest)" count="\d+" size="(\d+)"', body))
+        out.append(f"{nr}:{int(cur.group(1)) >> 20}/{free >> 20}" if cur else nr)
+    mm = re.search(r'<total type="mmap" count="(\d+)" size="(\d+)"', xml)
+    return "arenas(size/free M)=" + ",".join(out) + (f" mmapped={mm.group(1)}x/{int(mm.group(2)) >> 20}M" if mm else "")
+
+
+def _sqlite() -> str:
+    """SQLite's own count of the memory it holds (all connections of the process)."""
+    try:
+        lib = ctypes.CDLL("libsqlite3.so.0")
+    except OSError:
+        return ""
+    cur, high = ctypes.c_int64(), ctypes.c_int64()
+    if lib.sqlite3_status64(0, ctypes.byref(cur), ctypes.byref(high), 0) != 0:    # SQLITE_STATUS_MEMORY_USED
+        return ""
+    out = f"sqlite={cur.value >> 20}M"
+    # Per connection: page cache, schema, prepared statements (sqlite3_db_status 1, 2, 3). The handle
+    # is the first field after PyObject_HEAD of CPython's sqlite3.Connection (3.11).
+    import gc
+    import sqlite3
+    conns = [o for o in gc.get_objects() if isinstance(o, sqlite3.Connection)]
+    for i, conn in enumerate(conns):
+        db = ctypes.c_void_p.from_address(id(conn) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
+        if not db:
+            continue
+        parts = []
+        for op in (1, 2, 3):
+            c, h = ctypes.c_int(), ctypes.c_int()
+            lib.sqlite3_db_status(ctypes.c_void_p(db), op, ctypes.byref(c), ctypes.byref(h), 0)
+            parts.append(f"{c.value / 2**20:.1f}")
+        out += f" db{i}=" + "/".join(parts)
+    return out
+
+
 def _report(path: str, every: float, base_at: float, trace: bool) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallinfo2.restype = _MallInfo2
+        libc.fopen.restype = ctypes.c_void_p
+        libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.fclose.argtypes = [ctypes.c_void_p]
     except (OSError, AttributeError):
         libc = None
     t0, base = time.monotonic(), None
@@ -55,6 +130,9 @@ def _report(path: str, every: float, base_at: float, trace: bool) -> None:
             if libc is not None:
                 mi = libc.mallinfo2()
                 line += f" heap={mi.arena >> 20}M inuse={mi.uordblks >> 20}M free={mi.fordblks >> 20}M"
+            line += f" threads={threading.active_count()}/{len(os.listdir('/proc/self/task'))} {_smaps()} {_sqlite()}"
+            if libc is not None:
+                line += " " + _arenas(libc)
             if trace:
                 line += f" traced={tracemalloc.get_traced_memory()[0] >> 20}M"
             f.write(line + "\n")
