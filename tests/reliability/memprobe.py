@@ -3,16 +3,23 @@
     SKM_MEMPROBE_OUT=/tmp/mem.log .venv/bin/python -m tests.reliability.memprobe server run --config server.toml
 
 Every SKM_MEMPROBE_EVERY seconds (default 15) it appends one line to SKM_MEMPROBE_OUT: VmRSS split
-into anonymous and file-backed pages, glibc's heap (mallinfo2: arena, in use, free) and, with
-SKM_MEMPROBE_TRACE=1, Python's traced allocations (tracemalloc) and the 15 source lines whose
-allocations grew most since the snapshot taken at SKM_MEMPROBE_BASE_AT seconds. Touching
-`<OUT>.trim` makes it call malloc_trim(0) once and log the RSS before and after.
+into anonymous and file-backed pages, glibc's heap (mallinfo2: arena, in use, free), the thread count,
+anonymous memory by kind of mapping (brk heap, per-thread arenas, other: pymalloc, large mmaps), SQLite's
+own memory (all connections, then per connection: page cache / schema / compiled statements in MiB),
+each glibc arena's size and free bytes (malloc_info) and, with SKM_MEMPROBE_TRACE=1, Python's traced
+allocations (tracemalloc) and the 15 source lines whose allocations grew most since the snapshot taken
+at SKM_MEMPROBE_BASE_AT seconds. Touching `<OUT>.trim` makes it call malloc_trim(0) once and log the
+RSS before and after.
 
 How to read it: RSS growing while `traced` and glibc's `inuse` stay flat is fragmentation or
-memory outside both (pymalloc arenas are mmapped and show as RssAnon beyond glibc's `arena`);
-`traced` growing names the Python lines holding it. This is how the soak's growth was found
-(the key-row cache keeping one row per key written; see tests/keys/test_meta_cache_bound.py).
-The variables are read by this wrapper only, never by the server's config loader.
+memory outside both (pymalloc arenas are mmapped and show as `other`); `traced` growing names the
+Python lines holding it; `inuse` growing while `traced` stays flat is native memory (SQLite, OpenSSL),
+and the arena that grows says which thread holds it. This is how the soak's growths were found (the
+key-row cache keeping one row per key written, tests/keys/test_meta_cache_bound.py; SQLite keeping a
+compiled INSERT per audit batch size, tests/audit/test_writer_memory.py).
+The variables are read by this wrapper only, never by the server's config loader; the reliability
+harness (tests/reliability/procs.py) runs its `skm server run` processes under it when the test run
+sets SKM_MEMPROBE_OUT (one report per server start, `<OUT>.<log name>`).
 """
 from __future__ import annotations
 
@@ -92,21 +99,16 @@ def _sqlite() -> str:
     if lib.sqlite3_status64(0, ctypes.byref(cur), ctypes.byref(high), 0) != 0:    # SQLITE_STATUS_MEMORY_USED
         return ""
     out = f"sqlite={cur.value >> 20}M"
-    # Per connection: page cache, schema, prepared statements (sqlite3_db_status 1, 2, 3). The handle
-    # is the first field after PyObject_HEAD of CPython's sqlite3.Connection (3.11).
+    # Per connection (every open sqlite3.Connection of the process): page cache / schema / statements.
     import gc
     import sqlite3
-    conns = [o for o in gc.get_objects() if isinstance(o, sqlite3.Connection)]
-    for i, conn in enumerate(conns):
-        db = ctypes.c_void_p.from_address(id(conn) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
-        if not db:
-            continue
-        parts = []
-        for op in (1, 2, 3):
-            c, h = ctypes.c_int(), ctypes.c_int()
-            lib.sqlite3_db_status(ctypes.c_void_p(db), op, ctypes.byref(c), ctypes.byref(h), 0)
-            parts.append(f"{c.value / 2**20:.1f}")
-        out += f" db{i}=" + "/".join(parts)
+    from tests.support.sqlite_memory import CACHE_USED, SCHEMA_USED, STMT_USED, db_status
+    for i, conn in enumerate(o for o in gc.get_objects() if isinstance(o, sqlite3.Connection)):
+        try:
+            used = [db_status(conn, None, op) for op in (CACHE_USED, SCHEMA_USED, STMT_USED)]
+        except (AssertionError, sqlite3.ProgrammingError):
+            continue                                    # closed
+        out += f" db{i}=" + "/".join(f"{b / 2**20:.1f}" for b in used)
     return out
 
 

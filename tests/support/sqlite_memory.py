@@ -19,17 +19,17 @@ _lib.sqlite3_db_status.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER
                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
 
 
-def _handle(conn: sqlite3.Connection, path: str) -> int:
+def _handle(conn: sqlite3.Connection, path: str | None) -> int:
     db = ctypes.c_void_p.from_address(id(conn) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
     assert db, "the sqlite3.Connection has no open handle"
     name = _lib.sqlite3_db_filename(db, b"main")
-    assert name is not None and os.path.realpath(name.decode()) == os.path.realpath(path), \
+    assert name is not None and (path is None or os.path.realpath(name.decode()) == os.path.realpath(path)), \
         f"not the handle of {path}: {name!r} (CPython's sqlite3.Connection layout changed?)"
     return db
 
 
-def db_status(conn: sqlite3.Connection, path: str, op: int) -> int:
-    """Bytes SQLite holds for `conn` (the database file at `path`) under SQLITE_DBSTATUS `op`."""
+def db_status(conn: sqlite3.Connection, path: str | None, op: int) -> int:
+    """Bytes SQLite holds for `conn` (the database file at `path`, when given) under SQLITE_DBSTATUS `op`."""
     cur, high = ctypes.c_int(), ctypes.c_int()
     rc = _lib.sqlite3_db_status(_handle(conn, path), op, ctypes.byref(cur), ctypes.byref(high), 0)
     assert rc == 0, f"sqlite3_db_status({op}) returned {rc}"
