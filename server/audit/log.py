@@ -267,16 +267,13 @@ class Audit:
         async with self.db.transaction() as tx:
             head = await tx.fetchone("UPDATE audit_head SET seq = seq + ? WHERE id = 1 RETURNING seq, hash", n)
             seq, prev = int(head["seq"]) - n, head["hash"]
-            values: list[Any] = []
+            values: list[list[Any]] = []
             for row in rows:
                 seq += 1
                 row["seq"], row["prev_hash"] = seq, prev
                 prev = digest(row)
-                values += [row[f] for f in FIELDS]
-                values += [prev, tag(key, prev)]
-            one = f"({', '.join('?' * len(COLUMNS))})"
-            await tx.execute(f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES {', '.join([one] * n)}",
-                             *values)
+                values.append([row[f] for f in FIELDS] + [prev, tag(key, prev)])
+            await tx.insert_batch("audit_log", COLUMNS, values)
             await tx.execute("UPDATE audit_head SET hash = ? WHERE id = 1", prev)
         return seq
 

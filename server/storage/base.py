@@ -45,6 +45,16 @@ class Executor(abc.ABC):
         for r in rows:
             await self.execute(sql, *r)
 
+    async def insert_batch(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Insert a few hundred rows at most inside the current transaction (the audit writer's group
+        commit) in one round trip: here one multi-row INSERT, whose text differs with the number of rows
+        (PostgreSQL: asyncpg caches at most 100 statements and none over 15 KiB). SQLite overrides it."""
+        if not rows:
+            return
+        one = f"({', '.join('?' * len(columns))})"
+        await self.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * len(rows))}",
+                           *(v for r in rows for v in r))
+
 
 class Snapshot(Executor):
     """One consistent, read-only view of the whole database (a backup reads through it).

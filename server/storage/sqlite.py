@@ -43,6 +43,12 @@ class _Conn(Executor):
         sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
         await self.conn.executemany(sql, rows)
 
+    async def insert_batch(self, table: str, columns, rows) -> None:
+        # One statement whatever the number of rows. Python's sqlite3 keeps the last 128 statements
+        # compiled per connection with no bound on their size: a multi-row INSERT per batch size
+        # (1..256 audit records) held up to ~1 MiB each, the key server's RSS growth in the soak.
+        await self.insert_rows(table, columns, rows)
+
 
 class _Snapshot(_Conn, Snapshot):
     dialect = "sqlite"

@@ -72,6 +72,19 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def server_command(config_path: Path, env: dict[str, str], log: Path) -> list[str]:
+    """`skm server run`, or, when the test run sets SKM_MEMPROBE_OUT, the same under
+    tests/reliability/memprobe.py (an investigation hook read by this harness, never by the server's
+    config): its report goes to `<SKM_MEMPROBE_OUT>.<log name>`, the other SKM_MEMPROBE_* pass through."""
+    out = os.environ.get("SKM_MEMPROBE_OUT")
+    if not out:
+        return [str(SKM), "server", "run", "--config", str(config_path)]
+    env.update({k: v for k, v in os.environ.items() if k.startswith("SKM_MEMPROBE_")})
+    env["SKM_MEMPROBE_OUT"] = f"{out}.{log.stem}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return [sys.executable, "-m", "tests.reliability.memprobe", "server", "run", "--config", str(config_path)]
+
+
 def openssl_conf(tmp: Path) -> Path:
     p = tmp / "openssl-groups.cnf"
     p.write_text(OPENSSL_GROUPS_CONF)
@@ -163,7 +176,8 @@ class ServerProcess(_Child):
         self.starts += 1
         log = self.tmp / f"server-{self.starts}.log"
         self.log_paths.append(log)
-        self.proc = spawn([str(SKM), "server", "run", "--config", str(self.config_path)], log, self.env, self.tmp)
+        env = dict(self.env)
+        self.proc = spawn(server_command(self.config_path, env, log), log, env, self.tmp)
         deadline = time.monotonic() + timeout
         m = await wait_for_log(self.proc, log, _LISTENING, "skm server run", timeout)
         self.data_port, self.mgmt_port = int(m.group(1)), int(m.group(2))
