@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,31 +115,64 @@ class Hygiene:
         return seen
 
     # -- the check -------------------------------------------------------------------
-    def haystacks(self):
-        for label, text in self.texts:
-            yield label, None, text.encode("utf-8", "replace")
-        for p in sorted(self.paths):
-            files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()) if p.exists() else []
-            for f in files:
-                try:
-                    yield str(f), str(f), f.read_bytes()
-                except OSError:
-                    continue
-
     def scan(self) -> tuple[list[str], dict[str, int]]:
-        findings: list[str] = []
+        """Every needle found in any haystack. GNU grep's fixed-string search (one pass for all needles)
+        names the files holding any of them, then Python looks for each form in those files only: a pass
+        of `bytes in` per needle form over every file took ~6 min for a soak's 500 MB."""
+        findings: set[str] = set()
         stats = {"needles": len(self.needles), "texts": len(self.texts), "files": 0, "bytes": 0,
                  "servers": self.harvested_servers}
-        for where, path, data in self.haystacks():
-            if path is not None:
+        forms = [(needle, form) for needle in self.needles.values() for form in needle.forms]
+        # grep reads a pattern a line: it looks for each form's longest newline-free piece. A form without
+        # a piece long enough to mean anything is looked for in every file.
+        pieces, everywhere = set(), []
+        for needle, form in forms:
+            piece = max(form.split(b"\n"), key=len)
+            pieces.add(piece) if len(piece) >= MIN_NEEDLE else everywhere.append((needle, form))
+        with tempfile.TemporaryDirectory(prefix="skm-hygiene-") as tmp:
+            where: dict[str, tuple[str, str | None]] = {}    # file grep reads -> (label, haystack path)
+            for i, (label, text) in enumerate(self.texts):
+                f = Path(tmp, f"text-{i}")
+                f.write_bytes(text.encode("utf-8", "replace"))
+                where[str(f)] = (label, None)
+            for f in self._files():
+                where[str(f)] = (str(f), str(f))
                 stats["files"] += 1
-            stats["bytes"] += len(data)
-            for needle in self.needles.values():
-                if path is not None and path in needle.allowed_in:
+            patterns = Path(tmp, "patterns")
+            patterns.write_bytes(b"".join(piece + b"\n" for piece in pieces))
+            holding = _grep_files(patterns, list(where)) if pieces and where else set()
+            for name, (label, path) in where.items():
+                try:
+                    size = os.stat(name).st_size
+                    stats["bytes"] += size
+                    check = forms if name in holding else everywhere
+                    data = Path(name).read_bytes() if check else b""
+                except FileNotFoundError:
                     continue
-                if any(f in data for f in needle.forms):
-                    findings.append(f"{needle.label} found in {where}")
-        return findings, stats
+                for needle, form in check:
+                    if (path is None or path not in needle.allowed_in) and form in data:
+                        findings.add(f"{needle.label} found in {label}")
+        return sorted(findings), stats
+
+    def _files(self) -> list[Path]:
+        out = []
+        for p in sorted(self.paths):
+            out.extend([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()) if p.exists() else [])
+        return out
+
+
+def _grep_files(patterns: Path, files: list[str]) -> set[str]:
+    """The files holding any of the fixed strings in `patterns` (the C locale: grep compares bytes)."""
+    out: set[str] = set()
+    for i in range(0, len(files), 200):                      # far below the argument-size limit
+        r = subprocess.run(["grep", "-F", "-a", "-l", "-Z", "-f", str(patterns), "--", *files[i:i + 200]],
+                           capture_output=True, env={**os.environ, "LC_ALL": "C"})
+        errors = [e for e in r.stderr.decode(errors="replace").splitlines() if not e.endswith("No such file or directory")]
+        if r.returncode not in (0, 1) and errors:
+            # A file that could not be read was not looked at: fail rather than pass a sweep that did not look.
+            raise RuntimeError(f"grep failed ({r.returncode}): {'; '.join(errors)[:500]}")
+        out.update(name.decode() for name in r.stdout.split(b"\0") if name)
+    return out
 
 
 async def dump_rows(storage) -> str:

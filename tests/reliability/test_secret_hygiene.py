@@ -31,6 +31,33 @@ def test_the_sweeps_own_repr_holds_no_needle():
     assert "1 needles" in repr(h)
 
 
+def test_the_sweep_finds_each_form_and_respects_where_a_value_belongs(tmp_path):
+    """The sweep's own positive control: raw bytes with a newline and a NUL inside, base64 inside binary,
+    a value in captured output, a value inside a longer planted one; and a root key in its own file only."""
+    import base64
+
+    from tests.reliability.hygiene import Hygiene
+    h = Hygiene()
+    raw = b"\x00key\nmaterial-" + secrets.token_bytes(24)
+    text = "value-" + secrets.token_hex(12)
+    inner = "inner-" + secrets.token_hex(8)
+    root = secrets.token_bytes(32)
+    h.secret(raw, "raw key")
+    h.secret(text, "text secret")
+    h.secret(inner, "inner secret")
+    h.secret(root, "root key", allowed_in=(tmp_path / "root.key",))
+    (tmp_path / "db").write_bytes(b"\x01" * 1000 + raw + b"\xff" * 1000)
+    (tmp_path / "wal").write_bytes(b"page " + base64.b64encode(root) + b" " + ("outer-" + inner + "-outer").encode())
+    (tmp_path / "root.key").write_bytes(root)
+    (tmp_path / "clean").write_bytes(secrets.token_bytes(4096))
+    h.path(tmp_path)
+    h.text("captured stdout", "line one\n" + text + "\n")
+    found, stats = h.scan()
+    assert found == ["inner secret found in " + str(tmp_path / "wal"), "raw key found in " + str(tmp_path / "db"),
+                     "root key found in " + str(tmp_path / "wal"), "text secret found in captured stdout"]
+    assert stats["files"] == 4
+
+
 async def test_own_traffic_with_secrets_in_failing_requests(tracked, hygiene):
     await own_traffic(tracked, hygiene)
 
