@@ -30,6 +30,7 @@ from server.barrier.rootkey import RootKeyProvider
 from server.barrier.sources import follow_keyring, system_key_source, unseal_once
 from server.errors import ConfigError
 from server.events import EventBus
+from server.keys import rollout
 from server.keys.service import KeyService, Limits
 from server.metrics import Metrics
 from server.runtime import RUNTIME, Runtime
@@ -340,9 +341,11 @@ async def run_jobs_once(rt: Runtime, now=None) -> dict:
     purged = await rt.keys.purge_due(now)
     rotated = await rt.keys.rotate_due(now)
     auth_purged = await rt.authdata.purge_due(now)
-    if purged or rotated or auth_purged:
-        log.info("jobs_ran", purged=purged, rotated=rotated, auth_entries_purged=auth_purged)
-    return {"purged": purged, "rotated": rotated, "auth_purged": auth_purged}
+    holdings_pruned = await rollout.prune(rt.storage, now)
+    if purged or rotated or auth_purged or holdings_pruned:
+        log.info("jobs_ran", purged=purged, rotated=rotated, auth_entries_purged=auth_purged,
+                 holdings_pruned=holdings_pruned)
+    return {"purged": purged, "rotated": rotated, "auth_purged": auth_purged, "holdings_pruned": holdings_pruned}
 
 
 def data_dir_exists(config: ServerConfig) -> bool:

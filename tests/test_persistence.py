@@ -110,8 +110,8 @@ async def test_auto_rotation_and_purge_jobs(tmp_path):
         gone = await h.key(store, "SECRET", "g", secretValue="x")
         await h.mgmt("POST", f"/keys/{gone['keyId']}/schedule-deletion")
         now = dt.datetime.now(dt.timezone.utc)
-        assert await run_jobs_once(h.rt, now + dt.timedelta(days=1)) == {"purged": 0, "rotated": 0, "auth_purged": 0}
-        assert await run_jobs_once(h.rt, now + dt.timedelta(days=8)) == {"purged": 1, "rotated": 1, "auth_purged": 0}
+        assert await run_jobs_once(h.rt, now + dt.timedelta(days=1)) == {"purged": 0, "rotated": 0, "auth_purged": 0, "holdings_pruned": 0}
+        assert await run_jobs_once(h.rt, now + dt.timedelta(days=8)) == {"purged": 1, "rotated": 1, "auth_purged": 0, "holdings_pruned": 0}
         st, out = await h.mgmt("GET", f"/keys/{rot['keyId']}")
         assert out["body"]["currentKeyValueVersion"] == 1 and len(out["body"]["versions"]) == 2
         st, out = await h.mgmt("GET", f"/keys/{gone['keyId']}")

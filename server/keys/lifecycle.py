@@ -154,6 +154,7 @@ class Lifecycle:
         async with self.ctx.db.transaction() as tx:
             await tx.execute("DELETE FROM key_versions WHERE key_id = ?", key_id)
             await tx.execute("DELETE FROM keys WHERE id = ?", key_id)
+            await tx.execute("DELETE FROM key_holdings WHERE key_id = ?", key_id)   # its roll-out is over
         self.ctx.material.drop_key(key_id)
         self.ctx.meta.drop_key(key_id)
         await self.ctx.publish(Event(keystore_id, "key_deleted", key_id))

@@ -15,6 +15,9 @@ from server import timeutil
 from server.storage.base import Executor, Storage
 
 MIN_TTL, MAX_TTL = 2, 86_400          # seconds a host's report may claim to stay current
+# A host silent this long is gone (its longest promise is a day): its rows are dropped, so hosts that come and
+# go (autoscaling, re-issued certificates) do not grow the table and every roll-out view without end.
+RETENTION = dt.timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,12 @@ async def record(storage: Storage, project_id: int, host: Host, acks: list[Ack],
                 host.fingerprint, a.key_id, project_id, host.name[:200], host.mac, a.version, a.delivered_at, now,
                 ttl, None if a.reload_ok is None else int(a.reload_ok))
     return len(acks)
+
+
+async def prune(db: Executor, now: dt.datetime | None = None) -> int:
+    """Drop the holdings of hosts silent for longer than RETENTION; returns how many rows went."""
+    return await db.execute("DELETE FROM key_holdings WHERE acked_at < ?",
+                            timeutil.to_db((now or timeutil.now()) - RETENTION))
 
 
 def _holding(r: dict, now: dt.datetime) -> Holding:
