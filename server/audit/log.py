@@ -18,6 +18,7 @@ With several workers, worker 0 is the host's one writer and the others hand thei
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac as _hmac
 import json
 import os
@@ -38,6 +39,9 @@ _HMAC_AAD = sealed_aad("audit_head", "hmac_key_sealed", 1)
 _TRUNCATE = {f: 256 for f in ("actor", "ip", "fingerprint", "mac", "route", "action", "key_id", "result")}
 _TRUNCATE["reason"] = 1000
 HELD_MAX = 10_000          # records held in memory while the barrier is sealed
+_ROW_FIELDS = tuple(f for f in FIELDS if f not in ("seq", "prev_hash"))
+# json.dumps(..., separators=(",", ":"), sort_keys=True) without building an encoder per record
+_detail_json = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
 async def read_link_key(db, barrier) -> bytes | None:
@@ -108,14 +112,14 @@ class Audit:
         if key is None:
             return None
         data = value.encode() if isinstance(value, str) else value
-        return "hmac-sha256:" + _hmac.digest(key, data, "sha256").hex()     # one C call: hmac.new(...).hexdigest()
+        return "hmac-sha256:" + _hmac.new(key, data, hashlib.sha256).hexdigest()
 
     # ---------------------------------------------------------------- writing
     @staticmethod
     def _row(rec: dict[str, Any]) -> dict[str, Any]:
-        row = {f: rec.get(f) for f in FIELDS if f not in ("seq", "prev_hash")}
+        row = {f: rec.get(f) for f in _ROW_FIELDS}
         row["at"] = row.get("at") or timeutil.now_db()
-        row["detail"] = json.dumps(rec.get("detail") or {}, separators=(",", ":"), sort_keys=True)
+        row["detail"] = _detail_json(rec.get("detail") or {})
         row["change"] = None if rec.get("change") is None else int(bool(rec["change"]))
         for f, n in _TRUNCATE.items():
             if isinstance(row.get(f), str) and len(row[f]) > n:

@@ -31,12 +31,16 @@ FIELDS = ("seq", "at", "plane", "actor", "actor_kind", "ip", "fingerprint", "mac
 _INTS = frozenset({"seq", "project_id", "keystore_id", "change", "status"})
 
 
+# json.dumps with options builds a JSONEncoder per call; one built once gives the same text.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _canon(rec: dict, fields: tuple[str, ...]) -> bytes:
     vals = []
     for f in fields:
         v = rec.get(f)
         vals.append(int(v) if f in _INTS and v is not None else v)
-    return json.dumps(vals, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode(vals).encode()
 
 
 def record_hash(rec: dict) -> str:
@@ -55,7 +59,7 @@ def link_key(audit_key: bytes) -> bytes:
 
 
 def tag(key: bytes, dig: str) -> str:
-    return TAG_PREFIX + hmac.digest(key, dig.encode(), "sha256").hex()      # hmac.new(...).hexdigest(), one C call
+    return TAG_PREFIX + hmac.new(key, dig.encode(), hashlib.sha256).hexdigest()
 
 
 def tag_ok(key: bytes, dig: str, value: str | None) -> bool:
