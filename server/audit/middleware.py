@@ -172,7 +172,8 @@ async def describe(audit, request: web.Request, plane: str, der: bytes | None, s
         if body is None:
             detail["bodyHmac"] = BODY_NOT_READ
         elif body:
-            body, dropped = strip_sensitive(body, request.content_type, sensitive_fields(request_value(request, BODY_MODEL)))
+            marked = sensitive_fields(request_value(request, BODY_MODEL))
+            body, dropped = strip_sensitive(body, request.content_type, marked)
             if dropped:
                 detail["bodyOmitted"] = dropped
             mac = await audit.hmac(body)
