@@ -21,7 +21,7 @@ from aiohttp import web
 
 from server import logs
 from server.errors import InvalidRequest, SKMError
-from server.runtime import CLIENT_CTX, KEY
+from server.runtime import CLIENT_CTX, KEY, request_value
 
 log = logs.get("skm.usage")
 
@@ -98,12 +98,12 @@ class Usage:
         return usage_mw
 
     def _observe(self, request: web.Request, status: int) -> None:
-        key = request.get(KEY)
+        key = request_value(request, KEY)
         if key is not None:
             self.count(key.keystore_id, key.id, result_of(status))
             return
         ks = request.match_info.get("keystoreid")
-        if ks and (ks.isascii() and ks.isdigit()) and request.get(CLIENT_CTX) is not None:
+        if ks and (ks.isascii() and ks.isdigit()) and request_value(request, CLIENT_CTX) is not None:
             self.count(int(ks), None, result_of(status))
 
     # ------------------------------------------------------------ storage

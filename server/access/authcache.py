@@ -36,12 +36,20 @@ class AuthEntries:
     ipv4: tuple[ipaddress.IPv4Network, ...] = ()
     macs: tuple[str, ...] = ()
     certs: dict[str, str] = field(default_factory=dict)      # fingerprint -> expires_at (db time)
+    # peer address -> allowed: the same few peers ask on every request, and `addr in net` is pure
+    # Python per network. The entries are immutable, so the answers never go stale with them.
+    _ip_memo: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     def ipv4_allows(self, ip: str) -> bool:
+        memo = self._ip_memo
+        hit = memo.get(ip)
+        if hit is not None:
+            return hit
         addr = parse_ipv4(ip)
-        if addr is None:
-            return False
-        return any(addr in net for net in self.ipv4)
+        allowed = addr is not None and any(addr in net for net in self.ipv4)
+        if len(memo) < 1024:
+            memo[ip] = allowed
+        return allowed
 
     def mac_registered(self, claim: str) -> bool:
         return any(hmac.compare_digest(claim, m) for m in self.macs)

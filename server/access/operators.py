@@ -56,6 +56,9 @@ class Operator:
     def __post_init__(self) -> None:
         if not self.grants and self.role:
             object.__setattr__(self, "grants", (Grant(self.role),))
+        # project id -> the roles that cover it: a cached credential's operator answers has() on every
+        # v1.2/v1.3 request (grants never change on an instance: a role change makes a new Operator)
+        object.__setattr__(self, "_roles_in", {})
 
     @property
     def is_global(self) -> bool:
@@ -71,8 +74,18 @@ class Operator:
 
     def has(self, roles: tuple[str, ...], project_id: int | None = None) -> bool:
         """A grant of one of `roles` covering `project_id` (None: only a global grant does)."""
-        return any(g.role in roles and (g.project_id is None or (project_id is not None and g.project_id == project_id))
-                   for g in self.grants)
+        return not self.roles_in(project_id).isdisjoint(roles)
+
+    def roles_in(self, project_id: int | None) -> frozenset[str]:
+        """The roles of the grants covering `project_id` (None: the global grants only)."""
+        memo = self._roles_in
+        found = memo.get(project_id)
+        if found is None:
+            found = frozenset(g.role for g in self.grants
+                              if g.project_id is None or (project_id is not None and g.project_id == project_id))
+            if len(memo) < 64:
+                memo[project_id] = found
+        return found
 
     def require(self, *roles: str, project_id: int | None = None) -> None:
         if not self.has(roles, project_id):

@@ -6,6 +6,7 @@ the system-key server requires one.
 """
 from __future__ import annotations
 
+import hashlib
 import ssl
 from pathlib import Path
 
@@ -40,6 +41,24 @@ def peer_der(transport) -> bytes | None:
     if ssl_obj is None:
         return None
     return ssl_obj.getpeercert(binary_form=True) or None
+
+
+def peer_identity(request) -> tuple[bytes | None, str | None]:
+    """(DER, SHA-256 hex fingerprint) of the request's verified client certificate, or (None, None).
+
+    Read once per connection and kept on its protocol object (DeadlineRequestHandler.peer_identity):
+    with renegotiation off the certificate cannot change on a connection, and a kept-alive client
+    otherwise paid a DER copy and a hash twice per request (client context and audit)."""
+    proto = request.protocol
+    memo = getattr(proto, "peer_identity", None)
+    if memo is not None:
+        return memo
+    transport = request.transport
+    der = peer_der(transport)
+    memo = (der, hashlib.sha256(der).hexdigest() if der else None)
+    if transport is not None and hasattr(proto, "peer_identity"):
+        proto.peer_identity = memo
+    return memo
 
 
 def client_context(ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:

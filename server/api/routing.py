@@ -20,7 +20,7 @@ from server.api.envelope import ok_response
 from server.api.timeouts import BODY_TIMEOUT
 from server.errors import (InvalidJSON, InvalidRequest, PayloadTooLarge, RequestTimeout,
                            UnsupportedMediaType)
-from server.runtime import KEY, runtime
+from server.runtime import KEY, request_value, runtime
 from server.audit.middleware import BODY_MODEL
 
 Handler = Callable[[web.Request, Any], Awaitable[Any]]
@@ -272,7 +272,7 @@ def _wrap(r: Route, full_path: str | None = None) -> Callable[[web.Request], Awa
             request[BODY_MODEL] = r.body       # the audit leaves the fields it marks sensitive out of the body HMAC
         body = await read_model(request, r.body, optional=r.body_optional) if r.body is not None else None
         result = await r.handler(request, body)
-        used = request.get(KEY)
+        used = request_value(request, KEY)
         if used is not None:
             runtime(request).keys.touch(used)   # only successful uses count as access
         if r.raw:

@@ -73,6 +73,8 @@ class DeadlineRequestHandler(RequestHandler):
         self._header_timeout = header_timeout
         self._header_handle: asyncio.TimerHandle | None = None
         self._next_started = False   # bytes of a next request arrived while one was being handled
+        # (DER, fingerprint) of the client certificate, read once (server/access/tls.py: peer_identity)
+        self.peer_identity: tuple[bytes | None, str | None] | None = None
 
     # --- protocol-level errors ----------------------------------------------
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None,

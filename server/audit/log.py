@@ -39,6 +39,9 @@ _HMAC_AAD = sealed_aad("audit_head", "hmac_key_sealed", 1)
 _TRUNCATE = {f: 256 for f in ("actor", "ip", "fingerprint", "mac", "route", "action", "key_id", "result")}
 _TRUNCATE["reason"] = 1000
 HELD_MAX = 10_000          # records held in memory while the barrier is sealed
+_ROW_FIELDS = tuple(f for f in FIELDS if f not in ("seq", "prev_hash"))
+# json.dumps(..., separators=(",", ":"), sort_keys=True) without building an encoder per record
+_detail_json = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
 async def read_link_key(db, barrier) -> bytes | None:
@@ -114,9 +117,9 @@ class Audit:
     # ---------------------------------------------------------------- writing
     @staticmethod
     def _row(rec: dict[str, Any]) -> dict[str, Any]:
-        row = {f: rec.get(f) for f in FIELDS if f not in ("seq", "prev_hash")}
+        row = {f: rec.get(f) for f in _ROW_FIELDS}
         row["at"] = row.get("at") or timeutil.now_db()
-        row["detail"] = json.dumps(rec.get("detail") or {}, separators=(",", ":"), sort_keys=True)
+        row["detail"] = _detail_json(rec.get("detail") or {})
         row["change"] = None if rec.get("change") is None else int(bool(rec["change"]))
         for f, n in _TRUNCATE.items():
             if isinstance(row.get(f), str) and len(row[f]) > n:
@@ -127,7 +130,14 @@ class Audit:
         """Append one record; returns its sequence number once the record is committed.
 
         Raises what the write raised when its batch failed (the whole batch rolls back)."""
-        return (await self.append_many([rec]))[0]
+        # One record per request: its future awaited directly (gather's wrapper costs ~7 µs).
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._queue.append((self._row(rec), fut))
+        w = self._writer
+        if w is None or w.done() or w.get_loop() is not loop:
+            self._writer = loop.create_task(self._drain(), name="audit-writer")
+        return await fut
 
     async def append_many(self, recs: list[dict[str, Any]]) -> list[int]:
         """Append records in this order (one group commit when they fit a batch); their sequence numbers."""

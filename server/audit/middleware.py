@@ -12,6 +12,7 @@ model marks `sensitive`, and any field named like a password.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 from typing import Any
@@ -20,9 +21,10 @@ from urllib.parse import parse_qsl, urlencode
 from aiohttp import web
 
 from server import logs
+from server.access.tls import peer_identity
 from server.audit.actions import is_console_view, lookup
 from server.errors import ApprovalRequired, SKMError, Unavailable
-from server.runtime import CLIENT_CTX, ERROR, KEY, OPERATOR, _request_key, runtime
+from server.runtime import CLIENT_CTX, ERROR, KEY, OPERATOR, _request_key, request_value, runtime
 
 log = logs.get("skm.audit")
 
@@ -36,8 +38,11 @@ NO_BODY_HMAC = frozenset({("POST", "/api/v1/login"), ("POST", "/console/login")}
 BODY_NOT_READ = "not read"      # bodyHmac of a body nobody read (the request was refused before that)
 
 
+@functools.lru_cache(maxsize=512)
 def sensitive_fields(model: Any) -> frozenset[str]:
-    """Field names (and aliases) a pydantic model marks `json_schema_extra={"sensitive": True}`."""
+    """Field names (and aliases) a pydantic model marks `json_schema_extra={"sensitive": True}`.
+
+    Memoised per model class (a route's model never changes; every audited body asks)."""
     out: set[str] = set()
     for name, f in getattr(model, "model_fields", {}).items():
         extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
@@ -63,6 +68,8 @@ def strip_sensitive(body: bytes, content_type: str, marked: frozenset[str]) -> t
                 return body, []
             return urlencode([(k, v) for k, v in pairs if k not in drop]).encode(), drop
         if content_type == "application/json":
+            if _no_sensitive_key(body, marked):
+                return body, []
             data = json.loads(body)
             if not isinstance(data, dict):
                 return body, []
@@ -74,6 +81,18 @@ def strip_sensitive(body: bytes, content_type: str, marked: frozenset[str]) -> t
     except (ValueError, UnicodeDecodeError, RecursionError):
         pass
     return body, []
+
+
+def _no_sensitive_key(body: bytes, marked: frozenset[str]) -> bool:
+    """True when no key of this JSON body can be sensitive, decided without parsing it (the common case).
+
+    In UTF-8 (json.loads also takes UTF-16/32, whose ASCII letters come with NUL bytes) and without
+    a backslash every key appears in the bytes as written; a password-like key holds "pass" or "pin"
+    (in ASCII letters), and a marked field its own name. A body that might hold one is parsed."""
+    if b"\\" in body or b"\0" in body:
+        return False
+    low = body.lower()
+    return b"pass" not in low and b"pin" not in low and not any(m.encode() in body for m in marked)
 
 
 def middleware(audit, plane: str):
@@ -141,10 +160,10 @@ def _created(resp) -> dict:
 
 async def describe(audit, request: web.Request, plane: str, der: bytes | None, status: int,
                    resp: web.StreamResponse | None = None) -> dict:
-    err: SKMError | None = request.get(ERROR)
+    err: SKMError | None = request_value(request, ERROR)
     resource = request.match_info.route.resource if request.match_info.route is not None else None
     route = resource.canonical if resource is not None else None
-    detail: dict[str, Any] = dict(request.get(AUDIT_DETAIL) or {})
+    detail: dict[str, Any] = dict(request_value(request, AUDIT_DETAIL) or {})
     rid = request.headers.get("X-Request-Id")
     if rid and len(rid) <= 64:
         detail["requestId"] = rid
@@ -153,15 +172,16 @@ async def describe(audit, request: web.Request, plane: str, der: bytes | None, s
         if body is None:
             detail["bodyHmac"] = BODY_NOT_READ
         elif body:
-            body, dropped = strip_sensitive(body, request.content_type, sensitive_fields(request.get(BODY_MODEL)))
+            marked = sensitive_fields(request_value(request, BODY_MODEL))
+            body, dropped = strip_sensitive(body, request.content_type, marked)
             if dropped:
                 detail["bodyOmitted"] = dropped
             mac = await audit.hmac(body)
             detail["bodyHmac"] = mac if mac is not None else "unavailable (sealed)"
     rec: dict[str, Any] = {"plane": plane, "method": request.method, "route": route, "status": status,
                            "ip": request.remote or None}
-    ctx = request.get(CLIENT_CTX)
-    op = request.get(OPERATOR)
+    ctx = request_value(request, CLIENT_CTX)
+    op = request_value(request, OPERATOR)
     rt = runtime(request)
     if ctx is not None:
         rec["project_id"] = ctx.project.id
@@ -178,19 +198,19 @@ async def describe(audit, request: web.Request, plane: str, der: bytes | None, s
                    mac=(ctx.mac_header or None) and ctx.mac_header[:64])
     else:
         rec.update(actor="anonymous", actor_kind="anonymous",
-                   fingerprint=hashlib.sha256(der).hexdigest() if der else None)
+                   fingerprint=_fingerprint(request, der))
         if rt.access is not None:
             rec["ip"] = rt.access.client_ip(request) or None
         if plane == "data":
             m = request.headers.get("X-TOAST-CLIENT-MAC-ADDR")
             rec["mac"] = m[:64] if m else None
-    key = request.get(KEY)
+    key = request_value(request, KEY)
     key_id = key.id if key is not None else (request.match_info.get("key_id") or request.match_info.get("keyid"))
     rec["key_id"] = key_id[:64] if key_id else None
     ks = request.match_info.get("keystore_id") or request.match_info.get("keystoreid")
     rec["keystore_id"] = key.keystore_id if key is not None else (int(ks) if ks and (ks.isascii() and ks.isdigit()) else None)
-    named = request.get(AUDIT_ACTION)
-    act = lookup(request.method, route, dict(request.match_info))
+    named = request_value(request, AUDIT_ACTION)
+    act = lookup(request.method, route, request.match_info)
     if act is not None and act.name in ("key.create", "keystore.create") and status < 300 and resp is not None:
         made = _created(resp)
         kid, ksid = made.get("keyId"), made.get("keyStoreId")
@@ -250,12 +270,15 @@ def _skipped(method: str, path: str) -> bool:
     return path in SKIP_PATHS or path.startswith(SKIP_PREFIXES) or is_console_view(method, path)
 
 
-def _peer_der(request: web.Request) -> bytes | None:
-    transport = request.transport
-    ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
-    if ssl_obj is None:
+def _fingerprint(request: web.Request, der: bytes | None) -> str | None:
+    if not der:
         return None
+    memo = getattr(request.protocol, "peer_identity", None)
+    return memo[1] if memo is not None and memo[0] is der else hashlib.sha256(der).hexdigest()
+
+
+def _peer_der(request: web.Request) -> bytes | None:
     try:
-        return ssl_obj.getpeercert(binary_form=True) or None
+        return peer_identity(request)[0]      # once per connection
     except ValueError:
         return None

@@ -31,12 +31,16 @@ FIELDS = ("seq", "at", "plane", "actor", "actor_kind", "ip", "fingerprint", "mac
 _INTS = frozenset({"seq", "project_id", "keystore_id", "change", "status"})
 
 
+# json.dumps with options builds a JSONEncoder per call; one built once gives the same text.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _canon(rec: dict, fields: tuple[str, ...]) -> bytes:
     vals = []
     for f in fields:
         v = rec.get(f)
         vals.append(int(v) if f in _INTS and v is not None else v)
-    return json.dumps(vals, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode(vals).encode()
 
 
 def record_hash(rec: dict) -> str:

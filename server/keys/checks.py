@@ -25,8 +25,11 @@ def validate_rotation(days: int, min_days: int) -> int:
     return days
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def is_key_id(s: str) -> bool:
-    return len(s) == 32 and all(c in "0123456789abcdef" for c in s)
+    return len(s) == 32 and _HEX.issuperset(s)      # a set test, not a generator per character (hot path)
 
 
 def key_type(v: KeyType | str) -> KeyType:

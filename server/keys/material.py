@@ -21,6 +21,10 @@ from server.keys import formats
 LEGACY_SIGN_MAX = 245
 STANDARD_SIGN_MAX = 64 * 1024
 RSA_ALGORITHMS = ("RSASSA-PSS", "RSASSA-PKCS1-v1_5")
+# Immutable scheme objects, built once rather than per signature.
+_SHA256 = hashes.SHA256()
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+_PKCS1V15 = padding.PKCS1v15()
 
 
 def generate(spec: str) -> tuple[bytes, bytes | None]:
@@ -75,6 +79,9 @@ class AsymmetricVersion:
     def __post_init__(self) -> None:
         self._key: Any = serialization.load_der_private_key(self.der, None)
         self._pub = self._key.public_key()
+        # Built once per loaded version (the material cache keeps it), not per signature.
+        self._ecdsa = ec.ECDSA(self._ec_hash()) if self.spec.startswith("EC-") else None
+        self._described: dict[str, dict] = {}
 
     @property
     def is_rsa(self) -> bool:
@@ -106,13 +113,13 @@ class AsymmetricVersion:
     def _sign_native(self, data: bytes) -> bytes:
         if self.spec == "ED25519":
             return self._key.sign(data)
-        return self._key.sign(data, ec.ECDSA(self._ec_hash()))
+        return self._key.sign(data, self._ecdsa)
 
     def _verify_native(self, sig: bytes, data: bytes) -> None:
         if self.spec == "ED25519":
             self._pub.verify(sig, data)
         else:
-            self._pub.verify(sig, data, ec.ECDSA(self._ec_hash()))
+            self._pub.verify(sig, data, self._ecdsa)
 
     # -- standard schemes --
     def algorithms(self) -> tuple[str, ...]:
@@ -129,6 +136,13 @@ class AsymmetricVersion:
         return algorithm
 
     def describe(self, algorithm: str) -> dict:
+        """The scheme's fields of a sign-standard answer (the caller copies them into its own dict)."""
+        found = self._described.get(algorithm)
+        if found is None:
+            found = self._described[algorithm] = self._describe(algorithm)
+        return found
+
+    def _describe(self, algorithm: str) -> dict:
         if algorithm == "RSASSA-PSS":
             return {"algorithm": algorithm, "hashAlgorithm": "SHA-256", "mgfAlgorithm": "MGF1-SHA-256", "saltLength": 32}
         if algorithm == "RSASSA-PKCS1-v1_5":
@@ -138,19 +152,17 @@ class AsymmetricVersion:
         return {"algorithm": algorithm}
 
     def _rsa_padding(self, algorithm: str):
-        if algorithm == "RSASSA-PSS":
-            return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-        return padding.PKCS1v15()
+        return _PSS if algorithm == "RSASSA-PSS" else _PKCS1V15
 
     def sign_standard(self, data: bytes, algorithm: str) -> bytes:
         if self.is_rsa:
-            return self._key.sign(data, self._rsa_padding(algorithm), hashes.SHA256())
+            return self._key.sign(data, self._rsa_padding(algorithm), _SHA256)
         return self._sign_native(data)
 
     def verify_standard(self, data: bytes, sig: bytes, algorithm: str) -> bool:
         try:
             if self.is_rsa:
-                self._pub.verify(sig, data, self._rsa_padding(algorithm), hashes.SHA256())
+                self._pub.verify(sig, data, self._rsa_padding(algorithm), _SHA256)
             else:
                 self._verify_native(sig, data)
             return True

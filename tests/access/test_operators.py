@@ -234,3 +234,14 @@ async def test_non_admin_changes_only_their_own_password(skm):
     # The checks issued no tokens on the side: only the login above.
     tokens = await skm.rt.operators.tokens((await skm.rt.operators.by_name("self")).id)
     assert len(tokens) == 2
+
+
+def test_roles_cover_their_project_and_global_grants_everywhere():
+    from server.access.operators import Grant, Operator
+    op = Operator(7, "ann", "", None, (Grant("viewer", 1), Grant("admin", 2)))
+    assert op.has(("viewer",), 1) and not op.has(("admin",), 1)
+    assert op.has(("admin",), 2) and not op.has(("viewer",), 2)
+    assert not op.has(("viewer", "admin"), 3) and not op.has(("viewer", "admin"))
+    assert op.roles_in(1) == frozenset({"viewer"}) and op.roles_in(1) is op.roles_in(1)   # memoised
+    glob = Operator(8, "bob", "approver")
+    assert glob.has(("approver",), 5) and glob.has(("approver",)) and not glob.has(("admin",), 5)

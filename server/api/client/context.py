@@ -6,16 +6,15 @@ call here so access-control modules slot in without touching handlers.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from server.access.tls import peer_der
+from server.access.tls import peer_identity
 from server.errors import InvalidAppkey, Sealed
 from server.keys.model import Key, KeyStore, Project
-from server.runtime import CLIENT_CTX, KEY, runtime
+from server.runtime import CLIENT_CTX, KEY, request_value, runtime
 
 PREFIX = r"/keymanager/{version:v1\.[0-3]}/appkey/{appkey:[A-Za-z0-9_-]{1,64}}"
 MAC_HEADER = "X-TOAST-CLIENT-MAC-ADDR"
@@ -39,7 +38,7 @@ class ClientContext:
 
 
 def peer_certificate(request: web.Request) -> bytes | None:
-    return peer_der(request.transport)
+    return peer_identity(request)[0]
 
 
 def peer_ip(request: web.Request) -> str:
@@ -50,7 +49,7 @@ def peer_ip(request: web.Request) -> str:
 
 
 async def client_context(request: web.Request) -> ClientContext:
-    ctx = request.get(CLIENT_CTX)
+    ctx = request_value(request, CLIENT_CTX)
     if ctx is not None:
         return ctx
     rt = runtime(request)
@@ -60,10 +59,10 @@ async def client_context(request: web.Request) -> ClientContext:
     project = await rt.keys.project_by_appkey(appkey)
     if project is None:
         raise InvalidAppkey("no project has that appkey")
-    der = peer_certificate(request)
+    der, fingerprint = peer_identity(request)
     ctx = ClientContext(
         version=request.match_info["version"], project=project, peer_ip=peer_ip(request),
-        cert_der=der, fingerprint=hashlib.sha256(der).hexdigest() if der else None,
+        cert_der=der, fingerprint=fingerprint,
         mac_header=request.headers.get(MAC_HEADER),
     )
     if rt.callers is not None:

@@ -12,13 +12,13 @@ from aiohttp import web
 from server.access.operators import Operator
 from server.errors import InvalidKeyId, KeyStoreNotFound, Sealed, Unauthenticated
 from server.keys.model import Key, KeyStore
-from server.runtime import OPERATOR, runtime
+from server.runtime import OPERATOR, request_value, runtime
 
 OPEN_PATHS = frozenset({"/api/v1/openapi.json", "/healthz", "/readyz", "/metrics", "/api/v1/status"})
 
 
 async def operator(request: web.Request) -> Operator:
-    op = request.get(OPERATOR)
+    op = request_value(request, OPERATOR)
     if op is not None:
         return op
     rt = runtime(request)
