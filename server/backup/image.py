@@ -73,7 +73,8 @@ class RowsImage:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
         self.dest = dest
-        self.con = sqlite3.connect(dest, isolation_level=None)
+        # Made in one worker thread, used from others (one at a time: each call is awaited).
+        self.con = sqlite3.connect(dest, isolation_level=None, check_same_thread=False)
         self.con.execute("PRAGMA journal_mode=OFF")      # a scratch file until it is complete
         self.con.execute("PRAGMA synchronous=OFF")
         self.con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from server import logs
 from server.backup.format import InvalidBackup, Manifest, Reader, read_manifest
 from server.backup.image import extract
+from server.backup.pgload import drop_for_load, restore_after_load
 from server.barrier.barrier import Barrier, sealed_aad
 from server.errors import BarrierError, ConfigError, Conflict
 from server.storage.base import Executor, Storage
@@ -486,13 +487,15 @@ ROWS = 20000        # rows read from the image per COPY
 
 async def _write_image(storage: Storage, barrier: Barrier, image: Path | None, m: Manifest,
                        progress: Progress | None) -> tuple[dict, float]:
-    """The one transaction: clear, COPY every table from the image, check counts and audit chain, commit."""
+    """The one transaction: clear, COPY every table from the image (keys and indexes made after the
+    load, server/backup/pgload.py), check counts and audit chain, commit."""
     assert image is not None
     con = await asyncio.to_thread(sqlite3.connect, f"file:{image}?mode=ro", uri=True, check_same_thread=False)
     try:
         async with storage.transaction() as tx:
-            for t in reversed(m.tables):
+            for t in reversed(m.tables):        # (a TRUNCATE costs more than this on the usual empty target)
                 await tx.execute(f"DELETE FROM {t.name}")
+            dropped = await drop_for_load(tx, [t.name for t in m.tables])
             done = 0
             for t in m.tables:
                 if not t.count:
@@ -511,6 +514,7 @@ async def _write_image(storage: Storage, barrier: Barrier, image: Path | None, m
                     if not pending.done():
                         with contextlib.suppress(BaseException):
                             await pending
+            await restore_after_load(tx, dropped)
             for t in m.tables:
                 n = int(await tx.fetchval(f"SELECT COUNT(*) AS n FROM {t.name}") or 0)
                 if n != t.count:
