@@ -87,6 +87,11 @@ class RowsImage:
         for (name,) in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE "
                                         "'sqlite_%' AND name <> 'schema_version'").fetchall():
             self.con.execute(f"DELETE FROM {name}")
+        # Secondary indexes are built once over the loaded rows (a sort), not row by row.
+        self._indexes = self.con.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT "
+                                         "NULL ORDER BY name").fetchall()
+        for name, _sql in self._indexes:
+            self.con.execute(f"DROP INDEX {name}")
         self.con.execute("BEGIN")
 
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -94,6 +99,8 @@ class RowsImage:
                              rows)
 
     def finish(self) -> None:
+        for _name, sql in self._indexes:
+            self.con.execute(sql)
         self.con.execute("COMMIT")
         self.con.close()
         _rollback_journal(self.dest)
