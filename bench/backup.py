@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from rich.table import Table
 from bench import keyserver, load, procs
 
 REPO = Path(__file__).resolve().parents[1]
+_PYCACHE = Path(tempfile.gettempdir()) / "skm-bench-pycache"
 
 
 @dataclass
@@ -56,8 +58,11 @@ def _skm(*args: str) -> list[str]:
 
 
 def _env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKM_")}
-    env.update(PYTHONPATH=str(REPO), SKM_LOG_LEVEL="warning", SKM_CONFIG=str(REPO / "bench" / ".no-cli-config"))
+    # Bytecode cached (in the bench's own directory), as an installed skm has it: without it every
+    # command would compile its modules again, a cost no operator pays.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKM_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(PYTHONPATH=str(REPO), SKM_LOG_LEVEL="warning", SKM_CONFIG=str(REPO / "bench" / ".no-cli-config"),
+               PYTHONPYCACHEPREFIX=str(_PYCACHE))
     env.update(extra or {})
     return env
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from server import logs
 from server.backup.format import InvalidBackup, Manifest, Reader, read_manifest
-from server.backup.image import extract
+from server.backup.image import extract, scratch_dir
 from server.backup.pgload import drop_for_load, restore_after_load
 from server.barrier.barrier import Barrier, sealed_aad
 from server.errors import BarrierError, ConfigError, Conflict
@@ -92,7 +92,7 @@ async def verify_file(path: str | Path, barrier: Barrier, *, progress: Progress 
     path = Path(path)
     if await _format_version(path, barrier) == 1:
         return await _verify_v1(path, barrier, progress=progress, sample=sample, full=full)
-    work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="skm-verify-"))
+    work = await asyncio.to_thread(lambda: scratch_dir(path.stat().st_size))
     try:
         return await _verify_v2(path, barrier, work, progress=progress, sample=sample)
     finally:
@@ -331,8 +331,10 @@ async def restore(path: str | Path, barrier: Barrier, target_url: str, *, force:
         # The scratch image sits beside the target: the same disk, so installing it is a rename.
         made = not db_path.parent.exists()
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=".skm-restore-",
-                                        dir=None if db_path is None else db_path.parent))
+    if db_path is None:
+        work = await asyncio.to_thread(lambda: scratch_dir(path.stat().st_size))
+    else:
+        work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=".skm-restore-", dir=db_path.parent))
     try:
         report = await _verify_v2(path, barrier, work, progress=progress)
         m = report.manifest
@@ -560,6 +562,8 @@ async def _open_target(storage: Storage, shown: str) -> None:
         await storage.open()
     except (OSError, ConnectionError) as e:
         raise ConfigError(f"cannot open the target {shown}: {e.strerror or type(e).__name__}") from None
+    except sqlite3.DatabaseError as e:          # e.g. the file there is not a SQLite database
+        raise ConfigError(f"cannot open the target {shown}: {e}") from None
     except Exception as e:
         import asyncpg
         if isinstance(e, asyncpg.PostgresError):     # e.g. the database does not exist: its own words say so

@@ -12,7 +12,6 @@ import asyncio
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Awaitable, Callable
 
 from server import timeutil
 from server.backup.format import FORMAT_VERSION, Manifest, TableInfo, mac_key
-from server.backup.image import ImageWriter, RowsImage, vacuum_into
+from server.backup.image import ImageWriter, RowsImage, database_size, scratch_dir, vacuum_into
 from server.barrier.barrier import Barrier
 from server.barrier.rewrap import count_by_version
 from server.errors import Sealed
@@ -86,13 +85,6 @@ async def manifest_of(snap: Snapshot, barrier: Barrier, backend: str) -> Manifes
                     mac_version=mac_version, key_check=check, audit_head=audit_head, skm_version=VERSION)
 
 
-def scratch_dir(storage: Storage) -> Path:
-    """A private directory for the image: beside a SQLite database (same disk, same protection),
-    the system's temporary directory on PostgreSQL. 0700; the image in it 0600 and sealed."""
-    parent = Path(storage.path).parent if getattr(storage, "dialect", "") == "sqlite" else None
-    return Path(tempfile.mkdtemp(prefix=".skm-backup-", dir=parent))
-
-
 async def _image_of_rows(snap: Snapshot, dest: Path) -> None:
     """The snapshot's rows in a fresh image at the snapshot's schema versions (a PostgreSQL source)."""
     versions = [int(r["version"]) for r in await snap.fetchall("SELECT version FROM schema_version ORDER BY version")]
@@ -124,14 +116,19 @@ async def create_backup(storage: Storage, barrier: Barrier, sink: Sink, *, progr
     if barrier.sealed:
         raise Sealed(barrier.sealed_reason)
     t0 = time.monotonic()
-    work = await asyncio.to_thread(scratch_dir, storage)
-    image = work / "image.db"
+    work: Path | None = None
     try:
         if storage.dialect == "sqlite":
-            await asyncio.to_thread(vacuum_into, storage.path, image)
+            path = storage.path          # type: ignore[attr-defined]
+            work = await asyncio.to_thread(lambda: scratch_dir(database_size(path), Path(path).parent))
+            image = work / "image.db"
+            await asyncio.to_thread(vacuum_into, path, image)
             sequences = None
         else:
             async with storage.snapshot() as snap:
+                size = int(await snap.fetchval("SELECT pg_database_size(current_database()) AS n") or 0)
+                work = await asyncio.to_thread(scratch_dir, size)
+                image = work / "image.db"
                 await _image_of_rows(snap, image)
                 sequences = await snap.sequences()
         manifest = await _image_manifest(image, barrier, storage.dialect)
@@ -152,7 +149,8 @@ async def create_backup(storage: Storage, barrier: Barrier, sink: Sink, *, progr
             f.close()
         await sink(w.trailer())
     finally:
-        await asyncio.to_thread(shutil.rmtree, work, True)
+        if work is not None:
+            await asyncio.to_thread(shutil.rmtree, work, True)
     if progress is not None:
         progress(manifest.total_records, w.bytes)
     return Summary(manifest.backup_id, manifest.total_records, w.bytes, round(time.monotonic() - t0, 3),

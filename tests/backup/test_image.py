@@ -6,9 +6,13 @@ from __future__ import annotations
 import os
 import sqlite3
 
+import pytest
+
+from server.backup.image import SHM
 from server.backup.restore import restore, verify_file
 from server.backup.schedule import backup_to_file
 from server.barrier.barrier import Barrier
+from server.errors import ConfigError
 from server.storage.factory import open_storage
 
 
@@ -34,6 +38,7 @@ async def test_either_backend_backs_up_to_an_image_that_restores_into_sqlite(sto
     barrier.unseal({1: os.urandom(32)}, 1)
     src = open_storage(storage_url)
     await src.open()
+    shm_before = set(SHM.glob("skm-backup-*"))
     try:
         await _fill(src)
         backup = tmp_path / "b.skmbak"
@@ -41,6 +46,8 @@ async def test_either_backend_backs_up_to_an_image_that_restores_into_sqlite(sto
         assert summary.backend == src.dialect
     finally:
         await src.close()
+    # The scratch image is gone, in memory or beside the database.
+    assert set(SHM.glob("skm-backup-*")) <= shm_before and not list(tmp_path.glob(".skm-backup-*"))
     assert (await verify_file(backup, barrier)).manifest.tables
     target = tmp_path / "restored" / "skm.db"
     report = await restore(backup, barrier, f"sqlite:///{target}")
@@ -97,3 +104,22 @@ async def test_a_restore_into_postgresql_keeps_its_keys_indexes_and_foreign_keys
         assert await st.fetchval("SELECT name FROM keystores") == "ks"
     finally:
         await st.close()
+
+
+async def test_a_target_that_is_not_a_database_is_refused_and_left_alone(tmp_path):
+    barrier = Barrier()
+    barrier.unseal({1: os.urandom(32)}, 1)
+    src = open_storage(f"sqlite:///{tmp_path / 'src' / 'skm.db'}")
+    await src.open()
+    try:
+        backup = tmp_path / "b.skmbak"
+        await backup_to_file(src, barrier, backup)
+    finally:
+        await src.close()
+    target = tmp_path / "t" / "skm.db"
+    target.parent.mkdir()
+    target.write_bytes(b"not a database, but someone's file" * 200)
+    with pytest.raises(ConfigError, match="cannot open the target"):
+        await restore(backup, barrier, f"sqlite:///{target}")
+    assert target.read_bytes() == b"not a database, but someone's file" * 200
+    assert sorted(p.name for p in target.parent.iterdir()) == ["skm.db"]
