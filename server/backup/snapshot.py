@@ -9,6 +9,7 @@ manifest (counts, audit head, system-key versions) is read from the image itself
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -89,13 +90,24 @@ async def _image_of_rows(snap: Snapshot, dest: Path) -> None:
     """The snapshot's rows in a fresh image at the snapshot's schema versions (a PostgreSQL source)."""
     versions = [int(r["version"]) for r in await snap.fetchall("SELECT version FROM schema_version ORDER BY version")]
     img = await asyncio.to_thread(RowsImage, dest, versions)
+    pending: asyncio.Future | None = None
     try:
         for name in table_order(await snap.tables()):
             cols = [c.name for c in await snap.columns(name)]
-            async for rows in snap.stream(f"SELECT {', '.join(cols)} FROM {name}", batch=BATCH):
-                await asyncio.to_thread(img.insert, name, cols, rows)
+            # In key order (B-tree inserts at the right edge); each batch goes into the image (a thread)
+            # while the next one is fetched.
+            async for rows in snap.stream(f"SELECT {', '.join(cols)} FROM {name} ORDER BY 1", batch=BATCH):
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(asyncio.to_thread(img.insert, name, cols, rows))
+        if pending is not None:
+            await pending
+            pending = None
         await asyncio.to_thread(img.finish)
     except BaseException:
+        if pending is not None:
+            with contextlib.suppress(BaseException):
+                await pending
         await asyncio.to_thread(img.close)
         raise
 
