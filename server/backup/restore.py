@@ -558,6 +558,16 @@ async def _restore_v1(path: Path, barrier: Barrier, target_url: str, *, force: b
 
 
 async def _open_target(storage: Storage, shown: str) -> None:
+    """Open (and migrate) the target; a failure closes what was opened (no connection thread left)."""
+    try:
+        await _open_storage(storage, shown)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await storage.close()
+        raise
+
+
+async def _open_storage(storage: Storage, shown: str) -> None:
     try:
         await storage.open()
     except (OSError, ConnectionError) as e:
