@@ -27,7 +27,7 @@ import hmac
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Iterator
 
 from server.barrier.barrier import Barrier
 from server.errors import BarrierError, SKMError
