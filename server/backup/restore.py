@@ -370,6 +370,7 @@ async def _sqlite_target_data(db_path: Path, shown: str, m: Manifest) -> dict[st
     """What makes an existing SQLite target non-empty (nothing when there is no database yet)."""
     if not db_path.exists():
         return {}
+    await asyncio.to_thread(_is_database, db_path, shown)
     storage = open_storage(f"sqlite:///{db_path}")
     storage.migrations = []                 # look, do not migrate
     await _open_target(storage, shown)
@@ -378,6 +379,18 @@ async def _sqlite_target_data(db_path: Path, shown: str, m: Manifest) -> dict[st
         return await _existing_data(storage, [t.name for t in m.tables if t.name in present])
     finally:
         await storage.close()
+
+
+def _is_database(path: Path, shown: str) -> None:
+    """Refuse a target file that is not a SQLite database before the storage layer opens it."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise ConfigError(f"cannot open the target {shown}: {e}") from None
 
 
 async def _checked_audit(db: Executor, barrier: Barrier) -> tuple[dict, float]:
