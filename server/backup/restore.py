@@ -422,7 +422,7 @@ async def _install_sqlite(report: VerifyReport, barrier: Barrier, db_path: Path,
                        "replace everything in it")
     store = open_storage(f"sqlite:///{image}")
     store.migrations = _backup_migrations(m)
-    await store.open()
+    await _open_target(store, shown)
     try:
         async with store.transaction() as tx:
             await store.set_sequences(tx, m.sequences)
@@ -432,7 +432,7 @@ async def _install_sqlite(report: VerifyReport, barrier: Barrier, db_path: Path,
         await store.close()
     if set(m.schema_versions) != {v for v, _ in MIGRATIONS}:
         store = open_storage(f"sqlite:///{image}")     # the newer migrations, as an upgrade runs them
-        await store.open()
+        await _open_target(store, shown)
         await store.close()
     await asyncio.to_thread(_replace_database, image, db_path)
     return audit, epoch, audit_s
