@@ -3,8 +3,10 @@ the raw tools on the same database in the same run (`sqlite3 .backup` / `.restor
 `pg_restore` with --postgres), and the secret-read p99 while backups run vs while none does.
 
 Every time is the wall time of the command as an operator runs it (a new process each: Python's
-start-up is in ours, as the raw tools' start-up is in theirs). The key server runs as
-`skm server run`, pinned to the server core; the load client (ab) on the client core.
+start-up is in ours, as the raw tools' start-up is in theirs). The CLI's start-up alone (`skm backup
+create --help`) and the restore's audit-chain check (the CLI's --json says its seconds) are columns
+of their own, with the ratios net of them beside the plain ones. The key server runs as `skm server
+run`, pinned to the server core; the load client (ab) on the client core.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from rich.table import Table
 from bench import keyserver, load, procs
 
 REPO = Path(__file__).resolve().parents[1]
+_PYCACHE = Path(tempfile.gettempdir()) / "skm-bench-pycache"
 
 
 @dataclass
@@ -41,6 +45,8 @@ class BackupResult:
     p99_during_ms: float
     backups_during: int
     errors: list[str] = field(default_factory=list)
+    restore_audit_s: float = 0.0    # of restore_s, checking the restored audit chain (reported apart)
+    startup_s: float = 0.0          # `skm backup create --help`: the CLI's start-up, in each command's time
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -52,18 +58,32 @@ def _skm(*args: str) -> list[str]:
 
 
 def _env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKM_")}
-    env.update(PYTHONPATH=str(REPO), SKM_LOG_LEVEL="warning", SKM_CONFIG=str(REPO / "bench" / ".no-cli-config"))
+    # Bytecode cached (in the bench's own directory), as an installed skm has it: without it every
+    # command would compile its modules again, a cost no operator pays.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKM_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(PYTHONPATH=str(REPO), SKM_LOG_LEVEL="warning", SKM_CONFIG=str(REPO / "bench" / ".no-cli-config"),
+               PYTHONPYCACHEPREFIX=str(_PYCACHE))
     env.update(extra or {})
     return env
 
 
 def _timed(cmd: list[str], env: dict | None = None) -> float:
+    return _run(cmd, env)[0]
+
+
+def _run(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
     t0 = time.monotonic()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({p.returncode}): {(p.stderr or p.stdout)[-400:]}")
-    return time.monotonic() - t0
+    return time.monotonic() - t0, p.stdout
+
+
+def _restore(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, seconds of it spent checking the audit chain: the CLI's --json says)."""
+    import json
+    took, out = _run([*cmd, "--json"], env)
+    return took, float(json.loads(out).get("auditSeconds", 0.0))
 
 
 def _launch(fx: keyserver.Fixture, name: str) -> procs.Proc:
@@ -99,6 +119,8 @@ def measure(backend: str, keys: int, work: Path, *, pg=None, duration: float = 1
     try:
         env = _env({"SKM_ADDR": server.info["mgmt_url"], "SKM_TOKEN": fx.operator_token, "SKM_CACERT": str(fx.ca)})
         out = root / "bench.skmbak"
+        # The floor every `skm` command pays (Python and the CLI's imports); the raw tools are C.
+        startup_s = min(_timed(_skm("backup", "create", "--help"), env) for _ in range(3))
         create_s = _timed(_skm("backup", "create", "--out", str(out)), env)
         if backend == "sqlite":
             db = root / "data" / "skm.db"
@@ -139,19 +161,20 @@ def measure(backend: str, keys: int, work: Path, *, pg=None, duration: float = 1
     # Restores into fresh targets (the server is stopped: a restore runs offline).
     if backend == "sqlite":
         target = root / "restored"
-        restore_s = _timed(_skm("backup", "restore", str(out), "--config", str(_restore_config(fx)),
-                                "--data-dir", str(target)), _env())
+        restore_s, audit_s = _restore(_skm("backup", "restore", str(out), "--config", str(_restore_config(fx)),
+                                           "--data-dir", str(target)), _env())
         raw_restore_s = _timed(["sqlite3", str(root / "raw-restored.db"), f".restore '{raw}'"])
     else:
         url = pg.create_database()
-        restore_s = _timed(_skm("backup", "restore", str(out), "--config", str(_restore_config(fx, storage)),
-                                "--storage", url), _env())
+        restore_s, audit_s = _restore(_skm("backup", "restore", str(out), "--config",
+                                           str(_restore_config(fx, storage)), "--storage", url), _env())
         url2 = pg.create_database()
         raw_restore_s = _timed([str(pg.bindir / "pg_restore"), "--no-owner", "-d", url2, str(raw)])
     res = BackupResult(backend, keys, round(create_s, 2), round(restore_s, 2), round(raw_backup_s, 2),
                        round(raw_restore_s, 2), raw_tool, out.stat().st_size, raw.stat().st_size,
                        idle.p99_ms, during.p99_ms, len(taken), errors + ([idle.error_detail] if idle.errors else [])
-                       + ([during.error_detail] if during.errors else []))
+                       + ([during.error_detail] if during.errors else []), restore_audit_s=round(audit_s, 2),
+                       startup_s=round(startup_s, 2))
     shutil.rmtree(root / "restored", ignore_errors=True)
     return res
 
@@ -159,13 +182,20 @@ def measure(backend: str, keys: int, work: Path, *, pg=None, duration: float = 1
 def table(results: list[BackupResult]) -> Table:
     t = Table(title="backup / restore (wall time of each command; secret-read p99 at the scale concurrency)")
     for col in ("backend", "keys", "skm backup create s", "raw backup s", "ratio", "skm backup restore s",
-                "raw restore s", "ratio", "file MB", "raw MB", "read p99 idle ms", "read p99 during backup ms",
-                "backups during"):
+                "raw restore s", "ratio", "of it audit check s", "ratio without it", "skm start-up s",
+                "ratios net of start-up (create / restore w/o audit)", "file MB", "raw MB", "read p99 idle ms",
+                "read p99 during backup ms", "backups during"):
         t.add_column(col, justify="left" if col == "backend" else "right")
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "-"
     for r in results:
         t.add_row(f"{r.backend} ({r.raw_tool})", f"{r.keys:,}", f"{r.create_s:.2f}", f"{r.raw_backup_s:.2f}",
-                  f"{r.create_s / r.raw_backup_s:.2f}x" if r.raw_backup_s else "-", f"{r.restore_s:.2f}",
-                  f"{r.raw_restore_s:.2f}", f"{r.restore_s / r.raw_restore_s:.2f}x" if r.raw_restore_s else "-",
+                  ratio(r.create_s, r.raw_backup_s), f"{r.restore_s:.2f}", f"{r.raw_restore_s:.2f}",
+                  ratio(r.restore_s, r.raw_restore_s), f"{r.restore_audit_s:.2f}",
+                  ratio(r.restore_s - r.restore_audit_s, r.raw_restore_s), f"{r.startup_s:.2f}",
+                  f"{ratio(r.create_s - r.startup_s, r.raw_backup_s)} / "
+                  f"{ratio(r.restore_s - r.restore_audit_s - r.startup_s, r.raw_restore_s)}",
                   f"{r.file_bytes / 1e6:.1f}", f"{r.raw_bytes / 1e6:.1f}", f"{r.p99_idle_ms:.1f}",
                   f"{r.p99_during_ms:.1f}", str(r.backups_during))
     return t

@@ -1,6 +1,9 @@
 """The backup file: a manifest, every stored row exactly as stored, and a MAC over the whole.
 
-Layout (UTF-8 JSON lines, so it streams both ways and `head -1` shows the manifest):
+The manifest (first line, JSON, so `head -1` shows it) and the key check are common to every
+format version. Version 2, written now, carries the rows as a SQLite database image
+(server/backup/image.py). Version 1, still read (restore and verify), is the layout below:
+UTF-8 JSON lines, one per row:
 
     {"format":"skm-backup","formatVersion":1, ...manifest...}\n
     [tableIndex, value, value, ...]\n            one line per row, tables in restore order
@@ -24,13 +27,14 @@ import hmac
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Iterator
 
 from server.barrier.barrier import Barrier
 from server.errors import BarrierError, SKMError
 
 FORMAT = "skm-backup"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                      # written: a SQLite image payload (server/backup/image.py)
+READABLE_VERSIONS = (1, 2)              # 1: JSON lines (the Reader below)
 SUFFIX = ".skmbak"
 MAC_PURPOSE = b"skm backup mac v1:"
 CHECK_PURPOSE = b"skm backup key check v1:"
@@ -77,13 +81,15 @@ class Manifest:
     audit_head: dict[str, Any]
     skm_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    payload_bytes: int = 0                  # version 2: the SQLite image's size
 
     @property
     def total_records(self) -> int:
         return sum(t.count for t in self.tables)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "formatVersion": FORMAT_VERSION, "backupId": self.backup_id,
+        out = {"format": FORMAT, "formatVersion": self.format_version, "backupId": self.backup_id,
                 "createdAt": self.created_at, "skmVersion": self.skm_version,
                 "source": {"backend": self.backend, "schemaVersion": max(self.schema_versions, default=0),
                            "schemaVersions": self.schema_versions},
@@ -93,15 +99,19 @@ class Manifest:
                 "mac": {"algorithm": "HMAC-SHA256", "kdf": "HKDF-SHA256", "systemKeyVersion": self.mac_version,
                         "keyCheck": self.key_check},
                 "auditHead": self.audit_head, "records": self.total_records}
+        if self.format_version >= 2:
+            out["payload"] = {"kind": "sqlite-image", "bytes": self.payload_bytes}
+        return out
 
     @classmethod
     def from_json(cls, d: Any) -> "Manifest":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise InvalidBackup("not an skm backup file (its first line is not an skm-backup manifest)")
         fv = d.get("formatVersion")
-        if fv != FORMAT_VERSION:
-            raise InvalidBackup(f"unknown backup format version {fv!r}: this skm reads version {FORMAT_VERSION}; "
-                                "use the skm release that wrote it (or newer)")
+        if type(fv) is not int or fv not in READABLE_VERSIONS:
+            raise InvalidBackup(f"unknown backup format version {fv!r}: this skm reads versions "
+                                f"{', '.join(map(str, READABLE_VERSIONS))}; use the skm release that wrote it "
+                                "(or newer)")
         try:
             tables = []
             for t in d["tables"]:
@@ -114,13 +124,19 @@ class Manifest:
             if mac["algorithm"] != "HMAC-SHA256" or mac["kdf"] != "HKDF-SHA256":
                 raise InvalidBackup(f"unknown MAC {mac['algorithm']}/{mac['kdf']}")
             src = d["source"]
+            payload = 0
+            if fv >= 2:
+                if d["payload"]["kind"] != "sqlite-image":
+                    raise InvalidBackup(f"unknown payload kind {d['payload']['kind']!r}")
+                payload = _nat(d["payload"]["bytes"])
             return cls(backup_id=_hexid(d["backupId"]), created_at=str(d["createdAt"]), backend=str(src["backend"]),
                        schema_versions=[_nat(v) for v in src["schemaVersions"]], tables=tables,
                        sequences={str(k): _nat(v) for k, v in d["sequences"].items()},
                        system_key_versions=[_nat(v) for v in d["systemKeyVersions"]],
                        records_by_version={int(k): _nat(v) for k, v in d["recordsBySystemKeyVersion"].items()},
                        mac_version=_nat(mac["systemKeyVersion"]), key_check=str(mac["keyCheck"]),
-                       audit_head=dict(d["auditHead"]), skm_version=str(d.get("skmVersion", "")))
+                       audit_head=dict(d["auditHead"]), skm_version=str(d.get("skmVersion", "")),
+                       format_version=fv, payload_bytes=payload)
         except InvalidBackup:
             raise
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -164,73 +180,33 @@ def missing_versions(m: Manifest, barrier: Barrier) -> None:
                             "retired")
 
 
-def _enc_blob(v: Any) -> Any:
-    if v is None:
-        return None
-    if isinstance(v, memoryview):
-        v = bytes(v)
-    if not isinstance(v, (bytes, bytearray)):
-        raise TypeError("a BLOB column holds a non-binary value")
-    return base64.b64encode(v).decode("ascii")
-
-
-def _row_encoder():
-    """json's C encoder made once (JSONEncoder.encode builds one per call: half the cost of a row)."""
-    try:
-        from json.encoder import c_make_encoder, encode_basestring_ascii
-    except ImportError:
-        return None
-    if c_make_encoder is None:
-        return None
-
-    def default(o: Any) -> Any:
-        raise TypeError(f"a {type(o).__name__} value cannot go into a backup")
-    enc = c_make_encoder(None, default, encode_basestring_ascii, None, ":", ",", False, False, False)
-    return lambda row: "".join(enc(row, 0))
-
-
-class Writer:
-    """Builds the file's bytes; the caller sends them wherever (an HTTP stream, a file)."""
-
-    def __init__(self, manifest: Manifest, key: bytes) -> None:
-        self.manifest = manifest
-        self._mac = hmac.new(key, digestmod=hashlib.sha256)
-        self._dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
-        self._row = _row_encoder() or self._dumps
-        self.records = 0
-        self.bytes = 0
-
-    def _out(self, data: bytes, mac: bool = True) -> bytes:
-        if mac:
-            self._mac.update(data)
-        self.bytes += len(data)
-        return data
-
-    def header(self) -> bytes:
-        return self._out(self._dumps(self.manifest.to_json()).encode() + b"\n")
-
-    def rows(self, index: int, rows: Sequence[Sequence[Any]]) -> bytes:
-        """Encode one batch of rows of table `index` (CPU work: callers run it in a thread)."""
-        blob = self.manifest.tables[index].blob
-        dumps = self._row
-        if any(blob):
-            lines = [dumps([index, *[_enc_blob(v) if b else v for v, b in zip(r, blob)]]) for r in rows]
-        else:
-            lines = [dumps([index, *r]) for r in rows]
-        self.records += len(rows)
-        return self._out(("\n".join(lines) + "\n").encode() if lines else b"")
-
-    def trailer(self) -> bytes:
-        end = {"end": FORMAT, "records": self.records, "mac": self._mac.hexdigest()}
-        return self._out(self._dumps(end).encode() + b"\n", mac=False)
-
-
 @dataclass
 class Batch:
     table: TableInfo
     index: int
     rows: list[list[Any]]
     size: int                # bytes of the lines
+
+
+def read_manifest(f: IO[bytes], barrier: Barrier) -> tuple[bytes, Manifest, bytes]:
+    """(manifest line, manifest, MAC key) of any readable version; refuses another installation's file."""
+    first = f.readline(MAX_MANIFEST + 1)
+    if not first:
+        raise InvalidBackup("the file is empty")
+    if not first.endswith(b"\n"):
+        raise InvalidBackup("the manifest line is cut short or too long: not a complete skm backup")
+    try:
+        data = json.loads(first)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidBackup("not an skm backup file (its first line is not JSON)") from None
+    m = Manifest.from_json(data)
+    missing_versions(m, barrier)
+    _, key, check = mac_key(barrier, m.backup_id, m.mac_version)
+    if not hmac.compare_digest(check, m.key_check):
+        raise InvalidBackup(f"this backup was made under a different system key (system-key version "
+                            f"{m.mac_version} here is another key): it comes from another installation, or "
+                            "its manifest was altered")
+    return first, m, key
 
 
 class Reader:
@@ -241,23 +217,10 @@ class Reader:
 
     def __init__(self, f: IO[bytes], barrier: Barrier) -> None:
         self.f = f
-        first = f.readline(MAX_MANIFEST + 1)
-        if not first:
-            raise InvalidBackup("the file is empty")
-        if not first.endswith(b"\n"):
-            raise InvalidBackup("the manifest line is cut short or too long: not a complete skm backup")
-        try:
-            data = json.loads(first)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidBackup("not an skm backup file (its first line is not JSON)") from None
-        self.manifest = Manifest.from_json(data)
+        first, self.manifest, key = read_manifest(f, barrier)
         m = self.manifest
-        missing_versions(m, barrier)
-        _, key, check = mac_key(barrier, m.backup_id, m.mac_version)
-        if not hmac.compare_digest(check, m.key_check):
-            raise InvalidBackup(f"this backup was made under a different system key (system-key version "
-                                f"{m.mac_version} here is another key): it comes from another installation, or "
-                                "its manifest was altered")
+        if m.format_version != 1:
+            raise InvalidBackup(f"internal: format version {m.format_version} is not read row by row")
         self._mac = hmac.new(key, first, hashlib.sha256)
         self.records = 0
         self.bytes = len(first)

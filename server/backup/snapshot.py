@@ -1,21 +1,27 @@
-"""Online backup: one read snapshot of the whole store, streamed out as a backup file.
+"""Online backup: one consistent snapshot of the whole store, sent as a backup file (format 2).
 
-Reads through the storage interface (Storage.snapshot: a deferred read transaction on SQLite in
-WAL mode, REPEATABLE READ READ ONLY on PostgreSQL), so the server keeps serving reads and
-writes while it runs and the file holds one consistent moment: every table, the audit head and
-the sequences as of the snapshot's start.
+The snapshot becomes a SQLite database image in a private scratch directory (server/backup/image.py):
+on SQLite `VACUUM INTO` from the live database (one read transaction in WAL mode), on PostgreSQL the
+rows of one REPEATABLE READ READ ONLY transaction (Storage.snapshot) inserted into a fresh image.
+The server keeps serving reads and writes meanwhile, and the file holds one consistent moment: the
+manifest (counts, audit head, system-key versions) is read from the image itself.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import shutil
 import time
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from server import timeutil
-from server.backup.format import Manifest, TableInfo, Writer, mac_key
+from server.backup.format import FORMAT_VERSION, Manifest, TableInfo, mac_key
+from server.backup.image import ImageWriter, RowsImage, database_size, scratch_dir, vacuum_into
 from server.barrier.barrier import Barrier
 from server.barrier.rewrap import count_by_version
 from server.errors import Sealed
@@ -25,9 +31,7 @@ from server.storage.migrations import SEALED_COLUMNS, all_sql
 
 Sink = Callable[[bytes], Awaitable[object]]
 Progress = Callable[[int, int], object]        # (records, bytes) so far
-BATCH = 1000
-SLICE = 100            # rows encoded between two yields to the event loop
-CHUNK = 256 * 1024     # bytes handed to the sink at a time
+BATCH = 5000           # rows fetched from PostgreSQL at a time
 
 
 def table_order(tables: list[str]) -> list[str]:
@@ -60,7 +64,8 @@ class Summary:
                 "schemaVersion": self.schema_version, "backend": self.backend}
 
 
-async def _manifest(snap: Snapshot, barrier: Barrier, backend: str) -> Manifest:
+async def manifest_of(snap: Snapshot, barrier: Barrier, backend: str) -> Manifest:
+    """The manifest of what `snap` sees: tables in restore order, counts, audit head, key versions."""
     tables = []
     for name in table_order(await snap.tables()):
         cols = await snap.columns(name)
@@ -81,43 +86,85 @@ async def _manifest(snap: Snapshot, barrier: Barrier, backend: str) -> Manifest:
                     mac_version=mac_version, key_check=check, audit_head=audit_head, skm_version=VERSION)
 
 
+async def _image_of_rows(snap: Snapshot, dest: Path) -> None:
+    """The snapshot's rows in a fresh image at the snapshot's schema versions (a PostgreSQL source)."""
+    versions = [int(r["version"]) for r in await snap.fetchall("SELECT version FROM schema_version ORDER BY version")]
+    img = await asyncio.to_thread(RowsImage, dest, versions)
+    pending: asyncio.Future | None = None
+    try:
+        for name in table_order(await snap.tables()):
+            cols = [c.name for c in await snap.columns(name)]
+            # In key order (B-tree inserts at the right edge); each batch goes into the image (a thread)
+            # while the next one is fetched.
+            async for rows in snap.stream(f"SELECT {', '.join(cols)} FROM {name} ORDER BY 1", batch=BATCH):
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(asyncio.to_thread(img.insert, name, cols, rows))
+        if pending is not None:
+            await pending
+            pending = None
+        await asyncio.to_thread(img.finish)
+    except BaseException:
+        if pending is not None:
+            with contextlib.suppress(BaseException):
+                await pending
+        await asyncio.to_thread(img.close)
+        raise
+
+
+async def _image_manifest(image: Path, barrier: Barrier, backend: str) -> Manifest:
+    from server.storage.sqlite import SQLiteStorage
+    img = SQLiteStorage(str(image))
+    async with img.snapshot() as snap:
+        manifest = await manifest_of(snap, barrier, backend)
+    manifest.format_version = FORMAT_VERSION
+    manifest.payload_bytes = os.path.getsize(image)
+    return manifest
+
+
 async def create_backup(storage: Storage, barrier: Barrier, sink: Sink, *, progress: Progress | None = None,
                         on_manifest: Callable[[Manifest], object] | None = None) -> Summary:
     """Write one consistent backup of `storage` to `sink`, a chunk at a time; returns its summary."""
     if barrier.sealed:
         raise Sealed(barrier.sealed_reason)
     t0 = time.monotonic()
-    async with storage.snapshot() as snap:
-        manifest = await _manifest(snap, barrier, storage.dialect)
+    work: Path | None = None
+    try:
+        if storage.dialect == "sqlite":
+            path = storage.path          # type: ignore[attr-defined]
+            work = await asyncio.to_thread(lambda: scratch_dir(database_size(path), Path(path).parent))
+            image = work / "image.db"
+            await asyncio.to_thread(vacuum_into, path, image)
+            sequences = None
+        else:
+            async with storage.snapshot() as snap:
+                size = int(await snap.fetchval("SELECT pg_database_size(current_database()) AS n") or 0)
+                work = await asyncio.to_thread(scratch_dir, size)
+                image = work / "image.db"
+                await _image_of_rows(snap, image)
+                sequences = await snap.sequences()
+        manifest = await _image_manifest(image, barrier, storage.dialect)
+        if sequences is not None:
+            manifest.sequences = sequences
         if on_manifest is not None:
             on_manifest(manifest)
         _v, key, _c = mac_key(barrier, manifest.backup_id, manifest.mac_version)
-        w = Writer(manifest, key)
+        w = ImageWriter(manifest, key)
         await sink(w.header())
-        out: list[bytes] = []
-        pending = 0
-        for index, t in enumerate(manifest.tables):
-            if not t.count:
-                continue
-            cols = ", ".join(t.columns)
-            async for rows in snap.stream(f"SELECT {cols} FROM {t.name} ORDER BY 1", batch=BATCH):
-                # Encoded in slices of about a millisecond on the loop, yielding between them: requests
-                # interleave with the backup. (A thread would hold the GIL for up to the 5 ms switch
-                # interval each time a request wants it back: worse tail latency for the same work.)
-                for i in range(0, len(rows), SLICE):
-                    data = w.rows(index, rows[i:i + SLICE])
-                    out.append(data)
-                    pending += len(data)
-                    if pending >= CHUNK:          # few, large writes to the stream or file
-                        await sink(b"".join(out))
-                        out, pending = [], 0
-                    await asyncio.sleep(0)
+        f = await asyncio.to_thread(open, image, "rb")
+        try:
+            while data := await asyncio.to_thread(w.read_payload, f):
+                await sink(data)
                 if progress is not None:
-                    progress(w.records, w.bytes)
-        out.append(w.trailer())
-        await sink(b"".join(out))
+                    progress(manifest.total_records * w.payload_bytes // max(manifest.payload_bytes, 1), w.bytes)
+        finally:
+            f.close()
+        await sink(w.trailer())
+    finally:
+        if work is not None:
+            await asyncio.to_thread(shutil.rmtree, work, True)
     if progress is not None:
-        progress(w.records, w.bytes)
-    return Summary(manifest.backup_id, w.records, w.bytes, round(time.monotonic() - t0, 3),
+        progress(manifest.total_records, w.bytes)
+    return Summary(manifest.backup_id, manifest.total_records, w.bytes, round(time.monotonic() - t0, 3),
                    {t.name: t.count for t in manifest.tables}, manifest.system_key_versions, manifest.audit_head,
                    max(manifest.schema_versions, default=0), manifest.backend)

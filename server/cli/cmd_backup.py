@@ -73,7 +73,7 @@ def _config(args: argparse.Namespace):
 async def _create(args: argparse.Namespace) -> int:
     import aiohttp
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from server.access.tls import client_context
     from server.cli.common import _raise_for
@@ -97,8 +97,8 @@ async def _create(args: argparse.Namespace) -> int:
                     s.post(f"{conn.addr}/api/v1/backup") as r:
                 if r.status != 200:
                     _raise_for(r.status, await r.json(content_type=None))
-                with Progress(TextColumn("backing up"), BarColumn(), MofNCompleteColumn(), TextColumn("records"),
-                              TextColumn("{task.fields[size]}"), TimeElapsedColumn(), console=console) as bar:
+                with Progress(TextColumn("backing up"), BarColumn(), TextColumn("{task.fields[size]}"),
+                              TimeElapsedColumn(), console=console) as bar:
                     summary = await _receive(r, f, bar)
             f.flush()
             os.fsync(f.fileno())
@@ -122,37 +122,36 @@ async def _create(args: argparse.Namespace) -> int:
 
 
 async def _receive(r, f, bar) -> dict:
-    """Write the stream to `f`, following records and bytes; check it ends with its trailer."""
+    """Write the stream to `f`, following its bytes; check it ends with its trailer (the MAC itself
+    is checked by `skm backup verify` / `restore`, which hold the system key)."""
     from server.errors import Unavailable
     from rich.filesize import decimal
     task = bar.add_task("backup", total=None, size="0 bytes")
     manifest: dict | None = None
     buf = b""
-    records = total_bytes = 0
+    total_bytes = 0
     last = b""
-    async for chunk in r.content.iter_chunked(1 << 16):
+    async for chunk in r.content.iter_chunked(1 << 20):
         f.write(chunk)
         total_bytes += len(chunk)
         if manifest is None:
             buf += chunk
             if b"\n" in buf:
                 manifest = json.loads(buf.split(b"\n", 1)[0])
-                bar.update(task, total=int(manifest.get("records", 0)) or None)
-                records -= 1                         # the manifest line is not a record
-        records += chunk.count(b"\n")
+                size = manifest.get("payload", {}).get("bytes")
+                bar.update(task, total=(len(buf.split(b"\n", 1)[0]) + 1 + size) if size else None)
+                buf = b""
         last = (last + chunk)[-4096:]
-        bar.update(task, completed=max(records, 0), size=decimal(total_bytes))
-    lines = last.rstrip(b"\n").rsplit(b"\n", 1)
-    try:
-        end = json.loads(lines[-1]) if manifest is not None else {}
+        bar.update(task, completed=total_bytes, size=decimal(total_bytes))
+    try:        # the trailer follows the binary image: find it by its start, not by a newline
+        end = json.loads(last[last.rindex(b'{"end":'):]) if manifest is not None and last.endswith(b"\n") else {}
     except ValueError:
         end = {}
-    if manifest is None or end.get("end") != "skm-backup":
+    if manifest is None or not isinstance(end, dict) or end.get("end") != "skm-backup":
         raise Unavailable("the backup stream ended early (the server failed or the connection broke); "
                           "nothing was kept: run it again")
-    records -= 1                                     # nor is the trailer
-    bar.update(task, completed=records, total=records)
-    return {"backupId": manifest["backupId"], "createdAt": manifest["createdAt"], "records": records,
+    bar.update(task, completed=total_bytes, total=total_bytes)
+    return {"backupId": manifest["backupId"], "createdAt": manifest["createdAt"], "records": manifest["records"],
             "bytes": total_bytes, "backend": manifest["source"]["backend"],
             "schemaVersion": manifest["source"]["schemaVersion"], "auditHead": manifest.get("auditHead", {}),
             "systemKeyVersions": manifest["systemKeyVersions"],
@@ -162,14 +161,16 @@ async def _receive(r, f, bar) -> dict:
 # ----------------------------------------------------------------------------- verify / restore
 def _progress(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TextColumn("records"),
-                   TimeElapsedColumn(), console=console)
+    bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=console)
     tasks: dict[str, int] = {}
+    # "read": bytes of a format 2 file read under its MAC; "verify" (format 1), "restore": records.
+    names = {"read": ("reading", "bytes"), "verify": ("verifying", "records"), "restore": ("restoring", "records")}
 
     def update(phase: str, done: int, total: int) -> None:
         if phase not in tasks:
-            tasks[phase] = bar.add_task({"verify": "verifying", "restore": "restoring"}.get(phase, phase),
-                                        total=total)
+            name, unit = names.get(phase, (phase, ""))
+            tasks[phase] = bar.add_task(name, total=total, unit=unit)
         bar.update(tasks[phase], completed=done, total=total)
     return bar, update
 
@@ -235,7 +236,7 @@ async def _restore(args: argparse.Namespace) -> int:
         print(f"restored {out['records']} records into {out['target']} in {out['seconds']} s "
               f"(backup {out['backupId']})")
         print(f"  counts match the manifest; audit chain intact: {audit['checked']} record(s), head "
-              f"{audit['headSeq']}")
+              f"{audit['headSeq']} (checked in {out['auditSeconds']} s)")
         print(f"  audit epoch: {out['auditEpoch']}")
         print("  next: start the key server on it (skm server run ...); it needs the same root key and system key")
     return 0

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import time
 
 from server.api.mgmt.backup_routes import backup_lock
-from server.backup.format import Reader
+from server.backup.restore import verify_file
 
 
 async def until(fetch, timeout: float = 10.0):
@@ -33,11 +32,12 @@ async def test_an_admin_gets_a_complete_verifiable_stream_and_it_is_audited(skm)
     assert headers["Content-Type"] == "application/octet-stream"
     assert "attachment" in headers["Content-Disposition"] and ".skmbak" in headers["Content-Disposition"]
     assert b"streamed-but-sealed" not in body
-    reader = Reader(io.BytesIO(body), skm.rt.barrier)
-    batches = list(reader.batches())
-    reader.finish()
-    assert reader.verified and sum(len(b.rows) for b in batches) == reader.manifest.total_records
-    assert reader.manifest.backend == skm.rt.storage.dialect
+    (skm.tmp / "api.skmbak").write_bytes(body)
+    report = await verify_file(skm.tmp / "api.skmbak", skm.rt.barrier)
+    assert report.records == report.manifest.total_records and report.bytes == len(body)
+    assert report.manifest.backend == skm.rt.storage.dialect and report.manifest.format_version == 2
+    assert report.unsealed.get("key_versions.material_sealed", 0) >= 1
+    reader = report
     # Who took it is durable before the first byte left...
     start = await skm.rt.storage.fetchall("SELECT actor, action, detail FROM audit_log WHERE action = ?",
                                           "backup.start")

@@ -74,28 +74,26 @@ async def test_backup_holds_no_secret_value_and_no_raw_key_byte(site):
     assert oct(backup.stat().st_mode & 0o777) == "0o600"
 
 
+def _payload(data: bytes) -> tuple[int, int]:
+    """(offset, size) of the database image inside a format 2 file."""
+    first = data.index(b"\n") + 1
+    return first, json.loads(data[:first])["payload"]["bytes"]
+
+
 def _flip_in_blob(data: bytes) -> bytes:
-    """Change one base64 character of a sealed key_versions blob: still valid JSON and base64."""
-    lines = data.split(b"\n")
-    manifest = json.loads(lines[0])
-    index = [t["name"] for t in manifest["tables"]].index("key_versions")
-    for i, line in enumerate(lines[1:], 1):
-        if line.startswith(f"[{index},".encode()):
-            row = json.loads(line)
-            cols = manifest["tables"][index]["columns"]
-            c = cols.index("material_sealed") + 1
-            s = row[c]
-            row[c] = s[:20] + ("B" if s[20] != "B" else "C") + s[21:]
-            lines[i] = json.dumps(row, separators=(",", ":")).encode()
-            return b"\n".join(lines)
-    raise AssertionError("no key_versions row")
+    """One bit inside the image's last page (row data, not the header SQLite would reject first)."""
+    at, size = _payload(data)
+    i = at + size - 100
+    return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:]
 
 
 def _splice(data: bytes) -> bytes:
-    """Swap two rows: every line intact, their order (what they mean together) not."""
-    lines = data.split(b"\n")
-    lines[3], lines[4] = lines[4], lines[3]
-    return b"\n".join(lines)
+    """Swap two pages of the image: every page intact, their order (what they mean together) not."""
+    at, size = _payload(data)
+    page = int.from_bytes(data[at + 16:at + 18], "big")
+    assert size >= 4 * page
+    a, b = at + page, at + 2 * page
+    return data[:a] + data[b:b + page] + data[a:b] + data[b + page:]
 
 
 def _edit_manifest(data: bytes) -> bytes:
@@ -107,7 +105,7 @@ def _edit_manifest(data: bytes) -> bytes:
 def _newer_format(data: bytes) -> bytes:
     first, rest = data.split(b"\n", 1)
     m = json.loads(first)
-    m["formatVersion"] = 2
+    m["formatVersion"] = 3
     return json.dumps(m, separators=(",", ":")).encode() + b"\n" + rest
 
 
@@ -117,8 +115,8 @@ def _newer_format(data: bytes) -> bytes:
     (_flip_in_blob, "integrity check failed"),
     (_splice, "spliced"),
     (_edit_manifest, "integrity check failed"),
-    (_newer_format, "unknown backup format version 2"),
-    (lambda d: d + d.split(b"\n", 2)[1] + b"\n", "data after its integrity trailer"),
+    (_newer_format, "unknown backup format version 3"),
+    (lambda d: d + d.split(b"\n", 1)[0] + b"\n", "data after its integrity trailer"),
 ], ids=["truncated-half", "truncated-trailer", "bit-flip", "spliced", "manifest-flip", "format-version", "appended"])
 async def test_a_damaged_file_is_refused_and_nothing_is_written(site, tmp_path, damage, message):
     inst, backup, _, _ = site

@@ -1,8 +1,9 @@
 """Management API: an online backup, streamed (/api/v1/backup). Admin only; audited as `backup.start`
 (before the first byte leaves) and `backup.create` (the request's record, when the stream ended).
 
-The response is the backup file itself (application/octet-stream, server/backup/format.py),
-written while the snapshot is read: nothing is buffered or kept on the server. A failure after
+The response is the backup file itself (application/octet-stream, server/backup/image.py): the
+snapshot's image is made in a private scratch directory first (its manifest is read from it), then
+streamed under the MAC; the scratch copy is removed when the stream ends. A failure after
 the first byte cannot change the status any more; the file then lacks its integrity trailer, and
 the CLI (and every verify) refuses it as truncated.
 """

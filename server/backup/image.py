@@ -1,0 +1,212 @@
+"""Backup format version 2: the store's tables as one SQLite database image inside the container.
+
+    {"format":"skm-backup","formatVersion":2, ...manifest..., "payload":{"kind":"sqlite-image","bytes":N}}\n
+    N bytes: a SQLite database file (every table of the backup, plus schema_version)
+    {"end":"skm-backup","bytes":N,"mac":"<hex>"}\n
+
+The image is a store as the SQLite backend would hold it at the backup's schema versions: every
+row exactly as stored (sealed columns still sealed under the system key). From a SQLite source it
+is `VACUUM INTO` of the live database (one read transaction: a consistent snapshot while writers
+go on; a rebuilt file, so no freed page or deleted cell of the source travels with it). From a
+PostgreSQL source the snapshot's rows are inserted into a fresh image made by the SQLite rendering
+of the same migrations. The MAC (HMAC-SHA256 under HKDF(system key, "skm backup mac v1" + backup
+id), as in version 1) covers the manifest line and every payload byte; a reader checks it before
+SQLite ever opens the image, so a damaged or forged image is refused before it is parsed.
+
+Why an image rather than rows: SQLite writes and reads it in C (no Python per row or per value),
+a restore into SQLite installs it as the new database file, and one into PostgreSQL COPYs its
+rows. Version 1 files (JSON lines, server/backup/format.py) are still read.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Sequence
+
+from server.backup.format import FORMAT, InvalidBackup, Manifest
+from server.storage.migrations import MIGRATIONS, render
+
+PAYLOAD_KIND = "sqlite-image"
+CHUNK = 1 << 20                  # bytes read, MAC'd and sent at a time
+MAX_TRAILER = 4096
+INTEGRITY_FAILED = ("integrity check failed: the file was modified after it was written (a changed byte, spliced "
+                    "or removed data); do not restore it")
+
+
+SHM = Path("/dev/shm")
+
+
+def scratch_dir(size: int, beside: Path | None = None) -> Path:
+    """A private (0700) directory for an image of about `size` bytes. In memory (/dev/shm) when that
+    has four times the room: the scratch copy is written and read back once, and a disk shared with
+    the live database made that the slowest part of a backup (2-3x). Otherwise beside `beside` (the
+    database's disk) or in the system's temporary directory. Blocking."""
+    try:
+        st = os.statvfs(SHM)
+        if SHM.is_dir() and os.access(SHM, os.W_OK) and st.f_bavail * st.f_frsize >= 4 * max(size, 1 << 20):
+            return Path(tempfile.mkdtemp(prefix="skm-backup-", dir=SHM))
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix=".skm-backup-", dir=beside))
+
+
+def database_size(path: str) -> int:
+    """A SQLite database's bytes with its WAL (what VACUUM INTO may copy at most)."""
+    return sum(os.path.getsize(p) for p in (path, f"{path}-wal") if os.path.exists(p))
+
+
+# ----------------------------------------------------------------------------- making the image (blocking)
+def vacuum_into(source: str, dest: Path) -> None:
+    """A consistent, compacted copy of the live SQLite database at `source` (run in a thread: the
+    sqlite3 module releases the GIL while SQLite works, so the server keeps serving)."""
+    con = sqlite3.connect(source, timeout=5.0, isolation_level=None)
+    try:
+        con.execute("PRAGMA busy_timeout=5000")
+        con.execute("VACUUM INTO ?", (str(dest),))
+    finally:
+        con.close()
+    _rollback_journal(dest)
+
+
+def _rollback_journal(path: Path) -> None:
+    """The image opens without a WAL beside it (it travels as one file)."""
+    con = sqlite3.connect(path, isolation_level=None)
+    try:
+        con.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        con.close()
+    os.chmod(path, 0o600)
+
+
+class RowsImage:
+    """A fresh image at the given schema versions that rows are inserted into (a PostgreSQL source).
+    Blocking: call every method in a thread."""
+
+    def __init__(self, dest: Path, schema_versions: Iterable[int]) -> None:
+        wanted = set(schema_versions)
+        unknown = sorted(wanted - {v for v, _ in MIGRATIONS})
+        if unknown:
+            raise InvalidBackup(f"the store is at schema version(s) {', '.join(map(str, unknown))}, which this server "
+                                "does not know: take the backup from a replica running the newest release")
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        self.dest = dest
+        # Made in one worker thread, used from others (one at a time: each call is awaited).
+        self.con = sqlite3.connect(dest, isolation_level=None, check_same_thread=False)
+        self.con.execute("PRAGMA journal_mode=OFF")      # a scratch file until it is complete
+        self.con.execute("PRAGMA synchronous=OFF")
+        self.con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        for version, statements in MIGRATIONS:
+            if version in wanted:
+                for stmt in statements:
+                    self.con.execute(render(stmt, "sqlite"))
+                self.con.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        # Rows a migration seeds (audit_head's id 1) come from the source instead.
+        for (name,) in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE "
+                                        "'sqlite_%' AND name <> 'schema_version'").fetchall():
+            self.con.execute(f"DELETE FROM {name}")
+        # Secondary indexes are built once over the loaded rows (a sort), not row by row.
+        self._indexes = self.con.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT "
+                                         "NULL ORDER BY name").fetchall()
+        for name, _sql in self._indexes:
+            self.con.execute(f"DROP INDEX {name}")
+        self.con.execute("BEGIN")
+
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self.con.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                             rows)
+
+    def finish(self) -> None:
+        for _name, sql in self._indexes:
+            self.con.execute(sql)
+        self.con.execute("COMMIT")
+        self.con.close()
+        _rollback_journal(self.dest)
+
+    def close(self) -> None:
+        self.con.close()
+
+
+# ----------------------------------------------------------------------------- the container
+class ImageWriter:
+    """The container's bytes around an image: header line, payload (MAC'd as it goes), trailer."""
+
+    def __init__(self, manifest: Manifest, key: bytes) -> None:
+        self.manifest = manifest
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self.bytes = 0
+        self.payload_bytes = 0
+
+    def header(self) -> bytes:
+        data = json.dumps(self.manifest.to_json(), separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+        self._mac.update(data)
+        self.bytes += len(data)
+        return data
+
+    def read_payload(self, f: IO[bytes]) -> bytes:
+        """The next chunk of the image (blocking: hashlib releases the GIL on large buffers)."""
+        data = f.read(CHUNK)
+        self._mac.update(data)
+        self.bytes += len(data)
+        self.payload_bytes += len(data)
+        return data
+
+    def trailer(self) -> bytes:
+        if self.payload_bytes != self.manifest.payload_bytes:
+            raise RuntimeError("the image changed size while it was sent")
+        data = json.dumps({"end": FORMAT, "bytes": self.payload_bytes, "mac": self._mac.hexdigest()},
+                          separators=(",", ":")).encode() + b"\n"
+        self.bytes += len(data)
+        return data
+
+
+def extract(f: IO[bytes], first: bytes, manifest: Manifest, key: bytes, dest: Path,
+            progress: Callable[[int, int], object] | None = None) -> int:
+    """Copy the payload of the file `f` (positioned after its manifest line `first`) to `dest` (0600),
+    checking the structure and the MAC over the whole; returns the file's size. Blocking.
+
+    `dest` must not be opened by SQLite, or trusted in any way, unless this returned."""
+    mac = hmac.new(key, first, hashlib.sha256)
+    total = manifest.payload_bytes
+    done = 0
+    step = 0
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        while done < total:
+            data = f.read(min(CHUNK, total - done))
+            if not data:
+                raise InvalidBackup(f"the file is truncated: it ends {done} bytes into its {total}-byte database "
+                                    "image, without its integrity trailer")
+            mac.update(data)
+            out.write(data)
+            done += len(data)
+            step += len(data)
+            if progress is not None and step >= 8 * CHUNK:
+                step = 0
+                progress(done, total)
+    line = f.readline(MAX_TRAILER + 1)
+    if not line:
+        raise InvalidBackup("the file is truncated: it ends after its database image, without its integrity trailer")
+    if not line.endswith(b"\n"):
+        raise InvalidBackup("the file is truncated or damaged: its integrity trailer is cut short or too long")
+    try:
+        end = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        end = None
+    if not isinstance(end, dict) or end.get("end") != FORMAT or not isinstance(end.get("mac"), str):
+        raise InvalidBackup("the file is damaged: what follows the database image is not its integrity trailer "
+                            "(the image's size in the manifest was altered, or bytes were removed or added)")
+    if f.read(1):
+        raise InvalidBackup("the file has data after its integrity trailer (two files joined, or damage)")
+    if not hmac.compare_digest(mac.hexdigest(), end["mac"]):
+        raise InvalidBackup(INTEGRITY_FAILED)
+    if end.get("bytes") != total:
+        raise InvalidBackup(f"the trailer counts {end.get('bytes')} image bytes, the manifest {total}")
+    if progress is not None:
+        progress(done, total)
+    return len(first) + total + len(line)
