@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 
 import aiosqlite
 
+from server.errors import ConfigError
 from server.storage.base import Column, Executor, Row, Snapshot, Storage
 from server.storage.migrations import render
 
@@ -95,18 +96,29 @@ class SQLiteStorage(Storage):
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
-        conn.row_factory = _dict_factory
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=NORMAL")
-        await conn.execute("PRAGMA foreign_keys=ON")
-        await conn.execute("PRAGMA busy_timeout=5000")
+        try:
+            conn.row_factory = _dict_factory
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA synchronous=NORMAL")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            await conn.execute("PRAGMA busy_timeout=5000")
+        except BaseException:
+            # Not a database (or unreadable): close it here, or its thread outlives close() and holds the
+            # process open at exit.
+            await conn.close()
+            raise
         self._all.append(conn)
         return conn
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         fresh = not os.path.exists(self.path)
-        self._writer = await self._connect()
+        try:
+            self._writer = await self._connect()
+        except sqlite3.DatabaseError as e:
+            # Fail closed with what to do: the file is damaged or was replaced; nothing is written to it.
+            raise ConfigError(f"{self.path} is not a usable SQLite database ({e}): it was damaged or replaced; "
+                              "restore the store from a backup (`skm backup restore FILE --data-dir DIR`)") from None
         if fresh:
             os.chmod(self.path, 0o600)
         await self._migrate()

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.errors import Unavailable
+from server.errors import ConfigError, Unavailable
 from server.keys.context import is_unique_violation  # the key service's check, on both backends
 from server.storage.base import Storage
 from server.storage.factory import open_storage
@@ -339,3 +339,23 @@ async def test_survives_postgres_restart(pg_cluster: PostgresCluster) -> None:
         finally:
             await a.close()
             await b.close()
+
+
+async def test_a_file_that_is_not_a_database_is_refused_and_leaves_no_thread(tmp_path) -> None:
+    """Opening a damaged file fails with SQLite's error, the file is left as it was, and no connection
+    thread is left behind (one used to hold the process open at exit)."""
+    import threading
+    from server.storage.sqlite import SQLiteStorage
+    path = tmp_path / "skm.db"
+    junk = b"this is not a database" * 200
+    path.write_bytes(junk)
+    before = threading.active_count()
+    st = SQLiteStorage(str(path))
+    with pytest.raises(ConfigError, match="not a usable SQLite database.*skm backup restore"):
+        await st.open()
+    await st.close()
+    deadline = asyncio.get_running_loop().time() + 5
+    while threading.active_count() > before and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert threading.active_count() == before
+    assert path.read_bytes() == junk
