@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -46,13 +47,44 @@ def scratch_dir(size: int, beside: Path | None = None) -> Path:
     has four times the room: the scratch copy is written and read back once, and a disk shared with
     the live database made that the slowest part of a backup (2-3x). Otherwise beside `beside` (the
     database's disk) or in the system's temporary directory. Blocking."""
+    # The creator's pid is in the name: a process that died mid-backup leaves its directory behind (in RAM
+    # on /dev/shm), and the next scratch_dir() removes the directories of processes no longer alive.
+    prefix = f"skm-backup-{os.getpid()}-"
     try:
         st = os.statvfs(SHM)
         if SHM.is_dir() and os.access(SHM, os.W_OK) and st.f_bavail * st.f_frsize >= 4 * max(size, 1 << 20):
-            return Path(tempfile.mkdtemp(prefix="skm-backup-", dir=SHM))
+            remove_orphans(SHM)
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=SHM))
     except OSError:
         pass
-    return Path(tempfile.mkdtemp(prefix=".skm-backup-", dir=beside))
+    where = Path(beside if beside is not None else tempfile.gettempdir())
+    remove_orphans(where)
+    return Path(tempfile.mkdtemp(prefix="." + prefix, dir=where))
+
+
+def remove_orphans(where: Path) -> list[Path]:
+    """Remove the scratch directories under `where` whose creating process is gone; returns them. Only
+    ours (the name, a directory owned by this uid), never one of a live process. Blocking."""
+    gone = []
+    try:
+        entries = list(os.scandir(where))
+    except OSError:
+        return gone
+    for e in entries:
+        parts = e.name.lstrip(".").split("-")
+        if len(parts) < 4 or parts[:2] != ["skm", "backup"] or not parts[2].isdigit():
+            continue
+        try:
+            if not e.is_dir(follow_symlinks=False) or e.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            os.kill(int(parts[2]), 0)
+            continue                                  # its process is alive (or is another user's)
+        except ProcessLookupError:
+            shutil.rmtree(e.path, ignore_errors=True)
+            gone.append(Path(e.path))
+        except (PermissionError, OSError, ValueError):
+            continue
+    return gone
 
 
 def database_size(path: str) -> int:
