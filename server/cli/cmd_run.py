@@ -19,7 +19,6 @@ import re
 import signal
 import sys
 
-import aiohttp
 
 from server.errors import Forbidden, InvalidRequest, NotFound, Unavailable
 from sidecar.keyref import KeyRef, KeyUnavailable, Resolver, parse_body
@@ -74,6 +73,7 @@ class SidecarSocket:
     """The few calls skm run makes to the sidecar, over its Unix socket."""
 
     def __init__(self, path: str) -> None:
+        import aiohttp               # here: every other command builds this module's parser too
         self.path = path
         self.session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=path),
@@ -84,6 +84,7 @@ class SidecarSocket:
         await self.session.close()
 
     async def get(self, suffix: str, query: str = "") -> tuple[int, dict]:
+        import aiohttp
         url = f"http://sidecar{suffix}" + (f"?{query}" if query else "")
         try:
             async with self.session.get(url, headers={"Accept": "application/json"}) as r:

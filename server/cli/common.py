@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import aiohttp
-
 from server.access.tls import client_context
 from server.errors import SKMError
 
@@ -127,6 +125,7 @@ class MgmtClient:
     """Async client of /api/v1 with the operator token."""
 
     def __init__(self, conn: Connection) -> None:
+        import aiohttp               # here, not at import: commands that talk to no server skip its import
         self.conn = conn
         ssl_ctx = _ssl_context(conn)
         headers = {"Authorization": f"Bearer {conn.token}"} if conn.token else {}
@@ -140,6 +139,7 @@ class MgmtClient:
         await self.session.close()
 
     async def call(self, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
+        import aiohttp
         url = f"{self.conn.addr}/api/v1{path}"
         async with self.session.request(method, url, json=body, params=params) as r:
             try:
@@ -158,6 +158,7 @@ class MgmtClient:
             return env.get("body")
 
     async def raw(self, method: str, path: str, params: dict | None = None) -> bytes:
+        import aiohttp
         async with self.session.request(method, f"{self.conn.addr}/api/v1{path}", params=params) as r:
             if r.status >= 300:
                 try:
@@ -176,6 +177,7 @@ class MgmtClient:
 
     async def _check_plane(self) -> None:
         """A route the CLI knows is missing: say so when SKM_ADDR is the data plane or not a key server at all."""
+        import aiohttp
         try:
             async with self.session.get(f"{self.conn.addr}/api/v1/openapi.json") as r:
                 if r.status == 200:

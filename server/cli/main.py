@@ -20,7 +20,6 @@ import pkgutil
 import ssl
 import sys
 
-import aiohttp
 
 from server.errors import (ApprovalRequired, Conflict, Forbidden, InvalidAppkey, InvalidKeyId, KeyStoreNotFound,
                            NotFound, Sealed, SKMError, TooManyAttempts, Unauthenticated, Unavailable)
@@ -91,8 +90,16 @@ def _skm_error(e: SKMError, args: argparse.Namespace) -> int:
     return code
 
 
-def _connection_error(e: aiohttp.ClientError, args: argparse.Namespace) -> str:
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """aiohttp's errors once a command has imported it (the `except` evaluates this when an error passes):
+    commands that never talk to a server do not pay aiohttp's ~150 ms import."""
+    aio = sys.modules.get("aiohttp")
+    return (aio.ClientError,) if aio is not None else ()
+
+
+def _connection_error(e: BaseException, args: argparse.Namespace) -> str:
     """What went wrong talking to the server, and what to change."""
+    import aiohttp
     from server.cli.common import connection
     try:
         conn = connection(args)
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 7
     except SKMError as e:
         return _skm_error(e, args)
-    except aiohttp.ClientError as e:
+    except _client_errors() as e:
         _report(_connection_error(e, args), 6, kind="connection")
         return 6
     except asyncio.TimeoutError:
