@@ -57,13 +57,18 @@ class VerifyReport:
                 "formatVersion": m.format_version}
 
 
-async def _open_reader(path: Path, barrier: Barrier) -> tuple[Any, Reader]:
+async def _open_file(path: Path):
+    """The backup file opened for reading, or InvalidBackup saying why it cannot be."""
     try:
-        f = await asyncio.to_thread(open, path, "rb")
+        return await asyncio.to_thread(open, path, "rb")
     except FileNotFoundError:
         raise InvalidBackup(f"{path} does not exist") from None
     except (IsADirectoryError, PermissionError) as e:
         raise InvalidBackup(f"cannot read {path}: {e.strerror}") from None
+
+
+async def _open_reader(path: Path, barrier: Barrier) -> tuple[Any, Reader]:
+    f = await _open_file(path)
     try:
         return f, await asyncio.to_thread(Reader, f, barrier)
     except BaseException:
@@ -73,12 +78,7 @@ async def _open_reader(path: Path, barrier: Barrier) -> tuple[Any, Reader]:
 
 async def _format_version(path: Path, barrier: Barrier) -> int:
     """The file's format version, its manifest checked (a readable version, this installation's key)."""
-    try:
-        f = await asyncio.to_thread(open, path, "rb")
-    except FileNotFoundError:
-        raise InvalidBackup(f"{path} does not exist") from None
-    except (IsADirectoryError, PermissionError) as e:
-        raise InvalidBackup(f"cannot read {path}: {e.strerror}") from None
+    f = await _open_file(path)
     try:
         _first, m, _key = await asyncio.to_thread(read_manifest, f, barrier)
     finally:
