@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from server import logs
 from server.backup.format import InvalidBackup, Manifest, Reader, read_manifest
@@ -465,13 +465,25 @@ async def _restore_rows(report: VerifyReport, barrier: Barrier, target_url: str,
                         progress: Progress | None) -> tuple[dict, str, float]:
     """Into PostgreSQL: the image's rows COPYed in one transaction over the backup's schema."""
     m = report.manifest
+    (audit, audit_s), epoch = await _into_storage(
+        target_url, barrier, m, path, force,
+        lambda storage: _write_image(storage, barrier, report.image, m, progress))
+    return audit, epoch, audit_s
+
+
+async def _into_storage(target_url: str, barrier: Barrier, m: Manifest, path: Path, force: bool,
+                        write: Callable[[Storage], Awaitable[Any]]) -> tuple[Any, str]:
+    """The frame of a restore through the storage layer: the target opened at exactly the backup's schema
+    (its rows fit), checked, written by `write`, a new audit epoch started; then the migrations newer than
+    the backup (if any) run over the restored rows, as an upgrade would. Returns (what `write` returned,
+    the epoch note)."""
     storage = open_storage(target_url)
     storage.migrations = _backup_migrations(m)
     shown = describe_target(target_url)
     await _open_target(storage, shown)
     try:
         await _check_target(storage, shown, m, force)
-        audit, audit_s = await _write_image(storage, barrier, report.image, m, progress)
+        written = await write(storage)
         epoch = await _start_epoch(storage, barrier, _restored_from(m, path))
     finally:
         await storage.close()
@@ -479,7 +491,7 @@ async def _restore_rows(report: VerifyReport, barrier: Barrier, target_url: str,
         storage = open_storage(target_url)
         await storage.open()
         await storage.close()
-    return audit, epoch, audit_s
+    return written, epoch
 
 
 async def _check_target(storage: Storage, shown: str, m: Manifest, force: bool) -> None:
@@ -550,22 +562,9 @@ async def _restore_v1(path: Path, barrier: Barrier, target_url: str, *, force: b
     _known_schema(m)
     if target_url.startswith("sqlite:///"):
         Path(target_url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    storage = open_storage(target_url)
-    # Exactly the backup's schema first: its rows fit; the migrations it predates run after the rows are in.
-    storage.migrations = _backup_migrations(m)
+    audit, epoch = await _into_storage(target_url, barrier, m, path, force,
+                                       lambda storage: _write(storage, barrier, path, m, progress))
     shown = describe_target(target_url)
-    await _open_target(storage, shown)
-    try:
-        await _check_target(storage, shown, m, force)
-        audit = await _write(storage, barrier, path, m, progress)
-        epoch = await _start_epoch(storage, barrier, _restored_from(m, path))
-    finally:
-        await storage.close()
-    # Now the migrations newer than the backup (if any) run over the restored rows, as an upgrade would.
-    if set(m.schema_versions) != {v for v, _ in MIGRATIONS}:
-        storage = open_storage(target_url)
-        await storage.open()
-        await storage.close()
     log.info("backup_restored", backup_id=m.backup_id, records=report.records, target=shown)
     return RestoreReport(report, shown, report.records, audit, epoch, round(time.monotonic() - t0, 3))
 
