@@ -116,13 +116,18 @@ async def _verify_v2(path: Path, barrier: Barrier, work: Path, *, progress: Prog
     unsealed: dict[str, int] = {}
     for (table, column), rows in picked.items():
         for *pk, blob in rows:
-            try:
-                barrier.open(blob, sealed_aad(table, column, *pk))
-            except BarrierError as e:
-                raise InvalidBackup(f"{table}.{column} record ({', '.join(map(str, pk))}) does not open under "
-                                    f"the system key: {e.detail}") from None
-            unsealed[f"{table}.{column}"] = unsealed.get(f"{table}.{column}", 0) + 1
+            _open_sample(barrier, table, column, pk, blob, unsealed)
     return VerifyReport(m, m.total_records, size, unsealed, image)
+
+
+def _open_sample(barrier: Barrier, table: str, column: str, pk: list, blob: bytes, unsealed: dict[str, int]) -> None:
+    """Open one sampled sealed record (proof the backup is usable with this system key) and count it."""
+    try:
+        barrier.open(blob, sealed_aad(table, column, *pk))
+    except BarrierError as e:
+        raise InvalidBackup(f"{table}.{column} record ({', '.join(map(str, pk))}) does not open under "
+                            f"the system key: {e.detail}") from None
+    unsealed[f"{table}.{column}"] = unsealed.get(f"{table}.{column}", 0) + 1
 
 
 def _inspect_image(image: Path, m: Manifest, sample: int) -> dict[tuple[str, str], list[tuple]]:
@@ -209,13 +214,7 @@ async def _verify_v1(path: Path, barrier: Barrier, *, progress: Progress | None 
                 blob = row[ci]
                 if blob is None:
                     continue
-                pk = [row[i] for i in pki]
-                try:
-                    barrier.open(blob, sealed_aad(table, column, *pk))
-                except BarrierError as e:
-                    raise InvalidBackup(f"{table}.{column} record ({', '.join(map(str, pk))}) does not open under "
-                                        f"the system key: {e.detail}") from None
-                unsealed[f"{table}.{column}"] = unsealed.get(f"{table}.{column}", 0) + 1
+                _open_sample(barrier, table, column, [row[i] for i in pki], blob, unsealed)
         return VerifyReport(m, reader.records, reader.bytes, unsealed)
     finally:
         f.close()
