@@ -193,3 +193,38 @@ def is_console_view(method: str, path: str) -> bool:
 
 def change_actions() -> list[str]:
     return sorted({a.name for a in TABLE.values() if a.change})
+
+
+# Actions written outside a route of TABLE: approvals decided and applied, jobs, sidecar reports, the writer.
+EVENTS = ("approval.requested", "approval.denied", "approval.applied", "approval.failed", "approval.expired",
+          "backup.start", "audit.sealed-dropped", "sidecar.reads-dropped", UNMATCHED.name)
+# What a `{name}` in an action of TABLE is filled with (the alternatives its console route accepts).
+FILLS = {"auth.{action}": ("schedule-deletion", "cancel-deletion", "delete"),
+         "cert.{action}": ("schedule-deletion", "cancel-deletion", "delete"),
+         "operator.{action}": ("disable", "enable", "unlock")}
+
+
+def known_actions() -> frozenset[str]:
+    """Every action name a record can carry."""
+    out = set(EVENTS)
+    for a in TABLE.values():
+        if "{" not in a.name:
+            out.add(a.name)
+            continue
+        out.add(a.name.split(".")[0] + ".other")          # what `lookup` names an unexpected fill
+        out.update(a.name.replace("{action}", fill) for fill in FILLS.get(a.name, ()))
+    return frozenset(out)
+
+
+def check_filter(action: str) -> str | None:
+    """None when `action` names an action (`key.create`) or a resource (`key`: all of its actions); else
+    the one-line reason to refuse it, with the closest names."""
+    import difflib
+    known = known_actions()
+    resources = {a.split(".")[0] for a in known}
+    if action in known or action in resources:
+        return None
+    close = difflib.get_close_matches(action, sorted(known | resources), n=5, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"the resources are {', '.join(sorted(resources))}"
+    return (f"no audit action is named {action[:64]!r}; {hint} (give an action such as key.create, or a resource "
+            "such as key for all of its actions)")

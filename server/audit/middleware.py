@@ -31,6 +31,12 @@ log = logs.get("skm.audit")
 AUDIT_ACTION = _request_key("skm_audit_action")   # a handler may name what it did, e.g. "key.reveal"
 AUDIT_DETAIL = _request_key("skm_audit_detail")   # extra identifiers (never values) for the record
 BODY_MODEL = _request_key("skm_body_model")       # the request model the route validated its body with
+# The key and key store a management request acted on, as its handler looked them up (server/api/mgmt/auth.py).
+# Not `KEY`: that one also counts the request as a use of the key (last access, usage), which an operator's
+# management call is not.
+AUDIT_KEY = _request_key("skm_audit_key")
+AUDIT_KEYSTORE = _request_key("skm_audit_keystore")
+AUDIT_PROJECT = _request_key("skm_audit_project")   # a record's project when no key or store names it
 SKIP_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 SKIP_PREFIXES = ("/console/static/",)             # the console's CSS/JS: no decision to record
 # Requests whose whole body is a password: no body HMAC at all.
@@ -127,8 +133,11 @@ async def _record_quietly(audit, request: web.Request, plane: str, der: bytes | 
         _log_write_failure(e, plane, request)
 
 
-async def _names(rt, rec: dict, detail: dict, key) -> None:
-    """Key and store names beside their ids, and the record's project (from cached metadata)."""
+async def _names(rt, rec: dict, detail: dict, key, ks=None) -> None:
+    """Key and store names beside their ids, and the record's project (from cached metadata).
+
+    `ks` is the store the handler already looked up: no second lookup, and its name and project
+    survive the request that deleted it."""
     if key is not None:
         detail["keyName"] = key.name
     if detail.get("keyName") is None:
@@ -136,10 +145,11 @@ async def _names(rt, rec: dict, detail: dict, key) -> None:
     ks_id = rec.get("keystore_id")
     if ks_id is None or rt.keys is None:
         return
-    try:
-        ks = await rt.keys.keystore(int(ks_id))
-    except (SKMError, ValueError):
-        return
+    if ks is None or ks.id != ks_id:
+        try:
+            ks = await rt.keys.keystore(int(ks_id))
+        except (SKMError, ValueError):
+            return
     detail["keyStoreName"] = ks.name
     if rec.get("project_id") is None:
         rec["project_id"] = ks.project_id
@@ -204,11 +214,17 @@ async def describe(audit, request: web.Request, plane: str, der: bytes | None, s
         if plane == "data":
             m = request.headers.get("X-TOAST-CLIENT-MAC-ADDR")
             rec["mac"] = m[:64] if m else None
-    key = request_value(request, KEY)
+    key = request_value(request, KEY) or request_value(request, AUDIT_KEY)
+    store = request_value(request, AUDIT_KEYSTORE)
     key_id = key.id if key is not None else (request.match_info.get("key_id") or request.match_info.get("keyid"))
     rec["key_id"] = key_id[:64] if key_id else None
     ks = request.match_info.get("keystore_id") or request.match_info.get("keystoreid")
-    rec["keystore_id"] = key.keystore_id if key is not None else (int(ks) if ks and (ks.isascii() and ks.isdigit()) else None)
+    if key is not None:
+        rec["keystore_id"] = key.keystore_id
+    elif store is not None:
+        rec["keystore_id"] = store.id
+    else:
+        rec["keystore_id"] = int(ks) if ks and (ks.isascii() and ks.isdigit()) else None
     named = request_value(request, AUDIT_ACTION)
     act = lookup(request.method, route, request.match_info)
     if act is not None and act.name in ("key.create", "keystore.create") and status < 300 and resp is not None:
@@ -219,7 +235,9 @@ async def describe(audit, request: web.Request, plane: str, der: bytes | None, s
             detail.setdefault("keyName", made.get("name") if isinstance(made.get("name"), str) else None)
         if isinstance(ksid, int) and rec["keystore_id"] is None:
             rec["keystore_id"] = ksid
-    await _names(rt, rec, detail, key)
+    await _names(rt, rec, detail, key, store)
+    if rec.get("project_id") is None:
+        rec["project_id"] = request_value(request, AUDIT_PROJECT)
     if named:
         rec["action"] = named
         rec["change"] = act.change if act is not None else None

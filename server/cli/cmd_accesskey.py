@@ -5,9 +5,11 @@ import argparse
 import re
 import sys
 
-from server.cli.common import CliError, add_connection_args, client, output
+from server.cli.common import CliError, Col, add_connection_args, client, listing, output
 
-COLUMNS = ["accessKeyId", "operator", "projectId", "description", "expirationDate", "creationDatetime"]
+COLUMNS = [Col("accessKeyId", "accessKeyId", keep=True), Col("operator", "operator", wrap=True),
+           Col("projectId", "project"), Col("description", "description", wrap=True, rank=9),
+           Col("expirationDate", "expires"), Col("creationDatetime", "created")]
 
 
 def register(sub) -> None:
@@ -55,7 +57,7 @@ async def _create(args: argparse.Namespace) -> int:
 async def _list(args: argparse.Namespace) -> int:
     async with client(args) as c:
         out = await c.call("GET", "/access-keys")
-    output(args, out, COLUMNS, out["accessKeys"], title="user access keys")
+    listing(args, out, COLUMNS, out["accessKeys"], title="user access keys")
     return 0
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from server.cli.common import add_connection_args, client, output
+from server.cli.common import Col, add_connection_args, client, listing, output
 
-COLUMNS = ["changeRequestId", "keyStoreId", "operation", "status", "requestedBy", "approvals", "approvalsNeeded",
-           "creationDatetime", "expirationDatetime"]
+COLUMNS = [Col("changeRequestId", "id", keep=True), Col("keyStoreId", "keyStoreId", keep=True),
+           Col("operation", "operation", keep=True), Col("status", "status", rank=3),
+           Col("requestedBy", "requestedBy", wrap=True, rank=4), Col("approvals", "approvals", wrap=True, rank=6),
+           Col("approvalsNeeded", "needed", rank=5), Col("creationDatetime", "created", rank=7),
+           Col("expirationDatetime", "expires", rank=8)]
 
 
 def register(sub) -> None:
@@ -66,7 +69,7 @@ async def _list(args: argparse.Namespace) -> int:
         params["requestedBy"] = args.requested_by
     async with client(args) as c:
         out = await c.call("GET", "/approvals", params=params)
-    output(args, out, COLUMNS, [_row(r) for r in out["changeRequests"]], title="change requests")
+    listing(args, out, COLUMNS, [_row(r) for r in out["changeRequests"]], title="change requests")
     return 0
 
 

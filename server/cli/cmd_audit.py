@@ -13,9 +13,15 @@ import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from server.cli.common import add_connection_args, client, output
+from server.cli.common import Col, add_connection_args, client, listing, output
 
-COLUMNS = ["seq", "time", "actor", "action", "keyStore", "key", "result", "reason"]
+# Never cut: the record's seq, its action and the key id. Time and free text wrap; on a narrow terminal
+# the reason, names and actor go first (`rank`, highest first), then the time.
+COLUMNS = [Col("seq", "seq", keep=True), Col("time", "time (UTC)", wrap=True, min=10, rank=4),
+           Col("actor", "actor", wrap=True, rank=6), Col("action", "action", keep=True),
+           Col("keyStore", "keyStore", wrap=True, rank=8), Col("keyId", "keyId", keep=True),
+           Col("key", "key", wrap=True, rank=7), Col("result", "result", rank=5),
+           Col("reason", "reason", wrap=True, rank=9)]
 PAGE = 1000
 
 
@@ -116,14 +122,29 @@ def _offline_mode(args: argparse.Namespace) -> bool:
 
 
 async def _query(args: argparse.Namespace) -> int:
+    if args.action:
+        from server.audit.actions import check_filter
+        from server.cli.common import CliError
+        refused = check_filter(args.action)        # said here, before any connection (the server says it too)
+        if refused:
+            raise CliError(refused)
     params = {**_params(args), "limit": str(max(1, min(args.limit, 1000))),
               "order": "asc" if args.oldest_first else "desc"}
     async with client(args) as c:
         out = await c.call("GET", "/audit", params=params)
-    rows = [{**r, "keyStore": _named(r.get("detail", {}).get("keyStoreName"), r.get("keyStoreId")),
-             "key": _named(r.get("detail", {}).get("keyName"), r.get("keyId"))} for r in out["records"]]
-    output(args, out, COLUMNS, rows, title="audit records")
+    rows = [{**r, "time": _time(r.get("time")),
+             "keyStore": _named(r.get("detail", {}).get("keyStoreName"), r.get("keyStoreId")),
+             "key": r.get("detail", {}).get("keyName")} for r in out["records"]]
+    listing(args, out, COLUMNS, rows, title="audit records")
     return 0
+
+
+def _time(at: str | None) -> str | None:
+    """`2026-01-02 03:04:05` (UTC, as stored) for the table: to the second, with a space where a narrow
+    column wraps."""
+    if not at:
+        return at
+    return at.replace("T", " ", 1)[:19]
 
 
 def _named(name: str | None, ident) -> str | None:

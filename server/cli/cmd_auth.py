@@ -14,11 +14,16 @@ import os
 import sys
 from pathlib import Path
 
-from server.cli.common import (CliError, add_connection_args, add_yes_arg, client, confirm, output,
+from server.cli.common import (CliError, Col, add_connection_args, add_yes_arg, client, confirm, listing, output,
                                resolve_store_id)
 
-CERT_COLUMNS = ["name", "status", "expirationDate", "fingerprint", "description", "deletionDatetime"]
-ENTRY_COLUMNS = ["value", "status", "description", "deletionDatetime", "creationUser"]
+# The certificate's name is how the CLI names it (kept); its fingerprint is shown whole or not at all.
+CERT_COLUMNS = [Col("name", "name", keep=True), Col("status", "status"), Col("expirationDate", "expires"),
+                Col("fingerprint", "fingerprint", rank=9), Col("description", "description", wrap=True),
+                Col("deletionDatetime", "deletion")]
+ENTRY_COLUMNS = [Col("value", "value", keep=True), Col("status", "status"),
+                 Col("description", "description", wrap=True), Col("deletionDatetime", "deletion"),
+                 Col("creationUser", "createdBy", wrap=True)]
 API_FLAGS = {"lifeTime": "--life-time"}
 
 
@@ -162,7 +167,7 @@ async def _cert_list(args: argparse.Namespace) -> int:
     async with client(args) as c:
         ks = await resolve_store_id(c, args.keystore)
         out = await c.call("GET", f"/keystores/{ks}/certificates")
-    output(args, out, CERT_COLUMNS, out["certificates"], title=f"certificates of key store {args.keystore}")
+    listing(args, out, CERT_COLUMNS, out["certificates"], title=f"certificates of key store {args.keystore}")
     return 0
 
 
@@ -193,7 +198,7 @@ async def _entry_list(args: argparse.Namespace) -> int:
     async with client(args) as c:
         ks = await resolve_store_id(c, args.keystore)
         out = await c.call("GET", f"/keystores/{ks}/auths/{args.path}")
-    output(args, out, ENTRY_COLUMNS, out["entries"], title=f"{args.path} of key store {args.keystore}")
+    listing(args, out, ENTRY_COLUMNS, out["entries"], title=f"{args.path} of key store {args.keystore}")
     return 0
 
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from server.cli.common import (CliError, add_connection_args, add_yes_arg, client, confirm, output, resolve_store,
-                               resolve_store_id, yn)
+from server.cli.common import (CliError, Col, add_connection_args, add_yes_arg, client, confirm, listing, output,
+                               resolve_store, resolve_store_id, yn)
 
-COLUMNS = ["keyStoreId", "name", "ip4AuthUse", "macAuthUse", "certificateAuthUse", "authMode", "macVerification",
-           "approvalRequired"]
+# Short labels (the flags that set them) so the id and the checks fit 80 columns; --json has the API names.
+COLUMNS = [Col("keyStoreId", "keyStoreId", keep=True), Col("name", "name", wrap=True), Col("ip4AuthUse", "ip"),
+           Col("macAuthUse", "mac"), Col("certificateAuthUse", "cert"), Col("authMode", "mode"),
+           Col("macVerification", "mac-verification"), Col("approvalRequired", "approval")]
 API_FLAGS = {"ip4AuthUse": "--ip", "macAuthUse": "--mac", "certificateAuthUse": "--cert", "authMode": "--mode",
              "macVerification": "--mac-verification", "approvalRequired": "--approval",
              "approvalsNeeded": "--approvals-needed"}
@@ -96,7 +98,7 @@ async def _create(args: argparse.Namespace) -> int:
 async def _list(args: argparse.Namespace) -> int:
     async with client(args) as c:
         out = await c.call("GET", "/keystores")
-    output(args, out, COLUMNS, out["keyStoreList"], title="key stores")
+    listing(args, out, COLUMNS, out["keyStoreList"], title="key stores")
     return 0
 
 

@@ -7,9 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from server.cli.common import CONFIG_FILE, add_connection_args, client, connection, fail, output
+from server.cli.common import CONFIG_FILE, Col, add_connection_args, client, connection, fail, listing, output
 
-COLUMNS = ["name", "role", "projectRoles", "disabled", "locked", "hasPassword", "createdBy", "creationDatetime"]
+COLUMNS = [Col("name", "name", keep=True), Col("role", "role"), Col("projectRoles", "projectRoles", wrap=True),
+           Col("disabled", "disabled"), Col("locked", "locked"), Col("hasPassword", "password"),
+           Col("createdBy", "createdBy", wrap=True), Col("creationDatetime", "created")]
 ROLE_HELP = ("admin changes key stores and keys; approver decides change requests; viewer reads. Global by "
              "default; --project PROJECT (id or name) limits the role to that project")
 
@@ -166,7 +168,7 @@ async def _roles(args: argparse.Namespace) -> int:
 async def _list(args: argparse.Namespace) -> int:
     async with client(args) as c:
         out = await c.call("GET", "/operators")
-    output(args, out, COLUMNS, [_flat(o) for o in out["operators"]], title="operators")
+    listing(args, out, COLUMNS, [_flat(o) for o in out["operators"]], title="operators")
     return 0
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 
 from server.cli.cmd_operator import project_id
-from server.cli.common import add_connection_args, client, output
+from server.cli.common import Col, add_connection_args, client, listing, output
 
-COLUMNS = ["id", "name", "appkey", "description", "createdAt", "dataPlaneUrl"]
+# Display order; `rank` is the drop order on a narrow terminal (highest first): never the id or the appkey.
+COLUMNS = [Col("id", "id", keep=True), Col("name", "name", wrap=True, rank=2), Col("appkey", "appkey", keep=True),
+           Col("description", "description", wrap=True, rank=4), Col("createdAt", "createdAt", rank=3),
+           Col("dataPlaneUrl", "dataPlaneUrl", rank=5)]
 
 
 def register(sub) -> None:
@@ -18,18 +21,19 @@ def register(sub) -> None:
     s.required = True
 
     c = s.add_parser("create", help="create a project (global admin)",
-                     description="Create a project; prints its appkey (clients use it in the client-API path) and, "
-                     "when the server knows its public URL, the data-plane URL.")
+                     description="Create a project; prints its appkey (clients use it in the client-API path) and "
+                     "its data-plane URL (from the server's public_url, else its data listener).")
     c.add_argument("name")
     c.add_argument("--description", default="")
     add_connection_args(c)
     c.set_defaults(func=_create)
 
-    ls = s.add_parser("list", help="list projects", description="List the projects you can see, with appkeys.")
+    ls = s.add_parser("list", help="list projects", description="List the projects you can see, with appkeys and data-plane URLs (a narrow terminal drops "
+                        "the URL column first; --json has everything).")
     add_connection_args(ls)
     ls.set_defaults(func=_list)
 
-    sh = s.add_parser("show", help="show one project", description="Show one project (by id or name).")
+    sh = s.add_parser("show", help="show one project", description="Show one project (by id or name): its appkey and data-plane URL.")
     sh.add_argument("project", help="project id or name")
     add_connection_args(sh)
     sh.set_defaults(func=_show)
@@ -45,7 +49,7 @@ async def _create(args: argparse.Namespace) -> int:
 async def _list(args: argparse.Namespace) -> int:
     async with client(args) as c:
         out = await c.call("GET", "/projects")
-    output(args, out, COLUMNS, out["projects"], title="projects")
+    listing(args, out, COLUMNS, out["projects"], title="projects")
     return 0
 
 

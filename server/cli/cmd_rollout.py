@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 
-from server.cli.common import add_connection_args, client, fail, output, resolve_key
+from server.cli.common import Col, add_connection_args, client, fail, listing, output, resolve_key
 from server.cli.cmd_key import KEY_REF
 
-COLUMNS = ["host", "mac", "version", "ackDatetime", "deliveredDatetime", "reloadOk", "stale"]
+COLUMNS = [Col("host", "host", keep=True), Col("mac", "mac", rank=5), Col("version", "version", keep=True),
+           Col("ackDatetime", "acked", rank=3), Col("deliveredDatetime", "delivered", rank=4),
+           Col("reloadOk", "reload", rank=2), Col("stale", "stale", rank=1)]
 
 
 def _key_subcommands(sub) -> argparse._SubParsersAction:
@@ -62,7 +64,7 @@ async def _rollout(args: argparse.Namespace) -> int:
     rows = [{**h, "mac": h.get("mac") or "", "reloadOk": "" if h.get("reloadOk") is None else
              ("yes" if h["reloadOk"] else "FAILED"), "stale": "STALE" if h.get("stale") else ""}
             for h in out["hostList"]]
-    output(args, out, COLUMNS, rows, title=out["summary"])
+    listing(args, out, COLUMNS, rows, title=out["summary"])
     return 0
 
 

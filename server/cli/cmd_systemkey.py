@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from server.cli.common import output
+from server.cli.common import Col, listing, output
 from server.errors import ConfigError
 from server.systemkey import admin
 from server.systemkey.settings import SystemKeyServerConfig, load
@@ -185,7 +185,8 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     rows = [{"fingerprint": fp, "note": note} for fp, note in admin.allowed(load_config(args))]
-    output(args, rows, ["fingerprint", "note"], rows, title="allowed key servers")
+    listing(args, rows, [Col("fingerprint", "fingerprint", keep=True), Col("note", "note", wrap=True)], rows,
+            title="allowed key servers")
     return 0
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from server.cli.common import CliError, add_connection_args, client, output
+from server.cli.common import CliError, Col, add_connection_args, client, listing, output
 
-COLUMNS = ["tokenId", "operator", "description", "status", "creationDatetime", "expirationDatetime"]
+COLUMNS = [Col("tokenId", "tokenId", keep=True), Col("operator", "operator", wrap=True),
+           Col("description", "description", wrap=True, rank=9), Col("status", "status"),
+           Col("creationDatetime", "created"), Col("expirationDatetime", "expires")]
 
 
 def register(sub) -> None:
@@ -51,7 +53,7 @@ async def _create(args: argparse.Namespace) -> int:
 async def _list(args: argparse.Namespace) -> int:
     async with client(args) as c:
         out = await c.call("GET", "/tokens", params={"all": "true"} if args.all else None)
-    output(args, out, COLUMNS, out["tokens"], title="tokens")
+    listing(args, out, COLUMNS, out["tokens"], title="tokens")
     return 0
 
 

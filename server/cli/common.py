@@ -344,16 +344,23 @@ def name_flags(text: str | None, flags: dict[str, str] | None) -> str | None:
 # ----------------------------------------------------------------------- tables
 @dataclass(frozen=True)
 class Col:
+    """A table column. Ids, appkeys and action names are `keep` (never dropped, never cut); free text is
+    `wrap` (may wrap down to `min` cells); anything else is shown whole or not at all."""
     field: str
     label: str
     keep: bool = False        # never dropped, never shortened (ids)
     wrap: bool = False        # may wrap onto several lines (free text such as names)
+    rank: int | None = None   # dropped in this order, highest first (default: its position)
+    min: int = 12             # a wrap column's narrowest width
 
 
 def print_table(columns: list[Col], rows: list[dict], title: str | None = None, width: int | None = None) -> None:
-    """A table that fits the terminal by dropping columns from the right, never by cutting a kept one (ids).
+    """A table that fits the terminal without ever cutting a kept column (ids) or a whole one.
 
-    Columns are given most important first. Every cell goes through `cell` (escaped, never markup).
+    Columns that are empty in every row take no room; then the lowest-ranked columns are dropped (named
+    in the caption) and free text wraps. When even the kept columns do not fit side by side, each row is
+    printed as `label  value` lines instead, so an id is still whole on one line. Every cell goes through
+    `cell`/`shown` (escaped, never markup).
     """
     from rich.cells import cell_len
     from rich.console import Console
@@ -364,31 +371,68 @@ def print_table(columns: list[Col], rows: list[dict], title: str | None = None, 
     def text_of(r: dict, c: Col) -> str:
         return shown("" if r.get(c.field) is None else r.get(c.field))
 
-    def need(c: Col) -> int:
-        natural = max([cell_len(c.label), *(cell_len(text_of(r, c)) for r in rows)])
-        return min(natural, 20) if c.wrap else natural
+    cols = [c for c in columns if c.keep or not rows or any(text_of(r, c) for r in rows)]
+    natural = {c: max([cell_len(c.label), *(cell_len(text_of(r, c)) for r in rows)]) for c in cols}
+    floor = {c: min(natural[c], max(c.min, cell_len(c.label))) if c.wrap else natural[c] for c in cols}
+    rank = {c: (c.rank if c.rank is not None else i) for i, c in enumerate(cols)}
 
-    visible = list(columns)
-    # Each column costs its text plus two spaces of padding and one border; the table one more border.
-    while sum(need(c) + 3 for c in visible) + 1 > width and any(not c.keep for c in visible[1:]):
-        visible.remove(next(c for c in reversed(visible) if not c.keep))
-    hidden = [c.label for c in columns if c not in visible]
+    def cost(vis: list[Col]) -> int:
+        # Each column costs its text plus two spaces of padding and one border; the table one more border.
+        return sum(floor[c] + 3 for c in vis) + 1
+
+    visible = list(cols)
+    while cost(visible) > width and any(not c.keep for c in visible):
+        visible.remove(max((c for c in visible if not c.keep), key=lambda c: rank[c]))
+    if cost(visible) > width:
+        _print_stacked(cols, rows, title, text_of)
+        return
+    # What is left over widens the wrap columns towards their natural width, in display order.
+    spare = width - cost(visible)
+    widths = dict(floor)
+    for c in visible:
+        if c.wrap and spare > 0:
+            grow = min(spare, natural[c] - floor[c])
+            widths[c] += grow
+            spare -= grow
+    hidden = [c.label for c in cols if c not in visible]
     table = Table(title=cell(title) if title is not None else None,
                   caption=f"not shown at this width: {', '.join(hidden)} (widen the terminal or use --json)"
                   if hidden else None)
     for c in visible:
-        if c.keep:
-            table.add_column(c.label, no_wrap=True, min_width=need(c), overflow="fold")
-        else:
-            table.add_column(c.label, overflow="fold")
+        table.add_column(c.label, width=widths[c], no_wrap=not c.wrap, overflow="fold")
     for r in rows:
         table.add_row(*[cell(text_of(r, c)) for c in visible])
     console.print(table)
 
 
+def _print_stacked(cols: list[Col], rows: list[dict], title: str | None, text_of) -> None:
+    """One `label  value` line per field, a blank line between rows: for terminals narrower than the ids.
+    Plain print: the terminal may wrap a long line, but nothing here splits a value."""
+    if title is not None:
+        print(shown(title))
+    pad = max((len(c.label) for c in cols), default=0)
+    for i, r in enumerate(rows):
+        if i or title is not None:
+            print()
+        for c in cols:
+            value = text_of(r, c)
+            if value or c.keep:
+                print(f"{c.label:<{pad}}  {value}")
+
+
+def listing(args: argparse.Namespace, data: Any, columns: list[Col], rows: list[dict], title: str | None = None,
+            ) -> None:
+    """A list command's output: `data` under --json, else the rows as a table that never cuts an id."""
+    if getattr(args, "json", False):
+        print(json_text(data))
+    else:
+        print_table(columns, rows, title=title)
+
+
 # ---------------------------------------------------------------------- appkeys
 async def with_appkeys(c: MgmtClient, out: dict) -> dict:
-    """`out` plus the appkey(s) the caller can see: what `skm server init` printed once, findable again."""
+    """`out` plus the appkey(s) the caller can see and where clients call with the first one (the data-plane
+    URL): what `skm server init` printed once, findable again."""
     from server.errors import Forbidden
     try:
         projects = (await c.call("GET", "/projects"))["projects"]
@@ -396,7 +440,9 @@ async def with_appkeys(c: MgmtClient, out: dict) -> dict:
         return out
     if not projects:
         return out
-    return {**out, "appkey": projects[0]["appkey"], "appkeys": {p["name"]: p["appkey"] for p in projects}}
+    first = projects[0]
+    return {**out, "appkey": first["appkey"], "dataPlaneUrl": first.get("dataPlaneUrl"),
+            "appkeys": {p["name"]: p["appkey"] for p in projects}}
 
 
 # ----------------------------------------------------------------- error output

@@ -6,7 +6,7 @@ from typing import Any, Optional
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.mgmt.auth import operator
+from server.api.mgmt.auth import name_in_audit, operator
 from server.api.routing import RouteTable
 from server.api.params import int_param
 from server.errors import InvalidRequest, Unavailable
@@ -64,6 +64,13 @@ def _id(request: web.Request) -> int:
     return int(request.match_info["request_id"])
 
 
+async def _scoped(request: web.Request, out: dict) -> dict:
+    """`out` (a change request), its project and key store named in the request's audit record, so a
+    project's operators find the decisions on their requests."""
+    await name_in_audit(request, keystore_id=out.get("keyStoreId"), project_id=out.get("projectId"))
+    return out
+
+
 @routes.route("GET", "/approvals", summary="List change requests", response=ChangeRequestList, tags=("approvals",),
               query={"status": {"type": "string"}, "keyStoreId": {"type": "integer"},
                      "requestedBy": {"type": "string"}, "limit": {"type": "integer"}})
@@ -85,28 +92,28 @@ async def get_request(request: web.Request, _body) -> dict:
     op = await operator(request)
     svc = _svc(request)
     await svc.expire_due()
-    return await svc.get(_id(request), by=op)
+    return await _scoped(request, await svc.get(_id(request), by=op))
 
 
 @routes.route("POST", _CR + "/approve", summary="Approve (approver role; never your own request)",
               body=DecisionIn, body_optional=True, response=ChangeRequestOut, tags=("approvals",))
 async def approve(request: web.Request, body: DecisionIn) -> dict:
     op = await operator(request)
-    return await _svc(request).approve(op, _id(request), body.comment)
+    return await _scoped(request, await _svc(request).approve(op, _id(request), body.comment))
 
 
 @routes.route("POST", _CR + "/deny", summary="Deny (approver role)", body=DecisionIn, body_optional=True,
               response=ChangeRequestOut, tags=("approvals",))
 async def deny(request: web.Request, body: DecisionIn) -> dict:
     op = await operator(request)
-    return await _svc(request).deny(op, _id(request), body.comment)
+    return await _scoped(request, await _svc(request).deny(op, _id(request), body.comment))
 
 
 @routes.route("POST", _CR + "/cancel", summary="Cancel your own pending request", response=ChangeRequestOut,
               tags=("approvals",))
 async def cancel(request: web.Request, _body) -> dict:
     op = await operator(request)
-    return await _svc(request).cancel(op, _id(request))
+    return await _scoped(request, await _svc(request).cancel(op, _id(request)))
 
 
 class CollectOut(BaseModel):

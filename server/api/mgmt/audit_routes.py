@@ -10,6 +10,7 @@ from server.api.mgmt.auth import operator
 from server.api.params import int_param
 from server.api.routing import RouteTable
 from server.audit import parse_time
+from server.audit.actions import check_filter
 from server.errors import InvalidRequest, Unavailable
 from server.runtime import runtime
 
@@ -96,13 +97,19 @@ async def query(request: web.Request, _body) -> dict:
     changes = q.get("changes") or "false"
     if changes not in ("true", "false", "1", "0"):
         raise InvalidRequest("changes is true or false")
+    action = q.get("action") or None
+    if action is not None:
+        # An unknown name would match nothing: a typo must not read as "no such records".
+        refused = check_filter(action)
+        if refused:
+            raise InvalidRequest(refused)
     desc = order == "desc"
     before = int_param(q, "beforeSeq", None, 1, 2**62)
     records = await _audit(request).query(
         since=parse_time(q.get("since"), "since"), until=parse_time(q.get("until"), "until"),
         actor=q.get("actor") or None, plane=q.get("plane") or None, key_id=q.get("keyId") or None,
         keystore_id=int_param(q, "keyStoreId", None, 0, 10**12), result=q.get("result") or None,
-        action=q.get("action") or None, after_seq=int_param(q, "afterSeq", 0, 0, 2**62), before_seq=before,
+        action=action, after_seq=int_param(q, "afterSeq", 0, 0, 2**62), before_seq=before,
         limit=limit, changes=changes in ("true", "1"), newest_first=desc, project_ids=_scope(op))
     nxt = records[-1]["seq"] if len(records) == limit else None
     return {"records": records, "nextAfterSeq": None if desc else nxt, "nextBeforeSeq": nxt if desc else None}

@@ -10,7 +10,7 @@ from typing import Optional
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.mgmt.auth import operator
+from server.api.mgmt.auth import name_in_audit, operator
 from server.api.routing import RouteTable
 from server.errors import InvalidAppkey, InvalidRequest
 from server.runtime import runtime
@@ -61,6 +61,7 @@ async def create_access_key(request: web.Request, body: AccessKeyIn) -> dict:
         if not owner.has(("admin", "approver", "viewer"), project.id):
             raise InvalidRequest(f"{owner.name} holds no role in that project; a key bound to it would never work")
         project_id = project.id
+        await name_in_audit(request, project_id=project_id)
     if owner.id != op.id:
         # A credential for someone else puts that operator in the issuer's hands: operator management.
         out = await rt.changes.submit_operator_change(op, "accesskey.create", {

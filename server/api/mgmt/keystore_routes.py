@@ -4,7 +4,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.api.mgmt import models as m
-from server.api.mgmt.auth import admin, keystore_for, operator
+from server.api.mgmt.auth import admin, keystore_for, name_in_audit, operator
+from server.api.mgmt.dataplane import data_plane_url
 from server.api.routing import RouteTable
 from server.errors import InvalidAppkey, InvalidRequest, NotFound
 from server.runtime import runtime
@@ -22,14 +23,9 @@ def _yn(v):
 
 
 def _project_api(request: web.Request, p) -> dict:
-    rt = runtime(request)
-    out = {"id": p.id, "appkey": p.appkey, "name": p.name, "description": p.description,
-           "createdAt": p.created_at_api}
-    base = rt.config.public_url.rstrip("/")
-    if base:
-        # Where clients of this project call the client API (a hint; the server does not serve this URL).
-        out["dataPlaneUrl"] = f"{base}/keymanager/v1.0/appkey/{p.appkey}"
-    return out
+    # Where clients of this project call the client API (the server does not serve it on this listener).
+    return {"id": p.id, "appkey": p.appkey, "name": p.name, "description": p.description,
+            "createdAt": p.created_at_api, "dataPlaneUrl": data_plane_url(request, p.appkey)}
 
 
 @routes.route("GET", "/projects", summary="List projects and their appkeys (yours; global roles: all)",
@@ -45,6 +41,7 @@ async def list_projects(request: web.Request, _body) -> dict:
 async def create_project(request: web.Request, body: m.ProjectCreate) -> dict:
     await admin(request)
     p = await runtime(request).keys.create_project(body.name, description=body.description)
+    await name_in_audit(request, project_id=p.id)
     return _project_api(request, p)
 
 
@@ -56,6 +53,7 @@ async def get_project(request: web.Request, _body) -> dict:
     p = await runtime(request).keys.project(pid)
     if p is None or not op.sees(pid):
         raise NotFound(f"no project with id {pid}")
+    await name_in_audit(request, project_id=pid)
     return _project_api(request, p)
 
 
@@ -110,7 +108,8 @@ async def get_keystore(request: web.Request, _body) -> dict:
     _, ks = await keystore_for(request)
     # The appkey is what a client needs next (every client-API URL holds it): show it with the store.
     project = await runtime(request).keys.project(ks.project_id)
-    return {**ks.to_api(), "projectId": ks.project_id, "appkey": project.appkey if project else None}
+    return {**ks.to_api(), "projectId": ks.project_id, "appkey": project.appkey if project else None,
+            "dataPlaneUrl": data_plane_url(request, project.appkey) if project else None}
 
 
 @routes.route("DELETE", r"/keystores/{keystore_id:\d{1,12}}", summary="Delete an empty key store (409 while it "

@@ -59,6 +59,8 @@ class KeyStoreOut(BaseModel):
     lastChangeDatetime: Optional[str]
     projectId: Optional[int] = None
     appkey: Optional[str] = Field(default=None, description="the project's appkey (in every client-API URL)")
+    dataPlaneUrl: Optional[str] = Field(default=None, description="client-API base of the store's project "
+                                        "(show only)")
 
 
 class KeyStoreDeleted(BaseModel):
@@ -164,8 +166,8 @@ class ProjectOut(BaseModel):
     name: str
     description: str = ""
     createdAt: Optional[str] = None
-    dataPlaneUrl: Optional[str] = Field(default=None, description="client-API base of this project, when the "
-                                        "server knows its public URL (`public_url`)")
+    dataPlaneUrl: Optional[str] = Field(default=None, description="client-API base of this project: from "
+                                        "`public_url`, else the data listener's host and port")
 
 
 class ProjectList(BaseModel):

@@ -6,7 +6,7 @@ from typing import Optional
 from aiohttp import web
 from pydantic import BaseModel
 
-from server.api.mgmt.auth import operator
+from server.api.mgmt.auth import name_in_audit, operator
 from server.api.params import int_param
 from server.api.routing import RouteTable
 from server.errors import InvalidRequest, Unavailable
@@ -66,5 +66,7 @@ async def usage(request: web.Request, _body) -> dict:
     key_id = q.get("keyId") or None
     if key_id is not None and (len(key_id) != 32 or any(ch not in "0123456789abcdef" for ch in key_id)):
         raise InvalidRequest("keyId must be a key id (32 hex digits)")
-    return await usage_for(runtime(request), op, range_=q.get("range") or "day",
-                           keystore_id=int(ks) if ks else None, key_id=key_id)
+    out = await usage_for(runtime(request), op, range_=q.get("range") or "day",
+                          keystore_id=int(ks) if ks else None, key_id=key_id)
+    await name_in_audit(request, keystore_id=out["keyStoreId"], key_id=out["keyId"])
+    return out
