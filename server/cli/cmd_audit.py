@@ -16,11 +16,11 @@ from pathlib import Path
 from server.cli.common import Col, add_connection_args, client, listing, output
 
 # Never cut: the record's seq, its action and the key id. Time and free text wrap; on a narrow terminal
-# the reason, names and actor go first (`rank`, highest first), then the time.
-COLUMNS = [Col("seq", "seq", keep=True), Col("time", "time (UTC)", wrap=True, min=10, rank=4),
+# the reason, names and actor go first (`rank`, highest first), then the time, the result last.
+COLUMNS = [Col("seq", "seq", keep=True), Col("time", "time (UTC)", wrap=True, min=10, rank=5),
            Col("actor", "actor", wrap=True, rank=6), Col("action", "action", keep=True),
            Col("keyStore", "keyStore", wrap=True, rank=8), Col("keyId", "keyId", keep=True),
-           Col("key", "key", wrap=True, rank=7), Col("result", "result", rank=5),
+           Col("key", "key", wrap=True, rank=7), Col("result", "result", rank=4),
            Col("reason", "reason", wrap=True, rank=9)]
 PAGE = 1000
 

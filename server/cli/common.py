@@ -236,14 +236,7 @@ def output(args: argparse.Namespace, data: Any, columns: Iterable[str] | None = 
     console = Console()
     caption = cell(title) if title is not None else None
     if rows is None:
-        table = Table(title=caption, show_header=False)
-        table.add_column("field", style="bold")
-        table.add_column("value")
-        for k, v in (data or {}).items():
-            if isinstance(v, (list, dict)):
-                v = json.dumps(v, ensure_ascii=False)
-            table.add_row(cell(k), cell(v))
-        console.print(table)
+        _print_fields(console, data or {}, caption, title)
         return
     cols = list(columns or (rows[0].keys() if rows else []))
     table = Table(title=caption)
@@ -251,6 +244,30 @@ def output(args: argparse.Namespace, data: Any, columns: Iterable[str] | None = 
         table.add_column(cell(c))
     for r in rows:
         table.add_row(*[cell(r.get(c)) for c in cols])
+    console.print(table)
+
+
+def _print_fields(console, data: dict, caption, title: str | None) -> None:
+    """Field/value pairs: a table when every unbreakable word (an id, an appkey, a URL) fits its value
+    column, so free text wraps at spaces and nothing is cut; `field  value` lines otherwise."""
+    from rich.cells import cell_len
+    from rich.table import Table
+    pairs = [(shown(k), shown("" if v is None else json.dumps(v, ensure_ascii=False)
+                              if isinstance(v, (list, dict)) else v)) for k, v in data.items()]
+    field_w = max((cell_len(k) for k, _ in pairs), default=0)
+    word_w = max((cell_len(w) for _, v in pairs for w in v.split(" ")), default=0)
+    if field_w + word_w + 7 > console.width:
+        if title is not None:
+            print(shown(title))
+        for k, v in pairs:
+            print(f"{k:<{field_w}}  {v}")
+        return
+    from rich.text import Text
+    table = Table(title=caption, show_header=False)
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", min_width=word_w, overflow="fold")
+    for k, v in pairs:
+        table.add_row(Text(k), Text(v))
     console.print(table)
 
 
@@ -371,7 +388,8 @@ def print_table(columns: list[Col], rows: list[dict], title: str | None = None, 
     def text_of(r: dict, c: Col) -> str:
         return shown("" if r.get(c.field) is None else r.get(c.field))
 
-    cols = [c for c in columns if c.keep or not rows or any(text_of(r, c) for r in rows)]
+    # A column empty in every row takes no room (it has no id to cut either).
+    cols = [c for c in columns if not rows or any(text_of(r, c) for r in rows)]
     natural = {c: max([cell_len(c.label), *(cell_len(text_of(r, c)) for r in rows)]) for c in cols}
     floor = {c: min(natural[c], max(c.min, cell_len(c.label))) if c.wrap else natural[c] for c in cols}
     rank = {c: (c.rank if c.rank is not None else i) for i, c in enumerate(cols)}
@@ -384,7 +402,7 @@ def print_table(columns: list[Col], rows: list[dict], title: str | None = None, 
     while cost(visible) > width and any(not c.keep for c in visible):
         visible.remove(max((c for c in visible if not c.keep), key=lambda c: rank[c]))
     if cost(visible) > width:
-        _print_stacked(cols, rows, title, text_of)
+        _print_stacked(cols, rows, title, text_of, width)
         return
     # What is left over widens the wrap columns towards their natural width, in display order.
     spare = width - cost(visible)
@@ -405,19 +423,25 @@ def print_table(columns: list[Col], rows: list[dict], title: str | None = None, 
     console.print(table)
 
 
-def _print_stacked(cols: list[Col], rows: list[dict], title: str | None, text_of) -> None:
+def _print_stacked(cols: list[Col], rows: list[dict], title: str | None, text_of, width: int) -> None:
     """One `label  value` line per field, a blank line between rows: for terminals narrower than the ids.
-    Plain print: the terminal may wrap a long line, but nothing here splits a value."""
+    Plain print; free text wraps under its value, an id or any other whole value is never split."""
+    import textwrap
     if title is not None:
         print(shown(title))
     pad = max((len(c.label) for c in cols), default=0)
+    room = max(width - pad - 2, 10)
     for i, r in enumerate(rows):
         if i or title is not None:
             print()
         for c in cols:
             value = text_of(r, c)
-            if value or c.keep:
-                print(f"{c.label:<{pad}}  {value}")
+            if not value:
+                continue
+            lines = textwrap.wrap(value, room, break_on_hyphens=False) if c.wrap else [value]
+            print(f"{c.label:<{pad}}  {lines[0]}")
+            for more in lines[1:]:
+                print(f"{'':<{pad}}  {more}")
 
 
 def listing(args: argparse.Namespace, data: Any, columns: list[Col], rows: list[dict], title: str | None = None,

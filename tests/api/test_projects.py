@@ -188,7 +188,20 @@ async def test_project_routes(skm):
     st, out = await skm.mgmt("GET", "/projects/999")
     assert st == 404
     st, out = await skm.mgmt("GET", "/projects/2")
-    assert out["body"]["name"] == "dup" and out["body"].get("dataPlaneUrl") is None
+    assert out["body"]["name"] == "dup"
+    # Without `public_url`: the data listener's own address and port (what `skm demo` prints), and a client
+    # reaches its client API there.
+    dup = out["body"]
+    assert dup["dataPlaneUrl"] == f"{skm.data_url}/keymanager/v1.0/appkey/{dup['appkey']}", dup
+    st, out = await skm.mgmt("GET", "/projects")
+    assert [p["dataPlaneUrl"] for p in out["body"]["projects"]] == \
+        [f"{skm.data_url}/keymanager/v1.0/appkey/{p['appkey']}" for p in out["body"]["projects"]]
+    st, ks = await skm.mgmt("POST", "/keystores", json={"name": "dup-store", "ip4AuthUse": "Y",
+                                                         "appkey": dup["appkey"]})
+    st, ks = await skm.mgmt("GET", f"/keystores/{ks['body']['keyStoreId']}")
+    assert ks["body"]["dataPlaneUrl"] == dup["dataPlaneUrl"] and ks["body"]["appkey"] == dup["appkey"], ks
+    async with skm._default().get(dup["dataPlaneUrl"] + "/keystores") as r:
+        assert r.status == 200 and (await r.json())["header"]["isSuccessful"], await r.text()
     # When the server knows how clients reach it (`public_url`), the project says where its client API is.
     import dataclasses
     skm.rt.config = dataclasses.replace(skm.rt.config, public_url="https://keys.example:8443/")
@@ -211,3 +224,44 @@ async def test_audit_of_a_project_operator_holds_its_projects_only(skm, two):
         assert all(r.get("projectId") in (1, None) for r in recs)
     st, out = await skm.mgmt("GET", f"/audit?keyStoreId={sb}")          # the global admin sees B
     assert st == 200 and out["body"]["records"]
+
+
+async def test_a_project_operator_finds_its_own_key_changes_in_the_audit(skm, two):
+    """Issue 16: management-API key changes are recorded with their project, so a project-scoped operator's
+    audit query (and `skm audit query --changes`) holds its project's rotations, updates and scheduled
+    deletions, by key and store name, and none of another project's."""
+    a, b, tokens = two["a"], two["b"], two["tokens"]
+    made = {}
+    for proj, token, store in ((a, tokens["admin"], "a-plain"), (b, None, "b-plain")):
+        st, out = await skm.mgmt("POST", "/keystores", token=token,
+                                 json={"name": store, "ip4AuthUse": "Y", "appkey": proj["appkey"]})
+        assert st == 201, out
+        sid = out["body"]["keyStoreId"]
+        st, out = await skm.mgmt("POST", f"/keystores/{sid}/keys", token=token,
+                                 json={"keyType": "SYMMETRIC_KEY", "name": f"{store}-key"})
+        assert st == 201, out
+        kid = out["body"]["keyId"]
+        for method, path, body in (("POST", f"/keys/{kid}/rotate", None),
+                                   ("PATCH", f"/keys/{kid}", {"description": "rotated by hand"}),
+                                   ("POST", f"/keys/{kid}/schedule-deletion", None)):
+            st, out = await skm.mgmt(method, path, json=body, token=token)
+            assert st == 200, (path, out)
+        made[store] = (sid, kid)
+    a_sid, a_kid = made["a-plain"]
+    b_sid, b_kid = made["b-plain"]
+    for role in ("admin", "viewer"):
+        st, out = await skm.mgmt("GET", "/audit?changes=true&limit=1000", token=tokens[role])
+        assert st == 200, out
+        recs = out["body"]["records"]
+        mine = {r["action"] for r in recs if r["keyId"] == a_kid}
+        assert {"key.create", "key.rotate", "key.update", "key.schedule-deletion"} <= mine, (role, mine)
+        for r in recs:
+            assert r["projectId"] == a["id"] and r["keyId"] != b_kid and r["keyStoreId"] != b_sid, (role, r)
+            if r["keyId"] == a_kid:
+                assert r["detail"]["keyName"] == "a-plain-key" and r["detail"]["keyStoreName"] == "a-plain", r
+        for action in ("key.rotate", "key.update", "key.schedule-deletion"):
+            st, out = await skm.mgmt("GET", f"/audit?action={action}&result=ok", token=tokens[role])
+            assert [r["keyId"] for r in out["body"]["records"]] == [a_kid], (role, action, out)
+    # The global admin sees both projects' changes, each with its own project.
+    st, out = await skm.mgmt("GET", "/audit?action=key.rotate")
+    assert {(r["keyId"], r["projectId"]) for r in out["body"]["records"]} >= {(a_kid, a["id"]), (b_kid, b["id"])}

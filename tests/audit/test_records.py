@@ -97,3 +97,77 @@ async def test_console_page_views_are_not_records(skm):
         assert r.status in (200, 302, 303)
     after = await skm.rt.storage.fetchval("SELECT seq FROM audit_head WHERE id = 1")
     assert after == before
+
+
+async def test_every_management_record_on_a_key_or_store_names_it_and_its_project(skm):
+    """Issue 16: management-API records of key and key-store operations carry the key's and the store's
+    names and the project (a project-scoped operator's audit query filters on it)."""
+    store = await skm.keystore("named-store", certificateAuthUse="Y")
+    sid, name = store["keyStoreId"], "named-store"
+    project = (await skm.rt.keys.keystore(sid)).project_id
+    secret = await skm.key(store, "SECRET", "named-secret", secretValue="named-value-1")
+    aes = await skm.key(store, "SYMMETRIC_KEY", "named-aes")
+    kid, aid = secret["keyId"], aes["keyId"]
+    key_ops = [  # (method, path, body, action, the key's name)
+        ("GET", f"/keys/{kid}", None, "key.read", "named-secret"),
+        ("PATCH", f"/keys/{kid}", {"description": "changed"}, "key.update", "named-secret"),
+        ("POST", f"/keys/{kid}/rotate", {"secretValue": "named-value-2"}, "key.rotate", "named-secret"),
+        ("POST", f"/keys/{kid}/reveal", None, "key.reveal", "named-secret"),
+        ("GET", f"/keys/{kid}/rollout", None, "key.rollout", "named-secret"),
+        ("GET", f"/usage?keyId={kid}", None, "usage.read", "named-secret"),
+        ("POST", f"/keys/{aid}/rotate", None, "key.rotate", "named-aes"),
+        ("POST", f"/keys/{aid}/versions/0/disable", None, "key.version-disable", "named-aes"),
+        ("POST", f"/keys/{aid}/versions/0/enable", None, "key.version-enable", "named-aes"),
+        ("POST", f"/keys/{kid}/schedule-deletion", None, "key.schedule-deletion", "named-secret"),
+        ("POST", f"/keys/{kid}/cancel-deletion", None, "key.cancel-deletion", "named-secret"),
+        ("POST", f"/keys/{aid}/schedule-deletion", None, "key.schedule-deletion", "named-aes"),
+        ("DELETE", f"/keys/{aid}", None, "key.delete", "named-aes"),
+        ("POST", f"/keys/{kid}/schedule-deletion", None, "key.schedule-deletion", "named-secret"),
+        ("DELETE", f"/keys/{kid}", None, "key.delete", "named-secret"),
+    ]
+    store_ops = [  # (method, path, body, action)
+        ("GET", f"/keystores/{sid}", None, "keystore.read"),
+        ("PATCH", f"/keystores/{sid}", {"description": "changed"}, "keystore.update"),
+        ("GET", f"/keystores/{sid}/keys", None, "key.list"),
+        ("GET", f"/keystores/{sid}/auths/ipv4s", None, "auth.list"),
+        ("POST", f"/keystores/{sid}/auths/ipv4s", {"value": "10.1.2.3"}, "auth.add"),
+        ("POST", f"/keystores/{sid}/auths/ipv4s/schedule-deletion", {"value": "10.1.2.3"}, "auth.schedule-deletion"),
+        ("POST", f"/keystores/{sid}/auths/ipv4s/cancel-deletion", {"value": "10.1.2.3"}, "auth.cancel-deletion"),
+        ("POST", f"/keystores/{sid}/certificates", {"name": "c1", "password": "bundle-password-123"}, "cert.create"),
+        ("GET", f"/keystores/{sid}/certificates", None, "cert.list"),
+        ("GET", f"/keystores/{sid}/certificates/c1", None, "cert.read"),
+        ("GET", f"/keystores/{sid}/certificates/c1/bundle", None, "cert.download"),
+        ("POST", f"/keystores/{sid}/certificates/schedule-deletion", {"name": "c1"}, "cert.schedule-deletion"),
+        ("POST", f"/keystores/{sid}/certificates/cancel-deletion", {"name": "c1"}, "cert.cancel-deletion"),
+        ("GET", f"/usage?keyStoreId={sid}", None, "usage.read"),
+    ]
+    seen = []
+    for method, path, body, action, key_name in [*key_ops, *((m, p, b, a, None) for m, p, b, a in store_ops)]:
+        before = await skm.rt.storage.fetchval("SELECT seq FROM audit_head WHERE id = 1")
+        if path.endswith("/bundle"):           # PKCS#12, not JSON
+            async with skm._default().get(f"{skm.mgmt_url}/api/v1{path}",
+                                          headers={"Authorization": f"Bearer {skm.init.token}"}) as resp:
+                st, out = resp.status, await resp.read()
+        else:
+            st, out = await skm.mgmt(method, path, json=body)
+        assert st < 300, (method, path, out)
+        st, out = await skm.mgmt("GET", f"/audit?action={action}&afterSeq={before}")
+        recs = [r for r in out["body"]["records"] if r["plane"] == "mgmt"]
+        assert len(recs) == 1, (method, path, [r["action"] for r in out["body"]["records"]])
+        r = recs[0]
+        assert r["projectId"] == project and r["keyStoreId"] == sid, (action, r)
+        assert r["detail"].get("keyStoreName") == name, (action, r)
+        if key_name is not None:
+            assert r["detail"].get("keyName") == key_name and r["keyId"] in (kid, aid), (action, r)
+        seen.append(action)
+    # The store's deletion, last: its record still names it (it is gone when the record is written).
+    st, out = await skm.mgmt("POST", f"/keystores/{sid}/certificates/schedule-deletion", json={"name": "c1"})
+    st, out = await skm.mgmt("POST", f"/keystores/{sid}/certificates/delete", json={"name": "c1"})
+    assert st == 200, out
+    st, out = await skm.mgmt("DELETE", f"/keystores/{sid}")
+    assert st == 200, out
+    st, out = await skm.mgmt("GET", "/audit?action=keystore.delete&order=desc&limit=1")
+    r = out["body"]["records"][0]
+    assert r["result"] == "ok" and r["keyStoreId"] == sid and r["projectId"] == project, r
+    assert r["detail"]["keyStoreName"] == name, r
+    assert {a for *_, a, _ in key_ops} | {a for *_, a in store_ops} <= set(seen)
