@@ -7,6 +7,7 @@ recorded at all. Every registered route must appear here (tests/audit/test_actio
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 _C = "/keymanager/{version}/appkey/{appkey}"
@@ -204,6 +205,7 @@ FILLS = {"auth.{action}": ("schedule-deletion", "cancel-deletion", "delete"),
          "operator.{action}": ("disable", "enable", "unlock")}
 
 
+@functools.cache
 def known_actions() -> frozenset[str]:
     """Every action name a record can carry."""
     out = set(EVENTS)

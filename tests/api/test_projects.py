@@ -262,6 +262,13 @@ async def test_a_project_operator_finds_its_own_key_changes_in_the_audit(skm, tw
         for action in ("key.rotate", "key.update", "key.schedule-deletion"):
             st, out = await skm.mgmt("GET", f"/audit?action={action}&result=ok", token=tokens[role])
             assert [r["keyId"] for r in out["body"]["records"]] == [a_kid], (role, action, out)
+    # A decision on A's change request is A's record too, by store name.
+    rid = two["ids"]["store-a"]["rid"]
+    st, out = await skm.mgmt("POST", f"/approvals/{rid}/approve", token=await _token(skm, "appr-store-a"))
+    assert st == 200 and out["body"]["status"] == "APPLIED", out
+    st, out = await skm.mgmt("GET", "/audit?action=approval.approve", token=tokens["viewer"])
+    (rec,) = out["body"]["records"]
+    assert rec["projectId"] == a["id"] and rec["detail"]["keyStoreName"] == "store-a", rec
     # The global admin sees both projects' changes, each with its own project.
     st, out = await skm.mgmt("GET", "/audit?action=key.rotate")
     assert {(r["keyId"], r["projectId"]) for r in out["body"]["records"]} >= {(a_kid, a["id"]), (b_kid, b["id"])}

@@ -171,3 +171,36 @@ async def test_every_management_record_on_a_key_or_store_names_it_and_its_projec
     assert r["result"] == "ok" and r["keyStoreId"] == sid and r["projectId"] == project, r
     assert r["detail"]["keyStoreName"] == name, r
     assert {a for *_, a, _ in key_ops} | {a for *_, a in store_ops} <= set(seen)
+
+
+async def test_an_unknown_action_filter_is_refused(skm):
+    """`GET /audit?action=` with a name no record can carry is a 400 naming close ones, not an empty page."""
+    for bad, close in (("nosuch.action", "key"), ("key.rotat", "key.rotate"), ("secrt", "secret")):
+        st, out = await skm.mgmt("GET", f"/audit?action={bad}")
+        assert st == 400 and not out["header"]["isSuccessful"], (bad, out)
+        assert bad in out["header"]["resultDetail"] and close in out["header"]["resultDetail"], (bad, out)
+    for good in ("key.rotate", "key", "approval.applied", "auth.cancel-deletion", "operator.unlock",
+                 "sidecar.reads-dropped", "secret.read"):
+        st, out = await skm.mgmt("GET", f"/audit?action={good}")
+        assert st == 200, (good, out)
+
+
+def test_every_action_a_record_can_carry_is_a_known_filter():
+    """The names `{action}` routes fill in (the console's alternatives) are known to the filter check."""
+    import importlib
+    import pkgutil
+    import re
+
+    import server.console as console
+    from server.audit.actions import check_filter, known_actions
+    for m in pkgutil.iter_modules(console.__path__):
+        routes = getattr(importlib.import_module(f"server.console.{m.name}"), "routes", None)
+        for method, path, _ in getattr(routes, "entries", []):
+            found = re.search(r"\{action:([a-z|-]+)\}", path)
+            act = lookup(method, path_params(path)[0]) if method == "POST" else None
+            if found is None or act is None:
+                continue
+            for verb in found.group(1).split("|"):
+                name = act.name.split(".")[0] + "." + verb
+                assert name in known_actions() and check_filter(name) is None, (path, name)
+    assert all(check_filter(a.name) is None for a in TABLE.values() if "{" not in a.name)

@@ -104,6 +104,17 @@ def _stop(demo: Demo) -> None:
         time.sleep(0.05)
 
 
+def _project_show_prints_the_data_plane_url(out: str, login: dict) -> None:
+    """`skm project show` with the demo's export line prints the data-plane URL the demo printed (the demo
+    sets no public_url: the server derives it from its data listener)."""
+    printed = re.search(r"Data plane: (\S+)", out).group(1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SKM_CONFIG": "/nonexistent", "COLUMNS": "80",
+           **{k: login[k] for k in ("SKM_ADDR", "SKM_CACERT", "SKM_TOKEN")}}
+    shown = subprocess.run([*SKM, "project", "show", "1"], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert any(line.split()[-1:] == [printed] for line in shown.stdout.splitlines()), (printed, shown.stdout)
+
+
 def test_demo_prints_a_login_replaces_it_on_rerun_and_stops_on_sigterm(tmp_path):
     data = Path(f"/tmp/skm-demo-test-{os.getpid()}")       # short: the sidecar's socket path is under it
     first = Demo(data)
@@ -116,6 +127,7 @@ def test_demo_prints_a_login_replaces_it_on_rerun_and_stops_on_sigterm(tmp_path)
         assert active[0]["expirationDatetime"].replace("T", " ").startswith(login["expires"])  # the real expiry
         st, body = _api(login, "POST", "/login", {"name": login["name"], "password": login["password"]})
         assert st == 200, body
+        _project_show_prints_the_data_plane_url(out, login)
         _stop(first)
 
         second = Demo(data)
