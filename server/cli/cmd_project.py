@@ -28,12 +28,14 @@ def register(sub) -> None:
     add_connection_args(c)
     c.set_defaults(func=_create)
 
-    ls = s.add_parser("list", help="list projects", description="List the projects you can see, with appkeys and data-plane URLs (a narrow terminal drops "
-                        "the URL column first; --json has everything).")
+    ls = s.add_parser("list", help="list projects",
+                      description="List the projects you can see, with appkeys and data-plane URLs (a narrow "
+                      "terminal drops the URL column first; --json has everything).")
     add_connection_args(ls)
     ls.set_defaults(func=_list)
 
-    sh = s.add_parser("show", help="show one project", description="Show one project (by id or name): its appkey and data-plane URL.")
+    sh = s.add_parser("show", help="show one project",
+                      description="Show one project (by id or name): its appkey and data-plane URL.")
     sh.add_argument("project", help="project id or name")
     add_connection_args(sh)
     sh.set_defaults(func=_show)
