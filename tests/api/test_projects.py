@@ -272,3 +272,18 @@ async def test_a_project_operator_finds_its_own_key_changes_in_the_audit(skm, tw
     # The global admin sees both projects' changes, each with its own project.
     st, out = await skm.mgmt("GET", "/audit?action=key.rotate")
     assert {(r["keyId"], r["projectId"]) for r in out["body"]["records"]} >= {(a_kid, a["id"]), (b_kid, b["id"])}
+
+
+async def test_the_data_plane_url_of_a_server_listening_on_every_address(tmp_path):
+    """A data listener bound to 0.0.0.0 has no one address: the URL names the host the operator reached
+    the management listener by, with the data listener's real port (no `public_url`)."""
+    from tests.support.server import start_harness
+    h = await start_harness(tmp_path, data={"host": "0.0.0.0"})
+    try:
+        port = h.server.data_port
+        for host in ("127.0.0.1", "localhost"):
+            st, out = await h.mgmt("GET", "/projects/1", headers={"Host": f"{host}:{h.server.mgmt_port}"})
+            assert st == 200, out
+            assert out["body"]["dataPlaneUrl"] == f"https://{host}:{port}/keymanager/v1.0/appkey/{h.appkey}", out
+    finally:
+        await h.close()
