@@ -33,7 +33,7 @@ from bench.report import Report, Sample
 
 WORKLOADS = ("floor", "secret-read", "secret-read-v13", "encrypt", "decrypt", "sign-rsa", "sign-ec", "datakey", "scale",
              "backup")
-SYSTEMS = ("skm", "sidecar", "openbao", "floor")
+SYSTEMS = ("skm", "skm-unkeyed", "sidecar", "openbao", "floor")
 console = Console(stderr=True)
 
 
@@ -296,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
                     kp = keyserver.launch(fxp, event_loop=args.event_loop, workers=n, name=name)
                     started.append(kp)
                     cases += skm_cases(args, fxp, kp, name, also=(postmaster,), workers=n)
+            if "skm-unkeyed" in args.systems and wanted(args, "secret-read"):
+                # The same server with the audit writer of before keyed links: their cost (issue 14: <= 5 %).
+                fxu = asyncio.run(keyserver.prepare(work / "skm-unkeyed"))
+                ku = keyserver.launch(fxu, event_loop=args.event_loop, name="skm-unkeyed", unkeyed_audit=True)
+                started.append(ku)
+                cases += [c for c in skm_cases(args, fxu, ku, "skm-unkeyed") if c.workload == "secret-read"]
             if "sidecar" in args.systems and wanted(args, "secret-read"):
                 side = sidecar_mod.launch(fx, ks.info["data_url"])
                 started.append(side)
