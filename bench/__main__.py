@@ -312,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
                 cases.append(Case("secret-read", "sidecar-tcp",
                                   load.Request(side.info["tcp_url"] + path, headers=sidecar_mod.ANTI_SSRF), side,
                                   check=secret))
+                # The same sidecar without read auditing: what recording every cache hit costs (issue 17).
+                bare = sidecar_mod.launch(fx, ks.info["data_url"], name="sidecar-noreads", reads=False)
+                started.append(bare)
+                args.bare_sidecar = bare
+                cases.append(Case("secret-read", "sidecar-unix-noreads",
+                                  load.Request(f"unix:{bare.info['socket']}:{path}"), bare, check=secret))
         if "openbao" in args.systems and core_workloads:
             from server.access.pki import DevPKI
             pki = DevPKI(fx.ca.parent)
@@ -342,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         run_cases(cases, args, report)
         if side is not None:
             report.notes["sidecar_rss_mb_after"] = round(side.rss_mb(), 1)
+        if getattr(args, "bare_sidecar", None) is not None:
+            report.notes["sidecar_noreads_rss_mb_after"] = round(args.bare_sidecar.rss_mb(), 1)
         for p in args.procs:
             report.notes.setdefault("rss_mb_after", {})[p.name] = round(p.rss_mb(), 1)
         _scale_notes(report, args)
@@ -357,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         cost = audit_cost.against(audit_cost.measure(), report.rows())
         report.notes["audit_cost"] = cost.to_dict()
         wide.print(audit_cost.line(cost))
+    line = _read_audit_line(report)
+    if line:
+        wide.print(line)
     if backups:
         report.notes["backup"] = [b.to_dict() for b in backups]
         wide.print(backup_bench.table(backups))
@@ -365,6 +376,21 @@ def main(argv: list[str] | None = None) -> int:
     path = report.write(args.results) if args.results else report.write()
     console.print(f"results: {path}")
     return 1 if report.errors or report.notes.get("backup_errors") else 0
+
+
+def _read_audit_line(report: Report) -> str | None:
+    """The sidecar's cache hits with every read recorded against the same sidecar without (issue 17:
+    within 10 %), and both RSS."""
+    rows = {(r["workload"], r["system"]): r for r in report.rows()}
+    on, off = rows.get(("secret-read", "sidecar-unix")), rows.get(("secret-read", "sidecar-unix-noreads"))
+    if not on or not off or not off["rps"]:
+        return None
+    ratio = on["rps"] / off["rps"]
+    report.notes["sidecar_read_audit"] = {"rps_on": on["rps"], "rps_off": off["rps"], "ratio": round(ratio, 3)}
+    return (f"sidecar read auditing: cache hits {on['rps']:,.0f} req/s with every read recorded, "
+            f"{off['rps']:,.0f} without ({ratio:.2f}x; target >= 0.90x); RSS after "
+            f"{report.notes.get('sidecar_rss_mb_after')} MB / {report.notes.get('sidecar_noreads_rss_mb_after')} MB "
+            "(target < 80 MB)")
 
 
 def _pg_settings(args) -> dict[str, str]:

@@ -31,7 +31,7 @@ def test_bench_smoke(tmp_path):
     assert report["errors"] == 0
     rows = {(r["workload"], r["system"]): r for r in report["rows"]}
     expected = {("floor", "floor"), ("secret-read", "skm"), ("secret-read-v13", "skm"), ("secret-read", "sidecar-unix"),
-                ("secret-read", "sidecar-tcp"), ("encrypt", "skm"), ("decrypt", "skm"), ("sign-rsa", "skm"),
+                ("secret-read", "sidecar-tcp"), ("secret-read", "sidecar-unix-noreads"), ("encrypt", "skm"), ("decrypt", "skm"), ("sign-rsa", "skm"),
                 ("sign-ec", "skm"), ("datakey", "skm"), ("scale-secret-read", "skm@1,000"),
                 ("scale-secret-read", "skm@1,500"), ("scale-list-middle-page", "skm@1,500")}
     assert expected <= set(rows), sorted(set(rows))
@@ -48,7 +48,8 @@ def test_bench_smoke(tmp_path):
         with sqlite3.connect(db) as c:
             tags = [t for (t,) in c.execute("SELECT tag FROM audit_log WHERE action = 'secret.read'")]
         assert tags and all((t is not None) == tagged for t in tags), name
-    assert report["notes"]["sidecar_rss_mb_after"] > 0
+    assert report["notes"]["sidecar_rss_mb_after"] > 0 and report["notes"]["sidecar_noreads_rss_mb_after"] > 0
+    assert report["notes"]["sidecar_read_audit"]["ratio"] > 0
     # The backup row: skm backup create/restore next to sqlite3 .backup/.restore, read p99 idle and during.
     (backup,) = report["notes"]["backup"]
     assert backup["backend"] == "sqlite" and backup["keys"] == 1500 and not backup["errors"]
