@@ -62,7 +62,8 @@ _ENTRY_OPS = {"schedule-deletion": ("auth.schedule_deletion", "scheduled for del
               "delete": ("auth.delete", "deleted")}
 
 
-@routes.post(_KS + "/auth" + _KIND + r"/{action:schedule-deletion|cancel-deletion|delete}", roles=("admin",), per_project=True)
+@routes.post(_KS + "/auth" + _KIND + r"/{action:schedule-deletion|cancel-deletion|delete}", roles=("admin",),
+             per_project=True)
 async def entry_action(c: Ctx) -> web.Response:
     ks, kind = await keystore_of(c), c.match("kind")
     op_name, what = _ENTRY_OPS[c.match("action")]
@@ -90,7 +91,8 @@ async def create_certificate(c: Ctx) -> web.Response:
                          f"Certificate {name!r} issued. Download its PKCS#12 bundle below.", "certs")
 
 
-@routes.post(_KS + r"/certificates/{action:schedule-deletion|cancel-deletion|delete}", roles=("admin",), per_project=True)
+@routes.post(_KS + r"/certificates/{action:schedule-deletion|cancel-deletion|delete}", roles=("admin",),
+             per_project=True)
 async def certificate_action(c: Ctx) -> web.Response:
     ks = await keystore_of(c)
     action = c.match("action")
