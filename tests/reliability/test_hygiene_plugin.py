@@ -37,6 +37,16 @@ def test_registered_value_leaks(hygiene):
 
 def test_clean(hygiene):
     print("nothing secret here")
+
+async def test_database_log_leak(skm, hygiene):
+    if os.environ.get("SKM_TEST_STORAGE") != "postgresql":
+        return
+    value = os.environ["PLANT_SQL"]
+    hygiene.secret(value, "value in a failing statement")
+    try:                                                   # PostgreSQL logs the failing statement
+        await skm.rt.storage.execute("SELECT 1 FROM no_such_table_" + value)
+    except Exception:
+        pass
 """
 _INNER_SWEEP = """
 import json, os, pytest
@@ -66,11 +76,15 @@ def _inner_session(tmp_path: Path, *args: str, **env: str) -> dict:
     return json.loads(out.read_text())
 
 
+def _plants() -> dict[str, str]:
+    return {"PLANT_MATERIAL": "material-" + secrets.token_hex(12), "PLANT_REGISTERED": "registered-" + secrets.token_hex(12),
+            "PLANT_SQL": "t" + secrets.token_hex(12)}
+
+
 def test_the_sweep_sees_every_directory_and_harvests_harness_servers(tmp_path):
-    """Any test's output is grepped and any test can register; with harvesting on (as `make test-postgres`
-    has it) a harness server's key material is a needle without the test registering it; the sweep runs last."""
-    material, registered = "material-" + secrets.token_hex(12), "registered-" + secrets.token_hex(12)
-    res = _inner_session(tmp_path, SKM_HYGIENE_HARVEST="1", PLANT_MATERIAL=material, PLANT_REGISTERED=registered)
+    """As `make test-postgres` runs: any test's output is grepped and any test can register; a harness server's
+    key material is a needle without the test registering it; the cluster's log is grepped; the sweep runs last."""
+    res = _inner_session(tmp_path, SKM_TEST_STORAGE="postgresql", **_plants())
     assert res["order"][-1].endswith("test_secret_hygiene.py::test_sweep"), res["order"]
     leaky = "elsewhere/test_zz_after_the_sweep_by_name.py::"
     assert any(f.startswith("harness ") and " material found in " + leaky + "test_harness_server_leaks_its_material"
@@ -78,14 +92,15 @@ def test_the_sweep_sees_every_directory_and_harvests_harness_servers(tmp_path):
     assert ("registered elsewhere found in " + leaky + "test_registered_value_leaks [Captured stderr call]"
             in res["found"]), res["found"]
     assert not [f for f in res["found"] if "test_clean" in f], res["found"]
-    assert res["stats"]["servers"] == 1 and not res["unharvested"], res
+    assert any(f.startswith("value in a failing statement found in ") and f.endswith("/postgres.log")
+               for f in res["found"]), res["found"]
+    assert res["stats"]["servers"] == 2 and not res["unharvested"], res
 
 
 def test_without_harvesting_a_harness_server_is_not_a_needle(tmp_path):
-    """The control: the same session with harvesting off finds only what a test registered (so the finding
-    above comes from the harness harvest, not from anything else)."""
-    material, registered = "material-" + secrets.token_hex(12), "registered-" + secrets.token_hex(12)
-    res = _inner_session(tmp_path, SKM_HYGIENE_HARVEST="0", PLANT_MATERIAL=material, PLANT_REGISTERED=registered)
+    """The control: on SQLite without SKM_HYGIENE_HARVEST the session finds only what a test registered (so the
+    finding above comes from the harness harvest, not from anything else)."""
+    res = _inner_session(tmp_path, SKM_HYGIENE_HARVEST="0", **_plants())
     assert [f.split(" found in ")[0] for f in res["found"]] == ["registered elsewhere"], res["found"]
     assert res["stats"]["servers"] == 0
 

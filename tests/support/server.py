@@ -211,6 +211,7 @@ async def _harvest_for_sweep(request, h: Harness) -> None:
         return
     HYGIENE.secret(h.init.token, "harness operator token")
     await HYGIENE.harvest_quietly(h.server.config, f"harness {request.node.nodeid}")
-    if harness_backend() == "postgresql":
-        from tests.support.postgres import session_cluster
-        HYGIENE.path(session_cluster(request.config).log_file)
+    from tests.support.postgres import session_cluster_log
+    log = session_cluster_log(request.config)
+    if log is not None:
+        HYGIENE.path(log)
