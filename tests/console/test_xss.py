@@ -7,7 +7,8 @@ the payload must be on the page as text (escaped, not dropped).
 Pages: dashboard, key store list (and its search box echoing a payload), key store, settings, auth data
 (IPv4, MAC, certificate descriptions), connect, usage, new key form, key, key activity, audit, approvals
 (pending, mine, recent), a pending change request (diff, approver's comment), a denied one (its reason),
-operators (their tokens' descriptions), my account (tokens, access keys) and the login form (a refused name).
+operators (their tokens' descriptions), my account (tokens, access keys) and the login form (a refused name);
+the audit exports, which carry the payloads raw, are downloads that are never rendered.
 """
 from __future__ import annotations
 
@@ -136,6 +137,12 @@ async def test_hostile_stored_text_is_inert_on_every_page(console, skm):
         # Focus moves through every focusable element: an injected onfocus (autofocus aside) would fire.
         for _ in range(3):
             await page.keyboard.press("Tab")
+    # The audit exports carry the payloads raw (they are data): never as a page a browser would render.
+    for fmt, ctype in (("csv", "text/csv"), ("jsonl", "application/x-ndjson")):
+        r = await page.request.get(f"{console.url}/audit/export?format={fmt}")
+        assert r.status == 200 and XSS_NAME in await r.text(), fmt
+        assert r.headers["content-type"].startswith(ctype), r.headers
+        assert r.headers["content-disposition"].startswith("attachment") and r.headers["x-content-type-options"] == "nosniff"
     await page.goto(f"{console.url}/approvals/{w['pending']}")
     await expect(page.locator("#diff")).to_contain_text(XSS_NAME)
     await console.shot(page, "xss-approval")
