@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from server.api.mgmt.dataplane import data_plane_base
 from server.console.keystores import _pending, keystore_of
 from server.console.web import SECURITY_HEADERS, ConsoleRoutes, Ctx, render
 from server.errors import NotFound
@@ -13,12 +14,8 @@ _KS = r"/keystores/{keystore_id:\d{1,12}}"
 
 
 def data_url(c: Ctx) -> str:
-    if c.rt.config.public_url:
-        return c.rt.config.public_url.rstrip("/")
-    host = c.request.url.host or "localhost"
-    host = f"[{host}]" if ":" in host else host
-    port = c.rt.extra.get("data_port") or c.rt.config.data.port
-    return f"https://{host}:{port}"
+    """The data plane as the management API and `skm project show` name it (one rule for all three)."""
+    return data_plane_base(c.request)
 
 
 async def connection(c: Ctx, ks, key=None) -> dict:
