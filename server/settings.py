@@ -169,7 +169,8 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = ()
     log_format: str = "auto"          # auto | json | console
     log_level: str = "info"
-    public_url: str = ""              # how clients reach the data plane, for messages only
+    public_url: str = ""              # how clients reach the data plane (a proxy in front): shown as the
+                                      # data-plane URL by the API, CLI and console; "" = the data listener
     hsts_max_age: int = 31536000      # Strict-Transport-Security on the management listener (console); 0: none
     login: LoginSettings = field(default_factory=LoginSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
