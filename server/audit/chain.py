@@ -166,7 +166,7 @@ async def verify_chain(db, *, key: bytes | None = None, checkpoints: list[dict] 
         res.checkpoints = checkpoint_summary(mine, head_seq, sources or [])
         if unreadable:
             res.checkpoints["unreadable"] = list(unreadable)
-        if not mine and head_seq:
+        if (not mine and head_seq) or (mine and head["restore_note"] is not None):
             _no_checkpoint(res, head, sources or [], unreadable or [])
         elif mine and not any(c["checkpoint"]["kind"] in ("start", "restore") for c in mine):
             # Every epoch's log begins with a stored start (or restore) checkpoint (the server retries it
