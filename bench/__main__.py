@@ -33,7 +33,7 @@ from bench.report import Report, Sample
 
 WORKLOADS = ("floor", "secret-read", "secret-read-v13", "encrypt", "decrypt", "sign-rsa", "sign-ec", "datakey", "scale",
              "backup")
-SYSTEMS = ("skm", "sidecar", "openbao", "floor")
+SYSTEMS = ("skm", "skm-unkeyed", "sidecar", "openbao", "floor")
 console = Console(stderr=True)
 
 
@@ -296,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
                     kp = keyserver.launch(fxp, event_loop=args.event_loop, workers=n, name=name)
                     started.append(kp)
                     cases += skm_cases(args, fxp, kp, name, also=(postmaster,), workers=n)
+            if "skm-unkeyed" in args.systems and wanted(args, "secret-read"):
+                # The same server with the audit writer of before keyed links: their cost (issue 14: <= 5 %).
+                fxu = asyncio.run(keyserver.prepare(work / "skm-unkeyed"))
+                ku = keyserver.launch(fxu, event_loop=args.event_loop, name="skm-unkeyed", unkeyed_audit=True)
+                started.append(ku)
+                cases += [c for c in skm_cases(args, fxu, ku, "skm-unkeyed") if c.workload == "secret-read"]
             if "sidecar" in args.systems and wanted(args, "secret-read"):
                 side = sidecar_mod.launch(fx, ks.info["data_url"])
                 started.append(side)
@@ -306,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
                 cases.append(Case("secret-read", "sidecar-tcp",
                                   load.Request(side.info["tcp_url"] + path, headers=sidecar_mod.ANTI_SSRF), side,
                                   check=secret))
+                # The same sidecar without read auditing: what recording every cache hit costs (issue 17).
+                bare = sidecar_mod.launch(fx, ks.info["data_url"], name="sidecar-noreads", reads=False)
+                started.append(bare)
+                args.bare_sidecar = bare
+                cases.append(Case("secret-read", "sidecar-unix-noreads",
+                                  load.Request(f"unix:{bare.info['socket']}:{path}"), bare, check=secret))
         if "openbao" in args.systems and core_workloads:
             from server.access.pki import DevPKI
             pki = DevPKI(fx.ca.parent)
@@ -336,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         run_cases(cases, args, report)
         if side is not None:
             report.notes["sidecar_rss_mb_after"] = round(side.rss_mb(), 1)
+        if getattr(args, "bare_sidecar", None) is not None:
+            report.notes["sidecar_noreads_rss_mb_after"] = round(args.bare_sidecar.rss_mb(), 1)
         for p in args.procs:
             report.notes.setdefault("rss_mb_after", {})[p.name] = round(p.rss_mb(), 1)
         _scale_notes(report, args)
@@ -351,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         cost = audit_cost.against(audit_cost.measure(), report.rows())
         report.notes["audit_cost"] = cost.to_dict()
         wide.print(audit_cost.line(cost))
+    line = _read_audit_line(report)
+    if line:
+        wide.print(line)
     if backups:
         report.notes["backup"] = [b.to_dict() for b in backups]
         wide.print(backup_bench.table(backups))
@@ -359,6 +376,21 @@ def main(argv: list[str] | None = None) -> int:
     path = report.write(args.results) if args.results else report.write()
     console.print(f"results: {path}")
     return 1 if report.errors or report.notes.get("backup_errors") else 0
+
+
+def _read_audit_line(report: Report) -> str | None:
+    """The sidecar's cache hits with every read recorded against the same sidecar without (issue 17:
+    within 10 %), and both RSS."""
+    rows = {(r["workload"], r["system"]): r for r in report.rows()}
+    on, off = rows.get(("secret-read", "sidecar-unix")), rows.get(("secret-read", "sidecar-unix-noreads"))
+    if not on or not off or not off["rps"]:
+        return None
+    ratio = on["rps"] / off["rps"]
+    report.notes["sidecar_read_audit"] = {"rps_on": on["rps"], "rps_off": off["rps"], "ratio": round(ratio, 3)}
+    return (f"sidecar read auditing: cache hits {on['rps']:,.0f} req/s with every read recorded, "
+            f"{off['rps']:,.0f} without ({ratio:.2f}x; target >= 0.90x); RSS after "
+            f"{report.notes.get('sidecar_rss_mb_after')} MB / {report.notes.get('sidecar_noreads_rss_mb_after')} MB "
+            "(target < 80 MB)")
 
 
 def _pg_settings(args) -> dict[str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import secrets
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -124,10 +125,13 @@ async def prepare(root: Path, storage: str = "", *, bulk_keys: int = 0, quiet: b
                    ciphertext=ciphertext, ca=init.ca_cert, client=client, sidecar=side, operator_token=init.token)
 
 
-def launch(fx: Fixture, *, event_loop: str = "auto", workers: int = 1, name: str = "skm") -> procs.Proc:
-    """`skm server run --config` pinned to the server core, on the given event loop."""
+def launch(fx: Fixture, *, event_loop: str = "auto", workers: int = 1, name: str = "skm",
+           unkeyed_audit: bool = False) -> procs.Proc:
+    """`skm server run --config` pinned to the server core, on the given event loop (`unkeyed_audit`: the
+    audit writer before keyed links, through bench/serve.py, as the baseline of their cost)."""
     args = ["server", "run", "--config", str(fx.config)] + (["--workers", str(workers)] if workers > 1 else [])
-    cmd = [procs.venv_bin("skm"), *args]
+    cmd = ([sys.executable, "-m", "bench.serve", "--unkeyed-audit", "--", *args] if unkeyed_audit
+           else [procs.venv_bin("skm"), *args])
     p = procs.start(name, cmd, fx.dir / f"{name}.log", env={"SKM_EVENT_LOOP": event_loop})
     m = p.wait_for(r"data plane https://[\d.]+:(\d+), management https://[\d.]+:(\d+)")
     p.info = {"data_url": f"https://127.0.0.1:{m.group(1)}", "mgmt_url": f"https://127.0.0.1:{m.group(2)}"}

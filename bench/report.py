@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).parent / "results"
-OURS = ("skm", "skm-pg", "sidecar-unix", "sidecar-tcp")
+OURS = ("skm", "skm-pg", "sidecar-unix", "sidecar-tcp", "sidecar-unix-noreads")
 
 
 def ours(system: str) -> bool:

@@ -13,7 +13,7 @@ from bench.keyserver import Fixture
 ANTI_SSRF = {"X-SKM-Request": "1"}
 
 
-def config_text(fx: Fixture, upstream: str, socket: Path) -> str:
+def config_text(fx: Fixture, upstream: str, socket: Path, reads: bool = True) -> str:
     return "\n".join([
         f'appkey = "{fx.appkey}"', 'log_format = "json"', 'log_level = "warning"',
         "[upstream]", f'urls = ["{upstream}"]', f'ca = "{fx.ca}"', f'cert = "{fx.sidecar.cert}"',
@@ -21,14 +21,18 @@ def config_text(fx: Fixture, upstream: str, socket: Path) -> str:
         "[listen]", f'socket = "{socket}"', "tcp_port = 0",
         "tcp_allow_default = true",             # the bench's own throwaway host: any local user may read
         "[cache]", "ttl = 600.0",
+        # Read auditing is on by default; the bench's baseline turns it off to show its cost (issue 17).
+        "[reads]", f"enabled = {'true' if reads else 'false'}",
     ]) + "\n"
 
 
-def launch(fx: Fixture, upstream: str, name: str = "sidecar", *, uvloop: bool = False) -> procs.Proc:
-    """`skm sidecar --config` pinned to the server core; on uvloop (through bench.serve) when asked."""
+def launch(fx: Fixture, upstream: str, name: str = "sidecar", *, uvloop: bool = False,
+           reads: bool = True) -> procs.Proc:
+    """`skm sidecar --config` pinned to the server core; on uvloop (through bench.serve) when asked;
+    `reads=False`: without read auditing (the baseline of its cost)."""
     sock = fx.dir / f"{name}.sock"
     cfg = fx.dir / f"{name}.toml"
-    cfg.write_text(config_text(fx, upstream, sock))
+    cfg.write_text(config_text(fx, upstream, sock, reads))
     args = ["sidecar", "--config", str(cfg)]
     cmd = [sys.executable, "-m", "bench.serve", "--uvloop", "--", *args] if uvloop else [procs.venv_bin("skm"), *args]
     p = procs.start(name, cmd, fx.dir / f"{name}.log")

@@ -8,10 +8,13 @@ calls `Acks.poke()` after it rendered and reloaded. When several sources hold on
 reports the OLDEST version among them: that is the one still in use here, which a version disable
 must wait for.
 
-The reporter sends the whole set, batched (`MAX_BATCH` per request), soon after a change
+The reporter sends the whole set, batched (`MAX_BATCH` per request), at start, soon after a change
 (`poke`) and otherwise every `ttl / 3` seconds as a heartbeat, with `ttl`: the key server marks
-this host stale when it has heard nothing for longer. A report that fails is simply sent again at
-the next turn (holdings are state, not events: only the latest matters).
+this host stale when it has heard nothing for longer. A report that fits one request is marked
+`complete`, so the server drops this host's rows for keys it no longer holds: a sidecar restarted
+with an empty cache stops counting as a holder of what its previous run delivered (and stops
+blocking a version disable), even before an app reads again. A report that fails is simply sent
+again at the next turn (holdings are state, not events: only the latest matters).
 """
 from __future__ import annotations
 
@@ -83,6 +86,7 @@ class Acks:
         self._poked = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.sent = 0                 # reports the key server accepted
+        self._empty_sent = False      # the empty complete set was accepted (it need not be repeated)
         self.last_error: str | None = None
 
     def add_source(self, source: Source) -> None:
@@ -112,6 +116,7 @@ class Acks:
 
     async def _run(self) -> None:
         heartbeat = self.ttl / 3
+        self._poked.set()             # the first report goes at start: what this run holds replaces the last's
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._poked.wait(), heartbeat)
@@ -128,12 +133,19 @@ class Acks:
     async def report(self) -> None:
         held = list(merge(self.sources).values())
         if not held:
+            # Nothing held: one complete (empty) report clears what the server still has for this host;
+            # repeating it each heartbeat would say nothing new.
+            if not self._empty_sent:
+                self._empty_sent = await self._post([], complete=True)
             return
+        self._empty_sent = False
+        complete = len(held) <= MAX_BATCH
         for i in range(0, len(held), MAX_BATCH):
-            await self._post(held[i:i + MAX_BATCH])
+            await self._post(held[i:i + MAX_BATCH], complete=complete)
 
-    async def _post(self, items: list[Holding]) -> None:
-        body = {"ttl": self.ttl, "holdings": [
+    async def _post(self, items: list[Holding], *, complete: bool = False) -> bool:
+        """Send one report; True when the key server accepted it."""
+        body = {"ttl": self.ttl, "complete": complete, "holdings": [
             {"keyId": k, "version": v, "deliveredAt": None if t is None else round(t, 6), "reloadOk": ok}
             for k, v, t, ok in items]}
         try:
@@ -143,12 +155,12 @@ class Acks:
         except UpstreamUnavailable as e:
             self.last_error = str(e)[:200]
             self.metrics.acks.labels("unavailable").inc()
-            return
+            return False
         if resp.status >= 300:
             self.last_error = f"HTTP {resp.status}"
             self.metrics.acks.labels("refused").inc()
             log.warning("acks_refused", status=resp.status)
-            return
+            return False
         self.last_error = None
         self.sent += 1
         self.metrics.acks.labels("sent").inc()
@@ -161,6 +173,7 @@ class Acks:
             idx = r.get("index") if isinstance(r, dict) else None
             if isinstance(idx, int) and 0 <= idx < len(items) and "Invalid Key Id" in str(r.get("reason")):
                 self.delivered.forget(items[idx][0])
+        return True
 
     def status(self) -> dict:
         return {"ttlSeconds": self.ttl, "keys": len(merge(self.sources)), "reportsSent": self.sent,

@@ -235,6 +235,9 @@ class ReadLog:
         self._seq = 0
         self._prefix = os.urandom(8).hex()
         self._task: asyncio.Task | None = None
+        # The batches the background tick is shipping: `_ship` removes each once the server confirmed it,
+        # so a stop that cancels the tick mid-POST still holds what was not confirmed.
+        self._inflight: list[Batch] = []
         self._wake = asyncio.Event()
         self.shipped = 0
         self.refused = 0
@@ -255,7 +258,8 @@ class ReadLog:
             with contextlib.suppress(BaseException):
                 await self._task
             self._task = None
-        batches = self._take()
+        batches = self._inflight + self._take()
+        self._inflight = []
         try:
             await asyncio.wait_for(self._ship(batches), _SHIP_TIMEOUT_AT_STOP)
         except (asyncio.TimeoutError, Exception) as e:  # noqa: BLE001 - whatever was not confirmed is spooled
@@ -279,12 +283,12 @@ class ReadLog:
                 log.exception("read_records_tick_failed")
 
     async def tick(self) -> None:
-        batches = self._take()
+        self._inflight = batches = self._take()
         try:
             await self._ship(batches)
         except UpstreamUnavailable as e:
             log.info("read_records_spooled", reason=str(e)[:200], batches=len(batches))
-            await self._spool(batches)
+            await self._spool(_moved(batches))
 
     # ------------------------------------------------------------ records
     def _take(self) -> list[Batch]:
@@ -352,8 +356,7 @@ class ReadLog:
         (raising UpstreamUnavailable) with what is left put back in order."""
         if self.spool.records or self.spool.offset:
             if batches:
-                await self._spool(list(batches))     # keep the order: they go behind what waits on disk
-                batches.clear()
+                await self._spool(_moved(batches))   # keep the order: they go behind what waits on disk
             await self._drain_spool()
         while batches:
             await self._post(batches[0])
@@ -421,6 +424,14 @@ class ReadLog:
     def status(self) -> dict:
         return {"pending": len(self.pending), "spooled": self.spool.records, "shipped": self.shipped,
                 "refused": self.refused, "droppedUnreported": self.dropped + self.unreadable}
+
+
+def _moved(batches: list[Batch]) -> list[Batch]:
+    """Take every batch out of `batches` (the in-flight list) before they are spooled: a stop that
+    cancels the spooling thread's waiter must not spool them a second time."""
+    out = list(batches)
+    batches.clear()
+    return out
 
 
 def _newest(d: dict, key_id: str, version: int, t: float) -> None:

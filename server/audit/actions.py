@@ -149,6 +149,7 @@ TABLE: dict[tuple[str, str], Action] = _t(
     ("POST", _CON + "/keys/{key_id}/delete", "key.delete", True),
     ("POST", _CON + "/keys/{key_id}/edit", "key.update", True),
     ("POST", _CON + "/keystores/new", "keystore.create", True),
+    ("POST", _CON + "/projects/new", "project.create", True),
     ("POST", _CON + "/keystores/{keystore_id}/settings", "keystore.update", True),
     ("POST", _CON + "/operators/new", "operator.create", True),
     ("POST", _CON + "/operators/{name}/{action}", "operator.{action}", True),

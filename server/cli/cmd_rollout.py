@@ -40,13 +40,14 @@ def register(sub) -> None:
                                  "it again.")
     vs = v.add_subparsers(dest="version_command", metavar="SUBCOMMAND")
     vs.required = True
-    d = vs.add_parser("disable", help="disable a version (refused while a reporting host holds it)",
-                      description="Disable version V of a key. Refused while a sidecar host that still reports holds "
-                                  "V (see `skm key rollout`), unless --force; the current version cannot be disabled.")
+    d = vs.add_parser("disable", help="disable a version (refused while any host, stale ones included, holds it)",
+                      description="Disable version V of a key. Refused while a sidecar host's last report holds V, a "
+                                  "stale host's too (see `skm key rollout`), unless --force; the current version "
+                                  "cannot be disabled.")
     d.add_argument("key_id", metavar="KEY", help=KEY_REF)
     d.add_argument("version", type=int)
     d.add_argument("--force", action="store_true",
-                   help="disable even though reporting hosts still hold it (recorded as forced in the audit log)")
+                   help="disable even though hosts still hold it (recorded as forced in the audit log)")
     add_connection_args(d)
     d.set_defaults(func=_disable)
     e = vs.add_parser("enable", help="enable a disabled version", description="Enable a disabled key version again.")

@@ -27,7 +27,7 @@ def register(app: aioweb.Application) -> None:
     import aiohttp_jinja2
 
     from server.console import (approvals, audit, auth, authdata, connect, dashboard, keys, keystores, me, operators,
-                                usage)
+                                projects, usage)
     from server.console.filters import install_filters
     from server.console.web import page
     from server.errors import URLNotFound
@@ -39,7 +39,8 @@ def register(app: aioweb.Application) -> None:
                                autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
                                undefined=jinja2.StrictUndefined)
     install_filters(env)
-    for family in (auth, dashboard, keystores, keys, authdata, approvals, audit, operators, usage, connect, me):
+    for family in (auth, dashboard, projects, keystores, keys, authdata, approvals, audit, operators, usage, connect,
+                   me):
         for method, path, handler in family.routes.entries:
             app.router.add_route(method, path, handler)
     files = _static_files()

@@ -18,25 +18,26 @@ def service(c: Ctx):
 
 
 async def _names(c: Ctx) -> dict[int, str]:
-    return {s.id: s.name for s in await c.rt.keys.keystores()}
+    return {s.id: s.name for s in await c.rt.keys.keystores() if c.op.sees(s.project_id)}
 
 
 @routes.get("/approvals")
 async def list_requests(c: Ctx) -> web.Response:
     svc = service(c)
-    pending = await svc.list(status="PENDING", limit=200)
+    scope = c.op.projects()      # a project-scoped operator: its projects' requests only
+    pending = await svc.list(status="PENDING", limit=200, project_ids=scope)
     waiting = [r for r in pending if decides(c.op, r)]
-    mine = await svc.list(requested_by=c.op.name, limit=100)
-    recent = await svc.list(limit=50)
+    mine = await svc.list(requested_by=c.op.name, limit=100, project_ids=scope)
+    recent = await svc.list(limit=50, project_ids=scope)
     return render(c, "approvals.html", waiting=waiting, pending=pending, mine=mine, recent=recent,
-                  stores=await _names(c))
+                  stores=await _names(c), is_approver=any(g.role == "approver" for g in c.op.grants))
 
 
 @routes.get(_CR)
 async def show_request(c: Ctx) -> web.Response:
     svc = service(c)
     await svc.expire_due()
-    cr = await svc.get(int(c.match("request_id")))
+    cr = await svc.get(int(c.match("request_id")), by=c.op)     # another project's: as if it did not exist
     can_decide = cr["status"] == "PENDING" and decides(c.op, cr)
     can_cancel = cr["status"] == "PENDING" and cr["requestedBy"] == c.op.name
     return render(c, "approval.html", cr=cr, can_decide=can_decide, can_cancel=can_cancel,

@@ -48,7 +48,7 @@ async def _submit(c: Ctx, ks, op_name: str, params: dict, done: str, form: str) 
     return see_other(f"{PREFIX}/keystores/{ks.id}/auth")
 
 
-@routes.post(_KS + "/auth" + _KIND + "/add", roles=("admin",))
+@routes.post(_KS + "/auth" + _KIND + "/add", roles=("admin",), per_project=True)
 async def add_entry(c: Ctx) -> web.Response:
     ks, kind = await keystore_of(c), c.match("kind")
     value = form_str(c, "value", limit=64).strip()
@@ -62,7 +62,8 @@ _ENTRY_OPS = {"schedule-deletion": ("auth.schedule_deletion", "scheduled for del
               "delete": ("auth.delete", "deleted")}
 
 
-@routes.post(_KS + "/auth" + _KIND + r"/{action:schedule-deletion|cancel-deletion|delete}", roles=("admin",))
+@routes.post(_KS + "/auth" + _KIND + r"/{action:schedule-deletion|cancel-deletion|delete}", roles=("admin",),
+             per_project=True)
 async def entry_action(c: Ctx) -> web.Response:
     ks, kind = await keystore_of(c), c.match("kind")
     op_name, what = _ENTRY_OPS[c.match("action")]
@@ -70,7 +71,7 @@ async def entry_action(c: Ctx) -> web.Response:
     return await _submit(c, ks, op_name, {"kind": kind, "value": value}, f"{value}: {what}.", kind)
 
 
-@routes.post(_KS + "/certificates/new", roles=("admin",))
+@routes.post(_KS + "/certificates/new", roles=("admin",), per_project=True)
 async def create_certificate(c: Ctx) -> web.Response:
     ks = await keystore_of(c)
     name = form_str(c, "name", limit=200).strip()
@@ -90,7 +91,8 @@ async def create_certificate(c: Ctx) -> web.Response:
                          f"Certificate {name!r} issued. Download its PKCS#12 bundle below.", "certs")
 
 
-@routes.post(_KS + r"/certificates/{action:schedule-deletion|cancel-deletion|delete}", roles=("admin",))
+@routes.post(_KS + r"/certificates/{action:schedule-deletion|cancel-deletion|delete}", roles=("admin",),
+             per_project=True)
 async def certificate_action(c: Ctx) -> web.Response:
     ks = await keystore_of(c)
     action = c.match("action")
@@ -102,7 +104,7 @@ async def certificate_action(c: Ctx) -> web.Response:
                          "certs")
 
 
-@routes.post(_KS + "/certificates/bundle", roles=("admin",))
+@routes.post(_KS + "/certificates/bundle", roles=("admin",), per_project=True)
 async def download_bundle(c: Ctx) -> web.Response:
     """The PKCS#12 bundle (protected by the password chosen at issue); admins only, as in the API."""
     from server.audit import AUDIT_ACTION, AUDIT_DETAIL
@@ -115,7 +117,7 @@ async def download_bundle(c: Ctx) -> web.Response:
         **SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{name}.p12"'})
 
 
-@routes.post(_KS + "/certificates/pem", roles=("admin",))
+@routes.post(_KS + "/certificates/pem", roles=("admin",), per_project=True)
 async def download_pem(c: Ctx) -> web.Response:
     """PEM of an issued certificate: `part=cert` the certificate and its CA; `part=key` the private key,
     encrypted (PKCS#8) with the bundle's own password, so a PEM download is no weaker than the .p12."""

@@ -5,7 +5,7 @@ from aiohttp import web
 
 from server.console.keystores import keystore_of
 from server.console.web import PREFIX, ConsoleRoutes, Ctx, form_bool, form_int, form_str, render, see_other
-from server.errors import ApprovalRequired, InvalidKeyType, InvalidRequest, SKMError
+from server.errors import ApprovalRequired, InvalidKeyId, InvalidKeyType, InvalidRequest, SKMError
 from server.keys.model import MAX_SECRET_BYTES, SPECS, KeyType
 from server.runtime import ERROR, KEY
 
@@ -23,13 +23,13 @@ def _form(c: Ctx, ks, *, status: int = 200, values: dict | None = None, error: S
                   error=error, max_secret=MAX_SECRET_BYTES)
 
 
-@routes.get(_KS + "/keys/new", roles=("admin",))
+@routes.get(_KS + "/keys/new", roles=("admin",), per_project=True)
 async def new_key(c: Ctx) -> web.Response:
     ks = await keystore_of(c)
     return _form(c, ks, values={"key_type": c.request.query.get("type", "SECRET")})
 
 
-@routes.post(_KS + "/keys/new", roles=("admin",))
+@routes.post(_KS + "/keys/new", roles=("admin",), per_project=True)
 async def create_key(c: Ctx) -> web.Response:
     ks = await keystore_of(c)
     kt = form_str(c, "key_type", limit=32)
@@ -57,8 +57,10 @@ async def create_key(c: Ctx) -> web.Response:
 
 async def _key(c: Ctx, versions: bool = False):
     key = await c.rt.keys.key(c.match("key_id"), with_versions=versions)
+    ks = await c.rt.keys.keystore(key.keystore_id)
+    c.in_scope(ks.project_id, InvalidKeyId("no key with that id"))   # another project's: as if it did not exist
     c.request[KEY] = key
-    return key, await c.rt.keys.keystore(key.keystore_id)
+    return key, ks
 
 
 async def _detail(c: Ctx, key, ks, *, revealed: str | None = None, status: int = 200) -> web.Response:
@@ -88,7 +90,7 @@ async def show_key(c: Ctx) -> web.Response:
     return await _detail(c, key, ks)
 
 
-@routes.post(_KEY + "/reveal", roles=("admin",))
+@routes.post(_KEY + "/reveal", roles=("admin",), per_project=True)
 async def reveal(c: Ctx) -> web.Response:
     """Show a SECRET's value once, in this response only; recorded as `key.reveal` in the audit log."""
     from server.audit import AUDIT_ACTION
@@ -106,7 +108,7 @@ async def _key_change(c: Ctx, op_name: str, done: str, params: dict | None = Non
     return see_other(f"{PREFIX}/keys/{key.id}" if op_name != "key.delete" else f"{PREFIX}/keystores/{ks.id}")
 
 
-@routes.post(_KEY + "/rotate", roles=("admin",))
+@routes.post(_KEY + "/rotate", roles=("admin",), per_project=True)
 async def rotate(c: Ctx) -> web.Response:
     params = {}
     value = form_str(c, "secret_value", limit=MAX_SECRET_BYTES + 1)
@@ -115,23 +117,23 @@ async def rotate(c: Ctx) -> web.Response:
     return await _key_change(c, "key.rotate", "Rotated: a new version is now the primary one.", params)
 
 
-@routes.post(_KEY + "/schedule-deletion", roles=("admin",))
+@routes.post(_KEY + "/schedule-deletion", roles=("admin",), per_project=True)
 async def schedule_deletion(c: Ctx) -> web.Response:
     return await _key_change(c, "key.schedule_deletion",
                              "Deletion scheduled. The key is out of service until the deletion is cancelled.")
 
 
-@routes.post(_KEY + "/cancel-deletion", roles=("admin",))
+@routes.post(_KEY + "/cancel-deletion", roles=("admin",), per_project=True)
 async def cancel_deletion(c: Ctx) -> web.Response:
     return await _key_change(c, "key.cancel_deletion", "Deletion cancelled: the key is in service again.")
 
 
-@routes.post(_KEY + "/delete", roles=("admin",))
+@routes.post(_KEY + "/delete", roles=("admin",), per_project=True)
 async def delete(c: Ctx) -> web.Response:
     return await _key_change(c, "key.delete", "The key and all its versions were deleted.")
 
 
-@routes.post(_KEY + "/edit", roles=("admin",))
+@routes.post(_KEY + "/edit", roles=("admin",), per_project=True)
 async def edit(c: Ctx) -> web.Response:
     days = form_int(c, "auto_rotation_days", 0, 0, 3650, "Auto-rotation period")
     return await _key_change(c, "key.update", "Saved.", {"description": form_str(c, "description", limit=2000),

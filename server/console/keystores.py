@@ -4,7 +4,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.console.web import PREFIX, ConsoleRoutes, Ctx, form_bool, form_int, form_str, render, see_other
-from server.errors import ApprovalRequired, SKMError
+from server.errors import ApprovalRequired, Forbidden, InvalidRequest, KeyStoreNotFound, SKMError
 from server.runtime import ERROR
 import server.keys.stores  # noqa: F401  (registers the keystore.delete change)
 
@@ -21,7 +21,16 @@ MAC_MODES = [
 
 
 async def keystore_of(c: Ctx):
-    return await c.rt.keys.keystore(int(c.match("keystore_id")))
+    """The store of `{keystore_id}`: another project's answers as if it did not exist (the route's roles are
+    checked in the store's project)."""
+    ks = await c.rt.keys.keystore(int(c.match("keystore_id")))
+    c.in_scope(ks.project_id, KeyStoreNotFound(f"no key store with id {ks.id}"))
+    return ks
+
+
+async def admin_projects(c: Ctx) -> list:
+    """The projects this operator may create key stores in (admin there, or a global admin)."""
+    return [p for p in await c.rt.keys.projects() if c.op.has(("admin",), p.id)]
 
 
 def _settings_from_form(c: Ctx) -> dict:
@@ -47,41 +56,69 @@ async def list_keystores(c: Ctx) -> web.Response:
     scope = c.op.projects()
     if scope is not None:
         stores = [s for s in stores if s.project_id in scope]
+    project = c.request.query.get("project", "")
+    if project.isascii() and project.isdigit() and len(project) < 13:
+        lst.extra["project"] = project           # the Projects page links here per project
+        stores = [s for s in stores if s.project_id == int(project)]
     if lst.q:
         needle = lst.q.lower()
         stores = [s for s in stores if needle in s.name.lower()]
     rows = await c.rt.storage.fetchall("SELECT keystore_id, COUNT(*) AS n FROM keys GROUP BY keystore_id")
     counts = {r["keystore_id"]: int(r["n"]) for r in rows}
+    projects = {p.id: p.name for p in await c.rt.keys.projects() if c.op.sees(p.id)}
     sort_key = {"name": lambda s: s.name.lower(), "keys": lambda s: counts.get(s.id, 0),
                 "changed": lambda s: s.updated_at or "", "id": lambda s: s.id}[lst.sort]
     stores.sort(key=sort_key, reverse=lst.desc)
     lst.total = len(stores)
     lst.page = min(lst.page, lst.pages)
     shown = stores[(lst.page - 1) * lst.size: lst.page * lst.size]
-    return render(c, "keystores.html", stores=shown, counts=counts, lst=lst, base="/console/keystores")
+    return render(c, "keystores.html", stores=shown, counts=counts, lst=lst, base="/console/keystores",
+                  projects=projects, can_create=any(g.role == "admin" for g in c.op.grants))
 
 
-@routes.get("/keystores/new", roles=("admin",))
+@routes.get("/keystores/new", roles=("admin",), per_project=True)
 async def new_keystore(c: Ctx) -> web.Response:
-    return render(c, "keystore_form.html", ks=None, values=None, error=None, mac_modes=MAC_MODES)
+    chosen = c.request.query.get("project", "")
+    return render(c, "keystore_form.html", ks=None, values={**DEFAULTS, "project_id": chosen}, error=None,
+                  mac_modes=MAC_MODES, projects=await admin_projects(c))
 
 
-@routes.post("/keystores/new", roles=("admin",))
+DEFAULTS = {"name": "", "description": "", "ip4_auth": True, "mac_auth": False, "cert_auth": False,
+            "auth_mode": "AND", "mac_mode": "attested", "approval_required": False, "approvals_needed": 1}
+
+
+async def _chosen_project(c: Ctx):
+    """The project picked on the form: one this operator administers (the form lists only those)."""
+    raw = form_str(c, "project_id", limit=20).strip()
+    mine = await admin_projects(c)
+    if not raw:
+        if len(mine) == 1 or (mine and c.op.is_global):
+            return mine[0]          # one choice (or a global admin's first project, as before)
+        raise InvalidRequest("choose the project the key store belongs to")
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidRequest("project must be a project id")
+    found = next((p for p in mine if p.id == int(raw)), None)
+    if found is None:
+        raise Forbidden("you can create key stores only in a project you administer")
+    return found
+
+
+@routes.post("/keystores/new", roles=("admin",), per_project=True)
 async def create_keystore(c: Ctx) -> web.Response:
     values: dict = {}
     try:
         values = _settings_from_form(c)
-        project = await c.rt.keys.default_project()
+        project = await _chosen_project(c)
         if len(values["name"]) > 100 or not values["name"]:
-            from server.errors import InvalidRequest
             raise InvalidRequest("name must be 1 to 100 characters")
         rest = {k: v for k, v in values.items() if k not in ("name", "description")}
         ks = await c.rt.keys.create_keystore(project.id, values["name"], values["description"], actor=c.op.name,
                                              **rest)
     except SKMError as e:
         c.request[ERROR] = e
-        return render(c, "keystore_form.html", status=e.status, ks=None, values=values or None, error=e,
-                      mac_modes=MAC_MODES)
+        shown = {**DEFAULTS, **values, "project_id": form_str(c, "project_id", limit=20)}
+        return render(c, "keystore_form.html", status=e.status, ks=None, values=shown, error=e,
+                      mac_modes=MAC_MODES, projects=await admin_projects(c))
     c.flash("ok", f"Key store {ks.name!r} created.")
     return see_other(f"{PREFIX}/keystores/{ks.id}")
 
@@ -99,12 +136,11 @@ async def show_keystore(c: Ctx) -> web.Response:
                   base=f"/console/keystores/{ks.id}")
 
 
-@routes.post(_KS + "/delete", roles=("admin",))
+@routes.post(_KS + "/delete", roles=("admin",), per_project=True)
 async def delete_keystore(c: Ctx) -> web.Response:
     """Delete an empty key store (409 while it holds keys); a change request when approval is on."""
     ks = await keystore_of(c)
     if form_str(c, "confirm_name", limit=200) != ks.name:
-        from server.errors import InvalidRequest
         raise InvalidRequest("type the key store's name to confirm its deletion")
     await c.rt.changes.submit(c.op, ks, "keystore.delete", {"keystore_id": ks.id})
     c.flash("ok", f"Key store {ks.name!r} deleted.")
@@ -125,7 +161,7 @@ async def keystore_settings(c: Ctx) -> web.Response:
                   pending=await _pending(c, ks.id), tab="settings")
 
 
-@routes.post(_KS + "/settings", roles=("admin",))
+@routes.post(_KS + "/settings", roles=("admin",), per_project=True)
 async def update_keystore(c: Ctx) -> web.Response:
     ks = await keystore_of(c)
     values: dict = {}

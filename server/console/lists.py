@@ -1,7 +1,7 @@
 """Search, sort and paging parameters of the console's tables (read from the query string, bounded)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
 PAGE_SIZE = 25
@@ -15,13 +15,15 @@ class Listing:
     page: int
     total: int = 0
     size: int = PAGE_SIZE
+    extra: dict = field(default_factory=dict)    # other filters the links keep (e.g. the key stores' project)
 
     @property
     def pages(self) -> int:
         return max(1, -(-self.total // self.size))
 
     def url(self, base: str, **change) -> str:
-        p = {"q": self.q, "sort": self.sort, "desc": "1" if self.desc else "", "page": self.page, **change}
+        p = {**self.extra, "q": self.q, "sort": self.sort, "desc": "1" if self.desc else "", "page": self.page,
+             **change}
         return base + "?" + urlencode({k: v for k, v in p.items() if v and not (k == "page" and v == 1)})
 
     def sort_url(self, base: str, col: str) -> str:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from server import logs
 from server.access.operators import Operator
-from server.errors import ApprovalRequired, Forbidden, Sealed, SKMError, Unauthenticated
+from server.errors import ApprovalRequired, Forbidden, Sealed, SKMError, Unauthenticated, URLNotFound
 from server.runtime import ERROR, OPERATOR, Runtime, runtime
 from server.settings import ConsoleSettings
 
@@ -85,9 +85,19 @@ class Ctx:
     session: Session | None
     form: Any = None
     nav_pending: int = 0       # change requests waiting for this operator's decision (the nav's badge)
+    roles: tuple[str, ...] = ()   # the route's roles: checked again in the project of the object it loads
 
     def match(self, name: str) -> str:
         return self.request.match_info[name]
+
+    def in_scope(self, project_id: int, missing: SKMError) -> None:
+        """The object of `project_id` is this operator's to see (else `missing`, exactly as if it did not
+        exist) and, on a route with roles, to act on in that project (else 403)."""
+        assert self.op is not None
+        if not self.op.sees(project_id):
+            raise missing
+        if self.roles:
+            self.op.require(*self.roles, project_id=project_id)
 
     def flash(self, kind: str, text: str) -> None:
         if self.session is not None:
@@ -112,8 +122,26 @@ def render(c: Ctx, template: str, status: int = 200, **ctx: Any) -> web.Response
         flash, c.session.flash = c.session.flash, []
     base = {"op": c.op, "csrf": c.session.csrf if c.session else "", "flash": flash, "path": c.request.path,
             "idle_minutes": int(c.request.config_dict[CONSOLE].settings.idle_seconds // 60),
-            "nav_pending": c.nav_pending}
+            "nav_pending": c.nav_pending, "can": _can(c.op), "role_label": role_label(c.op)}
     return aiohttp_jinja2.render_template(template, c.request, {**base, **ctx}, status=status)
+
+
+def _can(op: Operator | None) -> Callable[..., bool]:
+    """For templates: `can('admin', ks.project_id)`, a role of `op` that covers that project."""
+    def can(role: str, project_id: int | None = None) -> bool:
+        return op is not None and op.has((role,), project_id)
+    return can
+
+
+def role_label(op: Operator | None) -> str:
+    """The nav's role chip: the global role, or the project roles (`admin in 2 projects`)."""
+    if op is None:
+        return ""
+    if op.role:
+        return op.role
+    roles = sorted({g.role for g in op.grants})
+    n = len({g.project_id for g in op.grants})
+    return f"{'/'.join(roles)} in {n} project{'s' if n != 1 else ''}"
 
 
 def error_page(c: Ctx, e: SKMError, back: str | None = None) -> web.Response:
@@ -183,29 +211,43 @@ def csrf_ok(expected: str, form) -> bool:
     return hmac.compare_digest(sent.encode(), expected.encode())
 
 
-def page(view: View, *, method: str, auth: bool = True, roles: tuple[str, ...] = ()) -> Callable:
-    """Wrap a console view: session, CSRF on POST, role check, SKMError -> an HTML page, headers."""
+def page(view: View, *, method: str, auth: bool = True, roles: tuple[str, ...] = (),
+         per_project: bool = False) -> Callable:
+    """Wrap a console view: session, CSRF on POST, role check, SKMError -> an HTML page, headers.
+
+    `roles` are global roles unless `per_project`: then a role in any project lets the view run, and
+    the view's loader (`Ctx.in_scope`) checks the role again in the project of the object it acts on.
+    A project-scoped operator's write to anything outside its projects answers 403, whether the object
+    is another project's or does not exist (so a refusal tells nothing of other projects)."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        c = Ctx(request, runtime(request), None, None)
+        c = Ctx(request, runtime(request), None, None, roles=roles if per_project else ())
         try:
             if auth:
                 c.op, c.session = await _session(request)
-                if not c.op.is_global:
-                    # The console's pages show every project: an operator with project roles only would see
-                    # other projects' stores. Fail closed; the CLI and the API are scoped to its projects.
-                    raise Forbidden("the console is for operators with a global role; with project roles use "
-                                    "the skm CLI or the management API, which show your projects")
             if method == "POST":
                 c.form = await request.post()
                 if auth and not csrf_ok(c.session.csrf, c.form):
                     raise Forbidden("the form is missing its CSRF token or it does not match this session; "
                                     "reload the page and try again")
             if roles:
-                c.require(*roles)
+                if per_project:
+                    if not any(g.role in roles for g in c.op.grants):
+                        raise Forbidden(f"this needs the {' or '.join(roles)} role (globally or in a project)")
+                else:
+                    c.require(*roles)
             if c.op is not None and method == "GET":
                 c.nav_pending = await waiting_count(c)
-            resp = await view(c)
+            try:
+                resp = await view(c)
+            except SKMError as e:
+                if e.status != 404 or isinstance(e, URLNotFound):
+                    raise
+                if (method == "POST" and c.op is not None and not c.op.is_global
+                        and not request.path.startswith(PREFIX + "/me/")):   # /me: one's own things
+                    raise Forbidden("that is not in your projects: you can change only what your projects "
+                                    "hold") from e
+                raise
         except Redirect as r:
             resp = see_other(r.location)
         except ApprovalRequired as e:
@@ -222,16 +264,16 @@ def decides(op: Operator, cr: dict) -> bool:
     """Whether change request `cr` (API form) waits for `op`'s decision: global admins decide operator
     management (no key store), approvers key-store changes; never one's own, and one vote each."""
     role = "admin" if cr["keyStoreId"] is None else "approver"
-    return (cr["requestedBy"] != op.name and op.role == role
+    return (cr["requestedBy"] != op.name and op.has((role,), cr.get("projectId"))
             and op.name not in {a["operator"] for a in cr["approvals"]})
 
 
 async def waiting_for(c: Ctx, limit: int = 200) -> list[dict]:
     """Pending change requests this operator may decide (the nav's badge, the home page)."""
     svc = getattr(c.rt.changes, "approvals", None)
-    if svc is None or c.op is None or c.op.role not in ("approver", "admin"):
+    if svc is None or c.op is None or not any(g.role in ("approver", "admin") for g in c.op.grants):
         return []
-    pending = await svc.list(status="PENDING", limit=limit)
+    pending = await svc.list(status="PENDING", limit=limit, project_ids=c.op.projects())
     return [r for r in pending if decides(c.op, r)]
 
 
@@ -248,15 +290,16 @@ class ConsoleRoutes:
     def __init__(self) -> None:
         self.entries: list[tuple[str, str, Callable]] = []
 
-    def get(self, path: str, *, auth: bool = True, roles: tuple[str, ...] = ()):
-        return self._add("GET", path, auth, roles)
+    def get(self, path: str, *, auth: bool = True, roles: tuple[str, ...] = (), per_project: bool = False):
+        return self._add("GET", path, auth, roles, per_project)
 
-    def post(self, path: str, *, auth: bool = True, roles: tuple[str, ...] = ()):
-        return self._add("POST", path, auth, roles)
+    def post(self, path: str, *, auth: bool = True, roles: tuple[str, ...] = (), per_project: bool = False):
+        return self._add("POST", path, auth, roles, per_project)
 
-    def _add(self, method: str, path: str, auth: bool, roles: tuple[str, ...]):
+    def _add(self, method: str, path: str, auth: bool, roles: tuple[str, ...], per_project: bool):
         def deco(view: View) -> View:
-            self.entries.append((method, PREFIX + path, page(view, method=method, auth=auth, roles=roles)))
+            self.entries.append((method, PREFIX + path, page(view, method=method, auth=auth, roles=roles,
+                                                             per_project=per_project)))
             return view
         return deco
 

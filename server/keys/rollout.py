@@ -55,10 +55,22 @@ class Holding:
                 "reloadOk": self.reload_ok, "stale": self.stale}
 
 
-async def record(storage: Storage, project_id: int, host: Host, acks: list[Ack], ttl: int) -> int:
-    """Upsert one host's acknowledgements (one row per host and key, one transaction); returns the count."""
+async def record(storage: Storage, project_id: int, host: Host, acks: list[Ack], ttl: int, *,
+                 complete: bool = False, reported: set[str] = frozenset()) -> int:
+    """Upsert one host's acknowledgements (one row per host and key, one transaction); returns the count.
+
+    `complete`: the report is everything this host holds in the project (a sidecar's whole set, sent at
+    start and as its heartbeat), so the host's rows for other keys go: a sidecar restarted with an empty
+    cache no longer counts as holding what its previous run delivered. `reported`: key ids in the report
+    that were refused (their rows stay: refusing a holding does not mean the host dropped it)."""
     now = timeutil.now_db()
     async with storage.transaction() as tx:
+        if complete:
+            held = sorted({a.key_id for a in acks} | set(reported))
+            marks = ", ".join("?" for _ in held)
+            await tx.execute("DELETE FROM key_holdings WHERE host_fp = ? AND project_id = ?"
+                             + (f" AND key_id NOT IN ({marks})" if held else ""),
+                             host.fingerprint, project_id, *held)
         for a in acks:
             await tx.execute(
                 "INSERT INTO key_holdings (host_fp, key_id, project_id, host_name, mac, version, delivered_at, "
@@ -91,12 +103,16 @@ async def holdings(db: Executor, key_id: str, now: dt.datetime | None = None) ->
     return [_holding(r, now) for r in rows]
 
 
-async def current_holders(db: Executor, key_id: str, version: int) -> list[Holding]:
-    """Hosts still reporting (not stale) that hold `version`: what a version disable must wait for."""
+async def holders(db: Executor, key_id: str, version: int) -> list[Holding]:
+    """Hosts whose last report holds `version`, stale ones included: what a version disable must wait for.
+
+    A stale host is not known to be gone: it may be cut off from the key server and still serving
+    that version to its apps, so it blocks too, until it reports again (a restarted sidecar's first
+    report replaces what it held before) or is dropped after RETENTION, or the disable is forced."""
     rows = await db.fetchall("SELECT * FROM key_holdings WHERE key_id = ? AND version = ? ORDER BY host_name",
                              key_id, version)
     now = timeutil.now()
-    return [h for h in (_holding(r, now) for r in rows) if not h.stale]
+    return [_holding(r, now) for r in rows]
 
 
 def summarize(current_version: int, hs: list[Holding]) -> dict:

@@ -1,7 +1,8 @@
 """Key version lifecycle: disable a version (decrypt/verify/export with it refused) and enable it again.
 
-Disabling is gated on the roll-out (server/keys/rollout.py): while a host that still reports (is not
-stale) holds the version, disabling it would cut that host's apps off, so it is refused unless forced.
+Disabling is gated on the roll-out (server/keys/rollout.py): while a host's last report holds the
+version, disabling it would cut that host's apps off, so it is refused unless forced. A stale host
+(silent past its TTL) blocks too: silence does not mean it stopped serving the version.
 The current version is never disabled (rotate first). Both are key changes and go through the
 ChangeGate, so a key store that requires approval holds them as change requests; the roll-out gate
 is checked when the change is applied.
@@ -39,10 +40,14 @@ async def disable(keys, key: Key, version: int, *, actor: str, force: bool = Fal
     status = await _status(keys, key, version)
     if status == DISABLED:
         return _out(key, version, DISABLED, False)
-    holders = await rollout.current_holders(keys.db, key.id, version)
+    holders = await rollout.holders(keys.db, key.id, version)
     if holders and not force:
-        names = ", ".join(h.host for h in holders[:5]) + (f" and {len(holders) - 5} more" if len(holders) > 5 else "")
-        raise Conflict(f"version {version} is still held by {len(holders)} reporting host(s): {names}; wait until "
+        names = ", ".join(h.host + (" (stale)" if h.stale else "") for h in holders[:5]) + (
+            f" and {len(holders) - 5} more" if len(holders) > 5 else "")
+        stale = sum(1 for h in holders if h.stale)
+        why = (f"; a stale host has not reported within its TTL and may still serve it: bring it back (its "
+               "sidecar reports what it holds when it starts)" if stale else "")
+        raise Conflict(f"version {version} is still held by {len(holders)} host(s): {names}{why}; wait until "
                        f"they acknowledge version {key.current_version} (skm key rollout {key.id}), or use --force")
     n = await keys.db.execute("UPDATE key_versions SET status = 'DISABLED' WHERE key_id = ? AND version = ? "
                               "AND status = 'ACTIVE'", key.id, version)

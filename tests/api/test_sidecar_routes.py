@@ -136,3 +136,38 @@ async def test_apps_cannot_post_reports_through_the_sidecar(skm):
         assert await _sidecar_records(skm) == []
     finally:
         await sc.stop()
+
+
+async def test_a_complete_report_replaces_what_the_host_held(skm):
+    """`complete`: the report is all the host holds, so its rows for other keys go; a refused holding's
+    row stays (a refusal is not the host saying it dropped the key); other hosts are untouched."""
+    store = await skm.keystore("apps", certificateAuthUse="Y")
+    k1, k2, k3 = [(await skm.key(store, "SECRET", f"db{i}", secretValue="x"))["keyId"] for i in (1, 2, 3)]
+    _, s = await _host(skm, store, "edge-1")
+    _, other = await _host(skm, store, "edge-2")
+    for sess in (s, other):
+        st, out = await skm.client("POST", "/sidecar/acks", session=sess, json={
+            "ttl": 60, "holdings": [{"keyId": k, "version": 0} for k in (k1, k2, k3)]})
+        assert st == 200 and out["body"]["accepted"] == 3, out
+
+    async def hosts_of(kid):
+        st, out = await skm.mgmt("GET", f"/keys/{kid}/rollout")
+        assert st == 200, out
+        return sorted(h["host"] for h in out["body"]["hostList"])
+
+    # edge-1 now holds k1 only; its holding of k3 names a version k3 does not have (refused).
+    st, out = await skm.client("POST", "/sidecar/acks", session=s, json={
+        "ttl": 60, "complete": True, "holdings": [{"keyId": k1, "version": 0}, {"keyId": k3, "version": 7}]})
+    assert st == 200 and out["body"]["accepted"] == 1 and len(out["body"]["refused"]) == 1, out
+    assert await hosts_of(k1) == ["edge-1", "edge-2"]
+    assert await hosts_of(k2) == ["edge-2"]                  # dropped for edge-1
+    assert await hosts_of(k3) == ["edge-1", "edge-2"]        # refused in the report: kept
+    # An empty complete report: edge-1 holds nothing any more.
+    st, out = await skm.client("POST", "/sidecar/acks", session=s, json={"ttl": 60, "complete": True,
+                                                                        "holdings": []})
+    assert st == 200, out
+    assert [await hosts_of(k) for k in (k1, k2, k3)] == [["edge-2"]] * 3
+    # Without `complete`, a report only adds (a sidecar holding more than one request's worth).
+    st, out = await skm.client("POST", "/sidecar/acks", session=s, json={"ttl": 60, "holdings": [
+        {"keyId": k2, "version": 0}]})
+    assert st == 200 and await hosts_of(k2) == ["edge-1", "edge-2"] and await hosts_of(k1) == ["edge-2"]

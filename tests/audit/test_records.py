@@ -1,6 +1,11 @@
 """What an audit record says (issue 14/16): semantic actions with names beside ids, the changes
 filter, newest first in the CLI, no body HMAC over passwords, no records for console page views,
-and every route named in the action table."""
+and every route named in the action table.
+
+Password bodies (issue 14): every request model marks its password fields sensitive, and operator
+create, a password reset (PATCH), `skm login` and the console's change-password form each leave a
+record whose body HMAC covers no password (login: no body HMAC at all), while an ordinary write keeps
+the HMAC of its body as sent."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +15,7 @@ import json
 from server.app import client_routes, mgmt_routes
 from server.api.routing import path_params
 from server.audit.actions import TABLE, lookup
+from server.audit.middleware import sensitive_fields
 from tests.support.cli import skm_cli
 
 
@@ -97,3 +103,152 @@ async def test_console_page_views_are_not_records(skm):
         assert r.status in (200, 302, 303)
     after = await skm.rt.storage.fetchval("SELECT seq FROM audit_head WHERE id = 1")
     assert after == before
+
+
+# Field names that carry a password or PIN, however a model spells them (matched without case, "_" or "-").
+_PASSWORDISH = ("password", "passwd", "passphrase", "pin", "pincode")
+
+
+def _passwordish(field: str) -> bool:
+    n = field.lower().replace("_", "").replace("-", "")
+    return n in _PASSWORDISH or any(n.endswith(p) for p in ("password", "passwd", "passphrase", "pin"))
+
+
+def test_every_password_field_is_marked_sensitive():
+    """The name rule in the middleware is a second line: each model says which of its fields are passwords."""
+    unmarked, seen = [], 0
+    for t in (client_routes(), mgmt_routes()):
+        for r in t.routes:
+            if r.body is None:
+                continue
+            marked = sensitive_fields(r.body)
+            for name, f in r.body.model_fields.items():
+                if _passwordish(name) or (f.alias and _passwordish(f.alias)):
+                    seen += 1
+                    if name not in marked:
+                        unmarked.append(f"{r.method} {r.path}: {r.body.__name__}.{name}")
+    assert seen >= 5, seen        # login, operator create, update (new and current), certificate create
+    assert not unmarked, "password fields without json_schema_extra={'sensitive': True}: " + ", ".join(unmarked)
+
+
+async def _newest(skm, action: str) -> dict:
+    st, out = await skm.mgmt("GET", f"/audit?action={action}&limit=1000")
+    assert st == 200, out
+    recs = [r for r in out["body"]["records"] if r["action"] == action]
+    assert recs, f"no {action} record"
+    return max(recs, key=lambda r: r["seq"])
+
+
+def _mac(key: bytes, body: bytes) -> str:
+    return "hmac-sha256:" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def _canonical(data: dict) -> bytes:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _assert_covers_no_password(rec: dict, key: bytes, sent: bytes, kept: bytes, omitted: list[str],
+                               *passwords: str) -> None:
+    """The record's body HMAC is the one over the body without its password fields, never the one over
+    the body as sent, and no password appears anywhere in the record."""
+    d = rec["detail"]
+    assert d["bodyOmitted"] == omitted, d
+    assert d["bodyHmac"] == _mac(key, kept) and d["bodyHmac"] != _mac(key, sent), d
+    text = json.dumps(rec)
+    assert not any(p in text for p in passwords), rec
+
+
+async def test_operator_create_and_password_reset_hmac_no_password(skm):
+    key = await skm.rt.audit.hmac_key()
+    body = {"name": "reset-op", "role": "viewer", "password": "first pass phrase 1"}
+    sent = json.dumps(body).encode()
+    async with skm._default().post(f"{skm.mgmt_url}/api/v1/operators", data=sent, headers={
+            "Authorization": f"Bearer {skm.init.token}", "Content-Type": "application/json"}) as r:
+        assert r.status in (200, 201), await r.text()
+    rec = await _newest(skm, "operator.create")
+    _assert_covers_no_password(rec, key, sent, _canonical({"name": "reset-op", "role": "viewer"}), ["password"],
+                               "first pass phrase 1")
+    # A reset by an admin (PATCH with the new password), twice with different passwords: the same HMAC,
+    # so nothing in it depends on the password.
+    macs = []
+    for pw in ("second pass phrase 2", "third pass phrase 33"):
+        st, out = await skm.mgmt("PATCH", "/operators/reset-op", json={"password": pw})
+        assert st == 200, out
+        rec = await _newest(skm, "operator.update")
+        _assert_covers_no_password(rec, key, json.dumps({"password": pw}).encode(), _canonical({}), ["password"], pw)
+        macs.append(rec["detail"]["bodyHmac"])
+    assert macs[0] == macs[1]
+    # The operator's own change (password and currentPassword) leaves both out.
+    st, out = await skm.mgmt("POST", "/login", json={"name": "reset-op", "password": "third pass phrase 33"})
+    assert st == 200, out
+    own = out["body"]["token"]
+    mine = {"password": "fourth pass phrase 4", "currentPassword": "third pass phrase 33"}
+    st, out = await skm.mgmt("PATCH", "/operators/reset-op", json=mine, token=own)
+    assert st == 200, out
+    rec = await _newest(skm, "operator.update")
+    _assert_covers_no_password(rec, key, json.dumps(mine).encode(), _canonical({}), ["currentPassword", "password"],
+                               "fourth pass phrase 4", "third pass phrase 33")
+
+
+async def test_skm_login_leaves_no_body_hmac(skm):
+    st, _ = await skm.mgmt("POST", "/operators", json={"name": "cli-login", "role": "viewer",
+                                                       "password": "cli login pass 1"})
+    assert st in (200, 201)
+    code, out, err = await skm_cli(skm, "login", "cli-login", "--json", stdin=b"cli login pass 1\n")
+    assert code == 0, err
+    rec = await _newest(skm, "operator.login")
+    assert rec["actor"] == "cli-login" and rec["result"] == "ok", rec
+    assert "bodyHmac" not in rec["detail"] and "cli login pass 1" not in json.dumps(rec), rec
+
+
+async def test_console_password_form_hmac_covers_no_password(skm):
+    import re
+
+    import aiohttp
+
+    from server.access.tls import client_context
+    await skm.rt.operators.update("admin", password="console old pass 1")
+    jar = aiohttp.CookieJar(unsafe=True)          # the console's cookies on 127.0.0.1
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(skm.pki.ca_cert)),
+                                     cookie_jar=jar) as s:
+        base = skm.mgmt_url + "/console"
+
+        async def csrf(path: str) -> str:
+            async with s.get(base + path) as r:
+                assert r.status == 200, path
+                m = re.search(r'name="_csrf" value="([^"]+)"', await r.text())
+                assert m, path
+                return m.group(1)
+
+        async with s.post(base + "/login", data={"_csrf": await csrf("/login"), "name": "admin",
+                                                 "password": "console old pass 1"}, allow_redirects=False) as r:
+            assert r.status in (302, 303), await r.text()
+        rec = await _newest(skm, "operator.login")
+        assert rec["plane"] == "mgmt" and "bodyHmac" not in rec["detail"], rec
+        token = await csrf("/me")
+        form = [("_csrf", token), ("current_password", "console old pass 1"),
+                ("new_password", "console new pass 2"), ("new_password2", "console new pass 2")]
+        async with s.post(base + "/me/password", data=form, allow_redirects=False) as r:
+            assert r.status in (200, 302, 303), await r.text()
+    rec = await _newest(skm, "operator.password-change")
+    assert rec["result"] == "ok", rec
+    from urllib.parse import urlencode
+    key = await skm.rt.audit.hmac_key()
+    _assert_covers_no_password(rec, key, urlencode(form).encode(), urlencode([("_csrf", token)]).encode(),
+                               ["current_password", "new_password", "new_password2"],
+                               "console old pass 1", "console new pass 2")
+    # The new password works: the form did what the record says.
+    st, _ = await skm.mgmt("POST", "/login", json={"name": "admin", "password": "console new pass 2"})
+    assert st == 200
+
+
+async def test_an_ordinary_write_keeps_its_body_hmac(skm):
+    store = await skm.keystore("plain-write")
+    sent = json.dumps({"keyType": "SECRET", "name": "plain", "secretValue": "plain-value-12345"}).encode()
+    async with skm._default().post(f"{skm.mgmt_url}/api/v1/keystores/{store['keyStoreId']}/keys", data=sent,
+                                   headers={"Authorization": f"Bearer {skm.init.token}",
+                                            "Content-Type": "application/json"}) as r:
+        assert r.status == 201, await r.text()
+    rec = await _newest(skm, "key.create")
+    key = await skm.rt.audit.hmac_key()
+    assert rec["detail"]["bodyHmac"] == _mac(key, sent) and "bodyOmitted" not in rec["detail"], rec

@@ -7,9 +7,14 @@ the PostgreSQL service runs Debian's postgresql from the same base (SKM_POSTGRES
 and exit 0; psql, a shell script and `skm run` get the demo password from the sidecar's rendered
 files and environment, and again after a rotation. Afterwards one key-server replica is killed
 and the app runs again through the sidecar's failover to the other one. Everything is torn down, engine included.
+
+The secret-hygiene sweep (run last by `make test-long`) greps what the stack printed: the demo's
+generated admin token and database passwords (both), the root key and the system keys are
+registered from the running containers, and every service's logs are kept before `down`.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -21,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.docker import Dockerd, base_rootfs, cache_dir, docker_skip_reason
+from tests.support.hygiene import register_compose
 
 pytestmark = pytest.mark.long
 
@@ -69,7 +75,7 @@ def _wait_exit(d: Dockerd, project: str, service: str, timeout: float) -> dict:
     raise AssertionError(f"{service} did not finish in {timeout}s")
 
 
-def test_compose_up_runs_the_demo_app(tmp_path):
+def test_compose_up_runs_the_demo_app(tmp_path, hygiene):
     reason = docker_skip_reason()
     if reason:
         pytest.skip(reason)
@@ -83,6 +89,13 @@ def test_compose_up_runs_the_demo_app(tmp_path):
         d.run("build", "-q", "-f", str(ctx / "docker" / "postgres.Dockerfile"), "--build-arg", "BASE_IMAGE=skm-base",
               "-t", "skm-postgres:ci", str(ctx / "docker"), timeout=600)
         compose = ["-p", project, "-f", str(REPO / "compose.yaml")]
+
+        def read(service: str, path: str) -> bytes:       # a file from a running container of the stack
+            return d.compose(REPO, *compose, "exec", "-T", service, "cat", path, env=env, timeout=60).stdout
+
+        def keep(what: str, p: subprocess.CompletedProcess) -> None:    # output of containers `down` forgets
+            hygiene.text(f"compose {project}: {what}", p.stdout.decode(errors="replace") +
+                         p.stderr.decode(errors="replace"))
         try:
             # `up` waits for each depends_on condition (healthy, completed) before starting the next.
             d.compose(REPO, *compose, "up", "-d", "--no-build", env=env, timeout=600)
@@ -97,6 +110,7 @@ def test_compose_up_runs_the_demo_app(tmp_path):
             # reading the rendered db.env, PostgreSQL's psql with the rendered .pgpass, and `skm run`.
             # The first password has 24 characters: "DB_PASSWORD=" + 24 + newline is 37 bytes.
             _wait_log(d, compose, env, "demo-file-app", "demo-file-app: read 37 bytes from /run/app/db.env")
+            asyncio.run(register_compose(hygiene, read, f"compose {project}"))   # token, password #1, root, system keys
             _wait_log(d, compose, env, "demo-psql", "demo-psql: logged in as demo_app with .pgpass #1 from the sidecar")
             envapp = _wait_exit(d, project, "demo-env-app", 120)
             out = _logs(d, compose, env, "demo-env-app")
@@ -107,11 +121,14 @@ def test_compose_up_runs_the_demo_app(tmp_path):
             # .pgpass (the old password no longer works); `skm run` passes the new value.
             rot = d.compose(REPO, *compose, "exec", "-T", "keyserver", "python3", "/opt/skm/docker/bootstrap.py",
                             "rotate", env=env, check=False, timeout=120)
+            keep("bootstrap.py rotate", rot)
             assert rot.returncode == 0, rot.stdout.decode()[-2000:] + rot.stderr.decode()[-2000:]
             _wait_log(d, compose, env, "demo-file-app", "demo-file-app: reloaded, 45 bytes")
+            asyncio.run(register_compose(hygiene, read, f"compose {project} rotated"))   # password #2
             _wait_log(d, compose, env, "demo-psql", "demo-psql: logged in as demo_app with .pgpass #2 from the sidecar")
             again = d.compose(REPO, *compose, "run", "--rm", "--no-deps", "demo-env-app", env=env, check=False,
                               timeout=180)
+            keep("run demo-env-app", again)
             assert again.returncode == 0 and "DB_PASSWORD has 32 characters" in again.stdout.decode(), \
                 again.stdout.decode() + again.stderr.decode()[-2000:]
             shown = "".join(_logs(d, compose, env, s) for s in ("demo-file-app", "demo-psql", "demo-env-app"))
@@ -129,6 +146,7 @@ def test_compose_up_runs_the_demo_app(tmp_path):
                 d.run("kill", "-s", "KILL", victim["Id"])
                 again = d.compose(REPO, *compose, "run", "--rm", "--no-deps", "demo-app", env=env, check=False,
                                   timeout=180)
+                keep(f"run demo-app, {victim['Name']} killed", again)
                 out = again.stdout.decode()
                 assert again.returncode == 0 and "round trip OK" in out, out + again.stderr.decode()[-2000:]
                 assert _state(d, survivor)["Running"] and not _state(d, victim)["Running"]   # --no-deps: still dead
@@ -140,6 +158,11 @@ def test_compose_up_runs_the_demo_app(tmp_path):
             sk = _containers(d, project, "systemkey")[0]
             assert sk["State"]["ExitCode"] == 0, sk["State"]
         finally:
+            # Every service's whole log, for the sweep, while the containers still exist.
+            try:
+                keep("logs", d.compose(REPO, *compose, "logs", "--no-color", env=env, check=False, timeout=180))
+            except subprocess.TimeoutExpired:
+                hygiene.text(f"compose {project}: logs", "docker-compose logs timed out: not grepped")
             d.compose(REPO, *compose, "down", "-v", "--timeout", "5", env=env, check=False, timeout=180)
 
 

@@ -114,6 +114,15 @@ async def test_dashboard_usage_connection_audit_and_escaping(console, skm):
         await page.click("#ca-download")
     ca = Path(await (await dl.value).path()).read_bytes()
     assert ca == skm.pki.ca_cert.read_bytes()
+    # The store's Connect tab and its settings page (with the deletion form).
+    await page.goto(f"{console.url}/keystores/{good['keyStoreId']}/connect")
+    await expect(page.locator("#conn-appkey")).to_have_text(skm.appkey)
+    await expect(page.locator("#conn-curl")).to_contain_text(f"/keystores/{good['keyStoreId']}/keys")
+    await _shot(console, page, "connect")
+    await page.goto(f"{console.url}/keystores/{good['keyStoreId']}/settings")
+    await expect(page.locator("#ks-name")).to_have_value("payments")
+    await expect(page.locator("#delete-keystore")).to_be_visible()
+    await _shot(console, page, "keystore-settings")
 
     # Certificate PEMs: the certificate, and the key encrypted with the bundle password.
     await page.goto(f"{console.url}/keystores/{good['keyStoreId']}/auth")
@@ -155,6 +164,7 @@ async def test_dashboard_usage_connection_audit_and_escaping(console, skm):
     await page.click("#tab-activity")
     acts = await page.locator("#audit tbody tr").evaluate_all("rs => rs.map(r => r.dataset.action)")
     assert acts.count("secret.read") == 4 and "key.create" in acts
+    await _shot(console, page, "key-activity")
     await page.click("#activity-changes")
     acts = await page.locator("#audit tbody tr").evaluate_all("rs => rs.map(r => r.dataset.action)")
     assert acts == ["key.create"]
@@ -171,6 +181,13 @@ async def test_dashboard_usage_connection_audit_and_escaping(console, skm):
     await page.goto(f"{console.url}/keys/{bad['keyId']}")
     await expect(page.locator("h1")).to_contain_text(XSS_NAME)
     await _shot(console, page, "xss-key", doc=False)
+
+    # Projects: a second team's project beside the first, each with its appkey and data-plane URL.
+    team = await skm.rt.keys.create_project("team-analytics", description="reporting jobs")
+    await skm.keystore("reports", projectId=team.id, register_loopback=False)
+    await page.goto(console.url + "/projects")
+    await expect(page.locator(f"#appkey-{team.id}")).to_have_text(team.appkey)
+    await _shot(console, page, "projects")
     assert seen == [], seen
 
 

@@ -2,10 +2,11 @@
 
 * `numbers`: what each part tried (cases, failures, memory, requests during outages),
   written to the terminal summary at the end of the run so a reader sees it without -s.
-* `hygiene`: every secret and key material the suite creates, and everything it
-  leaves behind (captured output of every test here, subprocess logs, data dirs,
-  row dumps). test_secret_hygiene.py runs last and greps the lot.
+* `hygiene` (tests/support/hygiene_plugin.py, for the whole suite): every secret and key
+  material a run creates, and everything it leaves behind (captured output of every test,
+  subprocess logs, data dirs, row dumps). test_secret_hygiene.py runs last and greps the lot.
 * `tracked`: the `skm` harness, harvested for hygiene before it shuts down.
+* `server_proc`, `sidecar_proc`: subprocesses whose logs and data join the sweep.
 """
 from __future__ import annotations
 
@@ -13,12 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.hygiene import Hygiene
 from tests.reliability.procs import ServerProcess, SidecarProcess
 
-_HYGIENE = Hygiene()
 _NUMBERS: list[tuple[str, str]] = []
-LAST = "test_secret_hygiene.py"
 
 
 class Numbers:
@@ -29,11 +27,6 @@ class Numbers:
 @pytest.fixture(scope="session")
 def numbers() -> Numbers:
     return Numbers()
-
-
-@pytest.fixture(scope="session")
-def hygiene() -> Hygiene:
-    return _HYGIENE
 
 
 @pytest.fixture
@@ -81,25 +74,6 @@ async def sidecar_proc(tmp_path: Path, hygiene, server_proc):
         await sc.stop()
         for p in sc.log_paths:
             hygiene.path(p)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "sweep: the secret-hygiene sweep; every make target runs it last")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    # The hygiene check greps what the rest left behind: it runs after everything else.
-    last = [i for i in items if i.path.name == LAST]
-    if last:
-        items[:] = [i for i in items if i.path.name != LAST] + last
-
-
-def pytest_runtest_logreport(report):
-    # Called for the tests of this directory: keep their captured stdout/stderr/log output.
-    for name, text in report.sections:
-        _HYGIENE.text(f"{report.nodeid} [{name}]", text)
-    if report.failed and report.longrepr is not None:
-        _HYGIENE.text(f"{report.nodeid} [failure]", str(report.longrepr))
 
 
 def pytest_terminal_summary(terminalreporter):

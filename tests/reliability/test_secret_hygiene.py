@@ -6,8 +6,11 @@ failing requests (bad JSON around a secret, a secret too long for its field, a s
 sent to a key that does not exist), a v1.2 access-key secret, an exported key.
 
 Every make target runs this module last (`-m sweep` joins it to `make test-long`, its path
-to `make test-postgres`; conftest.py orders it after everything else), so the soak, the
-floods, the long fuzz and the PostgreSQL runs are grepped too.
+to `make test-postgres`; tests/support/hygiene_plugin.py orders it after everything else and
+keeps the captured output of every test in the session, whatever its directory), so the soak,
+the floods, the long fuzz, the compose bring-up (its containers' logs, the demo's token and
+passwords) and the PostgreSQL runs (every `skm` harness server harvested before it stops, and
+the cluster's log) are grepped too.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ pytestmark = pytest.mark.sweep
 
 def test_the_sweeps_own_repr_holds_no_needle():
     """pytest prints a failing test's fixtures: the sweep's record of secrets must not print them."""
-    from tests.reliability.hygiene import Hygiene
+    from tests.support.hygiene import Hygiene
     h = Hygiene()
     value = "repr-" + secrets.token_hex(16)
     h.secret(value, "repr probe")
@@ -36,7 +39,7 @@ def test_the_sweep_finds_each_form_and_respects_where_a_value_belongs(tmp_path):
     a value in captured output, a value inside a longer planted one; and a root key in its own file only."""
     import base64
 
-    from tests.reliability.hygiene import Hygiene
+    from tests.support.hygiene import Hygiene
     h = Hygiene()
     raw = b"\x00key\nmaterial-" + secrets.token_bytes(24)
     text = "value-" + secrets.token_hex(12)
@@ -112,5 +115,9 @@ async def test_no_secret_anywhere(skm, hygiene, numbers, capfd):
     numbers.add("hygiene", f"{stats['needles']} secrets and key materials from {stats['servers']} servers, grepped "
                            f"in {stats['texts']} captured outputs/row dumps and {stats['files']} files "
                            f"({stats['bytes'] // 1024} KiB): {len(findings)} found")
+    if hygiene.unharvested:
+        numbers.add("hygiene", f"{len(hygiene.unharvested)} servers left unreadable by their tests, not harvested: "
+                               + "; ".join(hygiene.unharvested[:10]))
     assert stats["needles"] > 0 and stats["servers"] > 0
     assert not findings, "\n".join(sorted(set(findings))[:50])
+

@@ -1,5 +1,6 @@
 """Rotation roll-out seen from the key server: two sidecar hosts acknowledge the versions they hold,
-one is stopped and goes stale, and disabling the old version waits for the hosts (or is forced)."""
+one is stopped and goes stale (and still blocks), comes back and reports what it holds, and disabling
+the old version waits for the hosts (or is forced)."""
 from __future__ import annotations
 
 import asyncio
@@ -97,9 +98,22 @@ async def test_rollout_shows_each_host_a_stopped_one_goes_stale_and_disable_wait
     code, out, err = await skm_cli(skm, "key", "rollout", kid, "--json")
     assert code == 0 and json.loads(out)["hostsOnCurrent"] == 1
 
-    # Host B comes back (same certificate), reads, and acknowledges version 1: now version 0 can go.
+    # Silence is not proof that B stopped serving version 0 (it may be cut off): the disable still waits.
+    code, out, err = await skm_cli(skm, "key", "version", "disable", kid, "0")
+    assert code != 0 and "host-b-host (stale)" in err and "--force" in err, err
+    st, key = await skm.mgmt("GET", f"/keys/{kid}")
+    assert [v["status"] for v in key["body"]["versions"]] == ["ACTIVE", "ACTIVE"]     # nothing changed
+
+    # Host B comes back (same certificate) with an empty cache: its first report says it holds nothing,
+    # which replaces what its previous run held, before any app reads through it.
     b2 = await Sidecar(b_config).start()
     try:
+        async def b_gone():
+            r = await rollout(skm, kid)
+            return r if set(hosts(r)) == {"host-a-host"} else None
+        r = await until(b_gone, "host B's restart to clear what its previous run held")
+        assert r["summary"] == "version 1 on 1 of 1 host"
+        # An app reads through B: it acknowledges version 1.
         assert await read_secret(b2, kid) == "second"
         r = await until(lambda: both_on(1), "host B to acknowledge version 1 after its restart")
         assert r["summary"] == "version 1 on 2 of 2 hosts"

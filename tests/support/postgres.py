@@ -47,7 +47,7 @@ from server.storage.base import Storage
 from server.storage.factory import open_storage
 
 __all__ = ["PostgresCluster", "find_pg_bindir", "free_port", "pg_cluster", "pg_url", "session_cluster",
-           "skip_reason", "storage", "storage_url"]
+           "session_cluster_log", "skip_reason", "storage", "storage_url"]
 
 PG_USER = "postgres"
 INSTALL_HINT = "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin: apt-get install postgresql"
@@ -281,6 +281,12 @@ def session_cluster(config: pytest.Config) -> PostgresCluster:
         config.stash[_CLUSTER] = cluster
     cluster.ensure_running()   # a failed test may have left it stopped
     return cluster
+
+
+def session_cluster_log(config: pytest.Config) -> Path | None:
+    """The session cluster's server log, when this session started one (nothing is started here)."""
+    cluster = config.stash.get(_CLUSTER, None)
+    return cluster.log_file if cluster is not None and cluster.base is not None else None
 
 
 @pytest.fixture

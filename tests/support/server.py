@@ -195,4 +195,23 @@ async def skm(request, tmp_path):
         try:
             yield h
         finally:
-            await h.close()
+            try:
+                await _harvest_for_sweep(request, h)
+            finally:
+                await h.close()
+
+
+async def _harvest_for_sweep(request, h: Harness) -> None:
+    """Before the server stops (and its PostgreSQL database is dropped): its token, key material, row dump,
+    data dir and the cluster's log join the secret-hygiene sweep, when this session harvests harnesses
+    (tests/support/hygiene_plugin.py). The test's captured output (the server's logs) joins by the plugin's
+    report hook."""
+    from tests.support.hygiene_plugin import HYGIENE, harvest_harnesses
+    if not harvest_harnesses():
+        return
+    HYGIENE.secret(h.init.token, "harness operator token")
+    await HYGIENE.harvest_quietly(h.server.config, f"harness {request.node.nodeid}")
+    from tests.support.postgres import session_cluster_log
+    log = session_cluster_log(request.config)
+    if log is not None:
+        HYGIENE.path(log)

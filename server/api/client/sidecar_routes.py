@@ -63,6 +63,8 @@ class HoldingIn(_In):
 class AcksIn(_In):
     ttl: int = Field(ge=rollout.MIN_TTL, le=rollout.MAX_TTL)
     holdings: list[HoldingIn] = Field(max_length=MAX_ACKS)
+    # True: this is everything the host holds in the project (its rows for other keys are dropped).
+    complete: bool = False
 
 
 class ReadIn(_In):
@@ -211,8 +213,9 @@ async def acks(request: web.Request, body: AcksIn) -> dict:
             errors.append(e)
             continue
         good.append(rollout.Ack(key.id, h.version, delivered, h.reloadOk))
-    if good:
-        await rollout.record(runtime(request).storage, ctx.project.id, host, good, body.ttl)
+    if good or body.complete:
+        await rollout.record(runtime(request).storage, ctx.project.id, host, good, body.ttl,
+                             complete=body.complete, reported={h.keyId for h in body.holdings})
     return _finish(request, len(good), refused, errors)
 
 

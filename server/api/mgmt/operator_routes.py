@@ -19,6 +19,8 @@ from server.text import SafeText
 routes = RouteTable("/api/v1")
 _OP = r"/operators/{name:[A-Za-z0-9._-]{1,64}}"
 Role = Literal["admin", "approver", "viewer"]
+# Fields that carry a password: the audit leaves them out of the body HMAC (server/audit/middleware.py).
+SENSITIVE = {"sensitive": True}
 
 
 class _In(BaseModel):
@@ -27,7 +29,7 @@ class _In(BaseModel):
 
 class LoginIn(_In):
     name: str = Field(min_length=1, max_length=64)
-    password: str = Field(min_length=1, max_length=MAX_PASSWORD)
+    password: str = Field(min_length=1, max_length=MAX_PASSWORD, json_schema_extra=SENSITIVE)
     description: SafeText = Field(default="login", max_length=200)
 
 
@@ -61,7 +63,7 @@ class OperatorIn(_In):
     role: Role
     projectId: Optional[int] = Field(default=None, ge=1, le=10**12,
                                      description="the role in this project only (default: a global role)")
-    password: Optional[str] = Field(default=None, max_length=MAX_PASSWORD,
+    password: Optional[str] = Field(default=None, max_length=MAX_PASSWORD, json_schema_extra=SENSITIVE,
                                     description="optional: an operator without one uses tokens only")
 
 
@@ -74,8 +76,8 @@ class GrantIn(_In):
 class OperatorUpdate(_In):
     role: Optional[Role] = None
     disabled: Optional[bool] = None
-    password: Optional[str] = Field(default=None, max_length=MAX_PASSWORD)
-    currentPassword: Optional[str] = Field(default=None, max_length=MAX_PASSWORD,
+    password: Optional[str] = Field(default=None, max_length=MAX_PASSWORD, json_schema_extra=SENSITIVE)
+    currentPassword: Optional[str] = Field(default=None, max_length=MAX_PASSWORD, json_schema_extra=SENSITIVE,
                                            description="needed when changing your own password as a non-admin")
     unlock: bool = Field(default=False, description="clear a login lockout")
 
