@@ -187,9 +187,14 @@ async def _verify_database(args: argparse.Namespace) -> dict:
             barrier, why = None, (str(e) if _ours(e) else type(e).__name__)
         if barrier is not None:
             key = await read_link_key(db, barrier)
-            res = await verify_database(db, barrier, key, sinks_for(cfg, AuditSettings.from_config(cfg)))
+            sinks = sinks_for(cfg, AuditSettings.from_config(cfg))
+            res = await verify_database(db, barrier, key, sinks)
             if key is None and int(res.head_seq):
                 res.cannot_check("this chain has no audit key yet, so no tags could be checked")
+            if not res.ok and res.broken_seq is None:
+                # A missing checkpoint log may only mean this config is not the server's: show where we looked.
+                res.warnings.append("checkpoints were looked for in " + ", ".join(_where(s) for s in sinks)
+                                    + "; if the server is configured otherwise, pass its --config")
             return res.to_api()
         res = await verify_chain(db)
         res.cannot_check(f"only digests were checked: the tags and checkpoints were NOT checked, because the root "
@@ -197,6 +202,12 @@ async def _verify_database(args: argparse.Namespace) -> dict:
                          "`skm audit verify` against the running server, or run this where the root key (file or "
                          "HSM) and the system key (its file or the system-key server) are reachable")
         return res.to_api()
+
+
+def _where(sink) -> str:
+    return {"file": lambda: f"the file {getattr(sink, 'path', '')}",
+            "systemkey": lambda: "the system-key server " + " ".join(getattr(sink, "urls", ())),
+            }.get(sink.name, lambda: f"the {sink.name} (write-only)")()
 
 
 def _ours(e: BaseException) -> bool:

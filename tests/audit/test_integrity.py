@@ -344,6 +344,7 @@ async def test_a_restored_chain_is_unverified_until_its_restore_checkpoint(skm):
         await db.close()
     code, out, err = await skm_cli(skm, "audit", "verify", "--data-dir", str(cfg.data_path))
     assert code == 8 and "restored from a backup" in out and "start the server" in out, out + err
+    assert f"checkpoints were looked for in the file {cfg.data_path / 'audit-checkpoints.jsonl'}" in out, out
     skm.server = await KeyServer(cfg).start()
     code, out, res = await _verify_live(skm)
     assert code == 0 and res["ok"], out
