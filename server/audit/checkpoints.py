@@ -372,11 +372,13 @@ class Checkpointer:
                         if loop.time() >= self._retry_at:
                             # Every epoch's log begins with a stored start (or restore) checkpoint: verify
                             # relies on it, so it is tried again until a sink takes it.
-                            self.stored = False
-                            await self._announce()
-                            self._started = self.stored
                             self._retry_at = loop.time() + min(self.interval, 10.0)
-                            self.announced.set()
+                            self.stored = False
+                            try:
+                                await self._announce()
+                            finally:
+                                self.announced.set()        # a verify waiting for it goes on either way
+                            self._started = self.stored
                     else:
                         head = await self.audit.db.fetchval("SELECT seq FROM audit_head WHERE id = 1")
                         due = loop.time() - self.last_at >= self.interval

@@ -205,9 +205,11 @@ async def _verify_database(args: argparse.Namespace) -> dict:
 
 
 def _where(sink) -> str:
-    return {"file": lambda: f"the file {getattr(sink, 'path', '')}",
-            "systemkey": lambda: "the system-key server " + " ".join(getattr(sink, "urls", ())),
-            }.get(sink.name, lambda: f"the {sink.name} (write-only)")()
+    if sink.name == "file":
+        return f"the file {sink.path}"
+    if sink.name == "systemkey":
+        return "the system-key server " + " ".join(sink.urls)
+    return f"the {sink.name} (write-only)"
 
 
 def _ours(e: BaseException) -> bool:

@@ -151,3 +151,32 @@ async def test_checkpoint_interval_signs_by_time_with_few_records(tmp_path):
     finally:
         await h.close()
         await hook.close()
+
+
+async def _until(cond: Callable[[], bool], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + DEADLINE
+    while not cond():
+        assert loop.time() < end, f"{what} not within {DEADLINE} s"
+        await asyncio.sleep(0.02)
+
+
+async def test_the_start_checkpoint_is_retried_until_a_sink_takes_it(tmp_path):
+    """verify relies on every epoch's log beginning with a start checkpoint, so a start no sink took is
+    tried again (and no periodic checkpoint goes out before it)."""
+    blocker = tmp_path / "cps"
+    blocker.write_text("a file where the checkpoint directory should be")
+    h = await start_harness(tmp_path, audit={"checkpoint_file": str(blocker / "audit.jsonl"),
+                                             "checkpoint_interval": 0.1})
+    try:
+        cp = h.rt.audit.checkpointer
+        await _until(lambda: cp.failed >= 2, "two failed start attempts")
+        assert not cp._started
+        blocker.unlink()
+        await _until(lambda: cp._started, "the start checkpoint stored")
+        lines = [json.loads(x) for x in (blocker / "audit.jsonl").read_text().splitlines()]
+        assert lines[0]["checkpoint"]["kind"] == "start", lines
+        code, out, err = await skm_cli(h, "audit", "verify")
+        assert code == 0 and "intact" in out, out + err
+    finally:
+        await h.close()
