@@ -3,6 +3,10 @@
 One walker serves the live check (database, audit key, checkpoints from the sinks) and the offline
 check of an export (records and checkpoints from the file, the checkpoint public key): it names the
 first bad record and why.
+
+A result is `intact`, `broken` (a bad record, or evidence removed: the checkpoint log of a chain that
+has served is missing or empty) or `unverified` (not intact, nothing proven wrong: the tags or the
+checkpoints could not be checked; `reason` says what to do). Only `intact` is `ok`.
 """
 from __future__ import annotations
 
@@ -23,10 +27,20 @@ class VerifyResult:
     untagged: int = 0                # records written while the barrier was sealed (no tag possible)
     checkpoints: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    unverified: bool = False         # not ok because something could not be checked (not proven broken)
+
+    @property
+    def status(self) -> str:
+        return "intact" if self.ok else ("unverified" if self.unverified else "broken")
+
+    def cannot_check(self, reason: str) -> None:
+        """An intact-looking chain that may not be called intact (a broken one stays broken)."""
+        if self.ok:
+            self.ok, self.unverified, self.reason = False, True, reason
 
     def to_api(self) -> dict:
-        return {"ok": self.ok, "checked": self.checked, "headSeq": self.head_seq, "brokenSeq": self.broken_seq,
-                "reason": self.reason, "keyed": self.keyed, "untagged": self.untagged,
+        return {"ok": self.ok, "status": self.status, "checked": self.checked, "headSeq": self.head_seq,
+                "brokenSeq": self.broken_seq, "reason": self.reason, "keyed": self.keyed, "untagged": self.untagged,
                 "checkpoints": self.checkpoints, "warnings": self.warnings}
 
 
@@ -116,12 +130,15 @@ def checkpoint_summary(cps: list[dict], head_seq: int, sources: list[str]) -> di
 
 
 async def verify_chain(db, *, key: bytes | None = None, checkpoints: list[dict] | None = None,
-                       epoch: str | None = None, sources: list[str] | None = None, page: int = 1000) -> VerifyResult:
+                       epoch: str | None = None, sources: list[str] | None = None,
+                       unreadable: list[str] | None = None, page: int = 1000) -> VerifyResult:
     """Walk the chain from the first record to the head; report the first broken link.
 
     Without `key` only digests are checked (anyone holding the database can recompute those);
     with it every tag; with `checkpoints` (already signature-checked) every signed head of the
-    current `epoch`, and a log that ends before one of them is reported as truncated."""
+    current `epoch`, and a log that ends before one of them is reported as truncated. With
+    `checkpoints` given, a chain with records and no checkpoint of its epoch is not intact (see
+    `_no_checkpoint`); `unreadable` names the sinks that could not be read (`name: why`)."""
     head = await db.fetchone("SELECT * FROM audit_head WHERE id = 1")
     if head is None:
         return VerifyResult(False, 0, 0, 0, "the audit head row is missing")
@@ -147,10 +164,54 @@ async def verify_chain(db, *, key: bytes | None = None, checkpoints: list[dict] 
     res.checked, res.untagged = w.n, w.untagged
     if checkpoints is not None:
         res.checkpoints = checkpoint_summary(mine, head_seq, sources or [])
-        if not mine and head_seq:
-            res.warnings.append("no signed checkpoint of this chain was found: truncation cannot be ruled out"
-                                + ("" if sources else " (no checkpoint store could be read)"))
+        if unreadable:
+            res.checkpoints["unreadable"] = list(unreadable)
+        if (not mine and head_seq) or (mine and head["restore_note"] is not None):
+            _no_checkpoint(res, head, sources or [], unreadable or [])
+        elif mine and not any(c["checkpoint"]["kind"] in ("start", "restore") for c in mine):
+            # Every epoch's log begins with a stored start (or restore) checkpoint (the server retries it
+            # until a sink takes it): without one, the log was emptied and has refilled since.
+            why = ("the checkpoint log holds no start checkpoint of this chain (every server start signs one): "
+                   "it was emptied or rewritten, so the log's end cannot be vouched for")
+            if unreadable:
+                res.cannot_check(why + f"; but {'; '.join(unreadable)}: verify again once it is reachable")
+            elif res.ok:
+                res.ok, res.reason = False, why
+        elif unreadable:
+            res.warnings.append(f"checkpoints checked against {', '.join(sources or [])} only; could not read "
+                                + "; ".join(unreadable))
     return res
+
+
+def _no_checkpoint(res: VerifyResult, head, sources: list[str], unreadable: list[str]) -> None:
+    """A chain with records and no signed checkpoint of its epoch. Every server start signs one, so:
+
+    * restored from a backup, not started since: the new epoch's `restore` checkpoint comes at the
+      next start (unverified);
+    * no checkpoint key yet (never signed: a store whose server has not started since it was made or
+      upgraded): unverified;
+    * a sink could not be read (the system-key server down): unverified, never intact;
+    * otherwise the sinks answered and hold nothing of this chain: the checkpoint log is missing or
+      was emptied (broken)."""
+    n = res.head_seq
+    if head["restore_note"] is not None:
+        res.cannot_check(f"the chain was restored from a backup (a new epoch) and its restore checkpoint is signed "
+                         f"at the server's next start: start the server, then verify again ({n} record(s) not "
+                         "yet pinned)")
+    elif head["checkpoint_key_sealed"] is None:
+        res.cannot_check(f"no checkpoint has been signed for this chain yet ({n} record(s)); the server signs one "
+                         "when it starts: start it (or wait for its start checkpoint), then verify again")
+    elif unreadable:
+        res.cannot_check(f"no checkpoint could be read: {'; '.join(unreadable)}. Truncation cannot be ruled out "
+                         "until the checkpoint store answers: verify again once it is reachable")
+    elif not sources:
+        res.cannot_check("no checkpoint store can be read back (a webhook is write-only): configure the system-key "
+                         "server or [audit] checkpoint_file, or verify an export offline")
+    elif res.ok:
+        res.ok = False
+        res.reason = (f"no signed checkpoint of this chain was found in {', '.join(sources)} although it holds {n} "
+                      "record(s): the checkpoint log is missing or was emptied (every server start signs one), so "
+                      "the log's end cannot be vouched for; records may have been removed from the end")
 
 
 def walk_export(records: Iterable[dict], checkpoints: list[dict], *, keyed_from: int | None) -> VerifyResult:
@@ -166,7 +227,11 @@ def walk_export(records: Iterable[dict], checkpoints: list[dict], *, keyed_from:
         res.ok, res.broken_seq, res.reason = False, b.seq, b.reason
     res.checked, res.untagged, res.head_seq = w.n, w.untagged, w.last_seq
     res.checkpoints = checkpoint_summary(checkpoints, w.last_seq, ["export"])
-    covered = [c for c in checkpoints if c["checkpoint"]["seq"] <= w.last_seq]
-    if not covered:
-        res.warnings.append("no signed checkpoint falls inside this export: its records are not pinned")
+    first = w.last_seq - w.n + 1
+    covered = [c for c in checkpoints if first <= c["checkpoint"]["seq"] <= w.last_seq]
+    if not covered and res.ok and w.n:
+        res.ok = False
+        res.reason = ("no checkpoint signed by this key falls inside the export, so nothing pins its records (the "
+                      "checkpoints were removed, the key is not this installation's, or the export was written "
+                      "from the database without them): export from the server with `skm audit export`")
     return res

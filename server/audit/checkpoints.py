@@ -102,9 +102,14 @@ def signed_by(entry: dict, pub: Ed25519PublicKey) -> bool:
 
 # ------------------------------------------------------------- keys, epoch
 async def checkpoint_key(db, barrier) -> Ed25519PrivateKey:
-    """The installation's checkpoint key: made and sealed on first use (compare-and-set across replicas)."""
+    """The installation's checkpoint key: made and sealed on first use (compare-and-set across replicas).
+
+    The epoch is made first: a key without an epoch is then never a state the server leaves behind, so
+    `epoch` can refuse to make a new epoch once a key exists (an insider blanking the epoch to start a
+    fresh history is reported instead of followed)."""
     row = await db.fetchone("SELECT checkpoint_key_sealed FROM audit_head WHERE id = 1")
     if row is not None and row["checkpoint_key_sealed"] is None:
+        await epoch(db, barrier)
         raw = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw,
                                                          serialization.PrivateFormat.Raw,
                                                          serialization.NoEncryption())
@@ -116,8 +121,10 @@ async def checkpoint_key(db, barrier) -> Ed25519PrivateKey:
 
 async def epoch(db, barrier) -> str:
     """The chain's current epoch, made on first use; refused when its seal does not open to it."""
-    row = await db.fetchone("SELECT epoch, epoch_sealed FROM audit_head WHERE id = 1")
+    row = await db.fetchone("SELECT epoch, epoch_sealed, checkpoint_key_sealed FROM audit_head WHERE id = 1")
     if row["epoch"] is None:
+        if row["checkpoint_key_sealed"] is not None:
+            raise EpochForged(None)
         new = secrets.token_hex(8)
         await db.execute("UPDATE audit_head SET epoch = ?, epoch_sealed = ? WHERE id = 1 AND epoch IS NULL",
                          new, barrier.seal(new.encode(), _EPOCH_AAD))
@@ -138,8 +145,33 @@ def check_epoch(row, barrier) -> str:
 
 class EpochForged(Exception):
     def __init__(self, value: str | None) -> None:
-        super().__init__(f"the audit epoch {value!r} is not sealed by this installation's system key "
-                         "(audit_head was edited)")
+        if value is None:
+            super().__init__("the audit epoch was removed although checkpoints were signed (audit_head was edited "
+                             "to start a new history)")
+        else:
+            super().__init__(f"the audit epoch {value!r} is not sealed by this installation's system key "
+                             "(audit_head was edited)")
+
+
+async def read_epoch(db, barrier) -> str | None:
+    """The current epoch, read only (None: no checkpoint was ever signed); EpochForged when tampered with."""
+    row = await db.fetchone("SELECT epoch, epoch_sealed, checkpoint_key_sealed FROM audit_head WHERE id = 1")
+    if row is None:
+        return None
+    if row["epoch"] is None:
+        if row["checkpoint_key_sealed"] is not None:
+            raise EpochForged(None)
+        return None
+    return check_epoch(row, barrier)
+
+
+async def read_public_key(db, barrier) -> Ed25519PublicKey | None:
+    """The checkpoint public key, read only (None: no checkpoint key was made yet)."""
+    row = await db.fetchone("SELECT checkpoint_key_sealed FROM audit_head WHERE id = 1")
+    if row is None or row["checkpoint_key_sealed"] is None:
+        return None
+    return Ed25519PrivateKey.from_private_bytes(
+        barrier.open(bytes(row["checkpoint_key_sealed"]), _KEY_AAD)).public_key()
 
 
 async def start_restored_epoch(db, barrier, *, restored_from: dict) -> str:
@@ -225,15 +257,21 @@ class SystemKeySink:
             raise SinkError("no system-key server took the checkpoint: " + "; ".join(errors))
 
     async def load(self, pub: str | None = None) -> list[dict]:
+        """Every server's copy; SinkError when none answered (an outage is not an empty log)."""
         out: list[dict] = []
+        errors: list[str] = []
         async with await self._session() as s:
             for url in self.urls:
                 try:
                     async with s.get(url + CHECKPOINT_PATH, params={"pub": pub} if pub else None) as r:
                         if r.status == 200:
                             out += (await r.json()).get("checkpoints", [])
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-                    continue
+                        else:
+                            errors.append(f"{url}: HTTP {r.status}")
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+                    errors.append(f"{url}: {type(e).__name__}")
+        if len(errors) == len(self.urls):
+            raise SinkError("no system-key server answered: " + "; ".join(errors))
         return out
 
 
@@ -272,7 +310,10 @@ class Checkpointer:
     last_error: str | None = None
     _task: asyncio.Task | None = None
     _started: bool = False
+    _retry_at: float = 0.0
+    stored: bool = False            # the last checkpoint reached at least one sink
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    announced: asyncio.Event = field(default_factory=asyncio.Event)     # the start checkpoint was tried
 
     async def emit(self, kind: str, extra: dict | None = None) -> dict | None:
         a = self.audit
@@ -297,6 +338,7 @@ class Checkpointer:
                 ok += 1
         if ok:
             self.sent += 1
+        self.stored = ok > 0
         self.last_seq, self.last_at = int(head["seq"]), asyncio.get_running_loop().time()
         return entry
 
@@ -309,8 +351,11 @@ class Checkpointer:
                 extra = json.loads(note)
             except ValueError:
                 extra = {}
-            if await self.emit("restore", {k: v for k, v in extra.items() if isinstance(v, (str, int))}):
+            if await self.emit("restore", {k: v for k, v in extra.items() if isinstance(v, (str, int))}) \
+                    and self.stored:
                 await a.db.execute("UPDATE audit_head SET restore_note = NULL WHERE id = 1")
+            else:
+                return
         await self.emit("start")
 
     def nudge(self, head_seq: int) -> None:
@@ -324,8 +369,16 @@ class Checkpointer:
                 if not self.audit.barrier.sealed:
                     await self.audit.flush_held()       # what was made while sealed goes in first
                     if not self._started:
-                        await self._announce()
-                        self._started = True
+                        if loop.time() >= self._retry_at:
+                            # Every epoch's log begins with a stored start (or restore) checkpoint: verify
+                            # relies on it, so it is tried again until a sink takes it.
+                            self._retry_at = loop.time() + min(self.interval, 10.0)
+                            self.stored = False
+                            try:
+                                await self._announce()
+                            finally:
+                                self.announced.set()        # a verify waiting for it goes on either way
+                            self._started = self.stored
                     else:
                         head = await self.audit.db.fetchval("SELECT seq FROM audit_head WHERE id = 1")
                         due = loop.time() - self.last_at >= self.interval
@@ -365,12 +418,21 @@ class Checkpointer:
 
 async def load_all(sinks: list, pub: Ed25519PublicKey) -> tuple[list[dict], list[str]]:
     """Checkpoints signed by `pub` from every readable sink (deduplicated), and the sinks that answered."""
+    found, read, _ = await load_all_sinks(sinks, pub)
+    return found, read
+
+
+async def load_all_sinks(sinks: list, pub: Ed25519PublicKey) -> tuple[list[dict], list[str], list[str]]:
+    """(checkpoints signed by `pub`, deduplicated; the sinks that answered; those that could not be read,
+    each as `name: why`). A write-only sink (the webhook) is in neither list."""
     seen: dict[str, dict] = {}
     read: list[str] = []
+    unreadable: list[str] = []
     for s in sinks:
         try:
             got = await (s.load(pub_b64(pub)) if isinstance(s, SystemKeySink) else s.load())
-        except Exception:       # noqa: BLE001 - an unreachable sink is reported by name
+        except Exception as e:       # noqa: BLE001 - an unreachable sink is reported by name
+            unreadable.append(f"{s.name}: {e}" if isinstance(e, SinkError) else f"{s.name}: {type(e).__name__}")
             continue
         if got is None:
             continue
@@ -378,4 +440,24 @@ async def load_all(sinks: list, pub: Ed25519PublicKey) -> tuple[list[dict], list
         for e in got:
             if isinstance(e, dict) and signed_by(e, pub):
                 seen.setdefault(e["sig"], e)
-    return list(seen.values()), read
+    return list(seen.values()), read, unreadable
+
+
+@dataclass
+class Found:
+    """What a verifier could learn about the checkpoints of a chain (read only: nothing is made)."""
+    checkpoints: list[dict]
+    read: list[str]
+    unreadable: list[str]
+    epoch: str | None
+
+
+async def find(db, barrier, sinks: list) -> Found:
+    """The checkpoints of this installation from `sinks`, without making a key or an epoch.
+    EpochForged when audit_head's epoch was tampered with."""
+    ep = await read_epoch(db, barrier)
+    pub = await read_public_key(db, barrier)
+    if pub is None:
+        return Found([], [], [], ep)
+    found, read, unreadable = await load_all_sinks(sinks, pub)
+    return Found(found, read, unreadable, ep)

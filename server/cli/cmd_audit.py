@@ -1,16 +1,21 @@
 """`skm audit query|verify|export|pubkey`: the keyed, checkpointed audit log (docs/audit.md).
 
 `verify` checks, through the management API, every record's digest and keyed tag and the signed
-checkpoints; `--data-dir/--config` reads a database directly (digests only: the tags need the
-system key); `--offline EXPORT --pubkey PEM` checks an export anywhere with only the checkpoint
-public key. `export` writes the records and then the signed checkpoints as JSON lines.
+checkpoints; `--data-dir/--config` reads a database directly and, when this host can reach the root
+key and the system key the way the server does at start, checks exactly what the live verify checks
+(otherwise digests only, and it says so with exit 8, never "intact"); `--offline EXPORT --pubkey PEM`
+checks an export anywhere with only the checkpoint public key. `export` writes the records and then
+the signed checkpoints as JSON lines.
+
+Exit codes of `verify`: 0 intact, 1 broken (a bad record, or the checkpoint log missing), 8 not
+verified (tags or checkpoints could not be checked; the message says how to check them).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from server.cli.common import Col, add_connection_args, client, listing, output
@@ -23,6 +28,7 @@ COLUMNS = [Col("seq", "seq", keep=True), Col("time", "time (UTC)", wrap=True, mi
            Col("key", "key", wrap=True, rank=7), Col("result", "result", rank=4),
            Col("reason", "reason", wrap=True, rank=9)]
 PAGE = 1000
+UNVERIFIED = 8          # `verify`: not broken, but not everything could be checked (never "intact")
 
 
 def register(sub) -> None:
@@ -44,10 +50,13 @@ def register(sub) -> None:
 
     v = s.add_parser("verify", help="check the keyed chain and the signed checkpoints",
                      description="Check every record's digest and keyed tag and the signed checkpoints (a log "
-                     "that ends before a checkpoint was truncated or replaced by an older copy). Exit 0 when "
-                     "intact, 1 naming the first bad record otherwise. --data-dir/--config read a database "
-                     "directly (digests only); --offline EXPORT --pubkey PEM checks an export with only the "
-                     "checkpoint public key (`skm audit pubkey`).")
+                     "that ends before a checkpoint was truncated or replaced by an older copy; a missing or "
+                     "emptied checkpoint log is reported too). Exit 0 when intact, 1 when broken (naming the "
+                     "first bad record), 8 when it could not all be checked (tags or checkpoints; the message "
+                     "says how). --data-dir/--config read a database directly and check tags and checkpoints "
+                     "when the root key and system key are reachable as the server reaches them at start "
+                     "(digests only otherwise: exit 8); --offline EXPORT --pubkey PEM checks an export with "
+                     "only the checkpoint public key (`skm audit pubkey`).")
     _offline(v)
     v.add_argument("--offline", metavar="EXPORT", help="an export written by `skm audit export` to verify")
     v.add_argument("--pubkey", metavar="PEM", help="with --offline: the checkpoint public key file")
@@ -98,13 +107,17 @@ def _params(args: argparse.Namespace) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-@asynccontextmanager
-async def _database(args: argparse.Namespace):
+def _config(args: argparse.Namespace):
     from server.config import load
     from server.settings import ServerConfig
-    from server.storage.factory import open_storage
     overrides = {"data_dir": args.data_dir} if args.data_dir else None
-    cfg = load(ServerConfig, args.config, overrides=overrides)
+    return load(ServerConfig, args.config, overrides=overrides)
+
+
+@asynccontextmanager
+async def _database(args: argparse.Namespace, cfg=None):
+    from server.storage.factory import open_storage
+    cfg = cfg or _config(args)
     url = cfg.storage_url()
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
         from server.errors import NotFound
@@ -161,11 +174,7 @@ async def _verify(args: argparse.Namespace) -> int:
         from server.audit.offline import verify_export
         result = (await verify_export(Path(args.offline), Path(args.pubkey))).to_api()
     elif _offline_mode(args):
-        from server.audit import verify_chain
-        async with _database(args) as db:
-            result = (await verify_chain(db)).to_api()
-        result["warnings"] = [*result.get("warnings", []), "read from the database directly: digests only "
-                              "(tags and checkpoints need the server; run `skm audit verify` against it)"]
+        result = await _verify_database(args)
     else:
         async with client(args) as c:
             result = await c.call("GET", "/audit/verify")
@@ -173,13 +182,73 @@ async def _verify(args: argparse.Namespace) -> int:
         output(args, result)
     else:
         _print_verify(result)
-    return 0 if result["ok"] else 1
+    return _exit(result)
+
+
+def _exit(result: dict) -> int:
+    status = result.get("status") or ("intact" if result["ok"] else "broken")   # a server before `status`
+    return {"intact": 0, "unverified": UNVERIFIED}.get(status, 1)
+
+
+async def _verify_database(args: argparse.Namespace) -> dict:
+    """The database read directly. With the root key and the system key at hand (fetched exactly as the
+    server does at start: file root key or PKCS#11, local keyring or the system-key server) the same
+    check as the live verify: tags and the checkpoints from the configured sinks. Without them only
+    digests, reported as not verified."""
+    from server.audit import verify_chain
+    from server.audit.checkpoints import sinks_for
+    from server.audit.log import read_link_key, verify_database
+    from server.backup.keys import unsealed_barrier
+    from server.settings import AuditSettings
+    cfg = _config(args)
+    async with _database(args, cfg) as db, AsyncExitStack() as stack:
+        try:
+            barrier = await stack.enter_async_context(unsealed_barrier(cfg))
+        except Exception as e:      # noqa: BLE001 - any way of failing to unseal ends in the same answer
+            barrier, why = None, (str(e) if _ours(e) else type(e).__name__)
+        if barrier is not None:
+            key = await read_link_key(db, barrier)
+            sinks = sinks_for(cfg, AuditSettings.from_config(cfg))
+            res = await verify_database(db, barrier, key, sinks)
+            if key is None and int(res.head_seq):
+                res.cannot_check("this chain has no audit key yet, so no tags could be checked")
+            if not res.ok and res.broken_seq is None:
+                # A missing checkpoint log may only mean this config is not the server's: show where we looked.
+                res.warnings.append("checkpoints were looked for in " + ", ".join(_where(s) for s in sinks)
+                                    + "; if the server is configured otherwise, pass its --config")
+            return res.to_api()
+        res = await verify_chain(db)
+        res.cannot_check(f"only digests were checked: the tags and checkpoints were NOT checked, because the root "
+                         f"key or the system key could not be reached with this config ({why}). Check them with "
+                         "`skm audit verify` against the running server, or run this where the root key (file or "
+                         "HSM) and the system key (its file or the system-key server) are reachable")
+        return res.to_api()
+
+
+def _where(sink) -> str:
+    if sink.name == "file":
+        return f"the file {sink.path}"
+    if sink.name == "systemkey":
+        return "the system-key server " + " ".join(sink.urls)
+    return f"the {sink.name} (write-only)"
+
+
+def _ours(e: BaseException) -> bool:
+    """Our own errors say what went wrong without values; anything else is named by its type only."""
+    from server.errors import SKMError
+    return isinstance(e, SKMError)
 
 
 def _print_verify(result: dict) -> None:
-    if result["ok"]:
+    status = result.get("status") or ("intact" if result["ok"] else "broken")
+    if status == "intact":
         how = "digests and keyed tags" if result.get("keyed") else "digests"
         print(f"audit chain intact: {result['checked']} record(s), head {result['headSeq']} ({how} checked)")
+    elif status == "unverified":
+        print(f"audit chain NOT VERIFIED: {result['reason']} ({result['checked']} record(s) read, head "
+              f"{result['headSeq']}; nothing found wrong in what could be checked)")
+    elif result.get("brokenSeq") is None:
+        print(f"audit chain NOT INTACT: {result['reason']}")
     else:
         print(f"audit chain BROKEN at record {result['brokenSeq']}: {result['reason']} "
               f"({result['checked']} record(s) before it are intact)")
@@ -190,6 +259,8 @@ def _print_verify(result: dict) -> None:
                   f"{cp['uncovered']} record(s) after it; read from {', '.join(cp['sources']) or 'nowhere'}")
         else:
             print(f"checkpoints: none found (read from {', '.join(cp['sources']) or 'nowhere'})")
+        for u in cp.get("unreadable") or []:
+            print(f"checkpoints: could not read {u}")
     for w in result.get("warnings") or []:
         print(f"warning: {w}")
 

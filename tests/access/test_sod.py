@@ -6,6 +6,9 @@ The attacks of issue 14, each refused with a clear message and nothing applied:
   the request was made;
 * one person acting through several credentials (operator token, user access key, bearer token)
   approving their own request;
+* the reverse puppet: an admin who is also an approver makes a puppet admin, requests as the
+  puppet and approves as itself (the approver is the requester's ancestor); and an operator behind
+  the requester who takes hold of an approver while the request waits;
 and operator management under approval (`[approvals] operators = true`).
 """
 from __future__ import annotations
@@ -116,6 +119,67 @@ async def test_transitive_puppets_and_late_grants_do_not_count(skm):
         [("viewer", None, "admin"), ("approver", "admin", None)]
     st, desc = await skm.mgmt("GET", "/operators/grandchild")
     assert desc["body"]["createdBy"] == "sub-admin" and desc["body"]["roles"][0]["grantedBy"] == "sub-admin"
+
+
+async def test_the_reverse_puppet_is_refused(skm):
+    """X is a global admin and (granted by someone else) approver of the project. X makes a puppet admin,
+    requests as the puppet and approves as itself: X is the puppet's ancestor, so it does not count."""
+    _fast(skm)
+    store = await _guarded_store(skm)
+    await _independent(skm, "real", "approver")
+    boss = await _independent(skm, "boss", "admin")
+    x = await _independent(skm, "x", "admin")
+    st, out = await skm.mgmt("POST", "/operators/x/roles", token=boss, json={"role": "approver", "projectId": 1})
+    assert st == 200, out
+    puppet = await _api_operator(skm, "puppet", "admin", token=x)
+    st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys", token=puppet,
+                             json={"keyType": "SYMMETRIC_KEY", "name": "by-puppet"})
+    assert st == 202, out
+    rid = out["body"]["changeRequestId"]
+    st, out = await skm.mgmt("POST", f"/approvals/{rid}/approve", token=x)
+    assert st == 403 and out["header"]["resultDetail"].startswith("you created the requester"), out
+    st, cr = await skm.mgmt("GET", f"/approvals/{rid}")
+    assert cr["body"]["status"] == "PENDING" and cr["body"]["approvals"] == [], cr
+    await _no_keys(skm, store)
+    # Also through a second puppet level (X made a sub-admin who made the requester): still X's.
+    sub = await _api_operator(skm, "sub", "admin", token=x)
+    grandpuppet = await _api_operator(skm, "grandpuppet", "admin", token=sub)
+    st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys", token=grandpuppet,
+                             json={"keyType": "SYMMETRIC_KEY", "name": "by-grandpuppet"})
+    assert st == 202, out
+    st, out = await skm.mgmt("POST", f"/approvals/{out['body']['changeRequestId']}/approve", token=x)
+    assert st == 403 and "you created the requester" in out["header"]["resultDetail"], out
+    await _no_keys(skm, store)
+    # An approver the requester's line never touched decides it: the request was never stuck.
+    real = await skm.rt.operators.issue_token(await skm.rt.operators.by_name("real"), "t")
+    st, out = await skm.mgmt("POST", f"/approvals/{rid}/approve", token=real)
+    assert st == 200 and out["body"]["status"] == "APPLIED", out
+
+
+async def test_an_approver_taken_over_while_the_request_waits_does_not_count(skm):
+    """A common ancestor of requester and approver counts against the approval when its edge into the
+    approver's line was made within the request's lifetime: here X, behind the requester, issues
+    itself a token of the independent approver after the request was made."""
+    _fast(skm)
+    store = await _guarded_store(skm)
+    await _independent(skm, "real", "approver")
+    await _independent(skm, "other", "approver")
+    x = await _independent(skm, "x", "admin")
+    puppet = await _api_operator(skm, "puppet", "admin", token=x)
+    st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys", token=puppet,
+                             json={"keyType": "SYMMETRIC_KEY", "name": "late-edge"})
+    assert st == 202, out
+    rid = out["body"]["changeRequestId"]
+    st, out = await skm.mgmt("POST", "/tokens", token=x, json={"operator": "real"})
+    assert st == 201, out
+    taken = out["body"]["token"]
+    st, out = await skm.mgmt("POST", f"/approvals/{rid}/approve", token=taken)
+    assert st == 403 and out["header"]["resultDetail"].startswith("since this change request was made"), out
+    await _no_keys(skm, store)
+    # An approver nobody behind the requester touched still decides it.
+    other = await skm.rt.operators.issue_token(await skm.rt.operators.by_name("other"), "t")
+    st, out = await skm.mgmt("POST", f"/approvals/{rid}/approve", token=other)
+    assert st == 200 and out["body"]["status"] == "APPLIED", out
 
 
 async def test_an_independent_approver_applies_the_change(skm):

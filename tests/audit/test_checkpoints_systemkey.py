@@ -144,3 +144,36 @@ async def test_records_made_while_sealed_are_written_tagged_once_it_opens(tmp_pa
         assert not h.rt.audit._held
         res = await _verify(h)
         assert res["ok"] and res["keyed"], res
+
+
+async def test_an_unreachable_checkpoint_log_is_not_intact(tmp_path: Path):
+    """The system-key server keeps the only checkpoint log. While it is down, verify cannot rule out a
+    truncation: `unverified` (exit 8) naming the unreachable store, never intact; back up, intact again.
+    Its log emptied (it answers, holding nothing of this chain): broken."""
+    async with stack_of(tmp_path) as st:
+        await st.start_systemkey()
+        h = await st.start_keyserver()
+        await wait_unsealed(h)
+        await _started(h)
+        store = await h.keystore("cp")
+        key = await h.key(store, "SECRET", "pw", secretValue="checkpointed-value")
+        assert (await h.client("GET", f"/secrets/{key['keyId']}"))[0] == 200
+        await h.rt.audit.checkpointer.emit("periodic")
+        assert (await _verify(h))["ok"]
+
+        await st.stop_systemkey()
+        code, out, err = await skm_cli(h, "audit", "verify")
+        assert code == 8 and "NOT VERIFIED" in out and "no checkpoint could be read: systemkey" in out, out + err
+        assert "intact" not in out.lower(), out
+        res = await _verify(h)
+        assert res["status"] == "unverified" and res["checkpoints"]["unreadable"][0].startswith("systemkey:"), res
+
+        await st.start_systemkey()
+        res = await _verify(h)
+        assert res["ok"] and res["status"] == "intact", res
+
+        # The log emptied on the system-key server: it answers and holds nothing of this chain.
+        log = CheckpointLog(st.sk_cfg.data_path)
+        log.path.write_text("")
+        res = await _verify(h)
+        assert res["status"] == "broken" and "missing or was emptied" in res["reason"], res

@@ -204,3 +204,175 @@ async def test_untagged_records_are_reported(skm):
     await _recompute_from(db, head - 1)
     code, out, res = await _verify_live(skm)
     assert code == 1 and res["brokenSeq"] == head - 1 and "has no tag" in res["reason"], out
+
+
+# --------------------------------------------------------------- `--data-dir`: the root key at hand or not
+def _copy_database(data: Path, dest: Path) -> Path:
+    """The database and the checkpoint file, without the root key or the keyring (another host's view)."""
+    import shutil
+    dest.mkdir()
+    for p in data.iterdir():
+        if p.name.startswith("skm.db") or p.name == "audit-checkpoints.jsonl":
+            shutil.copy2(p, dest / p.name)
+    return dest
+
+
+async def _edited_and_stopped(h) -> tuple[Path, int]:
+    """Issue 14's repro: an edited record, its digests recomputed with the unkeyed algorithm, the server
+    stopped (a final checkpoint signed)."""
+    await _traffic(h)
+    await _checkpoint(h)
+    db = h.rt.storage
+    await db.execute("UPDATE audit_log SET actor = 'someone-else' WHERE seq = 3")
+    await _recompute_from(db, 3)
+    data = h.server.config.data_path
+    await h.server.stop()
+    return data, 3
+
+
+async def test_data_dir_verify_checks_tags_and_checkpoints_with_the_root_key(skm, tmp_path):
+    data, seq = await _edited_and_stopped(skm)
+    code, out, err = await skm_cli(skm, "audit", "verify", "--data-dir", str(data))
+    assert code == 1 and f"BROKEN at record {seq}" in out and "tag does not match" in out, out + err
+    code, js, err = await skm_cli(skm, "audit", "verify", "--data-dir", str(data), "--json")
+    res = json.loads(js)
+    assert code == 1 and res["status"] == "broken" and res["keyed"] and res["brokenSeq"] == seq, js + err
+    assert res["checkpoints"]["sources"] == ["file"] and res["checkpoints"]["checked"] >= 2
+
+
+async def test_data_dir_verify_of_a_clean_log_reads_the_checkpoints(skm, tmp_path):
+    await _traffic(skm)
+    data = skm.server.config.data_path
+    await skm.server.stop()                      # a final checkpoint at the head
+    code, out, err = await skm_cli(skm, "audit", "verify", "--data-dir", str(data))
+    assert code == 0 and "audit chain intact" in out and "digests and keyed tags" in out, out + err
+    assert "0 record(s) after it; read from file" in out, out
+
+
+async def test_data_dir_verify_without_the_root_key_never_says_intact(skm, tmp_path):
+    data, _ = await _edited_and_stopped(skm)
+    elsewhere = _copy_database(data, tmp_path / "copy")
+    code, out, err = await skm_cli(skm, "audit", "verify", "--data-dir", str(elsewhere))
+    assert code == 8, (code, out, err)
+    assert "intact" not in out.lower() and "NOT VERIFIED" in out and "tags and checkpoints were NOT checked" in out
+    assert "skm audit verify` against the running server" in out and "root key" in out, out
+    code, js, _ = await skm_cli(skm, "audit", "verify", "--data-dir", str(elsewhere), "--json")
+    res = json.loads(js)
+    assert code == 8 and res["ok"] is False and res["status"] == "unverified" and res["keyed"] is False, res
+    # The database copy was only read: no key or epoch was made in it.
+    assert not (elsewhere / "root.key").exists()
+    con = sqlite3.connect(elsewhere / "skm.db")
+    try:
+        assert con.execute("SELECT COUNT(*) FROM audit_log WHERE actor = 'someone-else'").fetchone()[0] == 1
+    finally:
+        con.close()
+
+
+# ------------------------------------------------------------------ no checkpoint found is not intact
+async def _truncate_tail(db, n: int = 4) -> int:
+    head = await db.fetchval("SELECT seq FROM audit_head WHERE id = 1")
+    keep = head - n
+    await db.execute("DELETE FROM audit_log WHERE seq > ?", keep)
+    last = await db.fetchone("SELECT hash FROM audit_log WHERE seq = ?", keep)
+    await db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", keep, last["hash"])
+    return keep
+
+
+@pytest.mark.parametrize("how", ["deleted", "emptied"])
+async def test_a_truncated_tail_with_the_checkpoint_log_removed_is_reported(skm, tmp_path, how):
+    """Issue 14's repro: the default set-up (checkpoints in `<data_dir>/audit-checkpoints.jsonl`), the
+    last 4 records cut and the checkpoint file deleted or emptied."""
+    await _traffic(skm)
+    await _checkpoint(skm)
+    await _truncate_tail(skm.rt.storage)
+    cpf = skm.server.config.data_path / "audit-checkpoints.jsonl"
+    cpf.unlink() if how == "deleted" else cpf.write_text("")
+    code, out, res = await _verify_live(skm)
+    assert code == 1 and res["ok"] is False and res["status"] == "broken", out
+    assert "the checkpoint log is missing or was emptied" in res["reason"] and "NOT INTACT" in out, out
+    # The server goes on signing (by time or count): a refilled log still lacks the chain's start checkpoint.
+    await _checkpoint(skm)
+    code, out, res = await _verify_live(skm)
+    assert code == 1 and "holds no start checkpoint" in res["reason"], out
+
+
+async def test_an_export_without_its_checkpoints_does_not_verify_offline(skm, tmp_path):
+    await _traffic(skm)
+    await _checkpoint(skm)
+    code, out = await _verify_offline(skm, tmp_path)
+    assert code == 0 and "intact" in out, out
+    export = tmp_path / "export.jsonl"
+    lines = export.read_text().splitlines()
+    export.write_text("\n".join(x for x in lines if '"checkpoint"' not in x) + "\n")
+    code, out, err = await skm_cli(skm, "audit", "verify", "--offline", str(export), "--pubkey",
+                                   str(tmp_path / "checkpoint.pub.pem"), env={"SKM_ADDR": "https://127.0.0.1:9"})
+    assert code == 1 and "nothing pins its records" in out and "intact" not in out.replace("NOT INTACT", ""), out + err
+
+
+async def test_a_blanked_epoch_is_reported_and_not_restarted(skm):
+    """Blanking audit_head's epoch would make the next checkpoint start a new history (the old epoch's
+    checkpoints, past a truncation, no longer counted). Refused once a checkpoint key exists."""
+    await _traffic(skm)
+    await _checkpoint(skm)
+    await _truncate_tail(skm.rt.storage)
+    await skm.rt.storage.execute("UPDATE audit_head SET epoch = NULL, epoch_sealed = NULL WHERE id = 1")
+    code, out, res = await _verify_live(skm)
+    assert code == 1 and "the audit epoch was removed" in res["reason"], out
+    from server.audit.checkpoints import EpochForged
+    with pytest.raises(EpochForged):
+        await skm.rt.audit.checkpointer.emit("periodic")
+    assert await skm.rt.storage.fetchval("SELECT epoch FROM audit_head WHERE id = 1") is None
+
+
+async def test_a_restored_chain_is_unverified_until_its_restore_checkpoint(skm):
+    """A restore starts a new epoch; until the next start signs its `restore` checkpoint the chain is not
+    pinned: `unverified` (exit 8), then intact once the server has started."""
+    from server.audit.checkpoints import start_restored_epoch
+    from server.backup.keys import unsealed_barrier
+    from server.storage.factory import open_storage
+    await _traffic(skm)
+    await _checkpoint(skm)
+    cfg = skm.server.config
+    await skm.server.stop()
+    # What `skm backup restore` does to the store it wrote, with the server down.
+    db = open_storage(cfg.storage_url())
+    await db.open()
+    try:
+        async with unsealed_barrier(cfg) as barrier:
+            await start_restored_epoch(db, barrier, restored_from={"backupId": "b1"})
+    finally:
+        await db.close()
+    code, out, err = await skm_cli(skm, "audit", "verify", "--data-dir", str(cfg.data_path))
+    assert code == 8 and "restored from a backup" in out and "start the server" in out, out + err
+    assert f"checkpoints were looked for in the file {cfg.data_path / 'audit-checkpoints.jsonl'}" in out, out
+    skm.server = await KeyServer(cfg).start()
+    code, out, res = await _verify_live(skm)
+    assert code == 0 and res["ok"], out
+    kinds = [json.loads(x)["checkpoint"]["kind"] for x in
+             (cfg.data_path / "audit-checkpoints.jsonl").read_text().splitlines()]
+    assert kinds.count("restore") == 1 and kinds.index("restore") < len(kinds) - 1, kinds
+
+
+async def test_records_before_any_checkpoint_are_unverified(tmp_path):
+    """A chain nobody has signed a checkpoint of yet (a server that never started since it was made):
+    `unverified`, not intact; a broken record still says broken."""
+    import os
+    from server.audit import Audit
+    from server.barrier.barrier import Barrier
+    from server.storage.sqlite import SQLiteStorage
+    storage = SQLiteStorage(str(tmp_path / "skm.db"))
+    await storage.open()
+    try:
+        barrier = Barrier()
+        barrier.unseal({1: os.urandom(32)}, 1)
+        audit = Audit(storage, barrier, config=None)
+        for i in range(3):
+            await audit.append({"plane": "system", "actor": "t", "actor_kind": "system", "action": "test.fresh",
+                                "result": "ok", "detail": {"i": i}})
+        res = await audit.verify()
+        assert not res.ok and res.status == "unverified" and "no checkpoint has been signed" in res.reason, res
+        await storage.execute("UPDATE audit_log SET actor = 'x' WHERE seq = 2")
+        res = await audit.verify()
+        assert res.status == "broken" and res.broken_seq == 2, res
+    finally:
+        await storage.close()

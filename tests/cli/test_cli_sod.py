@@ -67,6 +67,30 @@ async def test_lone_admin_puppet_approver_is_refused_through_the_cli(skm):
     assert [(g["role"], g["grantedBy"]) for g in roles["grants"]] == [("approver", "admin")]
 
 
+async def test_reverse_puppet_is_refused_through_the_cli(skm):
+    """X, a global admin and (granted by the first admin) approver of the default project, makes a puppet
+    admin with `skm operator create`, requests as the puppet, approves as itself: refused, nothing applied."""
+    _fast(skm)
+    ks = await _guarded(skm, "guarded")
+    await skm.rt.operators.create("real", "approver")
+    await _json(skm, "operator", "create", "x", "--role", "admin", "--password-stdin", stdin=PW + "\n")
+    await _json(skm, "operator", "grant", "x", "--role", "approver", "--project", "default")
+    x = await _login(skm, "x")
+    await _json(skm, "operator", "create", "puppet", "--role", "admin", "--password-stdin", stdin=PW + "\n",
+                env={"SKM_TOKEN": x})
+    puppet = await _login(skm, "puppet")
+    code, _, err = await skm_cli(skm, "key", "create", str(ks), "by-puppet", "--type", "SYMMETRIC_KEY",
+                                 env={"SKM_TOKEN": puppet})
+    assert code == 7 and "change request" in err, err
+    rid = (await _json(skm, "approval", "list", "--status", "PENDING"))["changeRequests"][0]["changeRequestId"]
+    code, _, err = await skm_cli(skm, "approval", "approve", str(rid), env={"SKM_TOKEN": x})
+    assert code == 3 and "you created the requester" in err and "does not count" in err, err
+    cr = await _json(skm, "approval", "show", str(rid))
+    assert cr["status"] == "PENDING" and cr["approvals"] == [] and cr["requestedBy"] == "puppet", cr
+    assert (await _json(skm, "key", "list", str(ks)))["keyList"] == []
+    assert (await _json(skm, "operator", "show", "puppet"))["createdBy"] == "x"
+
+
 async def test_one_person_many_credentials_through_the_cli(skm):
     """A global admin who is also the project's approver requests with an access key and a bearer token;
     through the CLI (operator token) the request is theirs: approving refused, cancelling works."""

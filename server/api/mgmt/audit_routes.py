@@ -1,7 +1,7 @@
 """Management API: the audit log (query with filters, verify the hash chain)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -50,6 +50,7 @@ class AuditList(BaseModel):
 
 class VerifyOut(BaseModel):
     ok: bool
+    status: Literal["intact", "broken", "unverified"] = "intact"     # unverified: not all could be checked
     checked: int
     headSeq: int
     brokenSeq: Optional[int] = None
