@@ -131,14 +131,16 @@ def checkpoint_summary(cps: list[dict], head_seq: int, sources: list[str]) -> di
 
 async def verify_chain(db, *, key: bytes | None = None, checkpoints: list[dict] | None = None,
                        epoch: str | None = None, sources: list[str] | None = None,
-                       unreadable: list[str] | None = None, page: int = 1000) -> VerifyResult:
+                       unreadable: list[str] | None = None, foreign: list[str] | None = None,
+                       page: int = 1000) -> VerifyResult:
     """Walk the chain from the first record to the head; report the first broken link.
 
     Without `key` only digests are checked (anyone holding the database can recompute those);
     with it every tag; with `checkpoints` (already signature-checked) every signed head of the
     current `epoch`, and a log that ends before one of them is reported as truncated. With
     `checkpoints` given, a chain with records and no checkpoint of its epoch is not intact (see
-    `_no_checkpoint`); `unreadable` names the sinks that could not be read (`name: why`)."""
+    `_no_checkpoint`); `unreadable` names the sinks that could not be read (`name: why`); `foreign`
+    summarises checkpoints the sinks hold under another key (the database's key was replaced)."""
     head = await db.fetchone("SELECT * FROM audit_head WHERE id = 1")
     if head is None:
         return VerifyResult(False, 0, 0, 0, "the audit head row is missing")
@@ -180,6 +182,16 @@ async def verify_chain(db, *, key: bytes | None = None, checkpoints: list[dict] 
         elif unreadable:
             res.warnings.append(f"checkpoints checked against {', '.join(sources or [])} only; could not read "
                                 + "; ".join(unreadable))
+        if foreign:
+            res.checkpoints["otherKeys"] = list(foreign)
+            why = ("the checkpoint log holds checkpoints signed by another checkpoint key (" + "; ".join(foreign)
+                   + "): the database's checkpoint key was replaced, which lets whoever holds the database cut or "
+                   "rewrite the chain and sign it anew; restore the database from a backup (a checkpoint log "
+                   "must not be shared by two installations)")
+            if res.ok or res.unverified:
+                res.ok, res.unverified, res.reason = False, False, why
+            else:
+                res.warnings.append(why)
     return res
 
 

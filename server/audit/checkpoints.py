@@ -418,19 +418,29 @@ class Checkpointer:
 
 async def load_all(sinks: list, pub: Ed25519PublicKey) -> tuple[list[dict], list[str]]:
     """Checkpoints signed by `pub` from every readable sink (deduplicated), and the sinks that answered."""
-    found, read, _ = await load_all_sinks(sinks, pub)
+    found, read, _, _ = await load_all_sinks(sinks, pub)
     return found, read
 
 
-async def load_all_sinks(sinks: list, pub: Ed25519PublicKey) -> tuple[list[dict], list[str], list[str]]:
+async def load_all_sinks(sinks: list, pub: Ed25519PublicKey | None
+                         ) -> tuple[list[dict], list[str], list[str], list[str]]:
     """(checkpoints signed by `pub`, deduplicated; the sinks that answered; those that could not be read,
-    each as `name: why`). A write-only sink (the webhook) is in neither list."""
+    each as `name: why`; checkpoints signed by ANOTHER key, summarised per key). A write-only sink (the
+    webhook) is in none of the lists.
+
+    A sink belongs to one installation (its own file, its own system-key server), so a well-signed
+    checkpoint under another key means this database's checkpoint key was replaced: blanking the key
+    (and the epoch) in the database makes the next start sign a fresh history, which would otherwise hide
+    a cut tail behind checkpoints nobody checks any more. `pub` None: no key in the database, so every
+    checkpoint a sink holds is another key's."""
     seen: dict[str, dict] = {}
     read: list[str] = []
     unreadable: list[str] = []
+    others: dict[str, list[int]] = {}         # pub -> [count, highest seq]
+    mine = pub_b64(pub) if pub is not None else None
     for s in sinks:
         try:
-            got = await (s.load(pub_b64(pub)) if isinstance(s, SystemKeySink) else s.load())
+            got = await s.load()
         except Exception as e:       # noqa: BLE001 - an unreachable sink is reported by name
             unreadable.append(f"{s.name}: {e}" if isinstance(e, SinkError) else f"{s.name}: {type(e).__name__}")
             continue
@@ -438,9 +448,24 @@ async def load_all_sinks(sinks: list, pub: Ed25519PublicKey) -> tuple[list[dict]
             continue
         read.append(s.name)
         for e in got:
-            if isinstance(e, dict) and signed_by(e, pub):
+            if not isinstance(e, dict):
+                continue
+            if pub is not None and signed_by(e, pub):
                 seen.setdefault(e["sig"], e)
-    return list(seen.values()), read, unreadable
+            elif e.get("pub") != mine and _well_signed(e):
+                o = others.setdefault(e["pub"], [0, 0])
+                o[0] += 1
+                o[1] = max(o[1], int(e["checkpoint"]["seq"]))
+    foreign = [f"{n} checkpoint(s) up to seq {top} signed by key {k[:12]}…" for k, (n, top) in others.items()]
+    return list(seen.values()), read, unreadable, foreign
+
+
+def _well_signed(entry: dict) -> bool:
+    try:
+        check_entry(entry)
+        return True
+    except InvalidRequest:
+        return False
 
 
 @dataclass
@@ -450,6 +475,7 @@ class Found:
     read: list[str]
     unreadable: list[str]
     epoch: str | None
+    foreign: list[str] = field(default_factory=list)     # checkpoints in the sinks signed by another key
 
 
 async def find(db, barrier, sinks: list) -> Found:
@@ -457,7 +483,5 @@ async def find(db, barrier, sinks: list) -> Found:
     EpochForged when audit_head's epoch was tampered with."""
     ep = await read_epoch(db, barrier)
     pub = await read_public_key(db, barrier)
-    if pub is None:
-        return Found([], [], [], ep)
-    found, read, unreadable = await load_all_sinks(sinks, pub)
-    return Found(found, read, unreadable, ep)
+    found, read, unreadable, foreign = await load_all_sinks(sinks, pub)
+    return Found(found, read, unreadable, ep, foreign)

@@ -383,7 +383,7 @@ async def verify_database(db, barrier, key: bytes | None, sinks: list) -> Verify
         head = await db.fetchval("SELECT seq FROM audit_head WHERE id = 1")
         return VerifyResult(False, 0, int(head or 0), None, str(e), keyed=key is not None)
     return await verify_chain(db, key=key, checkpoints=found.checkpoints, epoch=found.epoch, sources=found.read,
-                              unreadable=found.unreadable)
+                              unreadable=found.unreadable, foreign=found.foreign)
 
 
 def parse_time(value: str | None, what: str) -> str | None:

@@ -376,3 +376,24 @@ async def test_records_before_any_checkpoint_are_unverified(tmp_path):
         assert res.status == "broken" and res.broken_seq == 2, res
     finally:
         await storage.close()
+
+
+async def test_a_replaced_checkpoint_key_is_reported(skm, tmp_path):
+    """The insider's way round the checkpoints: cut the tail, blank the checkpoint key and the epoch, and
+    let the next start sign a fresh history under a new key. The checkpoint log still holds what the old
+    key signed, and nothing else signs there: reported, live and from the data dir."""
+    await _traffic(skm)
+    cut_at = await _checkpoint(skm)
+    await _truncate_tail(skm.rt.storage)
+    await skm.rt.storage.execute("UPDATE audit_head SET checkpoint_key_sealed = NULL, epoch = NULL, "
+                                 "epoch_sealed = NULL WHERE id = 1")
+    cfg = skm.server.config
+    await skm.server.stop()
+    skm.server = await KeyServer(cfg).start()           # a new key, a new epoch, a start checkpoint under it
+    code, out, res = await _verify_live(skm)
+    assert code == 1 and res["status"] == "broken", out
+    assert "signed by another checkpoint key" in res["reason"] and f"up to seq {cut_at}" in res["reason"], out
+    assert res["checkpoints"]["otherKeys"], res
+    await skm.server.stop()
+    code, out, err = await skm_cli(skm, "audit", "verify", "--data-dir", str(cfg.data_path))
+    assert code == 1 and "signed by another checkpoint key" in out, out + err
