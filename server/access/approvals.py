@@ -93,7 +93,8 @@ class Approvals:
             raise ApprovalUnavailable(
                 f"{where} requires {needed} approval(s) but only {eligible} enabled operator(s) with the {role} role "
                 f"can approve your requests (not you, nor operators you created, granted a role or handed a "
-                f"credential, directly or through others); add {role}s or lower approvalsNeeded")
+                f"credential, nor those who did that for you, directly or through others); add {role}s "
+                f"or lower approvalsNeeded")
         public = {k: v for k, v in params.items() if k not in SECRET_FIELDS or v is None}
         hidden = {k: v for k, v in params.items() if k in SECRET_FIELDS and v is not None}
         diff = await self._diff(ks, op_name, params)
