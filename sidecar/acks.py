@@ -8,12 +8,12 @@ calls `Acks.poke()` after it rendered and reloaded. When several sources hold on
 reports the OLDEST version among them: that is the one still in use here, which a version disable
 must wait for.
 
-The reporter sends the whole set, batched (`MAX_BATCH` per request), at start, soon after a change
-(`poke`) and otherwise every `ttl / 3` seconds as a heartbeat, with `ttl`: the key server marks
-this host stale when it has heard nothing for longer. A report that fits one request is marked
-`complete`, so the server drops this host's rows for keys it no longer holds: a sidecar restarted
-with an empty cache stops counting as a holder of what its previous run delivered (and stops
-blocking a version disable), even before an app reads again. A report that fails is simply sent
+The reporter sends the whole set, batched (`MAX_BATCH` per request), soon after a change (`poke`)
+and otherwise every `ttl / 3` seconds as a heartbeat (the first one `ttl / 3` after start), with
+`ttl`: the key server marks this host stale when it has heard nothing for longer. A report that
+fits one request is marked `complete`, so the server drops this host's rows for keys it no longer
+holds: a sidecar restarted with an empty cache stops counting as a holder of what its previous run
+delivered (and stops blocking a version disable) at its first report, even if no app reads again. A report that fails is simply sent
 again at the next turn (holdings are state, not events: only the latest matters).
 """
 from __future__ import annotations
@@ -116,7 +116,6 @@ class Acks:
 
     async def _run(self) -> None:
         heartbeat = self.ttl / 3
-        self._poked.set()             # the first report goes at start: what this run holds replaces the last's
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._poked.wait(), heartbeat)

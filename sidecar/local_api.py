@@ -257,12 +257,12 @@ class LocalAPI:
     reporters: dict = field(default_factory=dict)        # name -> .status() (in /v1/status), .problem() (/healthz)
 
     fast_hits: int = 0                                    # answered by the fast path, not yet in metrics
-    _note_hit: object = None                              # read_log.pending.append, bound once (hot path)
+    _note_hit: object = None                              # read_log.note, bound once (hot path)
 
     def __post_init__(self) -> None:
         self.metrics.pending.append(self._export_hits)
         if self.read_log is not None:
-            self._note_hit = self.read_log.pending.append
+            self._note_hit = self.read_log.note
 
     def _export_hits(self) -> None:
         n, self.fast_hits = self.fast_hits, 0
@@ -391,8 +391,8 @@ class LocalAPI:
 
     def _note_read(self, who, t: Target, version: int | None, source: str) -> None:
         if self.read_log is not None and t.key_id:
-            self.read_log.pending.append((who, reads.Ref(t.key_id, version, reads.tag_of(t.suffix) or ""),
-                                          source, time.time()))
+            self.read_log.note((who, reads.Ref(t.key_id, version, reads.tag_of(t.suffix) or ""),
+                                source, time.time()))
 
     async def _read_cached(self, t: Target, query: str, who=None) -> tuple[Result, dict[str, str]]:
         """A cacheable read through the cache; the answer and its cache headers. `who` (the connection or

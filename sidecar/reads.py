@@ -6,8 +6,10 @@ from upstream, and when. The key server appends them to its hash-chained audit a
 through this host (plane `sidecar`, docs/audit.md), so its audit answers "who read this secret"
 including cache hits.
 
-Cost on the fast path: the local API appends one tuple `(who, entry, source, time)` to
-`ReadLog.pending`; everything else happens in a background task once per `flush_interval`:
+Cost on the fast path: the local API hands one tuple `(who, entry, source, time)` to `ReadLog.note`,
+which keeps up to `detail_max` of them per interval and past that only counts them per caller, key
+and source (a flood costs a dict update, not memory per read); everything else happens in a
+background task once per `flush_interval`:
 the tuples become records (one per read, or, past `detail_max` reads in one interval, one per
 caller, key and source carrying the `count`: a flood is summarised, never dropped), the held
 versions are handed to the acknowledgements (sidecar/acks.py), and the records leave in batches
@@ -225,9 +227,12 @@ class ReadLog:
         self.upstream = upstream
         self.metrics = metrics
         self.on_delivered = on_delivered              # acks: [(key_id, version, time), ...]
-        # (who, ref, source, time): the local API appends here (its fast path through a bound `append`, so
-        # this list object is never replaced: _take copies and clears it).
+        # (who, ref, source, time): `note` appends here up to detail_max per interval (this list object is
+        # never replaced: _take copies and clears it); past that, reads are only counted in `_over`.
         self.pending: list[tuple] = []
+        self._cap = max(0, self.cfg.detail_max)
+        self._over: dict[tuple, int] = {}             # (who, ref, source) -> reads past the cap
+        self._over_span: list[float] = []             # [first, last] time of those reads
         self.spool = Spool(Path(self.cfg.spool_path(cfg)), key or spool_key(cfg), self.cfg.spool_max_records)
         self.dropped = 0                              # reads lost since the last report (buffer full)
         self.unreadable = 0                           # records in spool lines that could not be opened
@@ -291,10 +296,28 @@ class ReadLog:
             await self._spool(_moved(batches))
 
     # ------------------------------------------------------------ records
+    def note(self, item: tuple) -> None:
+        """One read (the hot path: called per cache hit)."""
+        pending = self.pending
+        if len(pending) < self._cap:
+            pending.append(item)
+            return
+        key = item[:3]
+        over = self._over
+        over[key] = over.get(key, 0) + 1
+        span = self._over_span
+        if span:
+            span[1] = item[3]
+        else:
+            span += [item[3], item[3]]
+
     def _take(self) -> list[Batch]:
         raw = self.pending.copy()
         self.pending.clear()
-        records = self._records(raw) if raw else []
+        over, span = self._over, self._over_span
+        if over:
+            self._over, self._over_span = {}, []
+        records = self._records(raw, over, span) if raw or over else []
         n = max(1, self.cfg.batch_max)
         return [Batch(self._batch_id(), records[i:i + n]) for i in range(0, len(records), n)]
 
@@ -302,18 +325,24 @@ class ReadLog:
         self._seq += 1
         return f"{self._prefix}{self._seq:016x}"
 
-    def _records(self, raw: list[tuple]) -> list[dict]:
+    def _records(self, raw: list[tuple], over: dict[tuple, int] | None = None,
+                 span: list[float] | None = None) -> list[dict]:
         delivered: dict[str, tuple[int, float]] = {}
         out: list[dict] = []
-        if len(raw) <= self.cfg.detail_max:
+        if not over and len(raw) <= self.cfg.detail_max:
             for who, ref, source, t in raw:
                 out.append(self._record(who, ref, source, t))
                 if ref.version is not None and ref.tag in ("secret", "publicKey"):
                     _newest(delivered, ref.key_id, ref.version, t)
         else:
             # A flood: one record per caller, value and source, with its count (counted in C, not per read here).
-            first, last = raw[0][3], raw[-1][3]
-            for (who, ref, source), count in Counter(map(_by_read, raw)).items():
+            times = [raw[0][3], raw[-1][3]] if raw else []
+            times += span or []
+            first, last = min(times), max(times)
+            counts = Counter(map(_by_read, raw))
+            for k, n in (over or {}).items():
+                counts[k] += n
+            for (who, ref, source), count in counts.items():
                 rec = self._record(who, ref, source, first)
                 if count > 1:
                     rec.update(count=count, lastReadAt=last)
@@ -422,7 +451,8 @@ class ReadLog:
         self.metrics.reads_spooled.set(self.spool.records)
 
     def status(self) -> dict:
-        return {"pending": len(self.pending), "spooled": self.spool.records, "shipped": self.shipped,
+        return {"pending": len(self.pending) + sum(self._over.values()), "spooled": self.spool.records,
+                "shipped": self.shipped,
                 "refused": self.refused, "droppedUnreported": self.dropped + self.unreadable}
 
 

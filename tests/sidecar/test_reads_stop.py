@@ -69,3 +69,27 @@ async def test_reads_in_flight_at_a_clean_stop_are_spooled_and_shipped_by_the_ne
     reads = [r for b in second.received for r in b["reads"]]
     assert sorted(r["readAt"] for r in reads) == [round(now + i, 6) for i in range(N)]
     assert again.spool.records == 0 and not again.spool.path.exists()
+
+
+def test_a_flood_keeps_detail_max_reads_and_counts_the_rest(tmp_path):
+    """Past detail_max reads in an interval only counts are kept (memory stays bounded at any rate), and
+    the interval's records are exactly what keeping every read would have given: one per caller, key and
+    source with its count, first and last time."""
+    cfg = SidecarConfig(listen=ListenConfig(socket=str(tmp_path / "s.sock")),
+                        reads=ReadsConfig(detail_max=5, batch_max=1000))
+    log = ReadLog(cfg, HeldUpstream(), SidecarMetrics(), key=os.urandom(32))
+    a, b = Ref("a" * 32, 1, "secret"), Ref("b" * 32, 2, "secret")
+    reads = [("app-1", a if i % 3 else b, "cache", 1000.0 + i) for i in range(50)]
+    for r in reads:
+        log.note(r)
+    assert len(log.pending) == 5 and sum(log._over.values()) == 45 and log.status()["pending"] == 50
+    (batch,) = log._take()
+    got = {(r["keyId"], r["count"], r["readAt"], r["lastReadAt"]) for r in batch.reads}
+    assert got == {("a" * 32, 33, 1000.0, 1049.0), ("b" * 32, 17, 1000.0, 1049.0)}
+    assert log.pending == [] and log._over == {}
+    # Under the cap: one record per read, as before.
+    for r in reads[:4]:
+        log.note(r)
+    (batch,) = log._take()
+    assert [r["readAt"] for r in batch.reads] == [1000.0, 1001.0, 1002.0, 1003.0]
+    assert all("count" not in r for r in batch.reads)
