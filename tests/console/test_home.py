@@ -14,7 +14,7 @@ from pathlib import Path
 
 from playwright.async_api import expect
 
-from tests.support.browser import PASSWORD
+from tests.support.browser import PASSWORD, pending_request, watch
 
 XSS_NAME = '<script>alert(1)</script>'
 XSS_DESC = '"><img src=x onerror=alert(2)>'
@@ -27,18 +27,6 @@ async def _shot(console, page, name: str, doc: bool = True) -> None:
         out = Path(SHOTS)
         out.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(out / f"{name}.png"), full_page=True)
-
-
-def _watch(page) -> list[str]:
-    """Everything a page says it ran: dialogs and console messages (an executed payload shows here)."""
-    seen: list[str] = []
-    # Console messages but the browser's own chatter (verbose DOM hints, the favicon's 404); a CSP
-    # refusal of an inline script or handler would be an error here too.
-    page.on("console", lambda m: seen.append(f"console:{m.type}:{m.text}")
-            if m.type not in ("verbose", "debug") and "Failed to load resource" not in m.text else None)
-    page.on("dialog", lambda d: seen.append(f"dialog:{d.type}:{d.message}"))
-    page.on("pageerror", lambda e: seen.append(f"error:{e}"))
-    return seen
 
 
 async def _setup(skm):
@@ -74,7 +62,7 @@ async def test_dashboard_usage_connection_audit_and_escaping(console, skm):
     state = skm.rt.extra[STATE] = ScheduleState(BackupSettings(dir=str(skm.tmp / "backups")))
     summary = await take_one(skm.rt, state)
     page = await console.page()
-    seen = _watch(page)
+    seen = watch(page)
     await console.login(page, "admin")
 
     # Dashboard: the counts an operator acts on.
@@ -303,13 +291,7 @@ async def test_lists_deletion_self_service_and_narrow(console, skm):
 async def test_approver_sees_what_waits_for_them(console, skm):
     await console.operator("alice", "approver")
     store = await skm.keystore("guarded")
-    st, out = await skm.mgmt("PATCH", f"/keystores/{store['keyStoreId']}",
-                             json={"approvalRequired": True, "approvalsNeeded": 1})
-    assert st == 200, out
-    st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys",
-                             json={"keyType": "SECRET", "name": "waiting", "secretValue": "v"})
-    assert st == 202, out
-    rid = out["body"]["changeRequestId"]
+    rid = await pending_request(skm, store, "waiting")
     page = await console.page("alice")
     await expect(page.locator("#nav-pending")).to_have_text("1")
     await expect(page.locator("#tile-approvals .tile-n")).to_have_text("1")

@@ -8,7 +8,7 @@ import re
 import pytest
 from playwright.async_api import expect
 
-from tests.support.browser import PASSWORD
+from tests.support.browser import PASSWORD, pending_request
 
 B_NAMES = ("team-b", "b-store", "b-secret", "b-guarded", "b-waiting")
 
@@ -22,13 +22,7 @@ async def _two_projects(skm):
     b_key = await skm.key(b_store, "SECRET", "b-secret", secretValue="b-value")
     guarded = await skm.keystore("b-guarded", projectId=b.id)
     await skm.rt.operators.create("bea", "approver", password=PASSWORD, project_id=b.id)    # B's approver
-    st, out = await skm.mgmt("PATCH", f"/keystores/{guarded['keyStoreId']}",
-                             json={"approvalRequired": True, "approvalsNeeded": 1})
-    assert st == 200, out
-    st, out = await skm.mgmt("POST", f"/keystores/{guarded['keyStoreId']}/keys",
-                             json={"keyType": "SECRET", "name": "b-waiting", "secretValue": "v"})
-    assert st == 202, out
-    return b, a_store, a_key, b_store, b_key, out["body"]["changeRequestId"]
+    return b, a_store, a_key, b_store, b_key, await pending_request(skm, guarded, "b-waiting")
 
 
 async def _post(page, url: str, form: dict | None = None):
@@ -147,13 +141,7 @@ async def test_a_project_approver_and_viewer_of_b(console, skm):
     b, a_store, a_key, b_store, b_key, b_request = await _two_projects(skm)
     # A pending request in A too: B's approver must not see it.
     await skm.rt.operators.create("ada", "approver", password=PASSWORD, project_id=1)
-    st, out = await skm.mgmt("PATCH", f"/keystores/{a_store['keyStoreId']}",
-                             json={"approvalRequired": True, "approvalsNeeded": 1})
-    assert st == 200, out
-    st, out = await skm.mgmt("POST", f"/keystores/{a_store['keyStoreId']}/keys",
-                             json={"keyType": "SECRET", "name": "a-waiting", "secretValue": "v"})
-    assert st == 202, out
-    a_request = out["body"]["changeRequestId"]
+    a_request = await pending_request(skm, a_store, "a-waiting")
     await skm.rt.operators.create("vic", "viewer", password=PASSWORD, project_id=b.id)
 
     bea = await console.page("bea")

@@ -16,6 +16,8 @@ from urllib.parse import quote
 
 from playwright.async_api import expect
 
+from tests.support.browser import watch
+
 XSS_NAME = "<script>alert(1)</script>"
 XSS_DESC = '"><img src=x onerror=alert(2)>'
 XSS_ATTR = "' autofocus onfocus=alert(3) x='"          # a break-out of a single-quoted attribute
@@ -23,16 +25,6 @@ PAYLOADS = (XSS_NAME, XSS_DESC, XSS_ATTR)
 PASSWORD = "correct horse battery staple"
 # What an executed or injected payload would have made.
 INJECTED = "img[src=x], [onerror], [onfocus], script:not([src])"
-
-
-def _watch(page) -> list[str]:
-    """Everything a page says it ran: dialogs, console messages (a CSP refusal is one), page errors."""
-    seen: list[str] = []
-    page.on("console", lambda m: seen.append(f"console:{m.type}:{m.text}")
-            if m.type not in ("verbose", "debug") and "Failed to load resource" not in m.text else None)
-    page.on("dialog", lambda d: seen.append(f"dialog:{d.type}:{d.message}"))
-    page.on("pageerror", lambda e: seen.append(f"error:{e}"))
-    return seen
 
 
 async def _api(skm, method: str, path: str, body: dict | None = None, token: str | None = None,
@@ -128,7 +120,7 @@ async def _check(page, path: str, source: str, shown: tuple[str, ...]) -> None:
 async def test_hostile_stored_text_is_inert_on_every_page(console, skm):
     w = await _hostile_world(skm)
     page = await console.page()
-    seen = _watch(page)
+    seen = watch(page)
     await console.login(page, "admin")
     for path, shown in _pages(w):
         resp = await page.goto(console.url + path)
@@ -151,7 +143,7 @@ async def test_hostile_stored_text_is_inert_on_every_page(console, skm):
 
 async def test_a_refused_login_echoes_the_name_as_text(console, skm):
     page = await console.page()
-    seen = _watch(page)
+    seen = watch(page)
     await page.goto(console.url + "/login")
     await page.fill("#name", XSS_DESC)
     await page.fill("#password", "not the password")

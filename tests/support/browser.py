@@ -26,7 +26,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-__all__ = ["CHROMIUM", "ARTIFACTS", "ConsoleDriver", "console", "chromium_args"]
+__all__ = ["CHROMIUM", "ARTIFACTS", "ConsoleDriver", "console", "chromium_args", "watch", "pending_request"]
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -104,3 +104,26 @@ async def console(skm, request):
         finally:
             await driver.close()
             await browser.close()
+
+
+def watch(page) -> list[str]:
+    """Everything a page says it ran: dialogs, console messages (a CSP refusal of an inline script or
+    handler is one), page errors; the browser's own chatter (verbose DOM hints, the favicon's 404) left out."""
+    seen: list[str] = []
+    page.on("console", lambda m: seen.append(f"console:{m.type}:{m.text}")
+            if m.type not in ("verbose", "debug") and "Failed to load resource" not in m.text else None)
+    page.on("dialog", lambda d: seen.append(f"dialog:{d.type}:{d.message}"))
+    page.on("pageerror", lambda e: seen.append(f"error:{e}"))
+    return seen
+
+
+async def pending_request(skm, store: dict, name: str) -> int:
+    """Turn approval on for `store` (one approval) and ask for a secret `name` in it: the change
+    request's id (it waits for an approver)."""
+    st, out = await skm.mgmt("PATCH", f"/keystores/{store['keyStoreId']}",
+                             json={"approvalRequired": True, "approvalsNeeded": 1})
+    assert st == 200, out
+    st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys",
+                             json={"keyType": "SECRET", "name": name, "secretValue": "v"})
+    assert st == 202, out
+    return out["body"]["changeRequestId"]
