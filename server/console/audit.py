@@ -8,6 +8,7 @@ import json
 from aiohttp import web
 
 from server.api.params import ID_MAX, parse_int
+from server.audit.actions import check_filter
 from server.console.web import SECURITY_HEADERS, ConsoleRoutes, Ctx, render
 from server.errors import InvalidRequest, Unavailable
 
@@ -34,6 +35,10 @@ def filters(c: Ctx, **fixed: str) -> dict:
         parse_int(q["keyStoreId"], "key store id", 0, ID_MAX)
     if q["plane"] and q["plane"] not in PLANES or q["result"] and q["result"] not in RESULTS:
         raise InvalidRequest("unknown plane or result filter")
+    if q["action"]:
+        why = check_filter(q["action"])      # a mistyped action is said, not answered with an empty page
+        if why:
+            raise InvalidRequest(why)
     q["changes"] = "1" if q["changes"] in ("1", "on", "true") else ""
     return q
 
