@@ -19,7 +19,7 @@ import re
 import signal
 import sys
 
-
+from server import child_environ
 from server.errors import Forbidden, InvalidRequest, NotFound, Unavailable
 from sidecar.keyref import KeyRef, KeyUnavailable, Resolver, parse_body
 
@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             await s.close()
 
-    env = {**os.environ, **asyncio.run(fetch())}
+    env = {**child_environ(), **asyncio.run(fetch())}
     try:
         os.execvpe(cmd[0], cmd, env)           # replaces this process: the program holds the values, nothing else
     except FileNotFoundError:
@@ -186,7 +186,7 @@ class Supervisor:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         try:
-            return await asyncio.create_subprocess_exec(*self.cmd, env={**os.environ, **self.values})
+            return await asyncio.create_subprocess_exec(*self.cmd, env={**child_environ(), **self.values})
         except FileNotFoundError:
             raise NotFound(f"{self.cmd[0]}: command not found") from None
         except PermissionError:

@@ -83,6 +83,21 @@ async def test_the_program_gets_the_value_in_its_environment_and_nowhere_else(sk
                 seen.append(target)
         assert seen == []
         assert key["keyId"] not in proc_file(proc.pid, "cmdline").decode()
+        # No credential reaches the program: not the appkey, not the host's certificate or private key (nor
+        # their paths), not an operator token; the program's whole environment is what it was given.
+        up = sidecar.config.upstream
+        creds = [sidecar.config.appkey, Path(up.key).read_text().strip(), up.key, up.cert]
+        blob = b"\0".join([proc_file(proc.pid, "environ"), proc_file(proc.pid, "cmdline")])
+        assert [c for c in creds if c.encode() in blob] == []
+        # (LC_CTYPE: Python's own C-locale coercion, PEP 538, which it passes to children by design.)
+        assert set(env) - {"LC_CTYPE"} == {"PATH", "PYTHONPATH", "SKM_LOG_LEVEL", "DB_PASSWORD", "API_TOKEN"}, \
+            sorted(env)
+        # And no process's command line anywhere on this host carries the value.
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                assert value.encode() not in cmdline.read_bytes(), cmdline
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass                                     # a process that ended meanwhile
     finally:
         proc.kill()
         await proc.wait()
