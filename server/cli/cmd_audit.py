@@ -185,9 +185,12 @@ async def _verify(args: argparse.Namespace) -> int:
     return _exit(result)
 
 
+def _status(result: dict) -> str:
+    return result.get("status") or ("intact" if result["ok"] else "broken")    # a server before `status`
+
+
 def _exit(result: dict) -> int:
-    status = result.get("status") or ("intact" if result["ok"] else "broken")   # a server before `status`
-    return {"intact": 0, "unverified": UNVERIFIED}.get(status, 1)
+    return {"intact": 0, "unverified": UNVERIFIED}.get(_status(result), 1)
 
 
 async def _verify_database(args: argparse.Namespace) -> dict:
@@ -240,7 +243,7 @@ def _ours(e: BaseException) -> bool:
 
 
 def _print_verify(result: dict) -> None:
-    status = result.get("status") or ("intact" if result["ok"] else "broken")
+    status = _status(result)
     if status == "intact":
         how = "digests and keyed tags" if result.get("keyed") else "digests"
         print(f"audit chain intact: {result['checked']} record(s), head {result['headSeq']} ({how} checked)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from playwright.async_api import expect
 
-from tests.support.browser import PASSWORD, pending_request, watch
+from tests.support.browser import PASSWORD, change_password, pending_request, watch
 
 XSS_NAME = '<script>alert(1)</script>'
 XSS_DESC = '"><img src=x onerror=alert(2)>'
@@ -219,16 +219,9 @@ async def test_lists_deletion_self_service_and_narrow(console, skm):
     vera = await skm.rt.operators.by_name("vera")
     cli_token = await skm.rt.operators.issue_token(vera, "vera's laptop")
     vpage = await console.page("vera")
-    await vpage.goto(console.url + "/me")
-    await vpage.fill("#current-password", "wrong password here")
-    await vpage.fill("#new-password", "a brand new password")
-    await vpage.fill("#new-password2", "a brand new password")
-    await vpage.click("#change-password")
+    await change_password(vpage, console, "wrong password here", "a brand new password")
     await expect(vpage.locator(".alert-error")).to_be_visible()
-    await vpage.fill("#current-password", PASSWORD)
-    await vpage.fill("#new-password", "a brand new password")
-    await vpage.fill("#new-password2", "a brand new password")
-    await vpage.click("#change-password")
+    await change_password(vpage, console, PASSWORD, "a brand new password")
     await expect(vpage.locator(".flash-ok")).to_contain_text("Password changed")
     await skm.rt.operators.check_login("vera", "a brand new password", "127.0.0.1")
     tid = cli_token.split("_")[1]

@@ -8,7 +8,7 @@ import re
 import pytest
 from playwright.async_api import expect
 
-from tests.support.browser import PASSWORD, pending_request
+from tests.support.browser import PASSWORD, change_password, pending_request
 
 B_NAMES = ("team-b", "b-store", "b-secret", "b-guarded", "b-waiting")
 
@@ -176,11 +176,7 @@ async def test_a_project_approver_and_viewer_of_b(console, skm):
     r = await vic.goto(f"{console.url}/keys/{a_key['keyId']}")
     assert r.status == 404
     # Self-service works for a project-scoped viewer too.
-    await vic.goto(console.url + "/me")
-    await vic.fill("#current-password", PASSWORD)
-    await vic.fill("#new-password", "vic's new password!")
-    await vic.fill("#new-password2", "vic's new password!")
-    await vic.click("#change-password")
+    await change_password(vic, console, PASSWORD, "vic's new password!")
     await expect(vic.locator(".flash-ok")).to_contain_text("Password changed")
     await skm.rt.operators.check_login("vic", "vic's new password!", "127.0.0.1")
 

@@ -26,7 +26,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-__all__ = ["CHROMIUM", "ARTIFACTS", "ConsoleDriver", "console", "chromium_args", "watch", "pending_request"]
+__all__ = ["CHROMIUM", "ARTIFACTS", "ConsoleDriver", "console", "chromium_args", "watch", "pending_request", "change_password"]
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -127,3 +127,12 @@ async def pending_request(skm, store: dict, name: str) -> int:
                              json={"keyType": "SECRET", "name": name, "secretValue": "v"})
     assert st == 202, out
     return out["body"]["changeRequestId"]
+
+
+async def change_password(page, console, current: str, new: str) -> None:
+    """Fill and send the /me password form (the answer is the caller's to check)."""
+    await page.goto(console.url + "/me")
+    await page.fill("#current-password", current)
+    await page.fill("#new-password", new)
+    await page.fill("#new-password2", new)
+    await page.click("#change-password")
