@@ -162,6 +162,11 @@ class Unavailable(SKMError):
     status, result_code, message = 503, -1501, "Service Unavailable"
 
 
+class ConnectionFailed(Unavailable):
+    """A client could not talk to a server (connect, TLS, an early close); the detail says what to change."""
+    message = "connection failed"
+
+
 class BarrierError(SKMError):
     """A stored record does not open under the system key: tampering or a wrong key."""
     status, result_code, message = 500, -1502, "Storage Integrity Failure"

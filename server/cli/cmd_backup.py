@@ -29,7 +29,7 @@ def register(sub) -> None:
                                  "reads and writes meanwhile. Written to FILE.partial and renamed once complete.")
     c.add_argument("--out", "-o", required=True, help="file to write (created 0600; must not exist)")
     add_connection_args(c)
-    c.set_defaults(func=_create)
+    c.set_defaults(func=_create, configure_logs=False)
 
     v = s.add_parser("verify", help="check a backup file offline: structure, manifest, MAC, sample records",
                      description="Check FILE without writing anything: its structure and manifest, the MAC over the "
@@ -70,36 +70,23 @@ def _config(args: argparse.Namespace):
 
 
 # ----------------------------------------------------------------------------- create
-async def _create(args: argparse.Namespace) -> int:
-    import aiohttp
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from server.access.tls import client_context
-    from server.cli.common import _raise_for
+def _create(args: argparse.Namespace) -> int:
+    # Synchronous, on the standard library (server/cli/backup_client.py): no asyncio, aiohttp, rich
+    # (unless a bar is drawn) or structlog to import.
+    from server.cli.backup_client import progress_bar, stream_backup
     from server.errors import ConfigError
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     if out.exists():
         raise ConfigError(f"{out} already exists; choose a new file")
     conn = connection(args)
-    ssl_ctx = client_context(Path(conn.ca)) if conn.ca else None
-    headers = {"Authorization": f"Bearer {conn.token}"} if conn.token else {}
-    console = Console(stderr=True, quiet=args.json)
     t0 = time.monotonic()
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     done = False
     try:
         with os.fdopen(fd, "wb") as f:
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_ctx), headers=headers,
-                                             timeout=timeout) as s, \
-                    s.post(f"{conn.addr}/api/v1/backup") as r:
-                if r.status != 200:
-                    _raise_for(r.status, await r.json(content_type=None))
-                with Progress(TextColumn("backing up"), BarColumn(), TextColumn("{task.fields[size]}"),
-                              TimeElapsedColumn(), console=console) as bar:
-                    summary = await _receive(r, f, bar)
+            with progress_bar(args.json) as update:
+                summary = stream_backup(conn, f, update)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, out)
@@ -119,43 +106,6 @@ async def _create(args: argparse.Namespace) -> int:
               f"{', '.join(map(str, summary['systemKeyVersions']))}")
         print(f"  check it: skm backup verify {out} --config <the server's config>")
     return 0
-
-
-async def _receive(r, f, bar) -> dict:
-    """Write the stream to `f`, following its bytes; check it ends with its trailer (the MAC itself
-    is checked by `skm backup verify` / `restore`, which hold the system key)."""
-    from server.errors import Unavailable
-    from rich.filesize import decimal
-    task = bar.add_task("backup", total=None, size="0 bytes")
-    manifest: dict | None = None
-    buf = b""
-    total_bytes = 0
-    last = b""
-    async for chunk in r.content.iter_chunked(1 << 20):
-        f.write(chunk)
-        total_bytes += len(chunk)
-        if manifest is None:
-            buf += chunk
-            if b"\n" in buf:
-                manifest = json.loads(buf.split(b"\n", 1)[0])
-                size = manifest.get("payload", {}).get("bytes")
-                bar.update(task, total=(len(buf.split(b"\n", 1)[0]) + 1 + size) if size else None)
-                buf = b""
-        last = (last + chunk)[-4096:]
-        bar.update(task, completed=total_bytes, size=decimal(total_bytes))
-    try:        # the trailer follows the binary image: find it by its start, not by a newline
-        end = json.loads(last[last.rindex(b'{"end":'):]) if manifest is not None and last.endswith(b"\n") else {}
-    except ValueError:
-        end = {}
-    if manifest is None or not isinstance(end, dict) or end.get("end") != "skm-backup":
-        raise Unavailable("the backup stream ended early (the server failed or the connection broke); "
-                          "nothing was kept: run it again")
-    bar.update(task, completed=total_bytes, total=total_bytes)
-    return {"backupId": manifest["backupId"], "createdAt": manifest["createdAt"], "records": manifest["records"],
-            "bytes": total_bytes, "backend": manifest["source"]["backend"],
-            "schemaVersion": manifest["source"]["schemaVersion"], "auditHead": manifest.get("auditHead", {}),
-            "systemKeyVersions": manifest["systemKeyVersions"],
-            "tables": {t["name"]: t["count"] for t in manifest["tables"]}}
 
 
 # ----------------------------------------------------------------------------- verify / restore
