@@ -101,9 +101,12 @@ def _receive(r: http.client.HTTPResponse, f: IO[bytes], progress: Progress | Non
     total_bytes = 0
     total: int | None = None
     last = b""
-    while chunk := r.read(CHUNK):
+    block = bytearray(CHUNK)
+    view = memoryview(block)
+    while n := r.readinto(block):        # straight from the TLS socket into one buffer: no copy per read
+        chunk = view[:n]
         f.write(chunk)
-        total_bytes += len(chunk)
+        total_bytes += n
         if manifest is None:
             buf += chunk
             if b"\n" in buf:
@@ -115,7 +118,7 @@ def _receive(r: http.client.HTTPResponse, f: IO[bytes], progress: Progress | Non
                 size = (manifest.get("payload") or {}).get("bytes") if isinstance(manifest, dict) else None
                 total = len(head) + 1 + size if isinstance(size, int) else None
                 buf = b""
-        last = (last + chunk)[-4096:]
+        last = (last + chunk[-4096:])[-4096:]
         if progress is not None:
             progress(total_bytes, total)
     try:        # the trailer follows the binary image: find it by its start, not by a newline
