@@ -25,17 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from server import logs
 from server.backup.format import InvalidBackup, Manifest, Reader, read_manifest
 from server.backup.image import extract, scratch_dir
-from server.backup.pgload import drop_for_load, restore_after_load
 from server.barrier.barrier import Barrier, sealed_aad
 from server.errors import BarrierError, ConfigError, Conflict
 from server.storage.base import Executor, Storage
 from server.storage.factory import open_storage
 from server.storage.migrations import MIGRATIONS, SEALED_COLUMNS, all_sql
 
-log = logs.get("skm.backup")
 Progress = Callable[[str, int, int], object]      # (phase, records done, records total)
 SAMPLE_PER_COLUMN = 32
 
@@ -349,9 +346,14 @@ async def restore(path: str | Path, barrier: Barrier, target_url: str, *, force:
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
     shown = describe_target(target_url)
-    log.info("backup_restored", backup_id=m.backup_id, records=report.records, target=shown)
+    _log_restored(m, report.records, shown)
     return RestoreReport(report, shown, report.records, audit, epoch, round(time.monotonic() - t0, 3),
                          round(audit_s, 3))
+
+
+def _log_restored(m: Manifest, records: int, shown: str) -> None:
+    from server import logs      # here: structlog's import is not on an offline tool's start-up path
+    logs.get("skm.backup").info("backup_restored", backup_id=m.backup_id, records=records, target=shown)
 
 
 def _known_schema(m: Manifest) -> None:
@@ -518,6 +520,7 @@ async def _write_image(storage: Storage, barrier: Barrier, image: Path | None, m
     """The one transaction: clear, COPY every table from the image (keys and indexes made after the
     load, server/backup/pgload.py), check counts and audit chain, commit."""
     assert image is not None
+    from server.backup.pgload import drop_for_load, restore_after_load
     con = await asyncio.to_thread(sqlite3.connect, f"file:{image}?mode=ro", uri=True, check_same_thread=False)
     try:
         async with storage.transaction() as tx:
@@ -564,7 +567,7 @@ async def _restore_v1(path: Path, barrier: Barrier, target_url: str, *, force: b
     audit, epoch = await _into_storage(target_url, barrier, m, path, force,
                                        lambda storage: _write(storage, barrier, path, m, progress))
     shown = describe_target(target_url)
-    log.info("backup_restored", backup_id=m.backup_id, records=report.records, target=shown)
+    _log_restored(m, report.records, shown)
     return RestoreReport(report, shown, report.records, audit, epoch, round(time.monotonic() - t0, 3))
 
 

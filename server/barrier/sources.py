@@ -12,7 +12,6 @@ from typing import Any
 from server.barrier.barrier import Barrier
 from server.barrier.keyring import LocalKeyringSource, SystemKeySource
 from server.barrier.providers import make_provider
-from server.barrier.remote import RemoteKeyringSource, refresh_keyring
 from server.barrier.rootkey import RootKeyProvider
 from server.errors import ConfigError
 from server.settings import ServerConfig
@@ -22,6 +21,7 @@ def system_key_source(config: ServerConfig) -> SystemKeySource:
     if config.systemkey.source == "local":
         return LocalKeyringSource(config.system_key_path())
     if config.systemkey.source == "remote":
+        from server.barrier.remote import RemoteKeyringSource    # aiohttp only for a system-key server
         return RemoteKeyringSource(config.systemkey_client())
     raise ConfigError("systemkey.source must be 'local' or 'remote'")
 
@@ -60,6 +60,7 @@ async def follow_keyring(rt, log: Any) -> None:
                 continue
             try:
                 source, root = await key_sources(rt)
+                from server.barrier.remote import refresh_keyring
                 added = await refresh_keyring(rt.barrier, source, root, log=log)
                 if added:
                     log.info("keyring_followed", added=added, system_key_version=rt.barrier.current_version)

@@ -29,7 +29,7 @@ def register(sub) -> None:
                                  "reads and writes meanwhile. Written to FILE.partial and renamed once complete.")
     c.add_argument("--out", "-o", required=True, help="file to write (created 0600; must not exist)")
     add_connection_args(c)
-    c.set_defaults(func=_create, configure_logs=False)
+    c.set_defaults(func=_create)
 
     v = s.add_parser("verify", help="check a backup file offline: structure, manifest, MAC, sample records",
                      description="Check FILE without writing anything: its structure and manifest, the MAC over the "
@@ -65,14 +65,16 @@ def _key_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from server.cli.cmd_server import load_server_config
-    return load_server_config(args)
+    # As `skm server run` loads it (server/cli/cmd_server.py), without that module's imports.
+    from server.config import load
+    from server.settings import ServerConfig
+    return load(ServerConfig, args.config, overrides={"data_dir": args.data_dir} if args.data_dir else {})
 
 
 # ----------------------------------------------------------------------------- create
 def _create(args: argparse.Namespace) -> int:
     # Synchronous, on the standard library (server/cli/backup_client.py): no asyncio, aiohttp, rich
-    # (unless a bar is drawn) or structlog to import.
+    # (unless a bar is drawn) to import.
     from server.cli.backup_client import progress_bar, stream_backup
     from server.errors import ConfigError
     out = Path(args.out)
@@ -109,8 +111,15 @@ def _create(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- verify / restore
-def _progress(console):
+def _progress(json_output: bool):
+    """(context, update) for the bars of verify and restore: drawn on a terminal (stderr) without --json;
+    otherwise nothing drawn and rich not imported (a script's log gains nothing from a final bar)."""
+    import contextlib
+    if json_output or not sys.stderr.isatty():
+        return contextlib.nullcontext(), None
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    console = Console(stderr=True)
     bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=console)
     tasks: dict[str, int] = {}
@@ -126,16 +135,13 @@ def _progress(console):
 
 
 async def _verify(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from server.backup.format import InvalidBackup
     from server.backup.keys import unsealed_barrier
     from server.backup.restore import verify_file
     cfg = _config(args)
-    console = Console(stderr=True, quiet=args.json)
     try:
         async with unsealed_barrier(cfg) as barrier:
-            bar, update = _progress(console)
+            bar, update = _progress(args.json)
             with bar:
                 report = await verify_file(args.file, barrier, progress=update)
     except InvalidBackup as e:
@@ -159,8 +165,6 @@ async def _verify(args: argparse.Namespace) -> int:
 
 
 async def _restore(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from server.backup.format import InvalidBackup
     from server.backup.keys import unsealed_barrier
     from server.backup.restore import restore
@@ -169,10 +173,9 @@ async def _restore(args: argparse.Namespace) -> int:
         raise ConfigError("name the target: --data-dir DIR (SQLite) or --storage postgresql://...")
     cfg = _config(args)
     target = args.storage or cfg.storage_url()
-    console = Console(stderr=True, quiet=args.json)
     try:
         async with unsealed_barrier(cfg) as barrier:
-            bar, update = _progress(console)
+            bar, update = _progress(args.json)
             with bar:
                 report = await restore(args.file, barrier, target, force=args.force, progress=update)
     except InvalidBackup as e:

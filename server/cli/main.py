@@ -162,9 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return USAGE
     args = parser.parse_args(argv)
-    if getattr(args, "configure_logs", True):      # a command that never logs skips structlog's import
-        from server import logs
-        logs.configure("auto", os.environ.get("SKM_LOG_LEVEL", "warning"))
+    from server import logs            # (structlog itself is imported only if a line is written)
+    logs.configure("auto", os.environ.get("SKM_LOG_LEVEL", "warning"))
     try:
         return run(args)
     except ApprovalRequired as e:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from server.errors import ConfigError
 from server.storage.base import Storage
-from server.storage.postgres import PostgresStorage
-from server.storage.sqlite import SQLiteStorage
 
 
 def open_storage(url: str) -> Storage:
+    # Each backend's driver imported when it is used (asyncpg costs an offline SQLite tool ~30 ms).
     if url.startswith("sqlite:///"):
+        from server.storage.sqlite import SQLiteStorage
         return SQLiteStorage(url[len("sqlite:///"):])
     if url.startswith(("postgresql://", "postgres://")):
+        from server.storage.postgres import PostgresStorage
         return PostgresStorage(url)
     raise ConfigError("storage must be sqlite:///PATH or postgresql://...; got an unknown scheme")
