@@ -21,7 +21,6 @@ from __future__ import annotations
 import unicodedata
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
 
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
 SEPARATORS = frozenset("\u2028\u2029")
@@ -71,8 +70,15 @@ def _pydantic_check(value: str) -> str:
     return value
 
 
-# A request-model field of stored text: `name: SafeText = Field(min_length=1, max_length=100)`.
-SafeText = Annotated[str, AfterValidator(_pydantic_check)]
+def __getattr__(name: str) -> Any:
+    # A request-model field of stored text: `name: SafeText = Field(min_length=1, max_length=100)`.
+    # Made on first import of the name: the CLI escapes output with this module and need not load
+    # pydantic (50 ms) for it.
+    if name == "SafeText":
+        from pydantic import AfterValidator
+        value = globals()["SafeText"] = Annotated[str, AfterValidator(_pydantic_check)]
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Change parameters (server/access/changes.py) that are stored text.
 TEXT_PARAMS = ("name", "description")
