@@ -3,7 +3,8 @@ the raw tools on the same database in the same run (`sqlite3 .backup` / `.restor
 `pg_restore` with --postgres), and the secret-read p99 while backups run vs while none does.
 
 Every time is the wall time of the command as an operator runs it (a new process each: Python's
-start-up is in ours, as the raw tools' start-up is in theirs). The CLI's start-up alone (`skm backup
+start-up is in ours, as the raw tools' start-up is in theirs), the minimum of `repeat` runs of each
+(ours and the raw tools' alike: on a shared 2-core machine one run swings by a third). The CLI's start-up alone (`skm backup
 create --help`) and the restore's audit-chain check (the CLI's --json says its seconds) are columns
 of their own, with the ratios net of them beside the plain ones. The key server runs as `skm server
 run`, pinned to the server core; the load client (ab) on the client core.
@@ -86,6 +87,20 @@ def _restore(cmd: list[str], env: dict) -> tuple[float, float]:
     return took, float(json.loads(out).get("auditSeconds", 0.0))
 
 
+def _fresh(n: int, clear, run) -> list:
+    """`run()` n times (at least once), `clear()` before each: each run on a fresh target."""
+    out = []
+    for _ in range(max(1, n)):
+        clear()
+        out.append(run())
+    return out
+
+
+def _best(n: int, run, clear) -> float:
+    """The minimum of n timed runs, `clear()` before each (the last run's output stays)."""
+    return min(_fresh(n, clear, run))
+
+
 def _launch(fx: keyserver.Fixture, name: str) -> procs.Proc:
     p = procs.start(name, _skm("server", "run", "--config", str(fx.config)), fx.dir / f"{name}.log", env=_env())
     m = p.wait_for(r"data plane https://[\d.]+:(\d+), management https://[\d.]+:(\d+)")
@@ -107,7 +122,7 @@ def _restore_config(fx: keyserver.Fixture, storage: str = "") -> Path:
 
 
 def measure(backend: str, keys: int, work: Path, *, pg=None, duration: float = 10.0, concurrency: int = 4,
-            console: Console | None = None) -> BackupResult:
+            console: Console | None = None, repeat: int = 3) -> BackupResult:
     console = console or Console(stderr=True)
     if backend == "sqlite" and shutil.which("sqlite3") is None:
         raise RuntimeError("sqlite3 not found: apt-get install sqlite3 (the raw tool compared with)")
@@ -121,15 +136,18 @@ def measure(backend: str, keys: int, work: Path, *, pg=None, duration: float = 1
         out = root / "bench.skmbak"
         # The floor every `skm` command pays (Python and the CLI's imports); the raw tools are C.
         startup_s = min(_timed(_skm("backup", "create", "--help"), env) for _ in range(3))
-        create_s = _timed(_skm("backup", "create", "--out", str(out)), env)
+        create_s = _best(repeat, lambda: _timed(_skm("backup", "create", "--out", str(out)), env),
+                         lambda: out.unlink(missing_ok=True))
         if backend == "sqlite":
             db = root / "data" / "skm.db"
             raw = root / "raw.db"
-            raw_backup_s = _timed(["sqlite3", str(db), f".backup '{raw}'"])
+            raw_backup_s = _best(repeat, lambda: _timed(["sqlite3", str(db), f".backup '{raw}'"]),
+                                 lambda: raw.unlink(missing_ok=True))
             raw_tool = "sqlite3 .backup / .restore"
         else:
             raw = root / "raw.dump"
-            raw_backup_s = _timed([str(pg.bindir / "pg_dump"), "-Fc", "-f", str(raw), storage])
+            raw_backup_s = _best(repeat, lambda: _timed([str(pg.bindir / "pg_dump"), "-Fc", "-f", str(raw), storage]),
+                                 lambda: raw.unlink(missing_ok=True))
             raw_tool = "pg_dump -Fc / pg_restore"
         # Secret-read latency with no backup running, then with backups back to back.
         req = load.Request(keyserver.client_url(server, fx, f"/secrets/{fx.keys['secret']}"),
@@ -161,15 +179,18 @@ def measure(backend: str, keys: int, work: Path, *, pg=None, duration: float = 1
     # Restores into fresh targets (the server is stopped: a restore runs offline).
     if backend == "sqlite":
         target = root / "restored"
-        restore_s, audit_s = _restore(_skm("backup", "restore", str(out), "--config", str(_restore_config(fx)),
-                                           "--data-dir", str(target)), _env())
-        raw_restore_s = _timed(["sqlite3", str(root / "raw-restored.db"), f".restore '{raw}'"])
+        restore_s, audit_s = min(_fresh(repeat, lambda: shutil.rmtree(target, ignore_errors=True), lambda: _restore(
+            _skm("backup", "restore", str(out), "--config", str(_restore_config(fx)), "--data-dir", str(target)),
+            _env())))
+        raw_db = root / "raw-restored.db"
+        raw_restore_s = min(_fresh(repeat, lambda: raw_db.unlink(missing_ok=True),
+                                   lambda: _timed(["sqlite3", str(raw_db), f".restore '{raw}'"])))
     else:
-        url = pg.create_database()
-        restore_s, audit_s = _restore(_skm("backup", "restore", str(out), "--config",
-                                           str(_restore_config(fx, storage)), "--storage", url), _env())
-        url2 = pg.create_database()
-        raw_restore_s = _timed([str(pg.bindir / "pg_restore"), "--no-owner", "-d", url2, str(raw)])
+        restore_s, audit_s = min(_fresh(repeat, lambda: None, lambda: _restore(
+            _skm("backup", "restore", str(out), "--config", str(_restore_config(fx, storage)), "--storage",
+                 pg.create_database()), _env())))
+        raw_restore_s = min(_fresh(repeat, lambda: None, lambda: _timed(
+            [str(pg.bindir / "pg_restore"), "--no-owner", "-d", pg.create_database(), str(raw)])))
     res = BackupResult(backend, keys, round(create_s, 2), round(restore_s, 2), round(raw_backup_s, 2),
                        round(raw_restore_s, 2), raw_tool, out.stat().st_size, raw.stat().st_size,
                        idle.p99_ms, during.p99_ms, len(taken), errors + ([idle.error_detail] if idle.errors else [])

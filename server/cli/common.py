@@ -4,14 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import ssl
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from server.access.tls import client_context
 from server.errors import SKMError
 
 CONFIG_FILE = Path(os.environ.get("SKM_CONFIG", Path.home() / ".config" / "skm" / "config.toml"))
@@ -47,6 +44,7 @@ class CliError(SKMError):
 def connection(args: argparse.Namespace) -> Connection:
     cfg: dict[str, Any] = {}
     if CONFIG_FILE.exists():
+        import tomllib
         try:
             cfg = tomllib.loads(CONFIG_FILE.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -94,6 +92,9 @@ def _ssl_context(conn: Connection):
     if not path.is_file():
         raise CliError(f"{what}, which does not exist; set SKM_CACERT to the CA certificate that signed the "
                        "server's certificate (the server's <data-dir>/pki/ca.pem)")
+    import ssl                  # here: commands that talk to no server (verify, restore) skip its import
+
+    from server.access.tls import client_context
     try:
         return client_context(path)
     except (ssl.SSLError, OSError, ValueError) as e:
