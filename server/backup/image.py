@@ -6,8 +6,10 @@
 
 The image is a store as the SQLite backend would hold it at the backup's schema versions: every
 row exactly as stored (sealed columns still sealed under the system key). From a SQLite source it
-is `VACUUM INTO` of the live database (one read transaction: a consistent snapshot while writers
-go on; a rebuilt file, so no freed page or deleted cell of the source travels with it). From a
+is a page copy of the live database by SQLite's online backup, its freelist zeroed, when the live
+connections delete securely (`page_copy`), else `VACUUM INTO` (`vacuum_into`, a rebuilt file):
+either is one read transaction, a consistent snapshot while writers go on, and neither carries a
+deleted record (docs/disaster-recovery.md). From a
 PostgreSQL source the snapshot's rows are inserted into a fresh image made by the SQLite rendering
 of the same migrations. The MAC (HMAC-SHA256 under HKDF(system key, "skm backup mac v1" + backup
 id), as in version 1) covers the manifest line and every payload byte; a reader checks it before

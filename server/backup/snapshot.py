@@ -1,7 +1,8 @@
 """Online backup: one consistent snapshot of the whole store, sent as a backup file (format 2).
 
 The snapshot becomes a SQLite database image in a private scratch directory (server/backup/image.py):
-on SQLite `VACUUM INTO` from the live database (one read transaction in WAL mode), on PostgreSQL the
+on SQLite a page copy of the live database (SQLite's online backup, one read transaction in WAL mode;
+`VACUUM INTO` when the live database does not delete securely), on PostgreSQL the
 rows of one REPEATABLE READ READ ONLY transaction (Storage.snapshot) inserted into a fresh image.
 The server keeps serving reads and writes meanwhile, and the file holds one consistent moment: the
 manifest (counts, audit head, system-key versions) is read from the image itself.
