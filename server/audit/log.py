@@ -275,11 +275,13 @@ class Audit:
         in_thread = getattr(self.db, "sync_transaction", None)
         if in_thread is not None:       # SQLite: the whole transaction in one hand-off to its thread
             return await in_thread(functools.partial(_append_sync, rows, key))
-        async with self.db.transaction() as tx:
+        async with self.db.transaction() as tx:        # PostgreSQL: the head's row lock from here to COMMIT
             head = await tx.fetchone(_RESERVE, len(rows))
             seq, values, last = _chain(rows, head, key)
-            await tx.insert_batch("audit_log", COLUMNS, values)
-            await tx.execute(_SET_HEAD, last)
+            # The rows and the head's digest in one statement: one round trip less while the lock is held.
+            one = f"({', '.join('?' * len(COLUMNS))})"
+            await tx.execute(f"WITH ins AS (INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES "
+                             f"{', '.join([one] * len(values))}) {_SET_HEAD}", *(v for r in values for v in r), last)
         return seq
 
     async def event(self, action: str, *, actor: str, actor_kind: str = "system", keystore_id: int | None = None,
