@@ -12,10 +12,13 @@ queue order, tagged, inserted together, and the head's digest is set once, all i
 Only then are the waiting requests released, so a response never leaves before its record is
 durable. A write failure fails every request of its batch (503) unless `fail_closed` is off.
 
-With several workers every worker writes its own batches: the chain stays one line because each
-transaction moves the one `audit_head` row. On PostgreSQL the next writer waits on that row's lock,
-on SQLite on the storage's writer lock (server/storage/sqlite.py), both of which wake it as soon as
-the other commits; the whole SQLite transaction runs in one hand-off to the connection's thread.
+With several workers (or replicas) every process writes its own batches, and the chain stays one
+line because each write moves the one `audit_head` row in the same transaction. On SQLite the
+writers take turns through the storage's writer lock (server/storage/sqlite.py), which wakes the
+next one as soon as the other commits, and the whole transaction runs in one hand-off to the
+connection's thread. On PostgreSQL a writer chains its batch after the head it last saw and writes
+rows and head in one statement that fails whole if the head has moved (`_write_after_known_head`),
+so no row lock is held across a round trip.
 """
 from __future__ import annotations
 
