@@ -214,7 +214,8 @@ def measure(case: Case, args, run: int) -> Sample:
                                                    f"{sampler.attempted} sampled ({why})") if x)
     return Sample(case.workload, case.system, run, r.rps, r.p50_ms, r.p99_ms, r.requests, errors,
                   cpu / r.requests * 1e6 if r.requests else 0.0, detail, checked=checked,
-                  cores_used=cpu / r.seconds if r.seconds else 0.0, workers=case.workers)
+                  cores_used=cpu / r.seconds if r.seconds else 0.0, workers=case.workers,
+                  client_cores=r.client_cpu_s / r.seconds if r.seconds else 0.0)
 
 
 def run_cases(cases: list[Case], args, report: Report) -> None:

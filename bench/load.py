@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ class Result:
     p99_ms: float
     seconds: float
     error_detail: str = ""
+    client_cpu_s: float = 0.0        # the load client's own CPU seconds (what it took from the machine)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,9 +77,18 @@ def run_ab(req: Request, *, concurrency: int, duration: float) -> Result:
         elif req.method != "GET":
             raise ValueError("ab drives GET and POST only")
         cmd.append(req.url)
+        before = _children_cpu()
         proc = subprocess.run(pinned(cmd, procs.CLIENT_CPU), capture_output=True, text=True,
                               timeout=duration + 120)
-        return parse_ab(proc.stdout, proc.stderr, pct if pct.exists() else None, proc.returncode)
+        res = parse_ab(proc.stdout, proc.stderr, pct if pct.exists() else None, proc.returncode)
+        res.client_cpu_s = _children_cpu() - before
+        return res
+
+
+def _children_cpu() -> float:
+    # ab is this process's only child reaped in between (the servers are still running).
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _num(rx: str, text: str, default: float = 0.0) -> float:

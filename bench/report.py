@@ -41,6 +41,7 @@ class Sample:
     checked: int = 0              # answers compared with the expected value during the run (bench/check.py)
     cores_used: float = 0.0       # CPU seconds of the charged processes per second of the run
     workers: int = 1
+    client_cores: float = 0.0     # CPU seconds of the load client per second of the run
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Report:
                         "requests": sum(s.requests for s in ss), "errors": sum(s.errors for s in ss),
                         "checked": sum(s.checked for s in ss), "workers": ss[0].workers,
                         "cores_used": statistics.median(s.cores_used for s in ss),
+                        "client_cores": statistics.median(s.client_cores for s in ss),
                         "rps_runs": [round(s.rps, 1) for s in ss]})
         index = {(r["workload"], r["system"]): r for r in out}
         floor = index.get(("floor", "floor"))
@@ -117,12 +119,13 @@ class Report:
         if any(r["workers"] > 1 for r in scaling):
             t = Table(title=f"scaling: servers on {self.settings.get('server_cpu') or 'all cores (unpinned)'}, "
                             f"load client on {self.settings.get('client_cpu') or 'any core'}")
-            for col in ("workload", "system", "workers", "req/s", "p99 ms", "cores used", "server CPU µs/req",
+            for col in ("workload", "system", "workers", "req/s", "p99 ms", "cores used", "client cores",
+                        "server CPU µs/req",
                         "vs 1 worker", "ours/OpenBao"):
                 t.add_column(col, justify="left" if col in ("workload", "system") else "right")
             for r in scaling:
                 t.add_row(r["workload"], r["system"], "" if r["system"] == "openbao" else str(r["workers"]),
-                          f"{r['rps']:,.0f}", f"{r['p99_ms']:.1f}", f"{r['cores_used']:.2f}",
+                          f"{r['rps']:,.0f}", f"{r['p99_ms']:.1f}", f"{r['cores_used']:.2f}", f"{r['client_cores']:.2f}",
                           f"{r['cpu_us_per_req']:,.0f}", _ratio(r.get("vs_one_worker")), _ratio(r.get("vs_openbao")))
             console.print(t)
         for r in self.rows():

@@ -206,8 +206,6 @@ class KeyServer:
             rt.extra["worker_channel"] = channel
         if place is not None:
             rt.extra["worker"] = place.index
-        if place is not None and place.count > 1 and rt.audit is not None:
-            await self._host_audit_writer(rt, place)
         # PostgreSQL: events reach every replica (and worker) via LISTEN/NOTIFY; SQLite workers: datagrams.
         relay = await replication.enable(rt, transport=channel)
         if relay is not None:
@@ -239,24 +237,6 @@ class KeyServer:
                  worker=None if place is None else place.index, event_loop=loop_name())
         if wait_unsealed and cfg.systemkey.source == "local":
             assert not rt.barrier.sealed
-
-    @staticmethod
-    async def _host_audit_writer(rt: Runtime, place: WorkerPlace) -> None:
-        """Worker 0 writes every worker's audit records (server/audit/host.py); the others send theirs."""
-        from server.audit.host import HostWriter, HostWriterClient
-        if place.primary:
-            host = HostWriter(rt.audit, place.rundir)
-            await host.start()              # before "ready": the other workers start after this one
-
-            async def stop(_rt) -> None:
-                await host.stop()
-        else:
-            client = rt.audit.host = HostWriterClient(place.rundir)
-
-            async def stop(_rt) -> None:
-                await _rt.audit.close()     # what is queued goes to worker 0 while the connection lasts
-                await client.close()
-        rt.extra.setdefault("on_stop", []).insert(0, stop)
 
     async def _unseal_remote(self) -> None:
         """Unseal in the background; only a configuration error stops trying, and nothing ends silently."""

@@ -165,8 +165,6 @@ async def test_workers_share_the_port_and_hear_each_others_changes(storage_url, 
     st, out = await h.mgmt("GET", "/audit/verify")
     assert st == 200 and out["body"]["ok"] is True, out
     assert out["body"]["checked"] > 25
-    # Worker 1 handed its records to worker 0, the host's one audit writer (server/audit/host.py).
-    assert "audit_host_connected" in h.server.log.read_text()
 
 
 async def test_a_revoked_credential_is_refused_by_every_worker_on_the_next_request(storage_url, group: Harness):
@@ -272,8 +270,8 @@ async def test_a_dead_worker_is_restarted(group: Harness):
 
 
 async def test_worker_0_dies_and_the_others_go_on_auditing(group: Harness):
-    """Worker 0 writes the host's audit records; while it is gone worker 1 writes its own (the chain
-    stays one line), and once it is back worker 1 hands them to it again."""
+    """Every worker writes its own audit records: while worker 0 is gone worker 1 goes on (the chain
+    stays one line), and once it is back both do."""
     h = group
     g: Group = h.server
     store = await h.keystore("writer-gone")

@@ -12,12 +12,18 @@ queue order, tagged, inserted together, and the head's digest is set once, all i
 Only then are the waiting requests released, so a response never leaves before its record is
 durable. A write failure fails every request of its batch (503) unless `fail_closed` is off.
 
-With several workers, worker 0 is the host's one writer and the others hand their batches to it
-(`host`, server/audit/host.py): one process contends for the database's write lock instead of N.
+With several workers (or replicas) every process writes its own batches, and the chain stays one
+line because each write moves the one `audit_head` row in the same transaction. On SQLite the
+writers take turns through the storage's writer lock (server/storage/sqlite.py), which wakes the
+next one as soon as the other commits, and the whole transaction runs in one hand-off to the
+connection's thread. On PostgreSQL a writer chains its batch after the head it last saw and writes
+rows and head in one statement that fails whole if the head has moved (`_write_after_known_head`),
+so no row lock is held across a round trip.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac as _hmac
 import json
@@ -54,6 +60,44 @@ async def read_link_key(db, barrier) -> bytes | None:
     return link_key(barrier.open(bytes(row["hmac_key_sealed"]), _HMAC_AAD))
 
 
+_RESERVE = "UPDATE audit_head SET seq = seq + ? WHERE id = 1 RETURNING seq, hash"
+_SET_HEAD = "UPDATE audit_head SET hash = ? WHERE id = 1"
+_INSERT_SQLITE = f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+OPTIMISTIC_TRIES = 8               # PostgreSQL: writes after the last head seen before locking the head instead
+_NOT_NULL_VIOLATION = "23502"
+
+
+def _insert_sql(n: int, first_seq_from: str | None = None) -> str:
+    """A multi-row INSERT of `n` records (PostgreSQL). With `first_seq_from`, the first row's seq is read
+    from that CTE's result: NULL, so the statement fails whole, when the CTE returned no row."""
+    row = f"({', '.join('?' * len(COLUMNS))})"
+    first = row if first_seq_from is None else \
+        f"((SELECT CAST(? AS BIGINT) FROM {first_seq_from}), {', '.join('?' * (len(COLUMNS) - 1))})"
+    return f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES {', '.join([first] + [row] * (n - 1))}"
+
+
+def _chain(rows: list[dict], head: dict, key: bytes) -> tuple[int, list[list[Any]], str]:
+    """Number, link and tag `rows` after the head just reserved (the head's seq already moved past them):
+    (the last record's seq, the rows' column values, the last record's digest)."""
+    seq, prev = int(head["seq"]) - len(rows), head["hash"]
+    values: list[list[Any]] = []
+    for row in rows:
+        seq += 1
+        row["seq"], row["prev_hash"] = seq, prev
+        prev = digest(row)
+        values.append([row[f] for f in FIELDS] + [prev, tag(key, prev)])
+    return seq, values, prev
+
+
+def _append_sync(rows: list[dict], key: bytes, con) -> int:
+    """`Audit._write` on SQLite's writer thread, inside its transaction (blocking)."""
+    head = con.execute(_RESERVE, (len(rows),)).fetchall()[0]
+    seq, values, last = _chain(rows, head, key)
+    con.executemany(_INSERT_SQLITE, values)
+    con.execute(_SET_HEAD, (last,))
+    return seq
+
+
 def _log_held_failure(fut: asyncio.Future) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("audit_held_record_not_written", error_type=type(fut.exception()).__name__)
@@ -77,9 +121,7 @@ class Audit:
         self._held_dropped = 0
         self.checkpointer = None           # server.audit.checkpoints.Checkpointer (the primary process)
         self._sinks: list | None = None
-        self.host = None                   # server.audit.host.HostWriterClient: worker 0 writes for us
-
-    row_fields = frozenset(FIELDS) - {"seq", "prev_hash"}     # what `_row` makes (and the host writer takes)
+        self._head: dict | None = None     # PostgreSQL: the head as this process last wrote it
 
     # ----------------------------------------------------------------- HMACs
     async def hmac_key(self) -> bytes | None:
@@ -154,34 +196,6 @@ class Audit:
             self._writer = loop.create_task(self._drain(), name="audit-writer")
         return list(await asyncio.gather(*futs))
 
-    async def append_rows(self, rows: list[dict[str, Any]]) -> list[int]:
-        """Append rows already shaped by `_row` (another worker's, through the host writer), in order."""
-        loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[int]] = []
-        for row in rows:
-            fut: asyncio.Future[int] = loop.create_future()
-            self._queue.append((dict(row), fut))
-            futs.append(fut)
-        w = self._writer
-        if w is None or w.done() or w.get_loop() is not loop:
-            self._writer = loop.create_task(self._drain(), name="audit-writer")
-        return list(await asyncio.gather(*futs))
-
-    async def _commit(self, rows: list[dict]) -> int | None:
-        """Write a batch: through the host's writer when there is one (None: its head is not ours to
-        checkpoint), else here in one transaction (the head's sequence number)."""
-        if self.host is not None:
-            from server.audit.host import HostUnreachable
-            try:
-                seqs = await self.host.write(rows)
-            except HostUnreachable:
-                pass                        # nothing was sent: write it ourselves (the chain stays one line)
-            else:
-                for row, seq in zip(rows, seqs):
-                    row["seq"] = seq
-                return None
-        return await self._write(rows)
-
     def _hold(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
         for row, fut in batch:
             if len(self._held) < HELD_MAX:
@@ -226,7 +240,7 @@ class Audit:
         try:
             while self._queue:
                 n = min(max(1, int(self.settings.batch_max)), 1000)    # bound the statement's parameters
-                if self.host is None and await self.link_key() is None:
+                if await self.link_key() is None:
                     batch, self._queue = self._queue, []
                     self._hold(batch)
                     batch = []
@@ -235,7 +249,7 @@ class Audit:
                     self._release_held()
                 batch, self._queue[:n] = self._queue[:n], []
                 try:
-                    head_seq = await self._commit([row for row, _ in batch])
+                    head_seq = await self._write([row for row, _ in batch])
                 except Exception as e:
                     for _, fut in batch:
                         if not fut.done():
@@ -244,7 +258,7 @@ class Audit:
                     for row, fut in batch:
                         if not fut.done():
                             fut.set_result(row["seq"])
-                    if self.checkpointer is not None and head_seq is not None:
+                    if self.checkpointer is not None:
                         self.checkpointer.nudge(head_seq)
                 batch = []
         finally:
@@ -269,23 +283,56 @@ class Audit:
     async def _write(self, rows: list[dict]) -> int:
         """One transaction: reserve len(rows) sequence numbers, chain and tag the rows in order, insert,
         move the head. Never without the link key: a record made while sealed waits (see `_held`)."""
-        n = len(rows)
         key = self._link if self._link is not None else await self.link_key()
         if key is None:
             from server.errors import Sealed
             raise Sealed(self.barrier.sealed_reason)
-        async with self.db.transaction() as tx:
-            head = await tx.fetchone("UPDATE audit_head SET seq = seq + ? WHERE id = 1 RETURNING seq, hash", n)
-            seq, prev = int(head["seq"]) - n, head["hash"]
-            values: list[list[Any]] = []
-            for row in rows:
-                seq += 1
-                row["seq"], row["prev_hash"] = seq, prev
-                prev = digest(row)
-                values.append([row[f] for f in FIELDS] + [prev, tag(key, prev)])
-            await tx.insert_batch("audit_log", COLUMNS, values)
-            await tx.execute("UPDATE audit_head SET hash = ? WHERE id = 1", prev)
+        in_thread = getattr(self.db, "sync_transaction", None)
+        if in_thread is not None:       # SQLite: the whole transaction in one hand-off to its thread
+            return await in_thread(functools.partial(_append_sync, rows, key))
+        seq = await self._write_after_known_head(rows, key)
+        if seq is not None:
+            return seq
+        async with self.db.transaction() as tx:        # the head's row lock from here to COMMIT
+            head = await tx.fetchone(_RESERVE, len(rows))
+            seq, values, last = _chain(rows, head, key)
+            await tx.execute(f"WITH ins AS ({_insert_sql(len(values))}) {_SET_HEAD}",
+                             *(v for r in values for v in r), last)
+        self._head = None
         return seq
+
+    async def _write_after_known_head(self, rows: list[dict], key: bytes) -> int | None:
+        """PostgreSQL: the batch chained after the head this process last saw and written, with the head's
+        move, in ONE autocommitted statement; None after OPTIMISTIC_TRIES (the caller then locks the head).
+
+        Why: locking the head for a read, then writing, holds its row lock over two more round trips, each
+        waiting for a turn of a busy event loop; two workers then queued on the lock and used 1.2-1.4 of
+        2 cores. Here the lock lives only inside PostgreSQL's statement. The statement fails whole when
+        the head has moved meanwhile (another worker or replica wrote): its UPDATE then matches nothing,
+        the first row's seq, taken from the UPDATE's result, is NULL and the row is refused (23502); the
+        head is read afresh and the batch chained again."""
+        for _ in range(OPTIMISTIC_TRIES):
+            head = self._head
+            if head is None:
+                head = await self.db.fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
+                if head is None:
+                    return None
+            seq0, n = int(head["seq"]), len(rows)
+            seq, values, last = _chain(rows, {"seq": seq0 + n, "hash": head["hash"]}, key)
+            try:
+                await self.db.execute(
+                    "WITH h AS (UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1 AND seq = ? AND hash = ? "
+                    f"RETURNING id) {_insert_sql(n, first_seq_from='h')}",
+                    seq, last, seq0, head["hash"], *(v for r in values for v in r))
+            except Exception as e:
+                self._head = None
+                if getattr(e, "sqlstate", None) != _NOT_NULL_VIOLATION:
+                    raise
+                continue
+            self._head = {"seq": seq, "hash": last}
+            return seq
+        return None
+
 
     async def event(self, action: str, *, actor: str, actor_kind: str = "system", keystore_id: int | None = None,
                     key_id: str | None = None, result: str = "ok", reason: str | None = None,
