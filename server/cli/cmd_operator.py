@@ -210,8 +210,7 @@ async def _delete(args: argparse.Namespace) -> int:
 
 async def _login(args: argparse.Namespace) -> int:
     password = read_password()
-    conn = connection(args)
-    conn.token = None
+    conn = connection(args)._replace(token=None)     # logging in: no token yet
     from server.cli.common import MgmtClient
     async with MgmtClient(conn) as c:
         out = await c.call("POST", "/login", {"name": args.name, "password": password})

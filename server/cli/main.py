@@ -14,7 +14,6 @@ import argparse
 import importlib
 import json
 import os
-import pkgutil
 import sys
 import types
 
@@ -54,8 +53,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         epilog="Management commands read SKM_ADDR, SKM_TOKEN and SKM_CACERT (or ~/.config/skm/config.toml).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    import server.cli as pkg
-    names = sorted(i.name for i in pkgutil.iter_modules(pkg.__path__) if i.name.startswith("cmd_"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    names = sorted(f[:-3] for f in os.listdir(here) if f.startswith("cmd_") and f.endswith(".py"))
     first = argv[0] if argv else ""
     if first.isidentifier() and first not in SHARED_COMMANDS and f"cmd_{first}" in names:
         importlib.import_module(f"server.cli.cmd_{first}").register(sub)
