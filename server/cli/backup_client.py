@@ -62,7 +62,7 @@ def stream_backup(conn: Connection, out: IO[bytes], progress: Progress | None = 
             raise ConnectionFailed(f"cannot reach {where} ({reason}); is the server running, and is "
                                    f"{conn.addr_source} right?") from None
         if r.status != 200:
-            _refused(r)
+            _refused(r, conn)
         try:
             return _receive(r, out, progress)
         except (http.client.HTTPException, ConnectionError, ssl.SSLError) as e:
@@ -76,8 +76,12 @@ def _default_context() -> ssl.SSLContext:
     return client_context()
 
 
-def _refused(r: http.client.HTTPResponse) -> None:
+def _refused(r: http.client.HTTPResponse, conn: Connection) -> None:
     """The server's error envelope as the CLI's error (exit code by status)."""
+    if r.status == 401 and not conn.token:      # as the other commands say it (MgmtClient)
+        from server.cli.common import CliError
+        raise CliError("no operator token: set SKM_TOKEN (`skm server init` printed one), or run "
+                       "`skm login NAME --save`", 3)
     try:
         env = json.loads(r.read(1 << 20) or b"null")
     except (ValueError, UnicodeDecodeError, http.client.HTTPException, OSError):

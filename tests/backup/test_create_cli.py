@@ -74,6 +74,8 @@ async def test_each_failure_is_one_line_with_its_exit_code_and_no_file(skm, tmp_
     # A token the server does not know; and no token at all.
     code, _o, err = await skm_cli(skm, "backup", "create", "--out", str(out), env={"SKM_TOKEN": "skm_not_a_token"})
     assert code == 3 and err.startswith("error: ") and err.count("\n") == 1, err
+    code, _o, err = await skm_cli(skm, "backup", "create", "--out", str(out), env={"SKM_TOKEN": ""})
+    assert code == 3 and "no operator token: set SKM_TOKEN" in err and err.count("\n") == 1, err
     # --json: the error as one JSON object.
     code, _o, err = await skm_cli(skm, "backup", "create", "--out", str(out), "--json",
                                   env={"SKM_ADDR": f"https://127.0.0.1:{port}"})
