@@ -81,3 +81,32 @@ async def test_each_failure_is_one_line_with_its_exit_code_and_no_file(skm, tmp_
                                   env={"SKM_ADDR": f"https://127.0.0.1:{port}"})
     assert code == 6 and json.loads(err)["error"]["kind"] == "connection", err
     assert not out.exists() and not (tmp_path / "never.skmbak.partial").exists()
+
+
+async def test_a_stream_that_ends_without_its_trailer_is_refused_and_nothing_kept(skm, tmp_path):
+    """A server (real TLS, the installation's certificate) that starts a backup and then dies: the CLI
+    refuses what it got, exit 6, and leaves neither the file nor its .partial."""
+    from server.access.tls import server_context
+    manifest = json.dumps({"format": "skm-backup", "formatVersion": 2, "backupId": "0" * 32,
+                           "payload": {"kind": "sqlite-image", "bytes": 1 << 20}}).encode() + b"\n"
+    body = manifest + b"\0" * 4096                       # the image begins, then the connection drops
+
+    async def dying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + f"{len(body):x}\r\n".encode() + body + b"\r\n")
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(dying, "127.0.0.1", 0,
+                                     ssl=server_context(skm.pki.server_cert, skm.pki.server_key))
+    try:
+        port = srv.sockets[0].getsockname()[1]
+        out = tmp_path / "cut.skmbak"
+        code, _o, err = await skm_cli(skm, "backup", "create", "--out", str(out),
+                                      env={"SKM_ADDR": f"https://127.0.0.1:{port}"})
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    assert code == 6 and "the backup stream ended early" in err and err.count("\n") == 1, err
+    assert not out.exists() and not (tmp_path / "cut.skmbak.partial").exists()
