@@ -3,13 +3,23 @@ from __future__ import annotations
 
 from server.audit.chain import VerifyResult, verify_chain
 from server.audit.log import Audit, parse_time
-from server.audit.middleware import AUDIT_ACTION, AUDIT_DETAIL, BODY_MODEL, BODY_NOT_READ, NO_BODY_HMAC
 from server.audit.record import FIELDS, GENESIS, digest, record_hash, to_api
 from server.settings import AuditSettings
 
 __all__ = ["Audit", "AuditSettings", "AUDIT_ACTION", "AUDIT_DETAIL", "BODY_MODEL", "BODY_NOT_READ", "FIELDS",
            "GENESIS", "NO_BODY_HMAC", "VerifyResult", "digest", "install", "parse_time", "record_hash", "to_api",
            "verify_chain"]
+
+# The request middleware's names load with it, on first use: it brings aiohttp, the runtime and the key
+# service, which offline tools that only check a chain (skm backup restore, audit verify) do without.
+_MIDDLEWARE_NAMES = frozenset({"AUDIT_ACTION", "AUDIT_DETAIL", "BODY_MODEL", "BODY_NOT_READ", "NO_BODY_HMAC"})
+
+
+def __getattr__(name: str):
+    if name in _MIDDLEWARE_NAMES:
+        from server.audit import middleware
+        return getattr(middleware, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def install(rt) -> None:

@@ -23,14 +23,16 @@ import secrets
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from server import jsonlines, logs, timeutil
+
+if TYPE_CHECKING:
+    import aiohttp
 from server.barrier.barrier import sealed_aad
 from server.errors import ConfigError, InvalidRequest
 
@@ -216,6 +218,7 @@ class WebhookSink:
         self._ssl: ssl.SSLContext | None = None
 
     async def send(self, entry: dict) -> None:
+        import aiohttp      # (here: offline tools that check chains start without it)
         if self._ssl is None and self.url.startswith("https://"):
             self._ssl = ssl.create_default_context(cafile=self.ca or None)
         timeout = aiohttp.ClientTimeout(total=self.timeout)
@@ -237,6 +240,7 @@ class SystemKeySink:
         self._ssl: ssl.SSLContext | None = None
 
     async def _session(self) -> aiohttp.ClientSession:
+        import aiohttp
         if self._ssl is None:
             from server.barrier.remote import client_ssl_context
             self._ssl = await asyncio.to_thread(client_ssl_context, self.cfg)
@@ -244,6 +248,7 @@ class SystemKeySink:
                                      connector=aiohttp.TCPConnector(ssl=self._ssl))
 
     async def send(self, entry: dict) -> None:
+        import aiohttp
         errors = []
         async with await self._session() as s:
             for url in self.urls:      # every system-key server keeps its own copy
@@ -258,6 +263,7 @@ class SystemKeySink:
 
     async def load(self, pub: str | None = None) -> list[dict]:
         """Every server's copy; SinkError when none answered (an outage is not an empty log)."""
+        import aiohttp
         out: list[dict] = []
         errors: list[str] = []
         async with await self._session() as s:

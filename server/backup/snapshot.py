@@ -180,8 +180,8 @@ def _tally(con: sqlite3.Connection, table: str, column: str, known: list[int]) -
 
 async def deletes_securely(storage: Storage) -> bool:
     """Whether the live SQLite database's own connections zero what they delete (`PRAGMA secure_delete`
-    on: SQLite's compile-time default on Debian and others, and what server/storage/sqlite.py does not
-    override), asked of the storage's writing connection itself. Then a page copy of it holds no deleted
+    on: what server/storage/sqlite.py sets on every connection, and SQLite's compile-time default on
+    Debian), asked of the storage's writing connection itself. Then a page copy of it holds no deleted
     record in a page in use (the freelist is scrubbed in the copy); otherwise the backup rebuilds the file."""
     try:
         async with storage.transaction() as tx:
