@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 
 from server import timeutil
 from server.backup.format import FORMAT_VERSION, Manifest, TableInfo, mac_key
-from server.backup.image import CHUNK, ImageWriter, RowsImage, database_size, page_copy, scratch_dir, vacuum_into
+from server.backup.image import ImageWriter, RowsImage, database_size, page_copy, scratch_dir, vacuum_into
 from server.barrier.barrier import Barrier
 from server.barrier.rewrap import count_by_version
 from server.errors import Sealed
@@ -221,13 +221,13 @@ async def create_backup(storage: Storage, barrier: Barrier, sink: Sink, *, progr
         w = ImageWriter(manifest, key)
         await sink(w.header())
         f = await asyncio.to_thread(open, image, "rb")
-        # Pipelined: the next chunk is read (a thread: the scratch file may be on disk) while this one
-        # is MAC'd and sent (on the event loop, in order: the MAC covers the bytes as sent).
-        pending = asyncio.ensure_future(asyncio.to_thread(f.read, CHUNK))
+        # Pipelined: the next chunk is read and MAC'd (a thread; hashlib and file reads release the GIL)
+        # while this one is encrypted and sent on the event loop, in the same order.
+        pending = asyncio.ensure_future(asyncio.to_thread(w.read_payload, f))
         try:
             while data := await pending:
-                pending = asyncio.ensure_future(asyncio.to_thread(f.read, CHUNK))
-                await sink(w.payload(data))
+                pending = asyncio.ensure_future(asyncio.to_thread(w.read_payload, f))
+                await sink(data)
                 if progress is not None:
                     progress(manifest.total_records * w.payload_bytes // max(manifest.payload_bytes, 1), w.bytes)
         finally:
