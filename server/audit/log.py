@@ -333,7 +333,6 @@ class Audit:
             return seq
         return None
 
-
     async def event(self, action: str, *, actor: str, actor_kind: str = "system", keystore_id: int | None = None,
                     key_id: str | None = None, result: str = "ok", reason: str | None = None,
                     detail: dict | None = None, project_id: int | None = None,
