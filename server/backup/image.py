@@ -108,16 +108,32 @@ def vacuum_into(source: str, dest: Path) -> None:
     _rollback_journal(dest)
 
 
-def page_copy(source: str, dest: Path) -> None:
+def read_snapshot(source: str) -> sqlite3.Connection:
+    """A connection to the live SQLite database at `source` holding one read transaction (WAL: what it
+    sees stays put while writers go on), usable from another thread. Blocking."""
+    con = sqlite3.connect(source, timeout=5.0, isolation_level=None, check_same_thread=False)
+    try:
+        con.execute("PRAGMA busy_timeout=5000")
+        con.execute("BEGIN")
+        con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()     # the snapshot starts at the first read
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def page_copy(source: str | sqlite3.Connection, dest: Path) -> None:
     """A consistent page-for-page copy of the live SQLite database at `source` (SQLite's online backup,
-    what `sqlite3 .backup` does: one read transaction, writers go on), then every page on its freelist
+    what `sqlite3 .backup` does: one read transaction, writers go on; or the read transaction already
+    open on `source` when it is a connection from `read_snapshot`), then every page on its freelist
     zeroed. Three times faster than `vacuum_into` (no rows re-inserted, no index rebuilt); only for a
     database whose connections delete securely (`PRAGMA secure_delete`: a deleted cell is zeroed in
     its page, so the pages in use hold no deleted record; the freelist is scrubbed here whatever the
     mode). Blocking: run it in a thread."""
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.close(fd)
-    src = sqlite3.connect(source, timeout=5.0, isolation_level=None)
+    src = source if isinstance(source, sqlite3.Connection) else sqlite3.connect(source, timeout=5.0,
+                                                                                isolation_level=None)
     try:
         src.execute("PRAGMA busy_timeout=5000")
         dst = sqlite3.connect(dest, isolation_level=None)
@@ -128,7 +144,8 @@ def page_copy(source: str, dest: Path) -> None:
         finally:
             dst.close()
     finally:
-        src.close()
+        if src is not source:
+            src.close()
     scrub_freelist(dest)
     _rollback_journal(dest)
 

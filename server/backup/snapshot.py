@@ -23,11 +23,12 @@ from typing import Awaitable, Callable
 
 from server import timeutil
 from server.backup.format import FORMAT_VERSION, Manifest, TableInfo, mac_key
-from server.backup.image import ImageWriter, RowsImage, database_size, page_copy, scratch_dir, vacuum_into
+from server.backup.image import (ImageWriter, RowsImage, database_size, page_copy, read_snapshot, scratch_dir,
+                                 vacuum_into)
 from server.barrier.barrier import Barrier
 from server.barrier.rewrap import count_by_version
 from server.errors import Sealed
-from server.storage.base import Snapshot, Storage
+from server.storage.base import Executor, Snapshot, Storage
 from server import VERSION
 from server.storage.migrations import SEALED_COLUMNS, all_sql
 
@@ -115,37 +116,43 @@ async def _image_of_rows(snap: Snapshot, dest: Path) -> None:
 
 
 def image_manifest(image: Path, barrier: Barrier, backend: str) -> Manifest:
-    """The manifest of a finished image, read with plain sqlite3 (every count and the per-version tally
-    of the sealed blobs in C; the storage layer's aiosqlite hops cost more than the reads). Blocking."""
+    """The manifest of a finished image (blocking)."""
     con = sqlite3.connect(f"file:{image}?mode=ro", uri=True)
     try:
-        con.execute(f"PRAGMA mmap_size={1 << 40}")       # pages read in place, not a read() call each
-        names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE "
-                                           "'sqlite_%' AND name <> 'schema_version' ORDER BY name")]
-        tables = []
-        for name in table_order(names):
-            cols = con.execute("SELECT name, type FROM pragma_table_info(?) ORDER BY cid", (name,)).fetchall()
-            count = con.execute(f"SELECT COUNT(*) FROM {name}").fetchone()[0]
-            tables.append(TableInfo(name, tuple(c[0] for c in cols), tuple((c[1] or "").upper() == "BLOB"
-                                                                            for c in cols), int(count)))
-        present = {t.name: t for t in tables}
-        versions = [int(r[0]) for r in con.execute("SELECT version FROM schema_version ORDER BY version")]
-        by_version: dict[int, int] = {}
-        known = sorted(barrier.versions())
-        for table, column, _pk in SEALED_COLUMNS:      # as server/barrier/rewrap.py count_by_version
-            if table not in present or column not in present[table].columns:
-                continue
-            for v, n in _tally(con, table, column, known).items():
-                by_version[v] = by_version.get(v, 0) + n
-        head: dict = {}
-        if "audit_head" in present:
-            cur = con.execute("SELECT * FROM audit_head WHERE id = 1")
-            row = cur.fetchone()
-            head = dict(zip((d[0] for d in cur.description), row)) if row else {}
-        sequences = {str(n): int(s) for n, s in con.execute("SELECT name, seq FROM sqlite_sequence ORDER BY name")} \
-            if con.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone() else {}
+        return sqlite_manifest(con, barrier, backend, os.path.getsize(image))
     finally:
         con.close()
+
+
+def sqlite_manifest(con: sqlite3.Connection, barrier: Barrier, backend: str, payload_bytes: int) -> Manifest:
+    """The manifest of what `con` sees (an image, or a read snapshot of the live database that an image is
+    copied from), read with plain sqlite3: every count and the per-version tally of the sealed blobs in C
+    (the storage layer's aiosqlite hops cost more than the reads). Blocking."""
+    con.execute(f"PRAGMA mmap_size={1 << 40}")       # pages read in place, not a read() call each
+    names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE "
+                                       "'sqlite_%' AND name <> 'schema_version' ORDER BY name")]
+    tables = []
+    for name in table_order(names):
+        cols = con.execute("SELECT name, type FROM pragma_table_info(?) ORDER BY cid", (name,)).fetchall()
+        count = con.execute(f"SELECT COUNT(*) FROM {name}").fetchone()[0]
+        tables.append(TableInfo(name, tuple(c[0] for c in cols), tuple((c[1] or "").upper() == "BLOB"
+                                                                        for c in cols), int(count)))
+    present = {t.name: t for t in tables}
+    versions = [int(r[0]) for r in con.execute("SELECT version FROM schema_version ORDER BY version")]
+    by_version: dict[int, int] = {}
+    known = sorted(barrier.versions())
+    for table, column, _pk in SEALED_COLUMNS:      # as server/barrier/rewrap.py count_by_version
+        if table not in present or column not in present[table].columns:
+            continue
+        for v, n in _tally(con, table, column, known).items():
+            by_version[v] = by_version.get(v, 0) + n
+    head: dict = {}
+    if "audit_head" in present:
+        cur = con.execute("SELECT * FROM audit_head WHERE id = 1")
+        row = cur.fetchone()
+        head = dict(zip((d[0] for d in cur.description), row)) if row else {}
+    sequences = {str(n): int(s) for n, s in con.execute("SELECT name, seq FROM sqlite_sequence ORDER BY name")} \
+        if con.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone() else {}
     # The head's identity as stored (seq and link; an epoch too once the audit package keeps one), no key.
     audit_head = {k: v for k, v in head.items()
                   if k != "id" and isinstance(v, (int, str)) and not k.endswith("_sealed")}
@@ -156,7 +163,7 @@ def image_manifest(image: Path, barrier: Barrier, backend: str) -> Manifest:
                     system_key_versions=sorted(set(by_version) | {mac_version}),
                     records_by_version=dict(sorted(by_version.items())), mac_version=mac_version, key_check=check,
                     audit_head=audit_head, skm_version=VERSION, format_version=FORMAT_VERSION,
-                    payload_bytes=os.path.getsize(image))
+                    payload_bytes=payload_bytes)
 
 
 def _tally(con: sqlite3.Connection, table: str, column: str, known: list[int]) -> dict[int, int]:
@@ -185,9 +192,53 @@ async def deletes_securely(storage: Storage) -> bool:
     record in a page in use (the freelist is scrubbed in the copy); otherwise the backup rebuilds the file."""
     try:
         async with storage.transaction() as tx:
-            return int(await tx.fetchval("PRAGMA secure_delete") or 0) in (1, 2)
+            return await _zeroes_deletes(tx)
     except sqlite3.Error:            # any doubt: the rebuild, which needs no such promise
         return False
+
+
+async def _zeroes_deletes(tx: Executor) -> bool:
+    return int(await tx.fetchval("PRAGMA secure_delete") or 0) in (1, 2)
+
+
+async def _sqlite_image(storage: Storage, path: str, image: Path, barrier: Barrier) -> Manifest:
+    """The live SQLite database's image at `image`, and its manifest. A page copy (when the store deletes
+    securely) and the manifest's counts are read side by side, each in a thread, from two read
+    transactions opened while this process holds the writer lock: no commit lands between them, so
+    both see the same moment. Otherwise `VACUUM INTO`, then the manifest read from the image."""
+    pinned: tuple[sqlite3.Connection, sqlite3.Connection] | None = None
+    try:
+        async with storage.transaction() as tx:       # (see deletes_securely)
+            if await _zeroes_deletes(tx):
+                pinned = await asyncio.to_thread(_two_snapshots, path)
+    except sqlite3.Error:            # any doubt: the rebuild, which needs no such promise
+        pinned = None
+    if pinned is None:
+        await asyncio.to_thread(vacuum_into, path, image)
+        return await asyncio.to_thread(image_manifest, image, barrier, "sqlite")
+    copy_from, count_from = pinned
+    try:
+        copied, counted = await asyncio.gather(asyncio.to_thread(page_copy, copy_from, image),
+                                               asyncio.to_thread(sqlite_manifest, count_from, barrier, "sqlite", 0),
+                                               return_exceptions=True)   # (both threads done before closing)
+    finally:
+        copy_from.close()
+        count_from.close()
+    for outcome in (copied, counted):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    manifest: Manifest = counted        # type: ignore[assignment]
+    manifest.payload_bytes = os.path.getsize(image)
+    return manifest
+
+
+def _two_snapshots(path: str) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+    first = read_snapshot(path)
+    try:
+        return first, read_snapshot(path)
+    except BaseException:
+        first.close()
+        raise
 
 
 async def create_backup(storage: Storage, barrier: Barrier, sink: Sink, *, progress: Progress | None = None,
@@ -202,8 +253,7 @@ async def create_backup(storage: Storage, barrier: Barrier, sink: Sink, *, progr
             path = storage.path          # type: ignore[attr-defined]
             work = await asyncio.to_thread(lambda: scratch_dir(database_size(path), Path(path).parent))
             image = work / "image.db"
-            copy = page_copy if await deletes_securely(storage) else vacuum_into
-            await asyncio.to_thread(copy, path, image)
+            manifest = await _sqlite_image(storage, path, image, barrier)
             sequences = None
         else:
             async with storage.snapshot() as snap:
@@ -212,7 +262,7 @@ async def create_backup(storage: Storage, barrier: Barrier, sink: Sink, *, progr
                 image = work / "image.db"
                 await _image_of_rows(snap, image)
                 sequences = await snap.sequences()
-        manifest = await asyncio.to_thread(image_manifest, image, barrier, storage.dialect)
+            manifest = await asyncio.to_thread(image_manifest, image, barrier, storage.dialect)
         if sequences is not None:
             manifest.sequences = sequences
         if on_manifest is not None:

@@ -102,3 +102,49 @@ def test_a_damaged_freelist_is_refused(tmp_path):
     from server.backup.format import InvalidBackup
     with pytest.raises(InvalidBackup, match="freelist is damaged"):
         scrub_freelist(db)
+
+
+async def test_the_copy_and_its_counts_are_one_moment_even_when_a_write_comes_between(tmp_path, monkeypatch):
+    """The page copy and the manifest's counts are read from two read transactions, side by side. A
+    writer that commits between their openings would make the manifest disagree with the image (and
+    every restore refuse it): they are opened while this process holds the writer lock, so it waits."""
+    import os
+
+    from server.backup import image as image_mod
+    from server.backup import snapshot as snapshot_mod
+    from server.barrier.barrier import Barrier
+    from server.storage.sqlite import SQLiteStorage
+    storage = SQLiteStorage(str(tmp_path / "skm.db"))
+    await storage.open()
+    barrier = Barrier()
+    barrier.unseal({1: os.urandom(32)}, 1)
+    opened: list[str] = []
+    real = image_mod.read_snapshot
+
+    def snapshot_with_a_write_before_the_second(path: str):
+        if opened:                       # between the two: another process's write tries to land
+            other = sqlite3.connect(path, timeout=0, isolation_level=None)
+            try:
+                other.execute("INSERT INTO projects (appkey, name, created_at) VALUES ('k', 'sneaked in', 'now')")
+                opened.append("written")
+            except sqlite3.OperationalError as e:
+                opened.append(str(e))
+            finally:
+                other.close()
+        opened.append("snapshot")
+        return real(path)
+    monkeypatch.setattr(snapshot_mod, "read_snapshot", snapshot_with_a_write_before_the_second)
+    try:
+        work = tmp_path / "work"
+        work.mkdir()
+        manifest = await snapshot_mod._sqlite_image(storage, storage.path, work / "image.db", barrier)
+    finally:
+        await storage.close()
+    assert opened[0] == "snapshot" and opened[-1] == "snapshot" and "locked" in opened[1], opened
+    con = sqlite3.connect(work / "image.db")
+    try:
+        for t in manifest.tables:
+            assert con.execute(f"SELECT COUNT(*) FROM {t.name}").fetchone()[0] == t.count, t.name
+    finally:
+        con.close()
+    assert manifest.payload_bytes == (work / "image.db").stat().st_size
