@@ -212,22 +212,28 @@ async def _sqlite_image(storage: Storage, path: str, image: Path, barrier: Barri
             if await _zeroes_deletes(tx):
                 pinned = await asyncio.to_thread(_two_snapshots, path)
     except sqlite3.Error:            # any doubt: the rebuild, which needs no such promise
+        for con in pinned or ():
+            con.close()
         pinned = None
     if pinned is None:
         await asyncio.to_thread(vacuum_into, path, image)
         return await asyncio.to_thread(image_manifest, image, barrier, "sqlite")
-    copy_from, count_from = pinned
+    return await asyncio.to_thread(_copy_and_count, *pinned, image, barrier)
+
+
+def _copy_and_count(copy_from: sqlite3.Connection, count_from: sqlite3.Connection, image: Path,
+                    barrier: Barrier) -> Manifest:
+    """The page copy here and the manifest in a second thread, at once; both connections closed after
+    both are done (also when the awaiting task was cancelled: this runs to its end). Blocking."""
+    from concurrent.futures import ThreadPoolExecutor
     try:
-        copied, counted = await asyncio.gather(asyncio.to_thread(page_copy, copy_from, image),
-                                               asyncio.to_thread(sqlite_manifest, count_from, barrier, "sqlite", 0),
-                                               return_exceptions=True)   # (both threads done before closing)
+        with ThreadPoolExecutor(1, thread_name_prefix="skm-backup-count") as pool:
+            counting = pool.submit(sqlite_manifest, count_from, barrier, "sqlite", 0)
+            page_copy(copy_from, image)
+            manifest = counting.result()
     finally:
         copy_from.close()
         count_from.close()
-    for outcome in (copied, counted):
-        if isinstance(outcome, BaseException):
-            raise outcome
-    manifest: Manifest = counted        # type: ignore[assignment]
     manifest.payload_bytes = os.path.getsize(image)
     return manifest
 
