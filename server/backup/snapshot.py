@@ -5,7 +5,8 @@ on SQLite a page copy of the live database (SQLite's online backup, one read tra
 `VACUUM INTO` when the live database does not delete securely), on PostgreSQL the
 rows of one REPEATABLE READ READ ONLY transaction (Storage.snapshot) inserted into a fresh image.
 The server keeps serving reads and writes meanwhile, and the file holds one consistent moment: the
-manifest (counts, audit head, system-key versions) is read from the image itself.
+manifest (counts, audit head, system-key versions) is read from the image itself, or, beside a page
+copy, from a second read transaction opened at the same moment as the copy's (`_sqlite_image`).
 """
 from __future__ import annotations
 
