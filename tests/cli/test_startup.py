@@ -68,3 +68,26 @@ async def test_a_backup_streams_without_them(skm, tmp_path):
     rc, mods = _loaded(err.decode())
     assert rc == 0 and (tmp_path / "b.skmbak").stat().st_size > 0
     assert not HEAVY & mods and "http" in mods, HEAVY & mods
+
+
+async def test_a_restore_runs_without_the_server_side_libraries(tmp_path):
+    """An offline restore unseals, checks and installs a backup with what that needs (asyncio, the
+    barrier's cryptography); the request middleware, aiohttp, pydantic and structlog stay unloaded."""
+    from tests.support.backup import make_installation, run_skm
+    inst = await make_installation(tmp_path / "site")
+    h = await inst.start()
+    try:
+        store = await h.keystore("restore-imports")
+        await h.key(store, "SECRET", "s", secretValue="kept")
+        out = tmp_path / "b.skmbak"
+        code, _o, err = await run_skm("backup", "create", "--out", str(out), env=inst.env(h))
+        assert code == 0, err
+    finally:
+        await h.close()
+    argv = ["backup", "restore", str(out), "--config", str(inst.config_path), "--data-dir", str(tmp_path / "new")]
+    p = await asyncio.create_subprocess_exec(sys.executable, "-c", _program(argv), env=inst.env(), cwd=str(REPO),
+                                             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _out, err = await asyncio.wait_for(p.communicate(), 120)
+    rc, mods = _loaded(err.decode())
+    assert rc == 0 and (tmp_path / "new" / "skm.db").exists(), err.decode()[-2000:]
+    assert not {"aiohttp", "pydantic", "structlog", "rich"} & mods, {"aiohttp", "pydantic", "structlog", "rich"} & mods
