@@ -33,10 +33,12 @@ from server.barrier.barrier import Barrier
 from server.errors import BarrierError, SKMError
 
 FORMAT = "skm-backup"
-FORMAT_VERSION = 2                      # written: a SQLite image payload (server/backup/image.py)
-READABLE_VERSIONS = (1, 2)              # 1: JSON lines (the Reader below)
+FORMAT_VERSION = 3                      # written: a SQLite image payload (server/backup/image.py), AES-256-GMAC
+READABLE_VERSIONS = (1, 2, 3)           # 1: JSON lines (the Reader below); 2: the image under HMAC-SHA256
 SUFFIX = ".skmbak"
-MAC_PURPOSE = b"skm backup mac v1:"
+MAC_PURPOSE = b"skm backup mac v1:"     # the HMAC-SHA256 key (formats 1 and 2)
+GMAC_PURPOSE = b"skm backup gmac v3:"   # the AES-256-GMAC key (format 3): a key of its own, not the HMAC's
+HMAC_SHA256, AES_GMAC = "HMAC-SHA256", "AES-256-GMAC"
 CHECK_PURPOSE = b"skm backup key check v1:"
 MAX_MANIFEST = 4 * 1024 * 1024          # bytes of the first line we are willing to parse
 MAX_LINE = 8 * 1024 * 1024              # one row (a 32 KB secret sealed and base64'd is far below)
@@ -83,6 +85,15 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     payload_bytes: int = 0                  # version 2: the SQLite image's size
+    mac_nonce: str = ""                     # version 3: the GMAC's 96-bit nonce (hex)
+
+    @property
+    def mac_algorithm(self) -> str:
+        return AES_GMAC if self.format_version >= 3 else HMAC_SHA256
+
+    @property
+    def mac_purpose(self) -> bytes:
+        return GMAC_PURPOSE if self.format_version >= 3 else MAC_PURPOSE
 
     @property
     def total_records(self) -> int:
@@ -96,9 +107,11 @@ class Manifest:
                 "tables": [t.to_json() for t in self.tables], "sequences": self.sequences,
                 "systemKeyVersions": self.system_key_versions,
                 "recordsBySystemKeyVersion": {str(v): n for v, n in sorted(self.records_by_version.items())},
-                "mac": {"algorithm": "HMAC-SHA256", "kdf": "HKDF-SHA256", "systemKeyVersion": self.mac_version,
+                "mac": {"algorithm": self.mac_algorithm, "kdf": "HKDF-SHA256", "systemKeyVersion": self.mac_version,
                         "keyCheck": self.key_check},
                 "auditHead": self.audit_head, "records": self.total_records}
+        if self.format_version >= 3:
+            out["mac"]["nonce"] = self.mac_nonce
         if self.format_version >= 2:
             out["payload"] = {"kind": "sqlite-image", "bytes": self.payload_bytes}
         return out
@@ -121,8 +134,13 @@ class Manifest:
                     raise ValueError("bad table")
                 tables.append(TableInfo(str(t["name"]), cols, tuple(c in blobs for c in cols), _nat(t["count"])))
             mac = d["mac"]
-            if mac["algorithm"] != "HMAC-SHA256" or mac["kdf"] != "HKDF-SHA256":
-                raise InvalidBackup(f"unknown MAC {mac['algorithm']}/{mac['kdf']}")
+            if mac["algorithm"] != (AES_GMAC if fv >= 3 else HMAC_SHA256) or mac["kdf"] != "HKDF-SHA256":
+                raise InvalidBackup(f"unknown MAC {mac['algorithm']}/{mac['kdf']} for format version {fv}")
+            nonce = ""
+            if fv >= 3:
+                nonce = str(mac["nonce"])
+                if len(nonce) != 24 or any(c not in "0123456789abcdef" for c in nonce):
+                    raise ValueError("bad nonce")
             src = d["source"]
             payload = 0
             if fv >= 2:
@@ -136,7 +154,7 @@ class Manifest:
                        records_by_version={int(k): _nat(v) for k, v in d["recordsBySystemKeyVersion"].items()},
                        mac_version=_nat(mac["systemKeyVersion"]), key_check=str(mac["keyCheck"]),
                        audit_head=dict(d["auditHead"]), skm_version=str(d.get("skmVersion", "")),
-                       format_version=fv, payload_bytes=payload)
+                       format_version=fv, payload_bytes=payload, mac_nonce=nonce)
         except InvalidBackup:
             raise
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -160,14 +178,43 @@ def _hexid(v: Any) -> str:
     return v
 
 
-def mac_key(barrier: Barrier, backup_id: str, version: int | None = None) -> tuple[int, bytes, str]:
+def mac_key(barrier: Barrier, backup_id: str, version: int | None = None,
+            purpose: bytes = MAC_PURPOSE) -> tuple[int, bytes, str]:
     """(system-key version, MAC key, key check) for a backup id; the check names the key, reveals nothing."""
     try:
-        v, key = barrier.derive(MAC_PURPOSE + backup_id.encode(), version)
+        v, key = barrier.derive(purpose + backup_id.encode(), version)
         _, check = barrier.derive(CHECK_PURPOSE + backup_id.encode(), v)
     except BarrierError as e:
         raise InvalidBackup(f"cannot check the backup's integrity: {e.detail}") from None
     return v, key, check.hex()[:16]
+
+
+def new_mac(m: Manifest, key: bytes):
+    """The whole-file MAC of `m`'s format, fed with `update(bytes)`, read with `hexdigest()`."""
+    if m.format_version >= 3:
+        return _Gmac(key, bytes.fromhex(m.mac_nonce))
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+class _Gmac:
+    """AES-256-GMAC (NIST SP 800-38D: GCM over the whole file as associated data, no plaintext), a
+    128-bit tag. Why not HMAC-SHA256 any more: 1.3 GB/s here against GHASH's 13-23 GB/s, 40 ms of every
+    100,000-key backup and restore. Each backup has its own key (HKDF of the system key and the random
+    backup id) and a random nonce, so no (key, nonce) pair is ever used twice."""
+
+    def __init__(self, key: bytes, nonce: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes   # (not on the CLI's start-up)
+        self._ctx = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+        self._tag: str | None = None
+
+    def update(self, data: bytes) -> None:
+        self._ctx.authenticate_additional_data(data)
+
+    def hexdigest(self) -> str:
+        if self._tag is None:
+            self._ctx.finalize()
+            self._tag = self._ctx.tag.hex()
+        return self._tag
 
 
 def missing_versions(m: Manifest, barrier: Barrier) -> None:
@@ -201,7 +248,7 @@ def read_manifest(f: IO[bytes], barrier: Barrier) -> tuple[bytes, Manifest, byte
         raise InvalidBackup("not an skm backup file (its first line is not JSON)") from None
     m = Manifest.from_json(data)
     missing_versions(m, barrier)
-    _, key, check = mac_key(barrier, m.backup_id, m.mac_version)
+    _, key, check = mac_key(barrier, m.backup_id, m.mac_version, m.mac_purpose)
     if not hmac.compare_digest(check, m.key_check):
         raise InvalidBackup(f"this backup was made under a different system key (system-key version "
                             f"{m.mac_version} here is another key): it comes from another installation, or "

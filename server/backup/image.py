@@ -1,6 +1,6 @@
-"""Backup format version 2: the store's tables as one SQLite database image inside the container.
+"""Backup format versions 2 and 3: the store's tables as one SQLite database image inside the container.
 
-    {"format":"skm-backup","formatVersion":2, ...manifest..., "payload":{"kind":"sqlite-image","bytes":N}}\n
+    {"format":"skm-backup","formatVersion":3, ...manifest..., "payload":{"kind":"sqlite-image","bytes":N}}\n
     N bytes: a SQLite database file (every table of the backup, plus schema_version)
     {"end":"skm-backup","bytes":N,"mac":"<hex>"}\n
 
@@ -11,9 +11,11 @@ connections delete securely (`page_copy`), else `VACUUM INTO` (`vacuum_into`, a 
 either is one read transaction, a consistent snapshot while writers go on, and neither carries a
 deleted record (docs/disaster-recovery.md). From a
 PostgreSQL source the snapshot's rows are inserted into a fresh image made by the SQLite rendering
-of the same migrations. The MAC (HMAC-SHA256 under HKDF(system key, "skm backup mac v1" + backup
-id), as in version 1) covers the manifest line and every payload byte; a reader checks it before
-SQLite ever opens the image, so a damaged or forged image is refused before it is parsed.
+of the same migrations. The MAC covers the manifest line and every payload byte (format 3:
+AES-256-GMAC under HKDF(system key, "skm backup gmac v3:" + backup id) with the manifest's nonce;
+format 2: HMAC-SHA256 under HKDF(system key, "skm backup mac v1:" + backup id); server/backup/format.py
+`new_mac`); a reader checks it before SQLite ever opens the image, so a damaged or forged image is
+refused before it is parsed.
 
 Why an image rather than rows: SQLite writes and reads it in C (no Python per row or per value),
 a restore into SQLite installs it as the new database file, and one into PostgreSQL COPYs its
@@ -21,7 +23,6 @@ rows. Version 1 files (JSON lines, server/backup/format.py) are still read.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import os
@@ -31,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Sequence
 
-from server.backup.format import FORMAT, InvalidBackup, Manifest
+from server.backup.format import FORMAT, InvalidBackup, Manifest, new_mac
 from server.storage.migrations import MIGRATIONS, render
 
 PAYLOAD_KIND = "sqlite-image"
@@ -252,7 +253,7 @@ class ImageWriter:
 
     def __init__(self, manifest: Manifest, key: bytes) -> None:
         self.manifest = manifest
-        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self._mac = new_mac(manifest, key)
         self.bytes = 0
         self.payload_bytes = 0
 
@@ -287,7 +288,8 @@ def extract(f: IO[bytes], first: bytes, manifest: Manifest, key: bytes, dest: Pa
     checking the structure and the MAC over the whole; returns the file's size. Blocking.
 
     `dest` must not be opened by SQLite, or trusted in any way, unless this returned."""
-    mac = hmac.new(key, first, hashlib.sha256)
+    mac = new_mac(manifest, key)
+    mac.update(first)
     total = manifest.payload_bytes
     done = 0
     step = 0

@@ -1,7 +1,7 @@
 """Verify a backup file, and restore one into an empty store on either backend.
 
 Restore runs offline on the target host with the installation's system key (server/backup/keys.py).
-A format 2 file (a SQLite image, server/backup/image.py) is read once: its image is copied to a
+A format 2 or 3 file (a SQLite image, server/backup/image.py) is read once: its image is copied to a
 private scratch file while the MAC over the whole file is computed, and nothing else happens unless
 the MAC checks. Then the image's schema, tables and counts are compared with the manifest and a
 sample of sealed records is opened under the system key. Into SQLite the image itself becomes the
@@ -43,14 +43,14 @@ class VerifyReport:
     records: int
     bytes: int
     unsealed: dict[str, int] = field(default_factory=dict)    # "table.column" -> records opened
-    image: Path | None = None                                  # format 2: the verified image (scratch)
+    image: Path | None = None                                  # formats 2 and 3: the verified image (scratch)
 
     def to_api(self) -> dict:
         m = self.manifest
         return {"ok": True, "backupId": m.backup_id, "createdAt": m.created_at, "backend": m.backend,
                 "schemaVersion": max(m.schema_versions, default=0), "records": self.records, "bytes": self.bytes,
                 "tables": {t.name: t.count for t in m.tables}, "systemKeyVersions": m.system_key_versions,
-                "macSystemKeyVersion": m.mac_version, "auditHead": m.audit_head, "unsealedSample": self.unsealed,
+                "macSystemKeyVersion": m.mac_version, "macAlgorithm": m.mac_algorithm, "auditHead": m.audit_head, "unsealedSample": self.unsealed,
                 "formatVersion": m.format_version}
 
 

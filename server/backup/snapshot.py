@@ -1,4 +1,4 @@
-"""Online backup: one consistent snapshot of the whole store, sent as a backup file (format 2).
+"""Online backup: one consistent snapshot of the whole store, sent as a backup file (format 3).
 
 The snapshot becomes a SQLite database image in a private scratch directory (server/backup/image.py):
 on SQLite a page copy of the live database (SQLite's online backup, one read transaction in WAL mode;
@@ -87,7 +87,8 @@ async def manifest_of(snap: Snapshot, barrier: Barrier, backend: str) -> Manifes
     return Manifest(backup_id=backup_id, created_at=timeutil.now_db(), backend=backend, schema_versions=versions,
                     tables=tables, sequences=await snap.sequences(),
                     system_key_versions=sorted(set(by_version) | {mac_version}), records_by_version=by_version,
-                    mac_version=mac_version, key_check=check, audit_head=audit_head, skm_version=VERSION)
+                    mac_version=mac_version, key_check=check, audit_head=audit_head, skm_version=VERSION,
+                    mac_nonce=os.urandom(12).hex())
 
 
 async def _image_of_rows(snap: Snapshot, dest: Path) -> None:
@@ -164,7 +165,7 @@ def sqlite_manifest(con: sqlite3.Connection, barrier: Barrier, backend: str, pay
                     system_key_versions=sorted(set(by_version) | {mac_version}),
                     records_by_version=dict(sorted(by_version.items())), mac_version=mac_version, key_check=check,
                     audit_head=audit_head, skm_version=VERSION, format_version=FORMAT_VERSION,
-                    payload_bytes=payload_bytes)
+                    payload_bytes=payload_bytes, mac_nonce=os.urandom(12).hex())
 
 
 def _tally(con: sqlite3.Connection, table: str, column: str, known: list[int]) -> dict[int, int]:
@@ -274,7 +275,7 @@ async def create_backup(storage: Storage, barrier: Barrier, sink: Sink, *, progr
             manifest.sequences = sequences
         if on_manifest is not None:
             on_manifest(manifest)
-        _v, key, _c = mac_key(barrier, manifest.backup_id, manifest.mac_version)
+        _v, key, _c = mac_key(barrier, manifest.backup_id, manifest.mac_version, manifest.mac_purpose)
         w = ImageWriter(manifest, key)
         await sink(w.header())
         f = await asyncio.to_thread(open, image, "rb")

@@ -157,7 +157,7 @@ async def _verify(args: argparse.Namespace) -> int:
         sample = ", ".join(f"{n} of {k}" for k, n in out["unsealedSample"].items()) or "none to open"
         print(f"backup OK: {args.file}: {out['records']} records, {out['bytes']} bytes, made {out['createdAt']} on "
               f"{out['backend']} (schema {out['schemaVersion']})")
-        print(f"  integrity (HMAC-SHA256 under system-key version {out['macSystemKeyVersion']}) verified; "
+        print(f"  integrity ({out['macAlgorithm']} under system-key version {out['macSystemKeyVersion']}) verified; "
               f"sealed records opened: {sample}")
         print(f"  audit head: record {out['auditHead'].get('seq')}; needs system-key version(s) "
               f"{', '.join(map(str, out['systemKeyVersions']))}")

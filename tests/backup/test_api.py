@@ -35,7 +35,7 @@ async def test_an_admin_gets_a_complete_verifiable_stream_and_it_is_audited(skm)
     (skm.tmp / "api.skmbak").write_bytes(body)
     report = await verify_file(skm.tmp / "api.skmbak", skm.rt.barrier)
     assert report.records == report.manifest.total_records and report.bytes == len(body)
-    assert report.manifest.backend == skm.rt.storage.dialect and report.manifest.format_version == 2
+    assert report.manifest.backend == skm.rt.storage.dialect and report.manifest.format_version == 3
     assert report.unsealed.get("key_versions.material_sealed", 0) >= 1
     reader = report
     # Who took it is durable before the first byte left...

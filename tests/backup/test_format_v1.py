@@ -1,5 +1,6 @@
-"""Files of the previous format version (1, JSON lines) made by the version 1 writer still verify and
-restore, into either backend; a damaged one is still refused. New backups are format 2 (an image)."""
+"""Files of the previous format versions (1, JSON lines; 2, the image under HMAC-SHA256) still verify and
+restore, into either backend; a damaged one is still refused. New backups are format 3 (the image under
+AES-256-GMAC)."""
 from __future__ import annotations
 
 import json
@@ -68,14 +69,15 @@ async def test_a_damaged_format_1_file_is_still_refused(source, tmp_path):
     assert not (tmp_path / "target" / "skm.db").exists()
 
 
-async def test_new_backups_are_format_2_images_that_open_as_a_store(source, tmp_path):
+async def test_new_backups_are_format_3_images_that_open_as_a_store(source, tmp_path):
     src, barrier = source
     path = tmp_path / "new.skmbak"
     await backup_to_file(src, barrier, path)
     data = path.read_bytes()
     first = data.index(b"\n") + 1
     m = json.loads(data[:first])
-    assert m["formatVersion"] == 2 and m["payload"]["kind"] == "sqlite-image"
+    assert m["formatVersion"] == 3 and m["payload"]["kind"] == "sqlite-image"
+    assert m["mac"]["algorithm"] == "AES-256-GMAC" and len(m["mac"]["nonce"]) == 24
     image = data[first:first + m["payload"]["bytes"]]
     assert image.startswith(b"SQLite format 3\x00")
     assert json.loads(data[first + len(image):])["end"] == "skm-backup"
@@ -84,3 +86,36 @@ async def test_new_backups_are_format_2_images_that_open_as_a_store(source, tmp_
     # What the sample opened is what the store holds, sealed under the record's identity.
     row = await src.fetchone("SELECT hmac_key_sealed FROM audit_head WHERE id = 1")
     assert barrier.open(row["hmac_key_sealed"], sealed_aad("audit_head", "hmac_key_sealed", 1))
+
+
+async def test_a_format_2_file_verifies_and_restores_and_is_still_checked(source, storage_url, tmp_path, monkeypatch):
+    """Backups already on disk from the release before (format 2: HMAC-SHA256) stay usable; a changed
+    byte in one is refused as before; and a format 3 file relabelled as format 2 (its MAC named HMAC)
+    is refused too."""
+    from server.backup import snapshot
+    src, barrier = source
+    old = tmp_path / "v2.skmbak"
+    monkeypatch.setattr(snapshot, "FORMAT_VERSION", 2)          # the format 2 writer: the same code, HMAC
+    await backup_to_file(src, barrier, old)
+    monkeypatch.undo()
+    m = json.loads(old.read_bytes().split(b"\n", 1)[0])
+    assert m["formatVersion"] == 2 and m["mac"]["algorithm"] == "HMAC-SHA256" and "nonce" not in m["mac"]
+    report = await verify_file(old, barrier)
+    assert report.manifest.format_version == 2 and report.to_api()["macAlgorithm"] == "HMAC-SHA256"
+    done = await restore(old, barrier, storage_url)
+    assert done.audit["ok"] and done.records == report.records
+    data = bytearray(old.read_bytes())
+    data[len(data) // 2] ^= 1
+    bad = tmp_path / "bad.skmbak"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(InvalidBackup, match="integrity check failed"):
+        await verify_file(bad, barrier)
+    new = tmp_path / "v3.skmbak"
+    await backup_to_file(src, barrier, new)
+    first, rest = new.read_bytes().split(b"\n", 1)
+    m = json.loads(first)
+    m["formatVersion"], m["mac"]["algorithm"] = 2, "HMAC-SHA256"
+    relabelled = tmp_path / "relabelled.skmbak"
+    relabelled.write_bytes(json.dumps(m).encode() + b"\n" + rest)
+    with pytest.raises(InvalidBackup):
+        await verify_file(relabelled, barrier)

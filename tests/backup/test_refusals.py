@@ -105,7 +105,7 @@ def _edit_manifest(data: bytes) -> bytes:
 def _newer_format(data: bytes) -> bytes:
     first, rest = data.split(b"\n", 1)
     m = json.loads(first)
-    m["formatVersion"] = 3
+    m["formatVersion"] = 4
     return json.dumps(m, separators=(",", ":")).encode() + b"\n" + rest
 
 
@@ -115,7 +115,7 @@ def _newer_format(data: bytes) -> bytes:
     (_flip_in_blob, "integrity check failed"),
     (_splice, "spliced"),
     (_edit_manifest, "integrity check failed"),
-    (_newer_format, "unknown backup format version 3"),
+    (_newer_format, "unknown backup format version 4"),
     (lambda d: d + d.split(b"\n", 1)[0] + b"\n", "data after its integrity trailer"),
 ], ids=["truncated-half", "truncated-trailer", "bit-flip", "spliced", "manifest-flip", "format-version", "appended"])
 async def test_a_damaged_file_is_refused_and_nothing_is_written(site, tmp_path, damage, message):
