@@ -27,7 +27,6 @@ from server.backup.format import FORMAT_VERSION, Manifest, TableInfo, mac_key
 from server.backup.image import (ImageWriter, RowsImage, database_size, page_copy, read_snapshot, scratch_dir,
                                  vacuum_into)
 from server.barrier.barrier import Barrier
-from server.barrier.rewrap import count_by_version
 from server.errors import Sealed
 from server.storage.base import Executor, Snapshot, Storage
 from server import VERSION
@@ -66,29 +65,6 @@ class Summary:
         return {"backupId": self.backup_id, "records": self.records, "bytes": self.bytes, "seconds": self.seconds,
                 "tables": self.tables, "systemKeyVersions": self.system_key_versions, "auditHead": self.audit_head,
                 "schemaVersion": self.schema_version, "backend": self.backend}
-
-
-async def manifest_of(snap: Snapshot, barrier: Barrier, backend: str) -> Manifest:
-    """The manifest of what `snap` sees: tables in restore order, counts, audit head, key versions."""
-    tables = []
-    for name in table_order(await snap.tables()):
-        cols = await snap.columns(name)
-        count = int(await snap.fetchval(f"SELECT COUNT(*) AS n FROM {name}") or 0)
-        tables.append(TableInfo(name, tuple(c.name for c in cols), tuple(c.blob for c in cols), count))
-    present = {t.name for t in tables}
-    versions = [int(r["version"]) for r in await snap.fetchall("SELECT version FROM schema_version ORDER BY version")]
-    by_version = await count_by_version(snap, [c for c in SEALED_COLUMNS if c[0] in present])
-    head = await snap.fetchone("SELECT * FROM audit_head WHERE id = 1") if "audit_head" in present else None
-    # The head's identity as stored (seq and link; an epoch too once the audit package keeps one), no key.
-    audit_head = {k: v for k, v in (head or {}).items()
-                  if k != "id" and isinstance(v, (int, str)) and not k.endswith("_sealed")}
-    backup_id = uuid.uuid4().hex
-    mac_version, _key, check = mac_key(barrier, backup_id)
-    return Manifest(backup_id=backup_id, created_at=timeutil.now_db(), backend=backend, schema_versions=versions,
-                    tables=tables, sequences=await snap.sequences(),
-                    system_key_versions=sorted(set(by_version) | {mac_version}), records_by_version=by_version,
-                    mac_version=mac_version, key_check=check, audit_head=audit_head, skm_version=VERSION,
-                    mac_nonce=os.urandom(12).hex())
 
 
 async def _image_of_rows(snap: Snapshot, dest: Path) -> None:
@@ -187,19 +163,11 @@ def _tally(con: sqlite3.Connection, table: str, column: str, known: list[int]) -
     return out
 
 
-async def deletes_securely(storage: Storage) -> bool:
+async def _zeroes_deletes(tx: Executor) -> bool:
     """Whether the live SQLite database's own connections zero what they delete (`PRAGMA secure_delete`
     on: what server/storage/sqlite.py sets on every connection, and SQLite's compile-time default on
     Debian), asked of the storage's writing connection itself. Then a page copy of it holds no deleted
     record in a page in use (the freelist is scrubbed in the copy); otherwise the backup rebuilds the file."""
-    try:
-        async with storage.transaction() as tx:
-            return await _zeroes_deletes(tx)
-    except sqlite3.Error:            # any doubt: the rebuild, which needs no such promise
-        return False
-
-
-async def _zeroes_deletes(tx: Executor) -> bool:
     return int(await tx.fetchval("PRAGMA secure_delete") or 0) in (1, 2)
 
 
@@ -210,7 +178,7 @@ async def _sqlite_image(storage: Storage, path: str, image: Path, barrier: Barri
     both see the same moment. Otherwise `VACUUM INTO`, then the manifest read from the image."""
     pinned: tuple[sqlite3.Connection, sqlite3.Connection] | None = None
     try:
-        async with storage.transaction() as tx:       # (see deletes_securely)
+        async with storage.transaction() as tx:
             if await _zeroes_deletes(tx):
                 pinned = await asyncio.to_thread(_two_snapshots, path)
     except sqlite3.Error:            # any doubt: the rebuild, which needs no such promise

@@ -21,6 +21,7 @@ from server.cli.common import Connection, _raise_for, _ssl_context
 from server.errors import ConnectionFailed, Unavailable
 
 CHUNK = 1 << 20
+MAX_MANIFEST = 4 << 20        # the manifest line's limit (as server/backup/format.py reads it)
 CONNECT_TIMEOUT = 30.0
 READ_TIMEOUT = 300.0          # a large store's snapshot is made before the first byte is sent
 Progress = Callable[[int, int | None], object]      # (bytes so far, total bytes when known)
@@ -113,6 +114,8 @@ def _receive(r: http.client.HTTPResponse, f: IO[bytes], progress: Progress | Non
         total_bytes += n
         if manifest is None:
             buf += chunk
+            if b"\n" not in buf and len(buf) > MAX_MANIFEST:     # not a backup stream: do not hold it all
+                raise _ended_early()
             if b"\n" in buf:
                 head = buf.split(b"\n", 1)[0]
                 try:

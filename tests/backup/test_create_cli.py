@@ -3,12 +3,15 @@ summary either way, and each failure one line with its exit code and nothing lef
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pty
 import socket
 import sys
 import time
+
+import pytest
 
 from tests.support.backup import REPO
 from tests.support.cli import cli_env, skm_cli
@@ -83,19 +86,34 @@ async def test_each_failure_is_one_line_with_its_exit_code_and_no_file(skm, tmp_
     assert not out.exists() and not (tmp_path / "never.skmbak.partial").exists()
 
 
-async def test_a_stream_that_ends_without_its_trailer_is_refused_and_nothing_kept(skm, tmp_path):
-    """A server (real TLS, the installation's certificate) that starts a backup and then dies: the CLI
-    refuses what it got, exit 6, and leaves neither the file nor its .partial."""
+@pytest.mark.parametrize("what", ["cut", "no-manifest-line"])
+async def test_a_stream_that_ends_without_its_trailer_is_refused_and_nothing_kept(skm, tmp_path, what):
+    """A server (real TLS, the installation's certificate) that starts a backup and then dies, or that
+    streams something with no manifest line (more than its 4 MiB limit before a newline): the CLI refuses
+    what it got, exit 6, and leaves neither the file nor its .partial."""
     from server.access.tls import server_context
-    manifest = json.dumps({"format": "skm-backup", "formatVersion": 2, "backupId": "0" * 32,
+    manifest = json.dumps({"format": "skm-backup", "formatVersion": 3, "backupId": "0" * 32,
                            "payload": {"kind": "sqlite-image", "bytes": 1 << 20}}).encode() + b"\n"
     body = manifest + b"\0" * 4096                       # the image begins, then the connection drops
+    sent = 0
 
     async def dying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + f"{len(body):x}\r\n".encode() + body + b"\r\n")
-        await writer.drain()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        if what == "cut":
+            writer.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
+        else:           # no newline, ever: up to 256 MiB, while the client keeps reading
+            chunk = b"x" * (1 << 20)
+            try:
+                while sent < 256 << 20 and not writer.is_closing():     # (closing: the client went away)
+                    writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                    await writer.drain()
+                    sent += len(chunk)
+            except (ConnectionError, OSError):
+                pass
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.drain()
         writer.close()
 
     srv = await asyncio.start_server(dying, "127.0.0.1", 0,
@@ -110,3 +128,5 @@ async def test_a_stream_that_ends_without_its_trailer_is_refused_and_nothing_kep
         await srv.wait_closed()
     assert code == 6 and "the backup stream ended early" in err and err.count("\n") == 1, err
     assert not out.exists() and not (tmp_path / "cut.skmbak.partial").exists()
+    if what == "no-manifest-line":      # it stopped reading at the manifest line's limit, not at the end
+        assert sent < 64 << 20, f"the CLI read {sent >> 20} MiB looking for a manifest line"

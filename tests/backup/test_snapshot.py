@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from server.backup.image import page_copy, scrub_freelist
-from server.backup.snapshot import deletes_securely
 from tests.support.backup import make_installation, run_skm
 
 
@@ -26,7 +25,8 @@ async def test_a_deleted_records_sealed_bytes_are_not_in_the_backup(secure, tmp_
         if not secure:       # as a SQLite built without SECURE_DELETE leaves it: deleted cells keep their bytes
             async with storage.transaction() as tx:
                 await tx.execute("PRAGMA secure_delete=OFF")
-        assert await deletes_securely(storage) is secure
+        async with storage.transaction() as tx:          # the premise, asked of the connection that deletes
+            assert (int(await tx.fetchval("PRAGMA secure_delete")) == 1) is secure
         store = await h.keystore("doomed")
         ids = [(await h.key(store, "SECRET", f"s{i}", secretValue=f"value {i} " * 40))["keyId"] for i in range(30)]
         kept = (await h.key(store, "SECRET", "kept", secretValue="still here"))["keyId"]

@@ -7,13 +7,42 @@ import hashlib
 import hmac
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from server.backup.format import FORMAT, Manifest, mac_key
-from server.backup.snapshot import manifest_of
+from server import VERSION, timeutil
+from server.backup.format import FORMAT, Manifest, TableInfo, mac_key
+from server.backup.snapshot import table_order
 from server.barrier.barrier import Barrier
-from server.storage.base import Storage
+from server.barrier.rewrap import count_by_version
+from server.storage.base import Snapshot, Storage
+from server.storage.migrations import SEALED_COLUMNS
+
+
+
+async def manifest_of(snap: Snapshot, barrier: Barrier, backend: str) -> Manifest:
+    """The manifest of what `snap` sees, as the version 1 writer made it: tables in restore order, counts, audit
+    head, key versions (read through the storage layer, row by row in SQL, on either backend)."""
+    tables = []
+    for name in table_order(await snap.tables()):
+        cols = await snap.columns(name)
+        count = int(await snap.fetchval(f"SELECT COUNT(*) AS n FROM {name}") or 0)
+        tables.append(TableInfo(name, tuple(c.name for c in cols), tuple(c.blob for c in cols), count))
+    present = {t.name for t in tables}
+    versions = [int(r["version"]) for r in await snap.fetchall("SELECT version FROM schema_version ORDER BY version")]
+    by_version = await count_by_version(snap, [c for c in SEALED_COLUMNS if c[0] in present])
+    head = await snap.fetchone("SELECT * FROM audit_head WHERE id = 1") if "audit_head" in present else None
+    # The head's identity as stored (seq and link; an epoch too once the audit package keeps one), no key.
+    audit_head = {k: v for k, v in (head or {}).items()
+                  if k != "id" and isinstance(v, (int, str)) and not k.endswith("_sealed")}
+    backup_id = uuid.uuid4().hex
+    mac_version, _key, check = mac_key(barrier, backup_id)
+    return Manifest(backup_id=backup_id, created_at=timeutil.now_db(), backend=backend, schema_versions=versions,
+                    tables=tables, sequences=await snap.sequences(),
+                    system_key_versions=sorted(set(by_version) | {mac_version}), records_by_version=by_version,
+                    mac_version=mac_version, key_check=check, audit_head=audit_head, skm_version=VERSION,
+                    mac_nonce=os.urandom(12).hex())
 
 
 def _enc_blob(v: Any) -> Any:
