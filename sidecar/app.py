@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 import sys
 from dataclasses import dataclass, field
 
 from server import logs
+from server.loops import settle_heap
 from sidecar.acks import Acks
 from sidecar.attest import Attestor
 from sidecar.cache import Cache
@@ -135,10 +135,7 @@ class Sidecar:
 async def run(config: SidecarConfig) -> int:
     logs.configure(config.log_format, config.log_level)
     sidecar = await Sidecar(config).start()
-    # What start-up made (modules, classes, the TLS context) lives as long as the process: frozen, it is
-    # no longer scanned by full collections, each of which otherwise stalls every request for 10-20 ms.
-    gc.collect()
-    gc.freeze()
+    settle_heap()
     print(f"sidecar: serving {config.listen.socket}"
           + (f" and http://127.0.0.1:{sidecar.api.tcp_port}" if sidecar.api.tcp_port else ""),
           file=sys.stderr, flush=True)

@@ -15,8 +15,9 @@ durable. A write failure fails every request of its batch (503) unless `fail_clo
 With several workers (or replicas) every process writes its own batches, and the chain stays one
 line because each write moves the one `audit_head` row in the same transaction. On SQLite the
 writers take turns through the storage's writer lock (server/storage/sqlite.py), which wakes the
-next one as soon as the other commits, and the whole transaction runs in one hand-off to the
-connection's thread. On PostgreSQL a writer chains its batch after the head it last saw and writes
+next one as soon as the other commits, and the whole transaction runs on the event loop's thread
+(a few hundred microseconds of SQLite work; a thread of its own cost more in GIL hand-offs). On
+PostgreSQL a writer chains its batch after the head it last saw and writes
 rows and head in one statement that fails whole if the head has moved (`_write_after_known_head`),
 so no row lock is held across a round trip.
 """
@@ -32,7 +33,7 @@ from typing import Any
 
 from server import logs, timeutil
 from server.audit.chain import VerifyResult, verify_chain
-from server.audit.record import FIELDS, digest, link_key, tag, to_api
+from server.audit.record import FIELDS, canon_body, chained_digest, link_key, tagger, to_api
 from server.barrier.barrier import sealed_aad
 from server.errors import InvalidRequest, Unavailable
 from server.settings import AuditSettings   # [audit] in the server config
@@ -76,23 +77,28 @@ def _insert_sql(n: int, first_seq_from: str | None = None) -> str:
     return f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES {', '.join([first] + [row] * (n - 1))}"
 
 
-def _chain(rows: list[dict], head: dict, key: bytes) -> tuple[int, list[list[Any]], str]:
+def _chain(rows: list[dict], head: dict, key: bytes, bodies: list[bytes] | None = None
+           ) -> tuple[int, list[list[Any]], str]:
     """Number, link and tag `rows` after the head just reserved (the head's seq already moved past them):
-    (the last record's seq, the rows' column values, the last record's digest)."""
+    (the last record's seq, the rows' column values, the last record's digest). `bodies`: the rows'
+    `canon_body`, when encoded beforehand (outside the writers' lock)."""
+    if bodies is None:
+        bodies = [canon_body(row) for row in rows]
     seq, prev = int(head["seq"]) - len(rows), head["hash"]
+    tag_of = tagger(key)
     values: list[list[Any]] = []
-    for row in rows:
+    for row, body in zip(rows, bodies):
         seq += 1
         row["seq"], row["prev_hash"] = seq, prev
-        prev = digest(row)
-        values.append([row[f] for f in FIELDS] + [prev, tag(key, prev)])
+        prev = chained_digest(seq, body, prev)
+        values.append([row[f] for f in FIELDS] + [prev, tag_of(prev)])
     return seq, values, prev
 
 
-def _append_sync(rows: list[dict], key: bytes, con) -> int:
-    """`Audit._write` on SQLite's writer thread, inside its transaction (blocking)."""
+def _append_sync(rows: list[dict], key: bytes, bodies: list[bytes], con) -> int:
+    """`Audit._write` on SQLite, inside its transaction (blocking)."""
     head = con.execute(_RESERVE, (len(rows),)).fetchall()[0]
-    seq, values, last = _chain(rows, head, key)
+    seq, values, last = _chain(rows, head, key, bodies)
     con.executemany(_INSERT_SQLITE, values)
     con.execute(_SET_HEAD, (last,))
     return seq
@@ -287,9 +293,10 @@ class Audit:
         if key is None:
             from server.errors import Sealed
             raise Sealed(self.barrier.sealed_reason)
-        in_thread = getattr(self.db, "sync_transaction", None)
-        if in_thread is not None:       # SQLite: the whole transaction in one hand-off to its thread
-            return await in_thread(functools.partial(_append_sync, rows, key))
+        inline = getattr(self.db, "sync_transaction", None)
+        if inline is not None:          # SQLite: the whole transaction at once, on this thread
+            bodies = [canon_body(row) for row in rows]      # before the writers' lock, not under it
+            return await inline(functools.partial(_append_sync, rows, key, bodies))
         seq = await self._write_after_known_head(rows, key)
         if seq is not None:
             return seq
@@ -311,6 +318,7 @@ class Audit:
         the head has moved meanwhile (another worker or replica wrote): its UPDATE then matches nothing,
         the first row's seq, taken from the UPDATE's result, is NULL and the row is refused (23502); the
         head is read afresh and the batch chained again."""
+        bodies: list[bytes] | None = None
         for _ in range(OPTIMISTIC_TRIES):
             head = self._head
             if head is None:
@@ -318,7 +326,9 @@ class Audit:
                 if head is None:
                     return None
             seq0, n = int(head["seq"]), len(rows)
-            seq, values, last = _chain(rows, {"seq": seq0 + n, "hash": head["hash"]}, key)
+            if bodies is None:
+                bodies = [canon_body(row) for row in rows]    # once: a retry chains them after another head
+            seq, values, last = _chain(rows, {"seq": seq0 + n, "hash": head["hash"]}, key, bodies)
             try:
                 await self.db.execute(
                     "WITH h AS (UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1 AND seq = ? AND hash = ? "

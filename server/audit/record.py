@@ -53,6 +53,34 @@ def digest(rec: dict) -> str:
     return hashlib.sha256(_canon(rec, FIELDS)).hexdigest()
 
 
+# The canonical form of a keyed record is the JSON list of FIELDS, whose first is `seq` and last
+# `prev_hash`: the fields between depend on the record alone, so a writer encodes them before it
+# takes the chain's head (outside the writers' lock) and adds the two once it holds it.
+assert FIELDS[0] == "seq" and FIELDS[-1] == "prev_hash"
+_BODY_FIELDS = FIELDS[1:-1]
+
+
+def canon_body(rec: dict) -> bytes:
+    """The canonical form's fields between `seq` and `prev_hash`, as they appear in it (no brackets)."""
+    return _canon(rec, _BODY_FIELDS)[1:-1]
+
+
+def chained_digest(seq: int, body: bytes, prev: str) -> str:
+    """`digest()` of the record whose `canon_body` is `body`, numbered `seq` and linked after `prev`."""
+    return hashlib.sha256(b"[%d,%s,%s]" % (seq, body, _encode(prev).encode())).hexdigest()
+
+
+def tagger(key: bytes):
+    """`tag(key, ·)` with the key's HMAC state built once (a batch tags every record under one key)."""
+    base = hmac.new(key, digestmod=hashlib.sha256)
+
+    def tag_of(dig: str) -> str:
+        h = base.copy()
+        h.update(dig.encode())
+        return TAG_PREFIX + h.hexdigest()
+    return tag_of
+
+
 def link_key(audit_key: bytes) -> bytes:
     """The key the tags are made with, apart from the key of body HMACs."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"skm audit link v1").derive(audit_key)

@@ -91,6 +91,7 @@ def _run_on_loop(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    from server import loops
     from server.workers import WorkerPlace
     logs.configure(cfg.log_format, cfg.log_level)
     place = WorkerPlace.from_env()
@@ -104,6 +105,7 @@ async def _run(args: argparse.Namespace, cfg: ServerConfig) -> int:
         # A refused start (wrong root key or PIN) must release storage too, or its thread keeps us alive.
         await server.stop()
         raise
+    loops.settle_heap()
     if place is not None:
         place.ready(server.data_port, server.mgmt_port)     # the supervisor prints the one listening line
     else:

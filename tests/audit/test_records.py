@@ -378,3 +378,29 @@ def test_every_action_named_in_the_code_is_a_known_filter():
                 named.add(name)
     assert {"backup.start", "approval.requested", "sidecar.reads-dropped"} <= named, named
     assert not [n for n in sorted(named) if check_filter(n) is not None]
+
+
+def test_a_digest_from_the_body_encoded_ahead_is_the_record_digest():
+    """Writers encode a record's fields before they take the chain's head (server/audit/log.py) and add
+    `seq` and `prev_hash` under the lock: the digest and tag must be exactly those a verifier recomputes
+    from the whole record, for any values (escapes, non-ASCII, None, numbers sent as text)."""
+    import os
+
+    from server.audit.record import FIELDS, canon_body, chained_digest, digest, tag, tagger
+    base = {f: None for f in FIELDS}
+    records = [
+        dict(base, seq=1, at="2026-11-30T03:41:49.757479Z", plane="data", actor="appkey", actor_kind="client",
+             ip="127.0.0.1", method="GET", route="/x/{keyid}", action="secret.read", project_id=3,
+             keystore_id="12", key_id="k\u00e9y", change=0, status=200, result="ok",
+             detail='{"keyName":"n\\"q"}', prev_hash="0" * 64),
+        dict(base, seq=10**12, at="t", plane="mgmt", actor='a"b\\c\n', actor_kind="operator", action="a.b",
+             reason="\u2603 \x00 </script>", detail="{}", result="refused", status=403, prev_hash="ab" * 32),
+    ]
+    key = os.urandom(32)
+    tag_of = tagger(key)
+    for rec in records:
+        want = digest(rec)
+        assert chained_digest(rec["seq"], canon_body(rec), rec["prev_hash"]) == want
+        assert tag_of(want) == tag(key, want)
+    changed = dict(records[0], status=201)
+    assert chained_digest(1, canon_body(changed), "0" * 64) != digest(records[0])

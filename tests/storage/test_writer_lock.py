@@ -162,3 +162,39 @@ async def test_a_failed_write_rolls_back_and_lets_the_lock_go(store: SQLiteStora
     assert await rows(store) == []
     assert hold(store, "try").said == "held"
     assert os.path.exists(store.path)
+
+
+
+
+async def test_what_the_loop_writes_is_checkpointed_into_the_database_file(store: SQLiteStorage, tmp_path: Path):
+    """`sync_transaction` writes on the event loop's thread with a connection that never checkpoints on
+    commit (that would sync the file on the loop); a reader does it in its thread instead, or the WAL
+    would only grow. Seen in the database file alone, without its WAL."""
+    import shutil
+    import sqlite3
+
+    def in_main_file() -> list[int]:
+        copy = tmp_path / "main-file-only.db"
+        shutil.copyfile(store.path, copy)
+        con = sqlite3.connect(copy)
+        try:
+            return [r[0] for r in con.execute("SELECT n FROM w ORDER BY n")]
+        except sqlite3.OperationalError:         # the table itself still only in the WAL
+            return []
+        finally:
+            con.close()
+            copy.unlink()
+
+    store.checkpoint_interval = 3600.0
+    await store.sync_transaction(insert(0))      # the first commit checkpoints; then not for an hour
+    await store._checkpointing
+    first = store._checkpointing
+    for n in range(1, 20):
+        await store.sync_transaction(insert(n))
+    assert store._checkpointing is first
+    assert in_main_file() == [0]
+    store._next_checkpoint = 0.0                 # the hour is up
+    await store.sync_transaction(insert(20))
+    assert store._checkpointing is not first
+    await store._checkpointing
+    assert in_main_file() == list(range(21))
