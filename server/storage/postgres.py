@@ -184,6 +184,15 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(query=urlencode(rest))), ours
 
 
+async def _no_session_state(_conn: asyncpg.Connection) -> None:
+    """What the pool runs on a connection handed back (after asyncpg rolls back any open transaction).
+
+    asyncpg's default sends `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` on every release:
+    a round trip per statement we run, as many as the statements themselves. Pooled connections keep no
+    session state here: session advisory locks and LISTEN live on dedicated connections (below), a
+    backup's snapshot is a transaction, and the only SET is `SET LOCAL`, gone at commit."""
+
+
 class PostgresStorage(Storage):
     dialect = "postgresql"
 
@@ -221,7 +230,8 @@ class PostgresStorage(Storage):
         self._closing = False
         self._pool = await asyncpg.create_pool(
             self._dsn, min_size=0, max_size=self._max_size, timeout=self._connect_timeout,
-            command_timeout=self._command_timeout, server_settings={"application_name": "skm"})
+            command_timeout=self._command_timeout, server_settings={"application_name": "skm"},
+            reset=_no_session_state)
         try:
             await self._migrate()
         except BaseException:

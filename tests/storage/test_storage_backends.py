@@ -229,6 +229,26 @@ async def test_open_storage_routes_postgres(pg_url: str) -> None:
         await s.close()
 
 
+async def test_a_pooled_statement_is_one_round_trip(pg_url: str) -> None:
+    """Handing a connection back to the pool sends nothing (asyncpg's default sends a reset query: one
+    more round trip for every statement, the audit's included); a transaction left open is still
+    rolled back."""
+    s = await _opened(pg_url, max_size=1)          # one connection: every statement below uses it
+    try:
+        seen: list[str] = []
+        async with s._acquire() as conn:
+            conn.add_query_logger(lambda rec: seen.append(rec.query))
+        for _ in range(3):
+            assert await s.fetchval("SELECT 1 AS one") == 1
+        assert seen == ["SELECT 1 AS one"] * 3
+        async with s._acquire() as conn:
+            await conn.execute("BEGIN")                # left open on purpose
+        assert seen[3:] == ["BEGIN", "ROLLBACK"]
+        assert await s.fetchval("SELECT 1 AS one") == 1
+    finally:
+        await s.close()
+
+
 async def test_replicas_starting_together_migrate_once(pg_url: str) -> None:
     replicas = [PostgresStorage(pg_url, max_size=2) for _ in range(6)]
     await asyncio.gather(*(r.open() for r in replicas))
