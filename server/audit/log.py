@@ -65,16 +65,24 @@ _RESERVE = "UPDATE audit_head SET seq = seq + ? WHERE id = 1 RETURNING seq, hash
 _SET_HEAD = "UPDATE audit_head SET hash = ? WHERE id = 1"
 _INSERT_SQLITE = f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 OPTIMISTIC_TRIES = 8               # PostgreSQL: writes after the last head seen before locking the head instead
-_NOT_NULL_VIOLATION = "23502"
+# PostgreSQL column types of audit_log (server/storage/migrations.py) for the arrays below; the rest are TEXT.
+_PG_TYPES = {"seq": "BIGINT", "project_id": "BIGINT", "keystore_id": "BIGINT", "change": "INTEGER",
+             "status": "INTEGER"}
+# One statement: move the head if it is still (seq, hash) and insert the batch, one array per column
+# (the same statement for every batch size); either both happen or neither. It answers how many rows
+# it wrote and the head as it found it, which is where to chain again when that was 0.
+_WRITE_AFTER_HEAD = (
+    "WITH h AS (UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1 AND seq = ? AND hash = ? RETURNING id), "
+    f"ins AS (INSERT INTO audit_log ({', '.join(COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"CAST(? AS {_PG_TYPES.get(c, 'TEXT')}[])" for c in COLUMNS)
+    + ") WHERE EXISTS (SELECT 1 FROM h) RETURNING 1) "
+    "SELECT (SELECT count(*) FROM ins) AS written, seq, hash FROM audit_head WHERE id = 1")
 
 
-def _insert_sql(n: int, first_seq_from: str | None = None) -> str:
-    """A multi-row INSERT of `n` records (PostgreSQL). With `first_seq_from`, the first row's seq is read
-    from that CTE's result: NULL, so the statement fails whole, when the CTE returned no row."""
+def _insert_sql(n: int) -> str:
+    """A multi-row INSERT of `n` records (PostgreSQL, the locked path)."""
     row = f"({', '.join('?' * len(COLUMNS))})"
-    first = row if first_seq_from is None else \
-        f"((SELECT CAST(? AS BIGINT) FROM {first_seq_from}), {', '.join('?' * (len(COLUMNS) - 1))})"
-    return f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES {', '.join([first] + [row] * (n - 1))}"
+    return f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES {', '.join([row] * n)}"
 
 
 def _chain(rows: list[dict], head: dict, key: bytes, bodies: list[bytes] | None = None
@@ -314,33 +322,30 @@ class Audit:
 
         Why: locking the head for a read, then writing, holds its row lock over two more round trips, each
         waiting for a turn of a busy event loop; two workers then queued on the lock and used 1.2-1.4 of
-        2 cores. Here the lock lives only inside PostgreSQL's statement. The statement fails whole when
-        the head has moved meanwhile (another worker or replica wrote): its UPDATE then matches nothing,
-        the first row's seq, taken from the UPDATE's result, is NULL and the row is refused (23502); the
-        head is read afresh and the batch chained again."""
-        bodies: list[bytes] | None = None
+        2 cores. Here the lock lives only inside PostgreSQL's statement. When the head has moved meanwhile
+        (another worker or replica wrote) the statement writes nothing and answers the head it found, and
+        the batch is chained again after that one: no error, no second read (a refused statement was half
+        of the two workers' audit writes)."""
+        bodies = [canon_body(row) for row in rows]     # once: a retry chains them after another head
+        head = self._head
         for _ in range(OPTIMISTIC_TRIES):
-            head = self._head
             if head is None:
                 head = await self.db.fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
                 if head is None:
                     return None
             seq0, n = int(head["seq"]), len(rows)
-            if bodies is None:
-                bodies = [canon_body(row) for row in rows]    # once: a retry chains them after another head
             seq, values, last = _chain(rows, {"seq": seq0 + n, "hash": head["hash"]}, key, bodies)
             try:
-                await self.db.execute(
-                    "WITH h AS (UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1 AND seq = ? AND hash = ? "
-                    f"RETURNING id) {_insert_sql(n, first_seq_from='h')}",
-                    seq, last, seq0, head["hash"], *(v for r in values for v in r))
-            except Exception as e:
+                got = await self.db.fetchone(_WRITE_AFTER_HEAD, seq, last, seq0, head["hash"],
+                                             *(list(column) for column in zip(*values)))
+            except Exception:
                 self._head = None
-                if getattr(e, "sqlstate", None) != _NOT_NULL_VIOLATION:
-                    raise
-                continue
-            self._head = {"seq": seq, "hash": last}
-            return seq
+                raise
+            if got is not None and got["written"] == n:
+                self._head = {"seq": seq, "hash": last}
+                return seq
+            head = None if got is None else {"seq": got["seq"], "hash": got["hash"]}
+        self._head = None
         return None
 
     async def event(self, action: str, *, actor: str, actor_kind: str = "system", keystore_id: int | None = None,

@@ -1,8 +1,8 @@
 """Several processes' audit writers on one store (workers, replicas) keep ONE chain on both backends.
 
 Every worker group-commits its own records: on SQLite taking turns through the writer lock, on
-PostgreSQL writing after the head it last saw in one statement that fails whole when the head has
-moved (server/audit/log.py). What a user relies on: every acknowledged record is in the log once,
+PostgreSQL writing after the head it last saw in one statement that writes nothing, and answers the
+head it found, when the head has moved (server/audit/log.py). What a user relies on: every acknowledged record is in the log once,
 numbered without a gap, and the keyed chain verifies."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from server.audit import log as audit_log
 from server.barrier.barrier import Barrier
 from server.settings import AuditSettings
 from server.storage.factory import open_storage
-from tests.support.postgres import storage_url  # noqa: F401
+from tests.support.postgres import pg_url, storage_url  # noqa: F401
 
 
 def rec(who: str, i: int) -> dict:
@@ -74,6 +74,31 @@ async def test_a_writer_whose_view_of_the_head_is_old_chains_after_the_new_head(
     seq = await a.append(rec("a", 2))
     assert seq == 8
     await check_chain(stores[0], a, 8)
+
+
+async def test_a_moved_head_costs_one_more_statement_not_an_error_and_a_read(pg_url: str):  # noqa: F811
+    """PostgreSQL: the refused write answers the head it found, so the retry needs no read of its own
+    (SQLite's writers take turns on a lock instead: there is no refused write)."""
+    from server.storage.postgres import PostgresStorage
+    barrier = Barrier()
+    barrier.unseal({1: os.urandom(32)}, 1)
+    stores = [PostgresStorage(pg_url, max_size=1) for _ in range(2)]    # one connection each: all seen
+    for st in stores:
+        await st.open()
+    try:
+        a, b = (Audit(st, barrier) for st in stores)
+        await a.append(rec("a", 1))
+        await b.append(rec("b", 1))            # a's view of the head is now old
+        sent: list[str] = []
+        async with stores[0]._acquire() as conn:
+            conn.add_query_logger(lambda r: sent.append(r.query))
+        assert await a.append(rec("a", 2)) == 3
+        assert len([q for q in sent if "audit_log" in q]) == 2
+        assert not [q for q in sent if "audit_log" not in q]    # no read of the head, no reset, no lock
+        await check_chain(stores[0], a, 3)
+    finally:
+        for st in stores:
+            await st.close()
 
 
 async def test_when_the_head_keeps_moving_the_writer_locks_it(writers, monkeypatch):
