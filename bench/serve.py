@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if a.unkeyed_audit:
         from server.audit import checkpoints, log
-        log.tag = lambda key, digest: None                      # no HMAC per record
+        log.tagger = lambda key: (lambda digest: None)          # no HMAC per record
         checkpoints.Checkpointer.nudge = lambda self, seq: None  # no periodic checkpoint ...
         emit = checkpoints.Checkpointer.emit
 

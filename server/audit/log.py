@@ -17,9 +17,9 @@ line because each write moves the one `audit_head` row in the same transaction. 
 writers take turns through the storage's writer lock (server/storage/sqlite.py), which wakes the
 next one as soon as the other commits, and the whole transaction runs on the event loop's thread
 (a few hundred microseconds of SQLite work; a thread of its own cost more in GIL hand-offs). On
-PostgreSQL a writer chains its batch after the head it last saw and writes
-rows and head in one statement that fails whole if the head has moved (`_write_after_known_head`),
-so no row lock is held across a round trip.
+PostgreSQL a writer chains its batch after the head it last saw and writes rows and head in one
+statement that writes nothing, and answers the head it found, if the head has moved
+(`_write_after_known_head`), so no row lock is held across a round trip.
 """
 from __future__ import annotations
 
