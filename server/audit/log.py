@@ -33,7 +33,7 @@ from typing import Any
 
 from server import logs, timeutil
 from server.audit.chain import VerifyResult, verify_chain
-from server.audit.record import FIELDS, canon_body, chained_digest, link_key, tagger, to_api
+from server.audit.record import FIELDS, INT_FIELDS, canon_body, chained_digest, link_key, tagger, to_api
 from server.barrier.barrier import sealed_aad
 from server.errors import InvalidRequest, Unavailable
 from server.settings import AuditSettings   # [audit] in the server config
@@ -65,16 +65,14 @@ _RESERVE = "UPDATE audit_head SET seq = seq + ? WHERE id = 1 RETURNING seq, hash
 _SET_HEAD = "UPDATE audit_head SET hash = ? WHERE id = 1"
 _INSERT_SQLITE = f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 OPTIMISTIC_TRIES = 8               # PostgreSQL: writes after the last head seen before locking the head instead
-# PostgreSQL column types of audit_log (server/storage/migrations.py) for the arrays below; the rest are TEXT.
-_PG_TYPES = {"seq": "BIGINT", "project_id": "BIGINT", "keystore_id": "BIGINT", "change": "INTEGER",
-             "status": "INTEGER"}
 # One statement: move the head if it is still (seq, hash) and insert the batch, one array per column
 # (the same statement for every batch size); either both happen or neither. It answers how many rows
-# it wrote and the head as it found it, which is where to chain again when that was 0.
+# it wrote and the head as it found it, which is where to chain again when that was 0. (The INTEGER
+# columns take the BIGINT arrays by assignment.)
 _WRITE_AFTER_HEAD = (
     "WITH h AS (UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1 AND seq = ? AND hash = ? RETURNING id), "
     f"ins AS (INSERT INTO audit_log ({', '.join(COLUMNS)}) SELECT * FROM unnest("
-    + ", ".join(f"CAST(? AS {_PG_TYPES.get(c, 'TEXT')}[])" for c in COLUMNS)
+    + ", ".join(f"CAST(? AS {'BIGINT' if c in INT_FIELDS else 'TEXT'}[])" for c in COLUMNS)
     + ") WHERE EXISTS (SELECT 1 FROM h) RETURNING 1) "
     "SELECT (SELECT count(*) FROM ins) AS written, seq, hash FROM audit_head WHERE id = 1")
 
@@ -85,13 +83,10 @@ def _insert_sql(n: int) -> str:
     return f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES {', '.join([row] * n)}"
 
 
-def _chain(rows: list[dict], head: dict, key: bytes, bodies: list[bytes] | None = None
-           ) -> tuple[int, list[list[Any]], str]:
+def _chain(rows: list[dict], head: dict, key: bytes, bodies: list[bytes]) -> tuple[int, list[list[Any]], str]:
     """Number, link and tag `rows` after the head just reserved (the head's seq already moved past them):
     (the last record's seq, the rows' column values, the last record's digest). `bodies`: the rows'
-    `canon_body`, when encoded beforehand (outside the writers' lock)."""
-    if bodies is None:
-        bodies = [canon_body(row) for row in rows]
+    `canon_body`, encoded once per batch before any lock is taken."""
     seq, prev = int(head["seq"]) - len(rows), head["hash"]
     tag_of = tagger(key)
     values: list[list[Any]] = []
@@ -301,22 +296,22 @@ class Audit:
         if key is None:
             from server.errors import Sealed
             raise Sealed(self.barrier.sealed_reason)
+        bodies = [canon_body(row) for row in rows]      # once, before any lock; every try chains from them
         inline = getattr(self.db, "sync_transaction", None)
         if inline is not None:          # SQLite: the whole transaction at once, on this thread
-            bodies = [canon_body(row) for row in rows]      # before the writers' lock, not under it
             return await inline(functools.partial(_append_sync, rows, key, bodies))
-        seq = await self._write_after_known_head(rows, key)
+        seq = await self._write_after_known_head(rows, key, bodies)
         if seq is not None:
             return seq
         async with self.db.transaction() as tx:        # the head's row lock from here to COMMIT
             head = await tx.fetchone(_RESERVE, len(rows))
-            seq, values, last = _chain(rows, head, key)
+            seq, values, last = _chain(rows, head, key, bodies)
             await tx.execute(f"WITH ins AS ({_insert_sql(len(values))}) {_SET_HEAD}",
                              *(v for r in values for v in r), last)
         self._head = None
         return seq
 
-    async def _write_after_known_head(self, rows: list[dict], key: bytes) -> int | None:
+    async def _write_after_known_head(self, rows: list[dict], key: bytes, bodies: list[bytes]) -> int | None:
         """PostgreSQL: the batch chained after the head this process last saw and written, with the head's
         move, in ONE autocommitted statement; None after OPTIMISTIC_TRIES (the caller then locks the head).
 
@@ -326,7 +321,6 @@ class Audit:
         (another worker or replica wrote) the statement writes nothing and answers the head it found, and
         the batch is chained again after that one: no error, no second read (a refused statement was half
         of the two workers' audit writes)."""
-        bodies = [canon_body(row) for row in rows]     # once: a retry chains them after another head
         head = self._head
         for _ in range(OPTIMISTIC_TRIES):
             if head is None:

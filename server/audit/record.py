@@ -28,7 +28,7 @@ LEGACY_FIELDS = ("seq", "at", "plane", "actor", "actor_kind", "ip", "fingerprint
 # Fields of a keyed record's digest, in this order; also the stored columns (with hash and tag).
 FIELDS = ("seq", "at", "plane", "actor", "actor_kind", "ip", "fingerprint", "mac", "method", "route", "action",
           "project_id", "keystore_id", "key_id", "change", "status", "result", "reason", "detail", "prev_hash")
-_INTS = frozenset({"seq", "project_id", "keystore_id", "change", "status"})
+INT_FIELDS = frozenset({"seq", "project_id", "keystore_id", "change", "status"})   # the rest are text
 
 
 # json.dumps with options builds a JSONEncoder per call; one built once gives the same text.
@@ -39,7 +39,7 @@ def _canon(rec: dict, fields: tuple[str, ...]) -> bytes:
     vals = []
     for f in fields:
         v = rec.get(f)
-        vals.append(int(v) if f in _INTS and v is not None else v)
+        vals.append(int(v) if f in INT_FIELDS and v is not None else v)
     return _encode(vals).encode()
 
 
