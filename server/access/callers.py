@@ -240,7 +240,11 @@ class CallerAuth:
             await self._changed(f"token:{token_id}")
 
     async def verify_token(self, token: str) -> tuple[str, AccessKey]:
-        parsed = parse_token(bearer_value(token))
+        """(token id, its access key) for `X-NHN-Authorization`'s value, with or without `Bearer `."""
+        return await self._verify_token(bearer_value(token))
+
+    async def _verify_token(self, token: str) -> tuple[str, AccessKey]:
+        parsed = parse_token(token)
         row = None
         token_id, secret = parsed or ("", token)
         cache = self.cache
@@ -295,10 +299,10 @@ class CallerAuth:
             identity = key.identity()
             credential = f"accesskey:{key.id}"
         elif ctx.version == "v1.3":
-            header = request.headers.get(TOKEN_HEADER)
-            if not header or not bearer_value(header):
+            token = bearer_value(request.headers.get(TOKEN_HEADER) or "")
+            if not token:
                 raise Unauthenticated(MISSING_V13)
-            token_id, key = await self.verify_token(header)
+            token_id, key = await self._verify_token(token)
             identity = f"token:{token_id}/{key.identity()}"
             credential = f"bearer:{token_id}"
         else:
@@ -307,9 +311,10 @@ class CallerAuth:
             raise Unauthenticated("this user access key is bound to another project's appkey")
         # One identity per person: the credential acts as its operator, with that operator's roles.
         op = await self.operator_of(key)
-        if not op.has(("admin", "approver", "viewer"), ctx.project.id):
+        roles = op.roles_in(ctx.project.id)
+        if roles.isdisjoint(("admin", "approver", "viewer")):
             raise Forbidden(f"{key.operator} holds no role in this project; ask a global admin for one")
-        if not op.has(("admin",), ctx.project.id) and _handler_name(request) in CHANGE_HANDLERS:
+        if "admin" not in roles and _handler_name(request) in CHANGE_HANDLERS:
             # As on the management plane: only admins change key stores; others use keys and read.
             raise Forbidden(f"this change needs an admin's access key; {key.operator} is not an admin of this "
                             "project")
