@@ -185,10 +185,13 @@ async def test_chain_stays_linear_under_concurrent_requests(skm):
 
 async def test_audit_write_failure_fails_the_request_unless_configured(skm):
     store = await skm.keystore("fc")
+    failures = await skm.metric("skm_audit_write_failures_total")
     await skm.rt.storage.execute("ALTER TABLE audit_log RENAME TO audit_log_away")
     try:
         st, out = await skm.mgmt("GET", f"/keystores/{store['keyStoreId']}")
         assert st == 503 and "audit" in out["header"]["resultDetail"]
+        # Operators see it in /metrics (its own record cannot be written either).
+        assert await skm.metric("skm_audit_write_failures_total") > failures
         st, out = await skm.client("GET", "/confirm")
         assert st == 503
         audit = skm.rt.audit
@@ -222,6 +225,23 @@ async def test_export_json_lines_since(skm, tmp_path):
     assert code == 0, err
     offline = [json.loads(line) for line in Path(out_file).read_text().splitlines()]
     assert [r["seq"] for r in offline][:len(recs)] == [r["seq"] for r in recs]
+
+
+async def test_metrics_count_the_audit_writers_commits(skm):
+    store = await skm.keystore("metered")
+    key = await skm.key(store, "SECRET", "pw", secretValue=SECRET)
+    records, batches = (await skm.metric("skm_audit_records_total"), await skm.metric("skm_audit_batch_seconds_count"))
+    head = int(await skm.rt.storage.fetchval("SELECT seq FROM audit_head WHERE id = 1"))
+    results = await asyncio.gather(*[skm.client("GET", f"/secrets/{key['keyId']}") for _ in range(40)])
+    assert all(st == 200 for st, _ in results)
+    written = int(await skm.rt.storage.fetchval("SELECT seq FROM audit_head WHERE id = 1")) - head
+    # Every record this process committed is counted (the scrape's own record is committed after it answers).
+    assert written >= 40
+    assert await skm.metric("skm_audit_records_total") - records >= written
+    committed = await skm.metric("skm_audit_batch_seconds_count") - batches
+    assert 1 <= committed < written          # group commit: fewer batches than records
+    assert await skm.metric("skm_audit_write_failures_total") == 0
+    assert await skm.metric("skm_audit_held_records") == 0
 
 
 async def test_concurrent_records_are_group_committed_in_order(skm):

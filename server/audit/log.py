@@ -29,6 +29,7 @@ import hashlib
 import hmac as _hmac
 import json
 import os
+import time
 from typing import Any
 
 from server import logs, timeutil
@@ -131,6 +132,7 @@ class Audit:
         self.checkpointer = None           # server.audit.checkpoints.Checkpointer (the primary process)
         self._sinks: list | None = None
         self._head: dict | None = None     # PostgreSQL: the head as this process last wrote it
+        self.metrics = None                # server.metrics.Metrics: the writer's counters in /metrics
 
     # ----------------------------------------------------------------- HMACs
     async def hmac_key(self) -> bytes | None:
@@ -205,6 +207,11 @@ class Audit:
             self._writer = loop.create_task(self._drain(), name="audit-writer")
         return list(await asyncio.gather(*futs))
 
+    @property
+    def held(self) -> int:
+        """Records made while the barrier was sealed, waiting in memory to be written."""
+        return len(self._held)
+
     def _hold(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
         for row, fut in batch:
             if len(self._held) < HELD_MAX:
@@ -257,13 +264,20 @@ class Audit:
                 if self._held or self._held_dropped:
                     self._release_held()
                 batch, self._queue[:n] = self._queue[:n], []
+                m = self.metrics
+                start = time.perf_counter()
                 try:
                     head_seq = await self._write([row for row, _ in batch])
                 except Exception as e:
+                    if m is not None:
+                        m.audit_write_failures.inc()
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(e)
                 else:
+                    if m is not None:
+                        m.audit_records.inc(len(batch))
+                        m.audit_batch_seconds.observe(time.perf_counter() - start)
                     for row, fut in batch:
                         if not fut.done():
                             fut.set_result(row["seq"])
@@ -339,6 +353,8 @@ class Audit:
                 self._head = {"seq": seq, "hash": last}
                 return seq
             head = None if got is None else {"seq": got["seq"], "hash": got["hash"]}
+            if self.metrics is not None:
+                self.metrics.audit_head_moved.inc()
         self._head = None
         return None
 

@@ -135,13 +135,14 @@ async def test_records_made_while_sealed_are_written_tagged_once_it_opens(tmp_pa
         st_, _ = await h.client("GET", f"/secrets/{'0' * 32}")
         assert st_ == 503
         assert await h.rt.storage.fetchval("SELECT COUNT(*) FROM audit_log WHERE tag IS NULL") == 0
-        assert h.rt.audit._held                              # held, in order, until the key is there
+        assert h.rt.audit.held                               # held, in order, until the key is there
+        assert await h.metric("skm_audit_held_records") >= 1
         await st.start_systemkey()
         await wait_unsealed(h, timeout=30)
         await _started(h)
         rows = await h.rt.storage.fetchall("SELECT * FROM audit_log WHERE action = 'secret.read'")
         assert rows and rows[0]["status"] == 503 and rows[0]["tag"] is not None
-        assert not h.rt.audit._held
+        assert not h.rt.audit.held and await h.metric("skm_audit_held_records") == 0
         res = await _verify(h)
         assert res["ok"] and res["keyed"], res
 

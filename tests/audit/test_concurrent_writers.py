@@ -14,6 +14,7 @@ import pytest
 from server.audit import Audit, verify_chain
 from server.audit import log as audit_log
 from server.barrier.barrier import Barrier
+from server.metrics import Metrics
 from server.settings import AuditSettings
 from server.storage.factory import open_storage
 from tests.support.postgres import pg_url, storage_url  # noqa: F401
@@ -87,6 +88,7 @@ async def test_a_moved_head_costs_one_more_statement_not_an_error_and_a_read(pg_
         await st.open()
     try:
         a, b = (Audit(st, barrier) for st in stores)
+        a.metrics = Metrics()
         await a.append(rec("a", 1))
         await b.append(rec("b", 1))            # a's view of the head is now old
         sent: list[str] = []
@@ -95,6 +97,7 @@ async def test_a_moved_head_costs_one_more_statement_not_an_error_and_a_read(pg_
         assert await a.append(rec("a", 2)) == 3
         assert len([q for q in sent if "audit_log" in q]) == 2
         assert not [q for q in sent if "audit_log" not in q]    # no read of the head, no reset, no lock
+        assert a.metrics.registry.get_sample_value("skm_audit_head_moved_total") == 1   # seen in /metrics
         await check_chain(stores[0], a, 3)
     finally:
         for st in stores:

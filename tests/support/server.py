@@ -104,6 +104,14 @@ class Harness:
             self.session()
         return self.sessions[0]
 
+    async def metric(self, name: str) -> float:
+        """One sample of the management plane's /metrics (as a scraper reads it); 0 when absent."""
+        from prometheus_client.parser import text_string_to_metric_families
+        async with self._default().get(f"{self.mgmt_url}/metrics") as r:
+            assert r.status == 200
+            text = await r.text()
+        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
     # -- conveniences for tests --------------------------------------------
     async def keystore(self, name: str = "store", **fields: Any) -> dict:
         register = fields.pop("register_loopback", True)
