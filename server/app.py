@@ -99,9 +99,7 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    rt = request.config_dict[RUNTIME]
-    rt.metrics.sealed.set(1 if rt.barrier.sealed else 0)
-    return rt.metrics.render()
+    return request.config_dict[RUNTIME].metrics.render()     # skm_sealed follows the barrier (build_runtime)
 
 
 def build_apps(rt: Runtime) -> tuple[web.Application, web.Application]:
@@ -155,6 +153,12 @@ def build_runtime(config: ServerConfig, storage, barrier: Barrier | None = None)
                  access=CachedClientAccess(storage, config.trusted_proxies, events=events), authdata=authdata,
                  operators=Operators(storage, config.login, events), metrics=Metrics())
     rt.changes = ChangeGate(keys, authdata)
+    metrics = rt.metrics
+
+    def sealed_now() -> None:
+        metrics.sealed.set(1 if barrier.sealed else 0)
+    barrier.on_change.append(sealed_now)
+    sealed_now()
     _extend_runtime(rt)
     return rt
 

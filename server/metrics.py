@@ -1,6 +1,16 @@
-"""Prometheus metrics, one registry per process object (no global registry)."""
+"""Prometheus metrics, one registry per process object (no global registry).
+
+With `workers > 1` each worker counts in its own process, and a scrape reaches whichever worker the
+kernel gave the connection: alone, its numbers would jump between the workers' own and rates would be
+nonsense. So the supervisor gives every worker one directory (`PROMETHEUS_MULTIPROC_DIR`, set before
+prometheus_client loads), where prometheus_client's multiprocess mode keeps each worker's values in a
+file of its own, and every scrape, on any worker or plane, adds them up: counters and histograms summed
+(a dead worker's counts stay, so they never go down), gauges by the mode each names (`livemax`: the
+largest of the live workers', `livesum`: their sum).
+"""
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -9,25 +19,31 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
+SHARED_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's own name; set by server/workers.py
+
+
 class Metrics:
     def __init__(self, prefix: str = "skm") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.shared_dir = os.environ.get(SHARED_DIR_ENV) or None      # the workers' directory, if any
         self.requests = Counter(f"{prefix}_http_requests", "HTTP requests", ["plane", "route", "status"],
                                 registry=self.registry)
         self.latency = Histogram(f"{prefix}_http_request_seconds", "HTTP request latency", ["plane"],
                                  registry=self.registry,
                                  buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
-        self.sealed = Gauge(f"{prefix}_sealed", "1 while the barrier is sealed", registry=self.registry)
+        # Gauges only worker 0 sets (jobs, rewrap, backups) or that any worker may set: the live maximum.
+        live_max = {"registry": self.registry, "multiprocess_mode": "livemax"}
+        self.sealed = Gauge(f"{prefix}_sealed", "1 while the barrier is sealed (on any worker)", **live_max)
         self.rewrap_done = Gauge(f"{prefix}_rewrap_records_done", "records re-sealed by the running rewrap",
-                                 registry=self.registry)
+                                 **live_max)
         self.rewrap_total = Gauge(f"{prefix}_rewrap_records_total", "records the running rewrap must re-seal",
-                                  registry=self.registry)
+                                  **live_max)
         self.backup_last_success = Gauge(f"{prefix}_backup_last_success_timestamp",
-                                         "Unix time of the last successful scheduled backup", registry=self.registry)
+                                         "Unix time of the last successful scheduled backup", **live_max)
         self.backup_last_size = Gauge(f"{prefix}_backup_last_size_bytes", "size of the last successful scheduled "
-                                      "backup", registry=self.registry)
+                                      "backup", **live_max)
         self.backup_last_seconds = Gauge(f"{prefix}_backup_last_duration_seconds", "how long the last successful "
-                                         "scheduled backup took", registry=self.registry)
+                                         "scheduled backup took", **live_max)
         self.backup_failures = Counter(f"{prefix}_backup_failures", "scheduled backups that failed",
                                        registry=self.registry)
         self.denials = Counter(f"{prefix}_access_denials", "client requests refused by key-store checks",
@@ -48,7 +64,7 @@ class Metrics:
         self.audit_head_moved = Counter(f"{prefix}_audit_head_moved", "audit batches chained again because "
                                         "another writer moved the head first (PostgreSQL)", registry=self.registry)
         self.audit_held = Gauge(f"{prefix}_audit_held_records", "audit records held in memory while the barrier "
-                                "is sealed", registry=self.registry)
+                                "is sealed", registry=self.registry, multiprocess_mode="livesum")
 
     def middleware(self, plane: str):
         # Children looked up once per (route, status): labels() validates and locks on every call.
@@ -71,6 +87,15 @@ class Metrics:
         return measure
 
     def render(self) -> web.Response:
-        resp = web.Response(body=generate_latest(self.registry))
+        resp = web.Response(body=self.exposition())
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return resp
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's metrics, or every worker's added up."""
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+        every = CollectorRegistry()
+        MultiProcessCollector(every, path=self.shared_dir)
+        return generate_latest(every)

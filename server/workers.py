@@ -12,6 +12,9 @@ becomes a small supervisor that starts N worker processes:
   so their caches drop what changed: on PostgreSQL through LISTEN/NOTIFY as
   replicas do (server/replication.py), on SQLite through Unix datagram sockets
   in `<data_dir>/run/` (`DatagramChannel`, same relay and heartbeat);
+* `/metrics` on any worker adds up every worker's values (prometheus_client's multiprocess
+  mode in `<data_dir>/run/metrics/`, emptied at start; a dead worker's live gauges are dropped,
+  its counts kept: server/metrics.py);
 * the supervisor reserves the data port before any worker starts (a bound,
   non-listening SO_REUSEPORT socket, so port 0 works), starts worker 0 first
   (migrations, audit key) and the rest once it is ready, prints one "listening"
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from server import logs
+from server.metrics import SHARED_DIR_ENV
 
 log = logs.get("skm.workers")
 
@@ -192,13 +196,17 @@ class Supervisor:
     mgmt_port: int = 0
     _stopping: bool = False
 
+    @property
+    def metrics_dir(self) -> Path:
+        return self.rundir / "metrics"
+
     def _command(self) -> list[str]:
         return [sys.executable, "-c", "import sys; from server.cli.main import main; sys.exit(main())", *self.argv]
 
     async def _spawn(self, w: _Worker) -> tuple[int, int]:
         r, wfd = os.pipe()
         env = {**os.environ, ENV_INDEX: str(w.index), ENV_COUNT: str(self.count), ENV_DATA_PORT: str(self.port),
-               ENV_RUNDIR: str(self.rundir), ENV_READY_FD: str(wfd)}
+               ENV_RUNDIR: str(self.rundir), ENV_READY_FD: str(wfd), SHARED_DIR_ENV: str(self.metrics_dir)}
         try:
             w.proc = await asyncio.create_subprocess_exec(*self._command(), env=env, pass_fds=(wfd,),
                                                           stdin=asyncio.subprocess.DEVNULL)
@@ -219,6 +227,8 @@ class Supervisor:
     async def start(self) -> None:
         self.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.rundir, 0o700)
+        self.metrics_dir.mkdir(exist_ok=True, mode=0o700)
+        _empty(self.metrics_dir)          # a previous run's counts are not this one's
         self.workers = [_Worker(i) for i in range(self.count)]
         try:
             _, self.mgmt_port = await self._spawn(self.workers[0])       # migrations and audit key first
@@ -252,6 +262,9 @@ class Supervisor:
             await asyncio.wait_for(stop.wait(), 0.5)
         if stop.is_set():
             return
+        if w.proc is not None:
+            from prometheus_client.multiprocess import mark_process_dead
+            mark_process_dead(w.proc.pid, str(self.metrics_dir))     # its live gauges; its counts stay
         lived = time.monotonic() - w.started
         w.failures = w.failures + 1 if lived < 60 else 1
         delay = min(RESTART_BACKOFF[0] * 2 ** (w.failures - 1), RESTART_BACKOFF[1])
@@ -284,6 +297,12 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
                 await p.wait()
+        _empty(self.metrics_dir)
+
+
+def _empty(d: Path) -> None:
+    for f in d.glob("*.db"):
+        f.unlink(missing_ok=True)
 
 
 class WorkerFailed(Exception):

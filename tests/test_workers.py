@@ -308,6 +308,52 @@ async def test_worker_0_dies_and_the_others_go_on_auditing(group: Harness):
     assert n[0] == 200 and len(n[1]["body"]["records"]) >= 21, n
 
 
+def _samples(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def _scrape(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(url) as r:
+        assert r.status == 200
+        return await r.text()
+
+
+async def test_metrics_add_up_every_workers_requests(group: Harness):
+    """A scrape reaches one worker, but counts what every worker did: 5 reads on worker 0 and 8 on
+    worker 1 are 13 whichever worker (or the management plane) answers, and still 13 after worker 1
+    died and came back (a counter never goes down)."""
+    h = group
+    g: Group = h.server
+    store = await h.keystore("metered")
+    key = await h.key(store, "SECRET", "s", secretValue="counted")
+    sessions = {i: await session_on_worker(h, i) for i in (0, 1)}
+    for i, n in ((0, 5), (1, 8)):
+        for _ in range(n):
+            st, _ = await h.client("GET", f"/secrets/{key['keyId']}", session=sessions[i])
+            assert st == 200
+    route = "/keymanager/{version}/appkey/{appkey}/secrets/{keyid}"
+
+    async def reads_counted() -> list[float]:
+        texts = [await _scrape(sessions[i], f"{h.data_url}/metrics") for i in (0, 1)]
+        texts.append(await _scrape(h._default(), f"{h.mgmt_url}/metrics"))
+        assert all(_samples(t, "skm_sealed") == 0 for t in texts)
+        assert all(_samples(t, "skm_audit_records_total") >= 13 for t in texts)
+        return [_samples(t, "skm_http_requests_total", plane="data", route=route, status="200") for t in texts]
+    assert await reads_counted() == [13, 13, 13]
+    assert await worker_of(sessions[1], h) == 1            # both scrapes were answered by their own worker
+
+    victim = max(g.children())
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while "worker_restarted" not in g.log.read_text():
+        assert time.monotonic() < deadline, g.log.read_text()[-2000:]
+        await asyncio.sleep(0.2)
+    sessions[1] = await session_on_worker(h, 1)
+    assert await reads_counted() == [13, 13, 13]
+
+
 async def test_sigterm_leaves_no_process(group: Harness):
     """SIGTERM to the supervisor stops every worker it started, not just itself.
 

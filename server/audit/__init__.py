@@ -25,9 +25,7 @@ def __getattr__(name: str):
 def install(rt) -> None:
     from server.audit.middleware import middleware
     rt.audit = audit = Audit(rt.storage, rt.barrier, AuditSettings.from_config(rt.config), config=rt.config)
-    if rt.metrics is not None:
-        audit.metrics = rt.metrics
-        rt.metrics.audit_held.set_function(lambda: audit.held)
+    audit.metrics = rt.metrics
     rt.extra.setdefault("data_middlewares", []).append(middleware(rt.audit, "data"))
     rt.extra.setdefault("mgmt_middlewares", []).append(middleware(rt.audit, "mgmt"))
 

@@ -220,10 +220,16 @@ class Audit:
                 self._held_dropped += 1
             if not fut.done():
                 fut.set_result(0)           # not yet in the log: written when the barrier opens
+        self._count_held()
+
+    def _count_held(self) -> None:
+        if self.metrics is not None:
+            self.metrics.audit_held.set(len(self._held))
 
     def _release_held(self) -> None:
         """Put the held records (and a note of any dropped) at the head of the queue, in order."""
         rows, self._held = self._held, []
+        self._count_held()
         if self._held_dropped:
             rows.append(self._row({"plane": "system", "actor": "system", "actor_kind": "system",
                                    "action": "audit.sealed-dropped", "result": "error", "change": False,

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import os
 import struct
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -47,6 +48,7 @@ class Barrier:
         self._roots: dict[int, bytes] = {}
         self.current_version: int | None = None
         self.sealed_reason: str = "starting: the system key has not been fetched yet"
+        self.on_change: list[Callable[[], None]] = []     # told after it opens or seals (/metrics)
 
     @property
     def sealed(self) -> bool:
@@ -58,12 +60,14 @@ class Barrier:
         self._keys = {v: AESGCM(k) for v, k in system_keys.items()}
         self._roots = {v: _derivation_root(k) for v, k in system_keys.items()}
         self.current_version = current
+        self._changed()
 
     def add_version(self, version: int, key: bytes, make_current: bool = True) -> None:
         self._keys[version] = AESGCM(key)
         self._roots[version] = _derivation_root(key)
         if make_current:
             self.current_version = version
+        self._changed()
 
     def retire(self, version: int) -> None:
         if version == self.current_version:
@@ -79,6 +83,11 @@ class Barrier:
         self._roots.clear()
         self.current_version = None
         self.sealed_reason = reason
+        self._changed()
+
+    def _changed(self) -> None:
+        for tell in self.on_change:
+            tell()
 
     def _require_open(self) -> None:
         if self.current_version is None:
