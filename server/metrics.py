@@ -6,7 +6,9 @@ nonsense. So the supervisor gives every worker one directory (`PROMETHEUS_MULTIP
 prometheus_client loads), where prometheus_client's multiprocess mode keeps each worker's values in a
 file of its own, and every scrape, on any worker or plane, adds them up: counters and histograms summed
 (a dead worker's counts stay, so they never go down), gauges by the mode each names (`livemax`: the
-largest of the live workers', `livesum`: their sum).
+largest of the live workers', `livesum`: their sum). The price: an update writes to the worker's
+memory-mapped file under a lock, ~3 µs more per request (a counter, the latency histogram and the key
+store's counter) than in memory.
 """
 from __future__ import annotations
 
