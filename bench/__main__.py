@@ -218,20 +218,41 @@ def measure(case: Case, args, run: int) -> Sample:
                   client_cores=r.client_cpu_s / r.seconds if r.seconds else 0.0)
 
 
-def run_cases(cases: list[Case], args, report: Report) -> None:
+# Workloads measured as a ratio of another on the same server run right after it, system by system
+# (A A' B B'), so the ratio is not the machine's drift over the minutes between them.
+PAIRED = {"secret-read-v13": "secret-read"}
+
+
+def schedule(cases: list[Case]) -> dict[str, list[Case]]:
+    """The cases of each run, by workload in WORKLOADS' order; a PAIRED workload's case follows its
+    partner's case of the same system (in the partner's group)."""
     order = [w for w in WORKLOADS + tuple(sorted({c.workload for c in cases} - set(WORKLOADS)))]
     by_workload = {w: [c for c in cases if c.workload == w] for w in order}
+    for w, partner in PAIRED.items():
+        if by_workload.get(partner):
+            followers = {c.system: c for c in by_workload.pop(w, [])}
+            grouped = []
+            for c in by_workload[partner]:
+                grouped.append(c)
+                if c.system in followers:
+                    grouped.append(followers.pop(c.system))
+            by_workload[partner] = grouped + list(followers.values())
+    return {w: g for w, g in by_workload.items() if g}
+
+
+def run_cases(cases: list[Case], args, report: Report) -> None:
+    by_workload = schedule(cases)
     if args.warmup > 0:
         for c in cases:
             console.print(f"warm-up {c.workload} / {c.system}")
             load.run(c.request, concurrency=c.concurrency or args.concurrency, duration=args.warmup)
     for run in range(1, args.runs + 1):
-        for w, group in by_workload.items():
+        for group in by_workload.values():
             for c in group:        # A B A B: every system of a workload, then the next run
                 s = measure(c, args, run)
                 report.samples.append(s)
                 flag = f" [red]{s.errors} errors[/red]" if s.errors else ""
-                console.print(f"run {run}/{args.runs} {w:>24} {c.system:<14} {s.rps:9,.0f} req/s  "
+                console.print(f"run {run}/{args.runs} {c.workload:>24} {c.system:<14} {s.rps:9,.0f} req/s  "
                               f"p50 {s.p50_ms:6.1f} ms  p99 {s.p99_ms:6.1f} ms  {s.cpu_us_per_req:7,.0f} µs CPU/req  "
                               f"{s.cores_used:4.2f} cores  {s.checked} answers checked{flag}")
 

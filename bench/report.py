@@ -70,10 +70,10 @@ class Report:
         floor = index.get(("floor", "floor"))
         for r in out:
             if r["workload"] == "secret-read-v13":      # the bearer token's cost: v1.3 against v1.0
-                v10 = index.get(("secret-read", r["system"]))
-                r["vs_v10"] = r["rps"] / v10["rps"] if v10 and v10["rps"] else None
-                r["cpu_vs_v10"] = (r["cpu_us_per_req"] / v10["cpu_us_per_req"]
-                                   if v10 and v10["cpu_us_per_req"] else None)
+                # Each run's v1.3 against the v1.0 run just before it (bench/__main__.py PAIRED), the
+                # median of those: minutes of drift between the two workloads do not count.
+                r["vs_v10"] = self._paired("secret-read", r["system"], "rps")
+                r["cpu_vs_v10"] = self._paired("secret-read", r["system"], "cpu_us_per_req")
         for r in out:
             if r["workers"] > 1:        # skm-w2 against skm, skm-pg-w2 against skm-pg
                 one = index.get((r["workload"], r["system"].rsplit("-w", 1)[0]))
@@ -83,6 +83,14 @@ class Report:
                 r["vs_openbao"] = r["rps"] / bao["rps"] if bao and bao["rps"] else None
                 r["vs_floor"] = r["rps"] / floor["rps"] if floor and floor["rps"] else None
         return out
+
+    def _paired(self, partner: str, system: str, attr: str) -> float | None:
+        """Median over runs of secret-read-v13's `attr` / `partner`'s in the same run on `system`."""
+        mine = {s.run: getattr(s, attr) for s in self.samples
+                if s.workload == "secret-read-v13" and s.system == system}
+        base = {s.run: getattr(s, attr) for s in self.samples if s.workload == partner and s.system == system}
+        ratios = [mine[run] / base[run] for run in mine if base.get(run)]
+        return statistics.median(ratios) if ratios else None
 
     @property
     def errors(self) -> int:
@@ -131,8 +139,8 @@ class Report:
         for r in self.rows():
             if r.get("vs_v10") is not None:
                 cpu = r.get("cpu_vs_v10")
-                console.print(f"secret read v1.3 (bearer token) / v1.0 on {r['system']}: {r['vs_v10']:.2f}x req/s"
-                              + (f", {cpu:.2f}x server CPU per request" if cpu is not None else ""))
+                console.print(f"secret read v1.3 (bearer token) / v1.0 on {r['system']}, paired runs: "
+                              f"{r['vs_v10']:.2f}x req/s" + (f", {cpu:.2f}x server CPU per request" if cpu is not None else ""))
         for k, v in self.notes.items():
             console.print(f"{k}: {v}")
         bad = [s for s in self.samples if s.errors]
