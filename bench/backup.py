@@ -191,11 +191,12 @@ def measure(backend: str, keys: int, work: Path, *, pg=None, duration: float = 1
                  pg.create_database()), _env())))
         raw_restore_s = min(_fresh(repeat, lambda: None, lambda: _timed(
             [str(pg.bindir / "pg_restore"), "--no-owner", "-d", pg.create_database(), str(raw)])))
-    res = BackupResult(backend, keys, round(create_s, 2), round(restore_s, 2), round(raw_backup_s, 2),
-                       round(raw_restore_s, 2), raw_tool, out.stat().st_size, raw.stat().st_size,
+    # Milliseconds kept: a small store's raw backup takes a few of them, and 0.00 s would be no ratio.
+    res = BackupResult(backend, keys, round(create_s, 4), round(restore_s, 4), round(raw_backup_s, 4),
+                       round(raw_restore_s, 4), raw_tool, out.stat().st_size, raw.stat().st_size,
                        idle.p99_ms, during.p99_ms, len(taken), errors + ([idle.error_detail] if idle.errors else [])
-                       + ([during.error_detail] if during.errors else []), restore_audit_s=round(audit_s, 2),
-                       startup_s=round(startup_s, 2))
+                       + ([during.error_detail] if during.errors else []), restore_audit_s=round(audit_s, 4),
+                       startup_s=round(startup_s, 4))
     shutil.rmtree(root / "restored", ignore_errors=True)
     return res
 
