@@ -239,7 +239,7 @@ async def test_metrics_count_the_audit_writers_commits(skm):
     assert written >= 40
     assert await skm.metric("skm_audit_records_total") - records >= written
     committed = await skm.metric("skm_audit_batch_seconds_count") - batches
-    assert 1 <= committed < written          # group commit: fewer batches than records
+    assert 1 <= committed <= written         # a batch per commit (group commit itself: the test below)
     assert await skm.metric("skm_audit_write_failures_total") == 0
     assert await skm.metric("skm_audit_held_records") == 0
 
