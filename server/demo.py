@@ -144,10 +144,14 @@ class Demo:
             await self._first_run()
         conf = self.dir / "systemkey.toml"
         conf.write_text(f'data_dir = "{self.sk_dir}"\nport = {self.sk_port}\nlog_level = "warning"\n')
-        # The system-key server is its own process, as it would be its own host.
+        # The system-key server is its own process, as it would be its own host. In a session of its own:
+        # Ctrl-C reaches the terminal's whole process group, and the system-key server must outlive the
+        # key server's stop (its last audit checkpoint goes there); `stop()` ends it after, and it still
+        # gets a SIGTERM if the demo dies.
         self.systemkey = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server.cli.main", "systemkey", "run", "--config", str(conf),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            start_new_session=True)
         await _wait_listening(self.sk_port, self.systemkey)
         self.server = await KeyServer(self.cfg).start()
         rt = self.server.runtime

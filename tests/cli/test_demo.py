@@ -3,7 +3,7 @@ never meets another run's :8442-8444.
 
 What a user relies on: a console login and a CLI token printed once, the `export` line whole on one
 line however narrow the terminal, no warnings for the expected start-up, a re-run that replaces the
-login instead of piling up tokens, and SIGTERM stopping everything the demo started.
+login instead of piling up tokens, and SIGTERM or Ctrl-C stopping everything the demo started.
 """
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ class Demo:
 
     def __init__(self, data_dir: Path) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "50", "SKM_CONFIG": "/nonexistent"}
+        # A process group of its own, as a terminal gives it: Ctrl-C is a SIGINT to that whole group.
         self.proc = subprocess.Popen([*SKM, "demo", "--data-dir", str(data_dir), "--port", "0"], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
         self.out, self.err = [""], [""]
         for stream, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
             threading.Thread(target=self._pump, args=(stream, buf), daemon=True).start()
@@ -91,13 +93,20 @@ def _active_tokens(login: dict) -> list[dict]:
     return [t for t in out["body"]["tokens"] if t["status"] == "ACTIVE"]
 
 
-def _stop(demo: Demo) -> None:
-    """SIGTERM: the demo exits 0 and no process it started survives (the system-key server above all)."""
+def _stop(demo: Demo, ctrl_c: bool = False) -> None:
+    """SIGTERM (or Ctrl-C: SIGINT to the demo's whole process group): the demo exits 0 and no process it
+    started survives (the system-key server above all). The system-key server is out of the terminal's
+    reach and stops after the key server, whose last audit checkpoint goes to it."""
     sk = int(re.search(r"system-key server \(pid (\d+)\)", demo.out[0]).group(1))
     children = demo.children()
     assert sk in children
-    demo.proc.send_signal(signal.SIGTERM)
+    if ctrl_c:
+        assert os.getpgid(sk) != os.getpgid(demo.proc.pid)    # the terminal's SIGINT does not reach it
+        os.killpg(demo.proc.pid, signal.SIGINT)
+    else:
+        demo.proc.send_signal(signal.SIGTERM)
     assert demo.proc.wait(timeout=30) == 0, demo.err[0]
+    assert "checkpoint_not_stored" not in demo.out[0] + demo.err[0], demo.err[0]
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in children):
         assert time.monotonic() < deadline, f"still running after the demo stopped: {children}"
@@ -115,7 +124,7 @@ def _project_show_prints_the_data_plane_url(out: str, login: dict) -> None:
     assert any(line.split()[-1:] == [printed] for line in shown.stdout.splitlines()), (printed, shown.stdout)
 
 
-def test_demo_prints_a_login_replaces_it_on_rerun_and_stops_on_sigterm(tmp_path):
+def test_demo_prints_a_login_replaces_it_on_rerun_and_stops_on_sigterm_and_ctrl_c(tmp_path):
     data = Path(f"/tmp/skm-demo-test-{os.getpid()}")       # short: the sidecar's socket path is under it
     first = Demo(data)
     try:
@@ -139,7 +148,7 @@ def test_demo_prints_a_login_replaces_it_on_rerun_and_stops_on_sigterm(tmp_path)
             assert [t["operator"] for t in _active_tokens(again)] == ["demo-admin"]   # ... and only one is live
             st, _ = _api(again, "POST", "/login", {"name": again["name"], "password": login["password"]})
             assert st == 401                                          # the old password is gone too
-            _stop(second)
+            _stop(second, ctrl_c=True)
         finally:
             second.terminate()
     finally:
