@@ -139,8 +139,9 @@ class Report:
         for r in self.rows():
             if r.get("vs_v10") is not None:
                 cpu = r.get("cpu_vs_v10")
+                cpu_text = f", {cpu:.2f}x server CPU per request" if cpu is not None else ""
                 console.print(f"secret read v1.3 (bearer token) / v1.0 on {r['system']}, paired runs: "
-                              f"{r['vs_v10']:.2f}x req/s" + (f", {cpu:.2f}x server CPU per request" if cpu is not None else ""))
+                              f"{r['vs_v10']:.2f}x req/s{cpu_text}")
         for k, v in self.notes.items():
             console.print(f"{k}: {v}")
         bad = [s for s in self.samples if s.errors]
