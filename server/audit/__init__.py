@@ -35,9 +35,10 @@ def install(rt) -> None:
         a = rt_.audit
         if a is None or not a.settings.enabled:
             return
-        a.checkpointer = Checkpointer(a, a.sinks(), every=max(1, a.settings.checkpoint_every),
-                                      interval=max(0.05, a.settings.checkpoint_interval))
-        a.checkpointer.start()
+        a.checkpointer = cp = Checkpointer(a, a.sinks(), every=max(1, a.settings.checkpoint_every),
+                                           interval=max(0.05, a.settings.checkpoint_interval))
+        rt_.barrier.on_change.append(cp.wake)
+        cp.start()
 
     async def stop(rt_) -> None:
         if rt_.audit is not None:

@@ -406,6 +406,10 @@ class Checkpointer:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self.run(), name="audit-checkpoints")
 
+    def wake(self) -> None:
+        """Look now (the barrier has just opened: the start checkpoint need not wait for the next round)."""
+        self._wake.set()
+
     async def stop(self) -> None:
         t, self._task = self._task, None
         if t is None:
@@ -415,6 +419,14 @@ class Checkpointer:
             await t
         except BaseException:       # noqa: BLE001 - stopping
             pass
+        if not self._started and not self.audit.barrier.sealed:
+            # Stopped before its start checkpoint was stored (a run of a second or two): store it now, so
+            # the final one pins what this run wrote instead of leaving that to the next start.
+            try:
+                await asyncio.wait_for(self._announce(), 5)
+                self._started = self.stored
+            except Exception as e:  # noqa: BLE001
+                log.warning("audit_start_checkpoint_failed", error_type=type(e).__name__)
         if self._started:
             try:
                 await asyncio.wait_for(self.emit("final"), 5)

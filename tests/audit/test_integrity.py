@@ -378,6 +378,35 @@ async def test_records_before_any_checkpoint_are_unverified(tmp_path):
         await storage.close()
 
 
+async def test_a_run_stopped_before_its_start_checkpoint_still_pins_what_it_wrote(tmp_path):
+    """A server stopped within a second or two of opening (its start checkpoint not yet stored) still
+    leaves a start and a final checkpoint at its last record, so a truncation of what it wrote is
+    caught, not left to whenever the next run starts."""
+    import os
+    from server.audit import Audit
+    from server.audit.checkpoints import Checkpointer, FileSink
+    from server.barrier.barrier import Barrier
+    from server.storage.sqlite import SQLiteStorage
+    storage = SQLiteStorage(str(tmp_path / "skm.db"))
+    await storage.open()
+    try:
+        barrier = Barrier()
+        barrier.unseal({1: os.urandom(32)}, 1)
+        audit = Audit(storage, barrier, config=None)
+        for i in range(4):
+            await audit.append({"plane": "system", "actor": "t", "actor_kind": "system", "action": "test.quick",
+                                "result": "ok", "detail": {"i": i}})
+        log = tmp_path / "checkpoints.jsonl"
+        cp = Checkpointer(audit, [FileSink(log)], interval=3600)
+        cp.start()
+        await cp.stop()                       # before its task ever ran: nothing announced yet
+        entries = [json.loads(line)["checkpoint"] for line in log.read_text().splitlines()]
+        kinds = [(e["kind"], e["seq"]) for e in entries]
+        assert kinds == [("start", 4), ("final", 4)], kinds
+    finally:
+        await storage.close()
+
+
 async def test_a_replaced_checkpoint_key_is_reported(skm, tmp_path):
     """The insider's way round the checkpoints: cut the tail, blank the checkpoint key and the epoch, and
     let the next start sign a fresh history under a new key. The checkpoint log still holds what the old
