@@ -7,6 +7,7 @@ export with only the checkpoint public key; a clean log verifies both ways.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from pathlib import Path
@@ -353,9 +354,9 @@ async def test_a_restored_chain_is_unverified_until_its_restore_checkpoint(skm):
     assert kinds.count("restore") == 1 and kinds.index("restore") < len(kinds) - 1, kinds
 
 
-async def test_records_before_any_checkpoint_are_unverified(tmp_path):
-    """A chain nobody has signed a checkpoint of yet (a server that never started since it was made):
-    `unverified`, not intact; a broken record still says broken."""
+@contextlib.asynccontextmanager
+async def _bare_audit(tmp_path: Path, records: int):
+    """An unsealed Audit on its own SQLite file with `records` records, no server around it."""
     import os
     from server.audit import Audit
     from server.barrier.barrier import Barrier
@@ -366,45 +367,37 @@ async def test_records_before_any_checkpoint_are_unverified(tmp_path):
         barrier = Barrier()
         barrier.unseal({1: os.urandom(32)}, 1)
         audit = Audit(storage, barrier, config=None)
-        for i in range(3):
-            await audit.append({"plane": "system", "actor": "t", "actor_kind": "system", "action": "test.fresh",
+        for i in range(records):
+            await audit.append({"plane": "system", "actor": "t", "actor_kind": "system", "action": "test.bare",
                                 "result": "ok", "detail": {"i": i}})
-        res = await audit.verify()
-        assert not res.ok and res.status == "unverified" and "no checkpoint has been signed" in res.reason, res
-        await storage.execute("UPDATE audit_log SET actor = 'x' WHERE seq = 2")
-        res = await audit.verify()
-        assert res.status == "broken" and res.broken_seq == 2, res
+        yield audit
     finally:
         await storage.close()
+
+
+async def test_records_before_any_checkpoint_are_unverified(tmp_path):
+    """A chain nobody has signed a checkpoint of yet (a server that never started since it was made):
+    `unverified`, not intact; a broken record still says broken."""
+    async with _bare_audit(tmp_path, 3) as audit:
+        res = await audit.verify()
+        assert not res.ok and res.status == "unverified" and "no checkpoint has been signed" in res.reason, res
+        await audit.db.execute("UPDATE audit_log SET actor = 'x' WHERE seq = 2")
+        res = await audit.verify()
+        assert res.status == "broken" and res.broken_seq == 2, res
 
 
 async def test_a_run_stopped_before_its_start_checkpoint_still_pins_what_it_wrote(tmp_path):
     """A server stopped within a second or two of opening (its start checkpoint not yet stored) still
     leaves a start and a final checkpoint at its last record, so a truncation of what it wrote is
     caught, not left to whenever the next run starts."""
-    import os
-    from server.audit import Audit
     from server.audit.checkpoints import Checkpointer, FileSink
-    from server.barrier.barrier import Barrier
-    from server.storage.sqlite import SQLiteStorage
-    storage = SQLiteStorage(str(tmp_path / "skm.db"))
-    await storage.open()
-    try:
-        barrier = Barrier()
-        barrier.unseal({1: os.urandom(32)}, 1)
-        audit = Audit(storage, barrier, config=None)
-        for i in range(4):
-            await audit.append({"plane": "system", "actor": "t", "actor_kind": "system", "action": "test.quick",
-                                "result": "ok", "detail": {"i": i}})
+    async with _bare_audit(tmp_path, 4) as audit:
         log = tmp_path / "checkpoints.jsonl"
         cp = Checkpointer(audit, [FileSink(log)], interval=3600)
         cp.start()
         await cp.stop()                       # before its task ever ran: nothing announced yet
         entries = [json.loads(line)["checkpoint"] for line in log.read_text().splitlines()]
-        kinds = [(e["kind"], e["seq"]) for e in entries]
-        assert kinds == [("start", 4), ("final", 4)], kinds
-    finally:
-        await storage.close()
+        assert [(e["kind"], e["seq"]) for e in entries] == [("start", 4), ("final", 4)], entries
 
 
 async def test_a_replaced_checkpoint_key_is_reported(skm, tmp_path):
