@@ -29,7 +29,7 @@ from rich.console import Console
 from bench import backup as backup_bench
 from bench import check, keyserver, load, openbao, procs, scale
 from bench import sidecar as sidecar_mod
-from bench.report import Report, Sample
+from bench.report import PAIRED, Report, Sample
 
 WORKLOADS = ("floor", "secret-read", "secret-read-v13", "encrypt", "decrypt", "sign-rsa", "sign-ec", "datakey", "scale",
              "backup")
@@ -216,11 +216,6 @@ def measure(case: Case, args, run: int) -> Sample:
                   cpu / r.requests * 1e6 if r.requests else 0.0, detail, checked=checked,
                   cores_used=cpu / r.seconds if r.seconds else 0.0, workers=case.workers,
                   client_cores=r.client_cpu_s / r.seconds if r.seconds else 0.0)
-
-
-# Workloads measured as a ratio of another on the same server run right after it, system by system
-# (A A' B B'), so the ratio is not the machine's drift over the minutes between them.
-PAIRED = {"secret-read-v13": "secret-read"}
 
 
 def schedule(cases: list[Case]) -> dict[str, list[Case]]:

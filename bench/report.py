@@ -22,6 +22,10 @@ def ours(system: str) -> bool:
     """Our systems: skm, skm-pg, their worker variants (skm-w2, skm-pg-w2) and the sidecar."""
     return system in OURS or system.startswith(("skm-w", "skm-pg-w"))
 # Which OpenBao row a row of ours is compared with.
+# Workloads measured as a ratio of another on the same server: each runs right after its partner,
+# system by system (A A' B B'; bench/__main__.py `schedule`), and the ratio is the median of those
+# pairs, so the machine's drift over the minutes between workloads does not count.
+PAIRED = {"secret-read-v13": "secret-read"}
 BAO_PEER = {"secret-read": "secret-read", "secret-read-v13": "secret-read", "encrypt": "encrypt", "decrypt": "decrypt", "sign-rsa": "sign-rsa",
             "sign-ec": "sign-ec", "datakey": "datakey"}
 
@@ -70,10 +74,8 @@ class Report:
         floor = index.get(("floor", "floor"))
         for r in out:
             if r["workload"] == "secret-read-v13":      # the bearer token's cost: v1.3 against v1.0
-                # Each run's v1.3 against the v1.0 run just before it (bench/__main__.py PAIRED), the
-                # median of those: minutes of drift between the two workloads do not count.
-                r["vs_v10"] = self._paired("secret-read", r["system"], "rps")
-                r["cpu_vs_v10"] = self._paired("secret-read", r["system"], "cpu_us_per_req")
+                r["vs_v10"] = self._paired(r["workload"], r["system"], "rps")
+                r["cpu_vs_v10"] = self._paired(r["workload"], r["system"], "cpu_us_per_req")
         for r in out:
             if r["workers"] > 1:        # skm-w2 against skm, skm-pg-w2 against skm-pg
                 one = index.get((r["workload"], r["system"].rsplit("-w", 1)[0]))
@@ -84,10 +86,10 @@ class Report:
                 r["vs_floor"] = r["rps"] / floor["rps"] if floor and floor["rps"] else None
         return out
 
-    def _paired(self, partner: str, system: str, attr: str) -> float | None:
-        """Median over runs of secret-read-v13's `attr` / `partner`'s in the same run on `system`."""
-        mine = {s.run: getattr(s, attr) for s in self.samples
-                if s.workload == "secret-read-v13" and s.system == system}
+    def _paired(self, workload: str, system: str, attr: str) -> float | None:
+        """Median over runs of `workload`'s `attr` / its PAIRED partner's in the same run on `system`."""
+        partner = PAIRED[workload]
+        mine = {s.run: getattr(s, attr) for s in self.samples if s.workload == workload and s.system == system}
         base = {s.run: getattr(s, attr) for s in self.samples if s.workload == partner and s.system == system}
         ratios = [mine[run] / base[run] for run in mine if base.get(run)]
         return statistics.median(ratios) if ratios else None

@@ -24,7 +24,7 @@ import pytest
 from server.config import load
 from server.init import init_server
 from server.settings import ServerConfig
-from tests.support.server import Harness
+from tests.support.server import Harness, metric_sum, scrape
 
 SKM = [sys.executable, "-c", "import sys; from server.cli.main import main; sys.exit(main())"]
 READY = re.compile(r"data plane https://[\d.]+:(\d+), management https://[\d.]+:(\d+) \((\d+) workers\)")
@@ -308,18 +308,6 @@ async def test_worker_0_dies_and_the_others_go_on_auditing(group: Harness):
     assert n[0] == 200 and len(n[1]["body"]["records"]) >= 21, n
 
 
-def _samples(text: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-async def _scrape(session: aiohttp.ClientSession, url: str) -> str:
-    async with session.get(url) as r:
-        assert r.status == 200
-        return await r.text()
-
-
 async def test_metrics_add_up_every_workers_requests(group: Harness):
     """A scrape reaches one worker, but counts what every worker did: 5 reads on worker 0 and 8 on
     worker 1 are 13 whichever worker (or the management plane) answers, and still 13 after worker 1
@@ -336,11 +324,11 @@ async def test_metrics_add_up_every_workers_requests(group: Harness):
     route = "/keymanager/{version}/appkey/{appkey}/secrets/{keyid}"
 
     async def reads_counted() -> list[float]:
-        texts = [await _scrape(sessions[i], f"{h.data_url}/metrics") for i in (0, 1)]
-        texts.append(await _scrape(h._default(), f"{h.mgmt_url}/metrics"))
-        assert all(_samples(t, "skm_sealed") == 0 for t in texts)
-        assert all(_samples(t, "skm_audit_records_total") >= 13 for t in texts)
-        return [_samples(t, "skm_http_requests_total", plane="data", route=route, status="200") for t in texts]
+        texts = [await scrape(sessions[i], f"{h.data_url}/metrics") for i in (0, 1)]
+        texts.append(await scrape(h._default(), f"{h.mgmt_url}/metrics"))
+        assert all(metric_sum(t, "skm_sealed") == 0 for t in texts)
+        assert all(metric_sum(t, "skm_audit_records_total") >= 13 for t in texts)
+        return [metric_sum(t, "skm_http_requests_total", plane="data", route=route, status="200") for t in texts]
     assert await reads_counted() == [13, 13, 13]
     assert await worker_of(sessions[1], h) == 1            # both scrapes were answered by their own worker
 

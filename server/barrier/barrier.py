@@ -17,7 +17,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from server import logs
 from server.errors import BarrierError, Sealed
+
+log = logs.get("skm.barrier")
 
 _HDR = struct.Struct(">I")
 
@@ -86,8 +89,13 @@ class Barrier:
         self._changed()
 
     def _changed(self) -> None:
+        # Observers (metrics, the checkpointer) only watch: one that fails must not make an unseal that
+        # happened look failed to its caller.
         for tell in self.on_change:
-            tell()
+            try:
+                tell()
+            except Exception as e:      # noqa: BLE001
+                log.warning("barrier_observer_failed", error_type=type(e).__name__)
 
     def _require_open(self) -> None:
         if self.current_version is None:

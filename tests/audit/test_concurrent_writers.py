@@ -2,8 +2,8 @@
 
 Every worker group-commits its own records: on SQLite taking turns through the writer lock, on
 PostgreSQL writing after the head it last saw in one statement that writes nothing, and answers the
-head it found, when the head has moved (server/audit/log.py). What a user relies on: every acknowledged record is in the log once,
-numbered without a gap, and the keyed chain verifies."""
+head it found, when the head has moved (server/audit/log.py). What a user relies on: every
+acknowledged record is in the log once, numbered without a gap, and the keyed chain verifies."""
 from __future__ import annotations
 
 import asyncio

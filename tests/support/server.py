@@ -38,6 +38,20 @@ def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
     return load(ServerConfig, None, env={}, overrides=base)
 
 
+async def scrape(session: aiohttp.ClientSession, url: str) -> str:
+    """The text of a /metrics endpoint."""
+    async with session.get(url) as r:
+        assert r.status == 200
+        return await r.text()
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` (with these label values) in a /metrics text; 0 when absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 @dataclass
 class Harness:
     server: KeyServer
@@ -104,13 +118,9 @@ class Harness:
             self.session()
         return self.sessions[0]
 
-    async def metric(self, name: str) -> float:
-        """One sample of the management plane's /metrics (as a scraper reads it); 0 when absent."""
-        from prometheus_client.parser import text_string_to_metric_families
-        async with self._default().get(f"{self.mgmt_url}/metrics") as r:
-            assert r.status == 200
-            text = await r.text()
-        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+    async def metric(self, name: str, **labels: str) -> float:
+        """A metric of the management plane's /metrics, read as a scraper reads it (see `metric_sum`)."""
+        return metric_sum(await scrape(self._default(), f"{self.mgmt_url}/metrics"), name, **labels)
 
     # -- conveniences for tests --------------------------------------------
     async def keystore(self, name: str = "store", **fields: Any) -> dict:
