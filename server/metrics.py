@@ -20,8 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-
-SHARED_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's own name; set by server/workers.py
+from server.workers import SHARED_DIR_ENV       # set by the supervisor for its workers
 
 
 class Metrics:

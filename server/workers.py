@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Callable
 
 from server import logs
-from server.metrics import SHARED_DIR_ENV
 
 log = logs.get("skm.workers")
 
@@ -48,6 +47,10 @@ ENV_COUNT = "SKM_WORKER_COUNT"
 ENV_DATA_PORT = "SKM_WORKER_DATA_PORT"
 ENV_RUNDIR = "SKM_WORKER_RUNDIR"
 ENV_READY_FD = "SKM_WORKER_READY_FD"
+# prometheus_client's own name for the workers' shared metrics directory (server/metrics.py reads it).
+# Here, not in server/metrics.py: the supervisor only watches, and must not load aiohttp and
+# prometheus_client for one string.
+SHARED_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_WORKERS = 64
 READY_TIMEOUT = 120.0          # a remote system-key fetch may retry for a while; the local case takes ~1 s
 RESTART_BACKOFF = (1.0, 30.0)  # first and largest delay before restarting a dead worker

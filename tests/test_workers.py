@@ -377,3 +377,13 @@ async def test_a_worker_that_cannot_start_stops_the_group(tmp_path):
 def test_run_help_names_workers():
     out = subprocess.run([*SKM, "server", "run", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--workers" in out and "SO_REUSEPORT" in out
+
+
+def test_the_supervisor_does_not_load_the_server():
+    """The supervisor only starts and watches workers: importing its module must not bring aiohttp or
+    prometheus_client (the shared metrics directory's name lives in server/workers.py for this)."""
+    probe = ("import sys, server.workers; "
+             "print(sorted(m for m in ('aiohttp', 'prometheus_client', 'server.app') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]", out
