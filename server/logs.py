@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import sys
+from contextvars import ContextVar
 from typing import Any
 
 _SECRETISH = re.compile(r"(secret|plaintext|password|passwd|token|key|pin|material|signature|ciphertext)", re.I)
@@ -23,6 +24,7 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exc
            "fatal": 50, "msg": 20}
 _pending: tuple[str, str, Any] | None = None      # configure()'s arguments, not yet applied
 _threshold: int | None = None                     # the configured level, once configure() ran
+_REQUEST_ID: ContextVar[str | None] = ContextVar("skm_request_id", default=None)   # bind_request_id()
 
 
 def drop_secret_fields(_logger, _name, event_dict: dict) -> dict:
@@ -57,6 +59,7 @@ def _apply() -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_request_id,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             drop_secret_fields,
@@ -94,6 +97,21 @@ class _Logger:
                 and "structlog" not in sys.modules:
             return _drop                # below the configured level: nothing to write, nothing to import
         return getattr(self._logger(), attr)
+
+
+def bind_request_id(rid: str) -> None:
+    """Name the current request in every line it logs.
+
+    A context variable of our own, read by a processor of our own: structlog's `bind_contextvars` (and
+    the `clear_contextvars` it needs between requests on one connection) cost ~2 µs a request."""
+    _REQUEST_ID.set(rid)
+
+
+def _add_request_id(_logger, _name, event_dict: dict) -> dict:
+    rid = _REQUEST_ID.get()
+    if rid is not None:
+        event_dict.setdefault("request_id", rid)
+    return event_dict
 
 
 def get(name: str):

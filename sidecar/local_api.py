@@ -286,8 +286,7 @@ class LocalAPI:
         rid = request.headers.get("X-Request-Id", "")
         if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
             rid = os.urandom(16).hex()
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=rid)
+        logs.bind_request_id(rid)
         try:
             self._gate(request)
             resp = await handler(request)
@@ -483,8 +482,7 @@ class LocalAPI:
         return self._answer_later(conn.caller, t, head, rid, conn)
 
     async def _answer_later(self, caller: Caller, t: Target, head: fastpath.Head, rid: str, conn=None) -> bytes:
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=rid)
+        logs.bind_request_id(rid)
         headers: list[tuple[str, str]]
         try:
             await self._check_policy(caller, t)

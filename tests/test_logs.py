@@ -51,3 +51,46 @@ def test_a_configured_logger_made_before_structlog_was_imported_writes_through_i
         assert line["event"] == "hello" and line["token"] == "[redacted]"
     finally:
         structlog.reset_defaults()
+
+
+async def test_each_request_logs_under_its_own_request_id_on_one_kept_alive_connection():
+    """The id a caller sends (or a new one) names every line its request logs, and the next request on the
+    same connection (the same task in aiohttp) logs under its own id, not the last one's."""
+    import io
+    import re
+
+    import aiohttp
+    import structlog
+    from aiohttp import web
+
+    from server.api import middleware
+    from server.errors import InvalidRequest
+
+    async def refuse(_request):
+        raise InvalidRequest("refused on purpose")
+
+    app = web.Application(middlewares=[middleware.request_context, middleware.errors])
+    app.router.add_get("/x", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    out = io.StringIO()
+    from server import logs
+    try:
+        logs.configure("json", "info", stream=out)
+        sent = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+            for rid in ("trace-1", "trace-2", None, "bad id!"):
+                async with s.get(f"http://127.0.0.1:{port}/x", headers={"X-Request-Id": rid} if rid else {}) as r:
+                    assert r.status == 400
+                    sent.append(r.headers["X-Request-Id"])
+    finally:
+        structlog.reset_defaults()
+        await runner.cleanup()
+    lines = [json.loads(ln) for ln in out.getvalue().splitlines()]
+    assert [ln["event"] for ln in lines] == ["request_refused"] * 4
+    assert [ln["request_id"] for ln in lines] == sent
+    assert sent[:2] == ["trace-1", "trace-2"]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in sent[2:]) and sent[2] != sent[3]

@@ -1,21 +1,21 @@
 """NHN's JSON envelope as bytes on the wire: success, errors, aiohttp's own HTTP errors.
 
-Light on purpose (aiohttp and server.errors only): the sidecar answers with the same
+Light on purpose (aiohttp, server.errors and server.jsontext only): the sidecar answers with the same
 envelopes without loading the key server's runtime or API stack.
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from server.errors import MethodNotAllowed, PayloadTooLarge, SKMError, URLNotFound
+from server.jsontext import encoder
 
 SUCCESS_HEADER = {"resultCode": 0, "resultMessage": "success", "isSuccessful": True}
 INTERNAL = {"header": {"resultCode": -9999, "resultMessage": "Internal Error", "isSuccessful": False}, "body": None}
 JSON_UTF8 = "application/json; charset=utf-8"     # what web.Response says for content_type="application/json"
-dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+dumps = encoder(ensure_ascii=False)
 
 
 def ok_response(body: Any, status: int = 200) -> web.Response:

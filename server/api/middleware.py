@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import structlog
 from aiohttp import web
 
 from server import logs
@@ -38,8 +37,7 @@ async def request_context(request: web.Request, handler):
     rid = request.headers.get("X-Request-Id", "")
     if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
         rid = os.urandom(16).hex()
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=rid)
+    logs.bind_request_id(rid)
     resp = await handler(request)
     resp.headers["X-Request-Id"] = rid
     return resp

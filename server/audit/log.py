@@ -34,7 +34,7 @@ from typing import Any
 
 from server import logs, timeutil
 from server.audit.chain import VerifyResult, verify_chain
-from server.audit.record import FIELDS, INT_FIELDS, canon_body, chained_digest, link_key, tagger, to_api
+from server.audit.record import FIELDS, INT_FIELDS, canon_body, chained_digest, link_key, make_row, tagger, to_api
 from server.barrier.barrier import sealed_aad
 from server.errors import InvalidRequest, Unavailable
 from server.settings import AuditSettings   # [audit] in the server config
@@ -44,12 +44,7 @@ log = logs.get("skm.audit")
 
 COLUMNS = FIELDS + ("hash", "tag")
 _HMAC_AAD = sealed_aad("audit_head", "hmac_key_sealed", 1)
-_TRUNCATE = {f: 256 for f in ("actor", "ip", "fingerprint", "mac", "route", "action", "key_id", "result")}
-_TRUNCATE["reason"] = 1000
 HELD_MAX = 10_000          # records held in memory while the barrier is sealed
-_ROW_FIELDS = tuple(f for f in FIELDS if f not in ("seq", "prev_hash"))
-# json.dumps(..., separators=(",", ":"), sort_keys=True) without building an encoder per record
-_detail_json = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
 async def read_link_key(db, barrier) -> bytes | None:
@@ -168,17 +163,6 @@ class Audit:
         return "hmac-sha256:" + _hmac.new(key, data, hashlib.sha256).hexdigest()
 
     # ---------------------------------------------------------------- writing
-    @staticmethod
-    def _row(rec: dict[str, Any]) -> dict[str, Any]:
-        row = {f: rec.get(f) for f in _ROW_FIELDS}
-        row["at"] = row.get("at") or timeutil.now_db()
-        row["detail"] = _detail_json(rec.get("detail") or {})
-        row["change"] = None if rec.get("change") is None else int(bool(rec["change"]))
-        for f, n in _TRUNCATE.items():
-            if isinstance(row.get(f), str) and len(row[f]) > n:
-                row[f] = row[f][:n]
-        return row
-
     async def append(self, rec: dict[str, Any]) -> int:
         """Append one record; returns its sequence number once the record is committed.
 
@@ -186,7 +170,7 @@ class Audit:
         # One record per request: its future awaited directly (gather's wrapper costs ~7 µs).
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
-        self._queue.append((self._row(rec), fut))
+        self._queue.append((make_row(rec), fut))
         w = self._writer
         if w is None or w.done() or w.get_loop() is not loop:
             self._writer = loop.create_task(self._drain(), name="audit-writer")
@@ -200,7 +184,7 @@ class Audit:
         futs: list[asyncio.Future[int]] = []
         for rec in recs:
             fut: asyncio.Future[int] = loop.create_future()
-            self._queue.append((self._row(rec), fut))
+            self._queue.append((make_row(rec), fut))
             futs.append(fut)
         w = self._writer
         if w is None or w.done() or w.get_loop() is not loop:
@@ -231,7 +215,7 @@ class Audit:
         rows, self._held = self._held, []
         self._count_held()
         if self._held_dropped:
-            rows.append(self._row({"plane": "system", "actor": "system", "actor_kind": "system",
+            rows.append(make_row({"plane": "system", "actor": "system", "actor_kind": "system",
                                    "action": "audit.sealed-dropped", "result": "error", "change": False,
                                    "reason": f"{self._held_dropped} record(s) made while the barrier was sealed "
                                    f"were not kept (more than {HELD_MAX})",

@@ -16,9 +16,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from server import timeutil
+from server.jsontext import encoder
 
 GENESIS = "0" * 64
 TAG_PREFIX = "k1:"
@@ -31,8 +35,7 @@ FIELDS = ("seq", "at", "plane", "actor", "actor_kind", "ip", "fingerprint", "mac
 INT_FIELDS = frozenset({"seq", "project_id", "keystore_id", "change", "status"})   # the rest are text
 
 
-# json.dumps with options builds a JSONEncoder per call; one built once gives the same text.
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode = encoder(ensure_ascii=False)
 
 
 def _canon(rec: dict, fields: tuple[str, ...]) -> bytes:
@@ -57,12 +60,41 @@ def digest(rec: dict) -> str:
 # `prev_hash`: the fields between depend on the record alone, so a writer encodes them before it
 # takes the chain's head (outside the writers' lock) and adds the two once it holds it.
 assert FIELDS[0] == "seq" and FIELDS[-1] == "prev_hash"
-_BODY_FIELDS = FIELDS[1:-1]
+ROW_FIELDS = FIELDS[1:-1]
+TRUNCATE = (*((f, 256) for f in ("actor", "ip", "fingerprint", "mac", "route", "action", "key_id", "result")),
+            ("reason", 1000))
+_INT_ROW_FIELDS = tuple(f for f in ROW_FIELDS if f in INT_FIELDS and f != "change")
+_detail_json = encoder(sort_keys=True)
 
 
-def canon_body(rec: dict) -> bytes:
-    """The canonical form's fields between `seq` and `prev_hash`, as they appear in it (no brackets)."""
-    return _canon(rec, _BODY_FIELDS)[1:-1]
+def make_row(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record as the writer stores it: the fields of ROW_FIELDS only, integers as int, `change` as
+    0/1, `detail` as its JSON text, long texts cut, `at` now unless given. Raises ValueError for an
+    integer field that is not one (before the record joins a batch, so only its own request fails)."""
+    get = rec.get
+    row = {f: get(f) for f in ROW_FIELDS}
+    if not row["at"]:
+        row["at"] = timeutil.now_db()
+    detail = row["detail"]
+    row["detail"] = _detail_json(detail) if detail else "{}"
+    change = row["change"]
+    if change is not None:
+        row["change"] = 1 if change else 0
+    for f in _INT_ROW_FIELDS:
+        v = row[f]
+        if v is not None and v.__class__ is not int:
+            row[f] = int(v)
+    for f, n in TRUNCATE:
+        v = row[f]
+        if isinstance(v, str) and len(v) > n:
+            row[f] = v[:n]
+    return row
+
+
+def canon_body(row: dict) -> bytes:
+    """The canonical form's fields between `seq` and `prev_hash`, as they appear in it (no brackets),
+    of a row `make_row` made (its integers are already int: no per-field conversion here)."""
+    return _encode([row[f] for f in ROW_FIELDS])[1:-1].encode()
 
 
 def chained_digest(seq: int, body: bytes, prev: str) -> str:

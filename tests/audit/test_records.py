@@ -381,26 +381,36 @@ def test_every_action_named_in_the_code_is_a_known_filter():
 
 
 def test_a_digest_from_the_body_encoded_ahead_is_the_record_digest():
-    """Writers encode a record's fields before they take the chain's head (server/audit/log.py) and add
-    `seq` and `prev_hash` under the lock: the digest and tag must be exactly those a verifier recomputes
-    from the whole record, for any values (escapes, non-ASCII, None, numbers sent as text)."""
+    """Writers turn a record into its stored row and encode the row's fields before they take the chain's
+    head (server/audit/log.py), adding `seq` and `prev_hash` under the lock: the digest and tag must be
+    exactly those a verifier recomputes from the stored row, for any values (escapes, non-ASCII, None,
+    numbers sent as text, a bool status, an over-long reason)."""
     import os
 
-    from server.audit.record import FIELDS, canon_body, chained_digest, digest, tag, tagger
-    base = {f: None for f in FIELDS}
+    import pytest
+
+    from server.audit.record import canon_body, chained_digest, digest, make_row, tag, tagger
     records = [
-        dict(base, seq=1, at="2026-11-30T03:41:49.757479Z", plane="data", actor="appkey", actor_kind="client",
+        dict(at="2026-11-30T03:41:49.757479Z", plane="data", actor="appkey", actor_kind="client",
              ip="127.0.0.1", method="GET", route="/x/{keyid}", action="secret.read", project_id=3,
-             keystore_id="12", key_id="k\u00e9y", change=0, status=200, result="ok",
-             detail='{"keyName":"n\\"q"}', prev_hash="0" * 64),
-        dict(base, seq=10**12, at="t", plane="mgmt", actor='a"b\\c\n', actor_kind="operator", action="a.b",
-             reason="\u2603 \x00 </script>", detail="{}", result="refused", status=403, prev_hash="ab" * 32),
+             keystore_id="12", key_id="k\u00e9y", change=False, status=200, result="ok",
+             detail={"keyName": 'n"q', "a": 1}, extra="not a field"),
+        dict(at="t", plane="mgmt", actor='a"b\\c\n', actor_kind="operator", action="a.b",
+             reason="\u2603 \x00 </script>" * 300, result="refused", status=True),
     ]
     key = os.urandom(32)
     tag_of = tagger(key)
-    for rec in records:
-        want = digest(rec)
-        assert chained_digest(rec["seq"], canon_body(rec), rec["prev_hash"]) == want
+    for seq, prev, rec in ((1, "0" * 64, records[0]), (10**12, "ab" * 32, records[1])):
+        row = make_row(rec)
+        stored = dict(row, seq=seq, prev_hash=prev)
+        want = digest(stored)
+        assert chained_digest(seq, canon_body(row), prev) == want
         assert tag_of(want) == tag(key, want)
+    first, second = make_row(records[0]), make_row(records[1])
+    assert (first["keystore_id"], first["change"], first["detail"]) == (12, 0, '{"a":1,"keyName":"n\\"q"}')
+    assert "extra" not in first and second["detail"] == "{}" and second["status"] == 1
+    assert len(second["reason"]) == 1000 and second["key_id"] is None
     changed = dict(records[0], status=201)
-    assert chained_digest(1, canon_body(changed), "0" * 64) != digest(records[0])
+    assert chained_digest(1, canon_body(make_row(changed)), "0" * 64) != digest(dict(first, seq=1, prev_hash="0" * 64))
+    with pytest.raises(ValueError):
+        make_row(dict(records[0], keystore_id="12; DROP"))     # refused before it joins a batch

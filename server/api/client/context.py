@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from server.access.tls import peer_identity
+from server.audit.middleware import AUDIT_KEYSTORE
 from server.errors import InvalidAppkey, Sealed
 from server.keys.model import Key, KeyStore, Project
 from server.runtime import CLIENT_CTX, KEY, request_value, runtime
@@ -110,5 +111,6 @@ async def key_for_use(request: web.Request, *, check_access: bool = True) -> tup
     request[KEY] = key
     if check_access:
         ks = await rt.keys.keystore(key.keystore_id)
+        request[AUDIT_KEYSTORE] = ks        # the audit record names it without a second lookup
         await authorize_keystore(request, ctx, ks)
     return ctx, key
