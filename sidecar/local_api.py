@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
 from aiohttp import web
 
 from server import logs

@@ -27,7 +27,6 @@ import asyncio
 import functools
 import hashlib
 import hmac as _hmac
-import json
 import os
 import time
 from typing import Any
