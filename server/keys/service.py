@@ -49,7 +49,7 @@ class KeyService:
         self.keystore, self.keystore_by_name, self.keystores = s.keystore, s.keystore_by_name, s.keystores
 
         q = self.lookup
-        self.key, self.keys, self.key_ids = q.key, q.keys, q.key_ids
+        self.key, self.keys, self.key_ids, self.key_in_project = q.key, q.keys, q.key_ids, q.key_in_project
 
         li = self.lifecycle
         self.create_key, self.rotate, self.update_key = li.create_key, li.rotate, li.update_key

@@ -105,12 +105,11 @@ async def key_for_use(request: web.Request, *, check_access: bool = True) -> tup
     """Resolve `{keyid}` in the caller's project and pass its key store's client checks."""
     rt = runtime(request)
     ctx = await client_context(request)
-    key = await rt.keys.key(request.match_info["keyid"], project_id=ctx.project.id)
-    # Set before the checks: a denial is then counted and audited against its key and store. The
-    # routing wrapper records an access only once the request succeeds.
-    request[KEY] = key
+    key, ks = await rt.keys.key_in_project(request.match_info["keyid"], ctx.project.id)
+    # Set before the checks: a denial is then counted and audited against its key and store (the
+    # record names the store without looking it up again). The routing wrapper records an access
+    # only once the request succeeds.
+    request[KEY], request[AUDIT_KEYSTORE] = key, ks
     if check_access:
-        ks = await rt.keys.keystore(key.keystore_id)
-        request[AUDIT_KEYSTORE] = ks        # the audit record names it without a second lookup
         await authorize_keystore(request, ctx, ks)
     return ctx, key
