@@ -311,6 +311,7 @@ class KeyServer:
         if self.runtime is not None:
             for hook in self.runtime.extra.get("on_stop", []):
                 await hook(self.runtime)
+            self.runtime.metrics.close()       # the last second's counts (a worker's file outlives it)
             channel = self.runtime.extra.pop("worker_channel", None)
             if channel is not None:
                 await channel.close()

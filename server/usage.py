@@ -77,7 +77,7 @@ class Usage:
                 # Per key store, never per key: label cardinality stays the number of stores.
                 child = self._children[(keystore_id, result)] = self.metrics.keystore_requests.labels(
                     str(keystore_id), result)
-            child.inc()
+            self.metrics.inc(child)
 
     def middleware(self):
         @web.middleware

@@ -23,6 +23,7 @@ import pytest
 
 from server.config import load
 from server.init import init_server
+from server.metrics import FLUSH_SECONDS
 from server.settings import ServerConfig
 from tests.support.server import Harness, metric_sum, scrape
 
@@ -310,8 +311,9 @@ async def test_worker_0_dies_and_the_others_go_on_auditing(group: Harness):
 
 async def test_metrics_add_up_every_workers_requests(group: Harness):
     """A scrape reaches one worker, but counts what every worker did: 5 reads on worker 0 and 8 on
-    worker 1 are 13 whichever worker (or the management plane) answers, and still 13 after worker 1
-    died and came back (a counter never goes down)."""
+    worker 1 are 13 whichever worker (or the management plane) answers, once the other worker has
+    flushed (within `FLUSH_SECONDS`), and still 13 after worker 1 died and came back (a counter never
+    goes down)."""
     h = group
     g: Group = h.server
     store = await h.keystore("metered")
@@ -329,7 +331,13 @@ async def test_metrics_add_up_every_workers_requests(group: Harness):
         assert all(metric_sum(t, "skm_sealed") == 0 for t in texts)
         assert all(metric_sum(t, "skm_audit_records_total") >= 13 for t in texts)
         return [metric_sum(t, "skm_http_requests_total", plane="data", route=route, status="200") for t in texts]
-    assert await reads_counted() == [13, 13, 13]
+
+    async def settled() -> list[float]:
+        deadline = time.monotonic() + 5 * FLUSH_SECONDS
+        while (seen := await reads_counted()) != [13, 13, 13] and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return seen
+    assert await settled() == [13, 13, 13]
     assert await worker_of(sessions[1], h) == 1            # both scrapes were answered by their own worker
 
     victim = max(g.children())
@@ -339,7 +347,7 @@ async def test_metrics_add_up_every_workers_requests(group: Harness):
         assert time.monotonic() < deadline, g.log.read_text()[-2000:]
         await asyncio.sleep(0.2)
     sessions[1] = await session_on_worker(h, 1)
-    assert await reads_counted() == [13, 13, 13]
+    assert await settled() == [13, 13, 13]
 
 
 async def test_sigterm_leaves_no_process(group: Harness):

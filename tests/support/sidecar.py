@@ -105,7 +105,9 @@ def unix_session(path: Path | str, headers: dict | None = None) -> aiohttp.Clien
 
 
 def server_requests(rt, fragment: str) -> float:
-    """Requests the key server's data plane answered on routes containing `fragment` (its own metrics)."""
+    """Requests the key server's data plane answered on routes containing `fragment` (its own metrics,
+    flushed first as a scrape flushes them)."""
+    rt.metrics.flush()
     total = 0.0
     for metric in rt.metrics.registry.collect():
         for s in metric.samples:
