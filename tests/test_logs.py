@@ -65,17 +65,14 @@ async def test_each_request_logs_under_its_own_request_id_on_one_kept_alive_conn
 
     from server.api import middleware
     from server.errors import InvalidRequest
+    from tests.support.loopback import serve
 
     async def refuse(_request):
         raise InvalidRequest("refused on purpose")
 
     app = web.Application(middlewares=[middleware.request_context, middleware.errors])
     app.router.add_get("/x", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await serve(app)
     out = io.StringIO()
     from server import logs
     try:

@@ -11,6 +11,7 @@ from aiohttp import web
 from server import timeutil
 from server.errors import ApprovalUnavailable, Conflict
 from server.events import Event
+from tests.support.loopback import serve
 
 
 async def _operator(skm, name: str, role: str) -> str:
@@ -218,12 +219,8 @@ async def test_approvers_are_notified_by_webhook_without_secrets(skm):
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, port = await serve(app)
     try:
-        port = site._server.sockets[0].getsockname()[1]
         svc = skm.rt.changes.approvals
         svc.settings = dataclasses.replace(svc.settings, webhook_url=f"http://127.0.0.1:{port}/hook")
         await _operator(skm, "hank", "approver")

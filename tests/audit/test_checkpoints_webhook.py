@@ -19,6 +19,7 @@ from aiohttp import web
 from server.access.pki import CA, cert_pem, key_pem, write_pem
 from server.audit.checkpoints import load_pub_pem, signed_by
 from tests.support.cli import skm_cli
+from tests.support.loopback import serve
 from tests.support.server import start_harness
 
 DEADLINE = 30.0
@@ -43,11 +44,7 @@ class Receiver:
     async def start(self, ssl_context: ssl.SSLContext | None = None) -> "Receiver":
         app = web.Application()
         app.router.add_post("/checkpoints", self._post)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ssl_context)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        self.runner, port = await serve(app, ssl_context)
         self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}/checkpoints"
         return self
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from tests.support.loopback import serve
 from tests.support.sidecar import start_registered_sidecar, unix_session
 
 
@@ -208,11 +209,7 @@ async def test_reload_by_command_and_by_local_post(skm, store, sidecars, run_dir
 
     app = web.Application()
     app.router.add_post("/-/reload", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await serve(app)
     marker = tmp_path / "command.log"
     try:
         sc = await sidecars(

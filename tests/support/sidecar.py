@@ -25,6 +25,7 @@ from server.barrier.barrier import Barrier, sealed_aad
 from server.config import load
 from sidecar.app import Sidecar
 from sidecar.settings import SidecarConfig
+from tests.support.loopback import serve
 
 __all__ = ["HostCert", "issue_host_cert", "register_certificate", "sidecar_config", "start_sidecar",
            "start_registered_sidecar", "unix_session", "server_requests", "RecordingUpstream"]
@@ -148,11 +149,7 @@ class RecordingUpstream:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", record)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ctx)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve(app, ctx, access_log=None)
         return self
 
     @property
