@@ -10,10 +10,11 @@ largest of the live workers', `livesum`: their sum).
 
 An update there writes the worker's memory-mapped file under a lock: four a request (its counter, the
 latency histogram's sum and bucket, its key store's counter), 8.6 µs per request in a py-spy profile of two
-workers against 2.9 µs in one process's memory. So the request path only counts in a dict (`inc`,
-`observe`), and `flush()` adds the counts to the metrics at most `FLUSH_SECONDS` later, each once (a
-histogram's values by bucket), and before every scrape of its own process. A scrape therefore sees its
-own worker's requests up to the moment, and the other workers' up to a second ago.
+workers against 2.9 µs in one process's memory. So the request path only counts in memory (`inc`, and
+each plane's list of latencies), and `flush()` adds the counts to the metrics at most `FLUSH_SECONDS`
+later, each once (a histogram's values by bucket), before every scrape of its own process, and at stop.
+A scrape therefore sees its own worker's requests up to the moment and the other workers' up to a second
+ago; a worker killed outright (SIGKILL) takes its last second's counts with it.
 """
 from __future__ import annotations
 
@@ -161,9 +162,9 @@ class Metrics:
 def _observe_all(child: Any, values: list[float]) -> None:
     """`child.observe(v)` for every value, writing its sum once and each bucket it fills once.
 
-    Reaches into prometheus_client's Histogram (`_upper_bounds`, `_buckets`, `_sum`, unchanged since
-    0.4); should those ever change, every value is observed one by one (tests/test_metrics.py checks
-    both give the same exposition)."""
+    Reaches into prometheus_client's Histogram child (`_upper_bounds`, `_buckets`, `_sum`, what its own
+    `observe` uses); should those ever change, every value is observed one by one. tests/test_metrics.py
+    holds the exposition equal to that of values observed one by one."""
     bounds, buckets, total = (getattr(child, "_upper_bounds", None), getattr(child, "_buckets", None),
                               getattr(child, "_sum", None))
     if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
