@@ -179,11 +179,12 @@ class Audit:
         """Append records in this order (one group commit when they fit a batch); their sequence numbers."""
         if not recs:
             return []
+        rows = [make_row(rec) for rec in recs]      # all or none: a bad one queues none of them
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[int]] = []
-        for rec in recs:
+        for row in rows:
             fut: asyncio.Future[int] = loop.create_future()
-            self._queue.append((make_row(rec), fut))
+            self._queue.append((row, fut))
             futs.append(fut)
         w = self._writer
         if w is None or w.done() or w.get_loop() is not loop:

@@ -414,3 +414,37 @@ def test_a_digest_from_the_body_encoded_ahead_is_the_record_digest():
     assert chained_digest(1, canon_body(make_row(changed)), "0" * 64) != digest(dict(first, seq=1, prev_hash="0" * 64))
     with pytest.raises(ValueError):
         make_row(dict(records[0], keystore_id="12; DROP"))     # refused before it joins a batch
+
+
+async def test_a_record_with_a_bad_integer_field_is_refused_before_it_joins_a_batch(tmp_path):
+    """`make_row` checks the integer fields when a record is made: a bad one fails its own append (and,
+    for `append_many`, queues none of its records), never the batch it would have been written with."""
+    import asyncio
+    import os
+
+    import pytest
+
+    from server.audit import Audit
+    from server.barrier.barrier import Barrier
+    from server.settings import AuditSettings
+    from server.storage.sqlite import SQLiteStorage
+    storage = SQLiteStorage(str(tmp_path / "skm.db"))
+    await storage.open()
+    try:
+        barrier = Barrier()
+        barrier.unseal({1: os.urandom(32)}, 1)
+        audit = Audit(storage, barrier, AuditSettings())
+
+        def rec(i, **kw):
+            return {"plane": "system", "actor": "t", "actor_kind": "system", "action": "test.int", "result": "ok",
+                    "detail": {"i": i}, **kw}
+        good = asyncio.ensure_future(audit.append(rec(1, keystore_id="7")))      # digits as text: taken as 7
+        with pytest.raises(ValueError):
+            await audit.append(rec(2, keystore_id="7; DROP"))
+        with pytest.raises(ValueError):
+            await audit.append_many([rec(3), rec(4, status="two hundred"), rec(5)])
+        assert await good > 0
+        rows = await storage.fetchall("SELECT keystore_id, detail FROM audit_log WHERE action = 'test.int'")
+        assert [(r["keystore_id"], r["detail"]) for r in rows] == [(7, '{"i":1}')]
+    finally:
+        await storage.close()
