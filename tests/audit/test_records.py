@@ -420,21 +420,11 @@ async def test_a_record_with_a_bad_integer_field_is_refused_before_it_joins_a_ba
     """`make_row` checks the integer fields when a record is made: a bad one fails its own append (and,
     for `append_many`, queues none of its records), never the batch it would have been written with."""
     import asyncio
-    import os
 
     import pytest
 
-    from server.audit import Audit
-    from server.barrier.barrier import Barrier
-    from server.settings import AuditSettings
-    from server.storage.sqlite import SQLiteStorage
-    storage = SQLiteStorage(str(tmp_path / "skm.db"))
-    await storage.open()
-    try:
-        barrier = Barrier()
-        barrier.unseal({1: os.urandom(32)}, 1)
-        audit = Audit(storage, barrier, AuditSettings())
-
+    from tests.support.audit_writer import sqlite_audit
+    async with sqlite_audit(tmp_path) as (storage, audit):
         def rec(i, **kw):
             return {"plane": "system", "actor": "t", "actor_kind": "system", "action": "test.int", "result": "ok",
                     "detail": {"i": i}, **kw}
@@ -446,5 +436,3 @@ async def test_a_record_with_a_bad_integer_field_is_refused_before_it_joins_a_ba
         assert await good > 0
         rows = await storage.fetchall("SELECT keystore_id, detail FROM audit_log WHERE action = 'test.int'")
         assert [(r["keystore_id"], r["detail"]) for r in rows] == [(7, '{"i":1}')]
-    finally:
-        await storage.close()

@@ -5,24 +5,15 @@ per connection with no bound on their size (~1 MiB for 256 records), so the key 
 every new batch size the load produced: the soak's +30 % after warm-up (issue 18)."""
 from __future__ import annotations
 
-import os
-
-from server.audit import Audit, verify_chain
-from server.barrier.barrier import Barrier
-from server.settings import AuditSettings
-from server.storage.sqlite import SQLiteStorage
+from server.audit import verify_chain
+from tests.support.audit_writer import sqlite_audit
 from tests.support.sqlite_memory import statement_bytes
 
 SIZES = range(256, 0, -3)          # 86 distinct batch sizes up to the default batch_max, largest first
 
 
 async def test_batches_of_every_size_keep_statement_memory_flat(tmp_path):
-    storage = SQLiteStorage(str(tmp_path / "skm.db"))
-    await storage.open()
-    try:
-        barrier = Barrier()
-        barrier.unseal({1: os.urandom(32)}, 1)
-        audit = Audit(storage, barrier, AuditSettings())
+    async with sqlite_audit(tmp_path) as (storage, audit):
         assert audit.settings.batch_max >= max(SIZES)
         await audit.append({"plane": "system", "actor": "t", "actor_kind": "system", "action": "test.warm", "result": "ok"})
         before = statement_bytes(storage)
@@ -43,5 +34,3 @@ async def test_batches_of_every_size_keep_statement_memory_flat(tmp_path):
         res = await verify_chain(storage, key=await audit.link_key())
         assert res.ok and res.keyed, res
         assert res.head_seq == written + 1
-    finally:
-        await storage.close()
