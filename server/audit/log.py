@@ -216,10 +216,10 @@ class Audit:
         self._count_held()
         if self._held_dropped:
             rows.append(make_row({"plane": "system", "actor": "system", "actor_kind": "system",
-                                   "action": "audit.sealed-dropped", "result": "error", "change": False,
-                                   "reason": f"{self._held_dropped} record(s) made while the barrier was sealed "
-                                   f"were not kept (more than {HELD_MAX})",
-                                   "detail": {"count": self._held_dropped}}))
+                                  "action": "audit.sealed-dropped", "result": "error", "change": False,
+                                  "reason": f"{self._held_dropped} record(s) made while the barrier was sealed "
+                                  f"were not kept (more than {HELD_MAX})",
+                                  "detail": {"count": self._held_dropped}}))
             self._held_dropped = 0
         loop = asyncio.get_running_loop()
         held = []
