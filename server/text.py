@@ -110,3 +110,26 @@ def visible(value: Any) -> str:
         else:
             out.append(f"\\u{ord(ch):04x}")
     return "".join(out)
+
+
+def storable(value: str) -> str:
+    """`value` with what neither UTF-8 nor PostgreSQL's text can hold written as a backslash escape: NUL as
+    `\\x00`, a byte that is not UTF-8 as `\\xff` (aiohttp keeps such a header byte as a lone surrogate, so a
+    client chooses it), any other lone surrogate as `\\ud800`; anything else is kept as it is. For text taken
+    from a request that is recorded or echoed: such a value failed the audit batch it joined (503 for every
+    request waiting on it, audit being fail-closed) and a response that echoed it (500)."""
+    if "\x00" not in value and (value.isascii() or _encodes(value)):
+        return value
+    value = value.replace("\x00", "\\x00")
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode()
+
+
+def _encodes(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

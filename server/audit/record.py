@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from server import timeutil
 from server.jsontext import encoder
+from server.text import storable
 
 GENESIS = "0" * 64
 TAG_PREFIX = "k1:"
@@ -63,14 +64,19 @@ assert FIELDS[0] == "seq" and FIELDS[-1] == "prev_hash"
 ROW_FIELDS = FIELDS[1:-1]
 TRUNCATE = (*((f, 256) for f in ("actor", "ip", "fingerprint", "mac", "route", "action", "key_id", "result")),
             ("reason", 1000))
+# Every text field with its length limit (None: the server's own short values, e.g. `at`, `plane`); `detail`
+# is JSON text made with ensure_ascii, so it holds neither a NUL nor a surrogate.
+_TEXT_FIELDS = (*TRUNCATE, *((f, None) for f in ROW_FIELDS
+                             if f not in INT_FIELDS and f != "detail" and f not in dict(TRUNCATE)))
 _INT_ROW_FIELDS = tuple(f for f in ROW_FIELDS if f in INT_FIELDS and f != "change")
 _detail_json = encoder(sort_keys=True)
 
 
 def make_row(rec: dict[str, Any]) -> dict[str, Any]:
     """A record as the writer stores it: the fields of ROW_FIELDS only, integers as int, `change` as
-    0/1, `detail` as its JSON text, long texts cut, `at` now unless given. Raises ValueError for an
-    integer field that is not one (before the record joins a batch, so only its own request fails)."""
+    0/1, `detail` as its JSON text, texts made `storable` and long ones cut, `at` now unless given. Raises
+    ValueError for an integer field that is not one (before the record joins a batch, so only its own
+    request fails)."""
     get = rec.get
     row = {f: get(f) for f in ROW_FIELDS}
     if not row["at"]:
@@ -84,10 +90,11 @@ def make_row(rec: dict[str, Any]) -> dict[str, Any]:
         v = row[f]
         if v is not None and v.__class__ is not int:
             row[f] = int(v)
-    for f, n in TRUNCATE:
+    for f, n in _TEXT_FIELDS:
         v = row[f]
-        if isinstance(v, str) and len(v) > n:
-            row[f] = v[:n]
+        if isinstance(v, str):
+            v = storable(v)
+            row[f] = v[:n] if n is not None and len(v) > n else v
     return row
 
 

@@ -147,7 +147,16 @@ def role_label(op: Operator | None) -> str:
 def error_page(c: Ctx, e: SKMError, back: str | None = None) -> web.Response:
     c.request[ERROR] = e
     status = e.status if e.status >= 400 else 400
-    return render(c, "error.html", status=status, error=e, back=back or c.request.headers.get("Referer"))
+    return render(c, "error.html", status=status, error=e, back=back or _back_link(c.request))
+
+
+def _back_link(request: web.Request) -> str | None:
+    """The page the user came from, when it is one of this console's: a Referer elsewhere, or one that is not
+    plain ASCII (a browser sends it percent-encoded; a stray byte reached the page as text it could not
+    encode, a 500), gets no Back button."""
+    ref = request.headers.get("Referer", "")
+    mine = f"https://{request.host}/"
+    return ref if ref.startswith(mine) and ref.isascii() and ref.isprintable() else None
 
 
 def changed(c: Ctx, e: ApprovalRequired) -> web.Response:

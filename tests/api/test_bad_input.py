@@ -1,7 +1,9 @@
 """Each bad input gets its envelope error and a 4xx, and the store does not change."""
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 
 import pytest
 
@@ -137,3 +139,63 @@ async def test_number_parameters_out_of_range_are_400_on_every_api(skm, keys, va
     st, body = await skm.client("GET", f"/asymmetric-keys/{keys['asym']}/publicKey", params={"keyVersion": value}, version="v1.1")
     assert st == 400 and "keyVersion" in body["header"]["resultDetail"], body
     assert await snapshot(skm) == before
+
+
+async def _raw(skm, path: str, header: bytes = b"", *, method: str = "GET", mgmt: bool = False) -> tuple[int, bytes]:
+    """A request over real TLS with bytes an HTTP library would not send (a header byte that is not UTF-8)."""
+    port = skm.server.mgmt_port if mgmt else skm.server.data_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=skm.ssl(), server_hostname="127.0.0.1")
+    try:
+        writer.write(b"%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\nContent-Length: 0\r\n%s\r\n"
+                     % (method.encode(), path.encode(), port, header))
+        data = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def _raw_get(skm, path: str, header: bytes = b"") -> tuple[int, dict]:
+    st, body = await _raw(skm, path, header)
+    return st, json.loads(body)
+
+
+async def test_a_header_byte_or_path_nul_the_audit_must_escape_fails_only_its_own_request(skm, keys):
+    """A client's MAC header with a byte that is not UTF-8, or a key id with %00, once failed the audit write
+    of the whole batch it joined, so every request waiting on that batch got 503 (audit is fail-closed):
+    anyone could take the key server down for everyone; and /confirm, which echoes the header, answered 500.
+    Now each gets its own answer, the ordinary reads sent with them succeed, and the log holds both values
+    as escapes."""
+    sec = keys["secret"]
+    prefix = f"/keymanager/v1.0/appkey/{skm.appkey}"
+    mac_header = b"X-TOAST-CLIENT-MAC-ADDR: aa\xffbb\r\n"
+    for _ in range(3):           # with ordinary reads in flight, so they share batches
+        ordinary = [skm.client("GET", f"/secrets/{sec}") for _ in range(10)]
+        hostile = [_raw_get(skm, f"{prefix}/secrets/{sec}", mac_header), _raw_get(skm, f"{prefix}/secrets/abc%00def")]
+        *reads, (mac_st, mac_out), (nul_st, nul_out) = await asyncio.gather(*ordinary, *hostile)
+        for st, out in reads:
+            assert st == 200 and out["body"]["secret"] == "v", out
+        assert mac_st == 200 and mac_out["body"]["secret"] == "v", mac_out     # the store checks IPs only
+        assert nul_st == 404 and nul_out["header"]["resultMessage"] == "Invalid Key Id", nul_out
+    st, out = await _raw_get(skm, f"{prefix}/confirm", mac_header)      # echoed as its escape, not a 500
+    assert st == 200 and out["body"]["clientMacHeader"] == "aa\\xffbb", out
+    st, out = await skm.mgmt("GET", "/audit", params={"limit": "100", "keyId": "abc\\x00def"})
+    assert st == 200 and len(out["body"]["records"]) == 3, out
+    st, out = await skm.mgmt("GET", "/audit", params={"limit": "200"})
+    assert sum(r["mac"] == "aa\\xffbb" for r in out["body"]["records"]) == 4      # three reads, one /confirm
+    st, out = await skm.mgmt("GET", "/audit/verify")
+    assert st == 200 and out["body"]["ok"], out
+
+
+async def test_the_console_error_page_links_back_only_to_its_own_pages(skm):
+    """An error page offers Back to the console page the user came from; a Referer elsewhere gets no Back
+    button, and one with a byte that is not UTF-8 no longer makes the error page itself a 500."""
+    port = skm.server.mgmt_port
+    cases = [(f"https://127.0.0.1:{port}/console/keystores".encode(), True),
+             (b"https://evil.example/console/keystores", False),
+             (f"https://127.0.0.1:{port}/console/\xff".encode(), False)]
+    for referer, back in cases:
+        st, page = await _raw(skm, "/console/login", b"Referer: %s\r\n" % referer, method="POST", mgmt=True)
+        assert st == 403 and b"CSRF" in page, page[-300:]            # no form token: refused, as a page
+        assert (b'href="' + referer + b'"' in page) is back, (referer, page[-500:])
+        assert (b">Back</a>" in page) is back

@@ -436,3 +436,81 @@ async def test_a_record_with_a_bad_integer_field_is_refused_before_it_joins_a_ba
         assert await good > 0
         rows = await storage.fetchall("SELECT keystore_id, detail FROM audit_log WHERE action = 'test.int'")
         assert [(r["keystore_id"], r["detail"]) for r in rows] == [(7, '{"i":1}')]
+
+
+def test_a_value_neither_the_canonical_form_nor_postgresql_can_hold_is_stored_escaped():
+    """A NUL (PostgreSQL's text refuses it) and a lone surrogate (UTF-8 cannot encode it; aiohttp makes one of
+    every header byte that is not UTF-8) become backslash escapes when the record is made, in every text
+    field; any other text, control characters and non-ASCII included, is stored as given."""
+    from server.audit.record import canon_body, chained_digest, digest, make_row
+    from server.text import storable
+    assert storable("aa\udcffbb") == "aa\\xffbb"          # the byte the client sent
+    assert storable("k\ud800") == "k\\ud800"
+    assert storable("a\x00b") == "a\\x00b"
+    for ordinary in ("plain", "café 東京 🔑", "esc\x1b[2J tab\t nl\n", ""):
+        assert storable(ordinary) == ordinary
+        assert make_row({"actor": ordinary, "reason": ordinary})["actor"] == ordinary
+    row = make_row({"at": "t\x00", "plane": "data", "actor": "a\x00", "mac": "aa\udcffbb", "key_id": "abc\x00def",
+                    "method": "G\udcffT", "reason": "\udcff" * 2000, "detail": {"exe": "/bin/x\x00\udcff"}})
+    assert (row["at"], row["actor"], row["mac"], row["key_id"], row["method"]) == (
+        "t\\x00", "a\\x00", "aa\\xffbb", "abc\\x00def", "G\\xffT")
+    assert row["reason"] == "\\xff" * 250                  # escaped, then cut to the field's 1,000 characters
+    assert row["detail"] == '{"exe":"/bin/x\\u0000\\udcff"}'  # JSON text: escaped by its encoder already
+    body = canon_body(row)                                   # encodes: before, this raised for the whole batch
+    assert chained_digest(1, body, "0" * 64) == digest(dict(row, seq=1, prev_hash="0" * 64))
+
+
+async def test_a_record_with_a_nul_or_a_stray_byte_fails_no_other_record_of_its_batch(storage_url):
+    """On both backends: records with a NUL and a non-UTF-8 header byte are written in one batch with ordinary
+    ones; every append succeeds, each value is stored as its escape, and the keyed chain verifies."""
+    import asyncio
+
+    from server.audit import verify_chain
+    from tests.support.audit_writer import storage_audit
+    async with storage_audit(storage_url) as (storage, audit):
+        def rec(i, **kw):
+            return {"plane": "data", "actor": "appkey", "actor_kind": "client", "action": "secret.read",
+                    "result": "ok", "status": 200, "detail": {"i": i}, **kw}
+        recs = [rec(0), rec(1, mac="aa\udcffbb"), rec(2), rec(3, key_id="abc\x00def", reason="no\x00such"), rec(4)]
+        seqs = await asyncio.gather(*(audit.append(r) for r in recs))
+        assert sorted(seqs) == list(range(seqs[0], seqs[0] + 5))      # one batch, numbered without a gap
+        rows = await storage.fetchall("SELECT mac, key_id, reason, detail FROM audit_log WHERE action = "
+                                      "'secret.read' ORDER BY seq")
+        assert [(r["mac"], r["key_id"], r["reason"]) for r in rows] == [
+            (None, None, None), ("aa\\xffbb", None, None), (None, None, None),
+            (None, "abc\\x00def", "no\\x00such"), (None, None, None)]
+        assert [r["detail"] for r in rows] == [f'{{"i":{i}}}' for i in range(5)]
+        result = await verify_chain(storage, key=await audit.link_key())
+        assert result.ok and result.checked == 5, result.to_api()
+
+
+async def test_every_field_is_stored_as_the_record_was_made_on_both_backends(storage_url):
+    """PostgreSQL takes a row's columns out of the canonical form the digest was computed over (one JSON text
+    per record, server/audit/log.py): quotes, backslashes, escapes, control characters, non-ASCII, NULLs,
+    large integers and nested details come back exactly as `make_row` made them, and the chain verifies."""
+    import asyncio
+
+    from server.audit import verify_chain
+    from server.audit.record import ROW_FIELDS, make_row
+    from tests.support.audit_writer import storage_audit
+    odd = 'q"uote \\back\\slash \\u0000 \\n é 東京 🔑 \u2028 \x1b[2J\ttab\nline \x7f'
+    recs = [
+        {"at": "2026-11-30T14:00:00.000001Z", "plane": "mgmt", "actor": odd, "actor_kind": "operator", "ip": "::1",
+         "fingerprint": "ab" * 32, "mac": "aa:bb:cc:dd:ee:ff", "method": "PATCH", "route": "/keystores/{keystore_id}",
+         "action": "key.update", "project_id": 2**40, "keystore_id": 0, "key_id": "k'; DROP TABLE audit_log; --",
+         "change": True, "status": 599, "result": "refused", "reason": odd * 20,
+         "detail": {"nested": {"list": [1, -2, 3.5, None, True, odd]}, "é": "\\", "big": 2**62}},
+        {"plane": "system", "actor": "", "actor_kind": "system", "action": "x", "change": False, "status": 0,
+         "result": "", "detail": {}},
+        {"plane": "data", "actor": "a", "actor_kind": "client", "action": "y", "result": "ok"},
+    ]
+    async with storage_audit(storage_url) as (storage, audit):
+        seqs = await asyncio.gather(*(audit.append(r) for r in recs))
+        for seq, rec in zip(seqs, recs):
+            stored = dict(await storage.fetchone("SELECT * FROM audit_log WHERE seq = ?", seq))
+            made = make_row(rec)
+            if rec.get("at") is None:
+                made["at"] = stored["at"]                # the writer's clock
+            assert {f: stored[f] for f in ROW_FIELDS} == made, seq
+        result = await verify_chain(storage, key=await audit.link_key())
+        assert result.ok and result.checked == 3, result.to_api()

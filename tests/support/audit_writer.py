@@ -1,4 +1,5 @@
-"""An audit writer on its own SQLite file, unsealed with a random system key (no server around it)."""
+"""An audit writer on its own store (a SQLite file, or any storage URL), unsealed with a random system key (no
+server around it)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,13 +10,18 @@ from typing import AsyncIterator
 from server.audit import Audit
 from server.barrier.barrier import Barrier
 from server.settings import AuditSettings
-from server.storage.sqlite import SQLiteStorage
+from server.storage.base import Storage
+from server.storage.factory import open_storage
+
+
+def sqlite_audit(directory: Path, settings: AuditSettings | None = None
+                 ) -> contextlib.AbstractAsyncContextManager[tuple[Storage, Audit]]:
+    return storage_audit(f"sqlite:///{directory / 'skm.db'}", settings)
 
 
 @contextlib.asynccontextmanager
-async def sqlite_audit(directory: Path, settings: AuditSettings | None = None
-                       ) -> AsyncIterator[tuple[SQLiteStorage, Audit]]:
-    storage = SQLiteStorage(str(directory / "skm.db"))
+async def storage_audit(url: str, settings: AuditSettings | None = None) -> AsyncIterator[tuple[Storage, Audit]]:
+    storage = open_storage(url)
     await storage.open()
     try:
         barrier = Barrier()

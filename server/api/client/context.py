@@ -16,6 +16,7 @@ from server.audit.middleware import AUDIT_KEYSTORE
 from server.errors import InvalidAppkey, Sealed
 from server.keys.model import Key, KeyStore, Project
 from server.runtime import CLIENT_CTX, KEY, request_value, runtime
+from server.text import storable
 
 PREFIX = r"/keymanager/{version:v1\.[0-3]}/appkey/{appkey:[A-Za-z0-9_-]{1,64}}"
 MAC_HEADER = "X-TOAST-CLIENT-MAC-ADDR"
@@ -64,7 +65,7 @@ async def client_context(request: web.Request) -> ClientContext:
     ctx = ClientContext(
         version=request.match_info["version"], project=project, peer_ip=peer_ip(request),
         cert_der=der, fingerprint=fingerprint,
-        mac_header=request.headers.get(MAC_HEADER),
+        mac_header=storable(request.headers.get(MAC_HEADER, "")) or None,   # echoed by /confirm
     )
     if rt.callers is not None:
         ctx.caller = await rt.callers.authenticate(request, ctx)
