@@ -33,7 +33,8 @@ from typing import Any
 
 from server import logs, timeutil
 from server.audit.chain import VerifyResult, verify_chain
-from server.audit.record import FIELDS, INT_FIELDS, canon_body, chained_digest, link_key, make_row, tagger, to_api
+from server.audit.record import (FIELDS, INT_FIELDS, ROW_FIELDS, canon_body, chained_digest, link_key, make_row,
+                                 tagger, to_api)
 from server.barrier.barrier import sealed_aad
 from server.errors import InvalidRequest, Unavailable
 from server.settings import AuditSettings   # [audit] in the server config
@@ -60,15 +61,22 @@ _RESERVE = "UPDATE audit_head SET seq = seq + ? WHERE id = 1 RETURNING seq, hash
 _SET_HEAD = "UPDATE audit_head SET hash = ? WHERE id = 1"
 _INSERT_SQLITE = f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 OPTIMISTIC_TRIES = 8               # PostgreSQL: writes after the last head seen before locking the head instead
-# One statement: move the head if it is still (seq, hash) and insert the batch, one array per column
-# (the same statement for every batch size); either both happen or neither. It answers how many rows
-# it wrote and the head as it found it, which is where to chain again when that was 0. (The INTEGER
-# columns take the BIGINT arrays by assignment.)
+# One statement: move the head if it is still (seq, hash) and insert the batch; either both happen or
+# neither. It answers how many rows it wrote and the head as it found it, which is where to chain again
+# when that was 0. A row's fields travel as the canonical form's body the digest was computed over
+# (`canon_body`, one JSON text) beside its prev_hash, hash and tag; PostgreSQL takes the columns out of
+# it (parsed once per row: MATERIALIZED, or each column would parse it again), so what is stored is read
+# from the very bytes that were hashed, and asyncpg encodes four arrays instead of twenty (~7 µs less of
+# our CPU per record, the same of PostgreSQL's). `make_row` leaves no NUL in a text field, which jsonb
+# could not hold. (The INTEGER columns take the BIGINTs by assignment.)
+_BODY_COLUMNS = ", ".join(f"CAST(j->>{i} AS BIGINT)" if f in INT_FIELDS else f"j->>{i}"
+                          for i, f in enumerate(ROW_FIELDS))
 _WRITE_AFTER_HEAD = (
     "WITH h AS (UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1 AND seq = ? AND hash = ? RETURNING id), "
-    f"ins AS (INSERT INTO audit_log ({', '.join(COLUMNS)}) SELECT * FROM unnest("
-    + ", ".join(f"CAST(? AS {'BIGINT' if c in INT_FIELDS else 'TEXT'}[])" for c in COLUMNS)
-    + ") WHERE EXISTS (SELECT 1 FROM h) RETURNING 1) "
+    "r AS MATERIALIZED (SELECT o, CAST('[' || b || ']' AS jsonb) AS j, p, d, t FROM unnest(CAST(? AS TEXT[]), "
+    "CAST(? AS TEXT[]), CAST(? AS TEXT[]), CAST(? AS TEXT[])) WITH ORDINALITY AS u(b, p, d, t, o)), "
+    f"ins AS (INSERT INTO audit_log ({', '.join(COLUMNS)}) SELECT CAST(? AS BIGINT) + o, {_BODY_COLUMNS}, p, d, t "
+    "FROM r WHERE EXISTS (SELECT 1 FROM h) RETURNING 1) "
     "SELECT (SELECT count(*) FROM ins) AS written, seq, hash FROM audit_head WHERE id = 1")
 
 
@@ -78,19 +86,27 @@ def _insert_sql(n: int) -> str:
     return f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES {', '.join([row] * n)}"
 
 
-def _chain(rows: list[dict], head: dict, key: bytes, bodies: list[bytes]) -> tuple[int, list[list[Any]], str]:
-    """Number, link and tag `rows` after the head just reserved (the head's seq already moved past them):
-    (the last record's seq, the rows' column values, the last record's digest). `bodies`: the rows'
-    `canon_body`, encoded once per batch before any lock is taken."""
-    seq, prev = int(head["seq"]) - len(rows), head["hash"]
+def _link(rows: list[dict], seq: int, prev: str, key: bytes, bodies: list[bytes]) -> tuple[list[str], list[str]]:
+    """Number `rows` after record `seq` (digest `prev`) and link them, setting each row's `seq` and
+    `prev_hash`: (their digests, their tags). `bodies`: the rows' `canon_body`, encoded once per batch
+    before any lock is taken."""
     tag_of = tagger(key)
-    values: list[list[Any]] = []
+    digests: list[str] = []
     for row, body in zip(rows, bodies):
         seq += 1
         row["seq"], row["prev_hash"] = seq, prev
         prev = chained_digest(seq, body, prev)
-        values.append([row[f] for f in FIELDS] + [prev, tag_of(prev)])
-    return seq, values, prev
+        digests.append(prev)
+    return digests, [tag_of(d) for d in digests]
+
+
+def _chain(rows: list[dict], head: dict, key: bytes, bodies: list[bytes]) -> tuple[int, list[list[Any]], str]:
+    """Number, link and tag `rows` after the head just reserved (the head's seq already moved past them):
+    (the last record's seq, the rows' column values, the last record's digest)."""
+    seq = int(head["seq"])
+    digests, tags = _link(rows, seq - len(rows), head["hash"], key, bodies)
+    values = [[row[f] for f in FIELDS] + [d, t] for row, d, t in zip(rows, digests, tags)]
+    return seq, values, digests[-1] if digests else head["hash"]
 
 
 def _append_sync(rows: list[dict], key: bytes, bodies: list[bytes], con) -> int:
@@ -326,16 +342,18 @@ class Audit:
         the batch is chained again after that one: no error, no second read (a refused statement was half
         of the two workers' audit writes)."""
         head = self._head
+        texts = [b.decode() for b in bodies]
         for _ in range(OPTIMISTIC_TRIES):
             if head is None:
                 head = await self.db.fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
                 if head is None:
                     return None
             seq0, n = int(head["seq"]), len(rows)
-            seq, values, last = _chain(rows, {"seq": seq0 + n, "hash": head["hash"]}, key, bodies)
+            digests, tags = _link(rows, seq0, head["hash"], key, bodies)
+            seq, last = seq0 + n, digests[-1]
             try:
-                got = await self.db.fetchone(_WRITE_AFTER_HEAD, seq, last, seq0, head["hash"],
-                                             *(list(column) for column in zip(*values)))
+                got = await self.db.fetchone(_WRITE_AFTER_HEAD, seq, last, seq0, head["hash"], texts,
+                                             [row["prev_hash"] for row in rows], digests, tags, seq0)
             except Exception:
                 self._head = None
                 raise

@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from server import logs
-from server.errors import Unavailable
+from server.errors import ConfigError, Unavailable
 from server.storage.base import Column, Executor, Row, Snapshot, Storage
 from server.storage.migrations import render
 
@@ -52,6 +52,8 @@ def is_outage(e: BaseException) -> bool:
         return "closed" in str(e)
     return isinstance(e, asyncpg.exceptions.InternalClientError)
 
+
+MIN_SERVER_MAJOR = 12            # the oldest PostgreSQL the key server runs on
 _MIGRATION_LOCK = "skm:schema-migrations"
 
 # Everything `?` may hide in: strings (plain and E''), quoted identifiers,
@@ -240,6 +242,12 @@ class PostgresStorage(Storage):
 
     async def _migrate(self) -> None:
         async with self._acquire() as conn, conn.transaction():
+            version = conn.get_server_version()
+            if version.major < MIN_SERVER_MAJOR:
+                # The audit's batch statement needs `AS MATERIALIZED` (server/audit/log.py): refuse at start
+                # rather than refuse every request at its first audit write.
+                raise ConfigError(f"PostgreSQL {MIN_SERVER_MAJOR} or later is needed; the server at this storage "
+                                  f"URL runs {version.major}.{version.minor}: upgrade it, or use another server")
             # Held until commit: replicas starting together queue here.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(_MIGRATION_LOCK))
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")

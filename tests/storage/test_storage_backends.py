@@ -76,6 +76,23 @@ async def test_migrations_applied_once_and_idempotent(storage_url: str) -> None:
             await s.close()
 
 
+async def test_a_postgresql_older_than_the_audit_needs_is_refused_at_open(pg_url: str, monkeypatch) -> None:  # noqa: F811
+    """The audit's batch statement needs PostgreSQL 12 (`AS MATERIALIZED`): an older server is refused when
+    the store opens, with the version it runs and what to do, before anything is created in it (here the
+    floor is raised past this machine's server, which is the only PostgreSQL there is to test against)."""
+    from server.storage import postgres
+    monkeypatch.setattr(postgres, "MIN_SERVER_MAJOR", 99)
+    s = open_storage(pg_url)
+    with pytest.raises(ConfigError) as e:
+        await s.open()
+    assert "PostgreSQL 99 or later is needed" in e.value.detail and "upgrade it" in e.value.detail
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
+    finally:
+        await conn.close()
+
+
 async def test_insert_returning_and_fetch(storage: Storage) -> None:
     async with storage.transaction() as tx:
         row = await tx.fetchone("INSERT INTO projects (appkey, name, created_at) VALUES (?, ?, ?) RETURNING id",
