@@ -417,7 +417,7 @@ class Operators:
         logged in from before."""
         if not self._limiter.hit(ip or "-"):
             raise TooManyAttempts("too many login attempts from this address; wait a minute")
-        name = (name or "")[:64]
+        name = text.storable((name or "")[:64])    # a NUL matches no operator; PostgreSQL would refuse it
         password = (password or "")[:MAX_PASSWORD]
         source = login_source(ip)
         now = timeutil.now()

@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from server import logs
-from server.errors import ConfigError, Unavailable
+from server.errors import ConfigError, InvalidRequest, Unavailable
 from server.storage.base import Column, Executor, Row, Snapshot, Storage
 from server.storage.migrations import render
 
@@ -320,6 +320,10 @@ class PostgresStorage(Storage):
         except Exception as e:
             if is_outage(e):
                 raise self._unavailable(e) from None
+            if isinstance(e, asyncpg.exceptions.CharacterNotInRepertoireError):
+                # A NUL in a text value (SQLite stores it; PostgreSQL's text cannot): the request's input,
+                # answered 400 rather than 500 wherever it was not caught before.
+                raise InvalidRequest("the request holds a NUL character, which cannot be stored; remove it") from None
             raise
         if self._down_since is not None:
             self._reachable()

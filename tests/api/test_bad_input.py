@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from server.access.operators import LOGIN_FAILED
 from tests.api.test_client_api import assert_err, assert_ok
 
 
@@ -199,3 +200,12 @@ async def test_the_console_error_page_links_back_only_to_its_own_pages(skm):
         assert st == 403 and b"CSRF" in page, page[-300:]            # no form token: refused, as a page
         assert (b'href="' + referer + b'"' in page) is back, (referer, page[-500:])
         assert (b">Back</a>" in page) is back
+
+
+async def test_a_login_name_with_a_nul_is_an_ordinary_failed_login(skm):
+    """No operator name holds a NUL (PostgreSQL's text cannot): such a name is a failed login like any unknown
+    name (401, the one message every failure gets), not a 500 from the database."""
+    for name in ("ad\x00min", "\x00"):
+        async with skm._default().post(f"{skm.mgmt_url}/api/v1/login", json={"name": name, "password": "x"}) as r:
+            out = await r.json(content_type=None)
+        assert r.status == 401 and out["header"]["resultDetail"] == LOGIN_FAILED, out

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.errors import ConfigError, Unavailable
+from server.errors import ConfigError, InvalidRequest, Unavailable
 from server.keys.context import is_unique_violation  # the key service's check, on both backends
 from server.storage.base import Storage
 from server.storage.factory import open_storage
@@ -116,6 +116,26 @@ async def test_insert_returning_and_fetch(storage: Storage) -> None:
     # '?' inside literals, identifiers and comments is not a placeholder
     row = await storage.fetchone("SELECT 'a?b' AS \"q?\", ? AS v -- trailing ?\n", "x")
     assert row == {"q?": "a?b", "v": "x"}
+
+
+async def test_a_nul_in_text_is_a_bad_request_on_postgresql_and_kept_on_sqlite(storage: Storage) -> None:  # noqa: F811
+    """PostgreSQL's text cannot hold a NUL: a value with one that reaches a statement is the request's input,
+    so it is InvalidRequest (400, saying what to do), not a 500, and nothing is written; SQLite keeps it."""
+    await _scratch(storage)
+    if storage.dialect == "postgresql":
+        with pytest.raises(InvalidRequest) as e:
+            await storage.execute("INSERT INTO scratch (name) VALUES (?)", "a\x00b")
+        assert e.value.status == 400 and "NUL" in e.value.detail
+        async with storage.transaction() as tx:
+            await tx.execute("INSERT INTO scratch (name) VALUES (?)", "kept")
+        with pytest.raises(InvalidRequest):
+            async with storage.transaction() as tx:
+                await tx.execute("INSERT INTO scratch (name) VALUES (?)", "rolled back")
+                await tx.execute("INSERT INTO scratch (name) VALUES (?)", "\x00")
+        assert [r["name"] for r in await storage.fetchall("SELECT name FROM scratch")] == ["kept"]
+    else:
+        await storage.execute("INSERT INTO scratch (name) VALUES (?)", "a\x00b")
+        assert await storage.fetchval("SELECT name FROM scratch") == "a\x00b"
 
 
 async def test_execute_rowcount(storage: Storage) -> None:
