@@ -64,10 +64,11 @@ async def sidecars(skm, store):
         await sc.stop()
 
 
+# The traps go in before the pidfile: a HUP that found the pid before its trap would kill the shell.
 READER = r'''
-echo $$ > "$PIDFILE"
 trap 'echo "reloaded: $(cat "$CONF")" >> "$SEEN"' HUP
 trap 'exit 0' TERM
+echo $$ > "$PIDFILE"
 while :; do sleep 5 & wait $!; done
 '''
 
