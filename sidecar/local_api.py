@@ -38,6 +38,7 @@ from aiohttp import web
 from server import logs
 from server.api import envelope
 from server.errors import ConfigError, Forbidden, SKMError, Unavailable, URLNotFound
+from server.text import storable
 from sidecar import fastpath, reads
 from sidecar.peer import tcp_peer_uid
 from sidecar.cache import Cache, Result
@@ -96,9 +97,11 @@ def caller_of(transport, groups: bool = True) -> Caller:
 
 def _executable(pid: int) -> str | None:
     """/proc/<pid>/exe; a sidecar that may not read it (another user's process, no CAP_SYS_PTRACE) falls back to
-    argv[0] from /proc/<pid>/cmdline, which anyone may read."""
+    argv[0] from /proc/<pid>/cmdline, which anyone may read. A byte of the path that is not UTF-8 is written
+    `\\xff` (`storable`): kept as Python's lone surrogate it made the key server refuse the whole read report,
+    every program's reads in it, so any local user could keep reads out of the audit."""
     try:
-        return os.readlink(f"/proc/{pid}/exe")
+        return storable(os.readlink(f"/proc/{pid}/exe"))
     except OSError:
         pass
     try:

@@ -147,6 +147,39 @@ async def test_a_full_spool_drops_counts_and_reports_the_loss(skm, store, make_s
     assert sc.reads.dropped == 0
 
 
+async def test_a_reader_whose_executable_path_is_not_utf8_loses_no_ones_records(skm, store, make_sidecar, tmp_path):
+    """A program run from a path that is not UTF-8 (a local user chooses it) reads a secret beside an ordinary
+    reader. Its path used to travel as a lone surrogate the server's JSON refuses, so the whole report was
+    refused (400) and every read in it, other programs' too, was lost from the audit. Now its record names
+    the path with the stray byte escaped, and the ordinary reads are recorded with it."""
+    import shutil
+    import subprocess
+
+    import pytest
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("needs curl (apt-get install curl) to read from a program at a path that is not UTF-8")
+    kid = (await skm.key(store, "SECRET", "odd", secretValue="v"))["keyId"]
+    sc = await make_sidecar("odd-path", reads={"flush_interval": 3600})
+    odd_dir = os.path.join(os.fsencode(tmp_path), b"bin-\xff")
+    os.mkdir(odd_dir)
+    odd_curl = os.path.join(odd_dir, b"curl")
+    shutil.copy(curl, odd_curl)
+    await read_n(sc, kid, 2)
+    proc = await asyncio.create_subprocess_exec(
+        odd_curl, b"-s", b"--unix-socket", os.fsencode(sc.config.listen.socket),
+        f"http://sidecar/secrets/{kid}".encode(), stdout=subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0 and b'"secret":"v"' in out, out
+    await read_n(sc, kid, 1)
+    await sc.reads.tick()                               # one report holding all four reads
+    recs = await until_records(skm, kid, 4)
+    assert sorted(r["detail"]["exe"] for r in recs) == sorted([exe()] * 3 + [f"{tmp_path}/bin-\\xff/curl"])
+    assert sc.reads.refused == 0
+    st, out = await skm.mgmt("GET", "/audit/verify")
+    assert st == 200 and out["body"]["ok"] is True
+
+
 def test_the_executable_of_this_process_is_what_a_record_names():
     from sidecar.local_api import _executable
     assert _executable(os.getpid()) == exe() and exe().startswith("/")
