@@ -158,7 +158,7 @@ async def test_a_reader_whose_executable_path_is_not_utf8_loses_no_ones_records(
     import pytest
     curl = shutil.which("curl")
     if curl is None:
-        pytest.skip("needs curl (apt-get install curl) to read from a program at a path that is not UTF-8")
+        pytest.skip(reason="needs curl (apt-get install curl) to read from a program at a path that is not UTF-8")
     kid = (await skm.key(store, "SECRET", "odd", secretValue="v"))["keyId"]
     sc = await make_sidecar("odd-path", reads={"flush_interval": 3600})
     odd_dir = os.path.join(os.fsencode(tmp_path), b"bin-\xff")
