@@ -210,6 +210,9 @@ class KeyServer:
             rt.extra["worker_channel"] = channel
         if place is not None:
             rt.extra["worker"] = place.index
+            if place.count > 1 and getattr(storage, "dialect", "") == "postgresql" and rt.audit is not None:
+                from server.audit.tip import FILE_NAME, SharedTip
+                rt.audit.tip = SharedTip(place.rundir / FILE_NAME)
         # PostgreSQL: events reach every replica (and worker) via LISTEN/NOTIFY; SQLite workers: datagrams.
         relay = await replication.enable(rt, transport=channel)
         if relay is not None:

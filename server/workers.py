@@ -232,6 +232,8 @@ class Supervisor:
         os.chmod(self.rundir, 0o700)
         self.metrics_dir.mkdir(exist_ok=True, mode=0o700)
         _empty(self.metrics_dir)          # a previous run's counts are not this one's
+        with contextlib.suppress(FileNotFoundError):
+            (self.rundir / "audit-tip").unlink()    # server/audit/tip.py: a previous run's tip is a wrong hint
         self.workers = [_Worker(i) for i in range(self.count)]
         try:
             _, self.mgmt_port = await self._spawn(self.workers[0])       # migrations and audit key first

@@ -19,7 +19,9 @@ next one as soon as the other commits, and the whole transaction runs on the eve
 (a few hundred microseconds of SQLite work; a thread of its own cost more in GIL hand-offs). On
 PostgreSQL a writer chains its batch after the head it last saw and writes rows and head in one
 statement that writes nothing, and answers the head it found, if the head has moved
-(`_write_after_known_head`), so no row lock is held across a round trip.
+(`_write_after_known_head`), so no row lock is held across a round trip. The workers of one host
+chain after their shared tip (server/audit/tip.py), the end of the last batch any of them sent, and
+PostgreSQL's row lock holds each statement until the one before it commits.
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ from typing import Any
 
 from server import logs, timeutil
 from server.audit.chain import VerifyResult, verify_chain
-from server.audit.record import (FIELDS, INT_FIELDS, ROW_FIELDS, canon_body, chained_digest, link_key, make_row,
-                                 tagger, to_api)
+from server.audit.record import (FIELDS, GENESIS, INT_FIELDS, ROW_FIELDS, canon_body, chained_digest, link_key,
+                                 make_row, tagger, to_api)
+from server.audit.tip import SharedTip
 from server.barrier.barrier import sealed_aad
 from server.errors import InvalidRequest, Unavailable
 from server.settings import AuditSettings   # [audit] in the server config
@@ -61,9 +64,15 @@ _RESERVE = "UPDATE audit_head SET seq = seq + ? WHERE id = 1 RETURNING seq, hash
 _SET_HEAD = "UPDATE audit_head SET hash = ? WHERE id = 1"
 _INSERT_SQLITE = f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 OPTIMISTIC_TRIES = 8               # PostgreSQL: writes after the last head seen before locking the head instead
+RESENDS = 2                        # ... plus the same statement again while the batch before it is on its way
 # One statement: move the head if it is still (seq, hash) and insert the batch; either both happen or
 # neither. It answers how many rows it wrote and the head as it found it, which is where to chain again
-# when that was 0. A row's fields travel as the canonical form's body the digest was computed over
+# when that was 0. The head's row is taken for update whatever it holds (the condition is in the SET,
+# not the WHERE): while another writer's statement holds it, this one waits for that commit and then
+# checks the head as it is now. With the condition in the WHERE, PostgreSQL tested it against the head
+# as it was when the statement began and refused at once a batch chained after one that was about to
+# commit (the workers' shared tip: server/audit/tip.py); refused, it still updates the row to itself.
+# A row's fields travel as the canonical form's body the digest was computed over
 # (`canon_body`, one JSON text) beside its prev_hash, hash and tag; PostgreSQL takes the columns out of
 # it (parsed once per row: MATERIALIZED, or each column would parse it again), so what is stored is read
 # from the very bytes that were hashed, and asyncpg encodes four arrays instead of twenty (~7 µs less of
@@ -72,12 +81,13 @@ OPTIMISTIC_TRIES = 8               # PostgreSQL: writes after the last head seen
 _BODY_COLUMNS = ", ".join(f"CAST(j->>{i} AS BIGINT)" if f in INT_FIELDS else f"j->>{i}"
                           for i, f in enumerate(ROW_FIELDS))
 _WRITE_AFTER_HEAD = (
-    "WITH h AS (UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1 AND seq = ? AND hash = ? RETURNING id), "
+    "WITH h AS (UPDATE audit_head SET seq = CASE WHEN seq = ? AND hash = ? THEN ? ELSE seq END, "
+    "hash = CASE WHEN seq = ? AND hash = ? THEN ? ELSE hash END WHERE id = 1 RETURNING seq, hash), "
     "r AS MATERIALIZED (SELECT o, CAST('[' || b || ']' AS jsonb) AS j, p, d, t FROM unnest(CAST(? AS TEXT[]), "
     "CAST(? AS TEXT[]), CAST(? AS TEXT[]), CAST(? AS TEXT[])) WITH ORDINALITY AS u(b, p, d, t, o)), "
     f"ins AS (INSERT INTO audit_log ({', '.join(COLUMNS)}) SELECT CAST(? AS BIGINT) + o, {_BODY_COLUMNS}, p, d, t "
-    "FROM r WHERE EXISTS (SELECT 1 FROM h) RETURNING 1) "
-    "SELECT (SELECT count(*) FROM ins) AS written, seq, hash FROM audit_head WHERE id = 1")
+    "FROM r WHERE EXISTS (SELECT 1 FROM h WHERE h.seq = ? AND h.hash = ?) RETURNING 1) "
+    "SELECT (SELECT count(*) FROM ins) AS written, seq, hash FROM h")
 
 
 def _insert_sql(n: int) -> str:
@@ -86,17 +96,23 @@ def _insert_sql(n: int) -> str:
     return f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES {', '.join([row] * n)}"
 
 
-def _link(rows: list[dict], seq: int, prev: str, key: bytes, bodies: list[bytes]) -> tuple[list[str], list[str]]:
+def _digests(rows: list[dict], seq: int, prev: str, bodies: list[bytes]) -> list[str]:
     """Number `rows` after record `seq` (digest `prev`) and link them, setting each row's `seq` and
-    `prev_hash`: (their digests, their tags). `bodies`: the rows' `canon_body`, encoded once per batch
-    before any lock is taken."""
-    tag_of = tagger(key)
+    `prev_hash`: their digests. `bodies`: the rows' `canon_body`, encoded once per batch before any
+    lock is taken."""
     digests: list[str] = []
     for row, body in zip(rows, bodies):
         seq += 1
         row["seq"], row["prev_hash"] = seq, prev
         prev = chained_digest(seq, body, prev)
         digests.append(prev)
+    return digests
+
+
+def _link(rows: list[dict], seq: int, prev: str, key: bytes, bodies: list[bytes]) -> tuple[list[str], list[str]]:
+    """`_digests`, and the digests' tags."""
+    digests = _digests(rows, seq, prev, bodies)
+    tag_of = tagger(key)
     return digests, [tag_of(d) for d in digests]
 
 
@@ -116,6 +132,55 @@ def _append_sync(rows: list[dict], key: bytes, bodies: list[bytes], con) -> int:
     con.executemany(_INSERT_SQLITE, values)
     con.execute(_SET_HEAD, (last,))
     return seq
+
+
+class _Batch:
+    """One batch on its way to PostgreSQL (`Audit._write_after_known_head`): the statement's arguments,
+    made when a connection is in hand, just before the statement leaves (`fetchone_at_send`), so the
+    host's tip is claimed at the last moment and batches reach PostgreSQL in the order they were chained
+    after one another. Made once per head: a resend sends the same arguments."""
+
+    def __init__(self, rows: list[dict], bodies: list[bytes], key: bytes, tip: SharedTip | None,
+                 head: dict | None) -> None:
+        self.rows, self.bodies, self.key, self.tip, self.head = rows, bodies, key, tip, head
+        self.texts = [b.decode() for b in bodies]
+        self.args: tuple | None = None
+        self.after_found = False     # chain after the head PostgreSQL answered, whatever the tip says
+
+    def chain_after(self, head: dict | None) -> None:
+        self.head, self.args, self.after_found = head, None, True
+
+    def arguments(self) -> tuple:
+        if self.args is not None:
+            return self.args
+        head, rows, n = self.head, self.rows, len(self.rows)
+        if self.tip is None:
+            digests = _digests(rows, int(head["seq"]), head["hash"], self.bodies)
+        else:
+            with self.tip:        # the digests only (the tags need no turn): ~1 µs a record
+                t = self.tip.get()
+                if not self.after_found and t is not None and t["seq"] > int(head["seq"]):
+                    head = self.head = t
+                digests = _digests(rows, int(head["seq"]), head["hash"], self.bodies)
+                self.tip.set(int(head["seq"]) + n, digests[-1])
+        tag_of = tagger(self.key)
+        seq0, prev = int(head["seq"]), head["hash"]
+        seq, last = seq0 + n, digests[-1]
+        self.args = (seq0, prev, seq, seq0, prev, last, self.texts, [row["prev_hash"] for row in rows], digests,
+                     [tag_of(d) for d in digests], seq0, seq, last)
+        return self.args
+
+    @property
+    def seq0(self) -> int:
+        return self.args[0]
+
+    @property
+    def seq(self) -> int:
+        return self.args[2]
+
+    @property
+    def last(self) -> str:
+        return self.args[5]
 
 
 def _log_held_failure(fut: asyncio.Future) -> None:
@@ -142,6 +207,7 @@ class Audit:
         self.checkpointer = None           # server.audit.checkpoints.Checkpointer (the primary process)
         self._sinks: list | None = None
         self._head: dict | None = None     # PostgreSQL: the head as this process last wrote it
+        self.tip: SharedTip | None = None  # PostgreSQL with several workers: the host's tip (server/audit/tip.py)
         self.metrics = None                # server.metrics.Metrics: the writer's counters in /metrics
 
     # ----------------------------------------------------------------- HMACs
@@ -329,6 +395,9 @@ class Audit:
             await tx.execute(f"WITH ins AS ({_insert_sql(len(values))}) {_SET_HEAD}",
                              *(v for r in values for v in r), last)
         self._head = None
+        if self.tip is not None:
+            with self.tip:       # a batch in flight that was not chained after this one is refused anyway
+                self.tip.set(seq, last)
         return seq
 
     async def _write_after_known_head(self, rows: list[dict], key: bytes, bodies: list[bytes]) -> int | None:
@@ -339,32 +408,54 @@ class Audit:
         waiting for a turn of a busy event loop; two workers then queued on the lock and used 1.2-1.4 of
         2 cores. Here the lock lives only inside PostgreSQL's statement. When the head has moved meanwhile
         (another worker or replica wrote) the statement writes nothing and answers the head it found, and
-        the batch is chained again after that one: no error, no second read (a refused statement was half
-        of the two workers' audit writes)."""
-        head = self._head
-        texts = [b.decode() for b in bodies]
-        for _ in range(OPTIMISTIC_TRIES):
-            if head is None:
-                head = await self.db.fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
-                if head is None:
+        the batch is chained again after that one: no error, no second read.
+
+        With several workers on this host the batch is chained after the host's tip (`self.tip`: the end
+        of the last batch any of them sent) instead, so it waits in PostgreSQL for that batch to commit
+        rather than being refused for it. Refused while that batch has not landed (ours overtook it on
+        the way), the same statement is sent again, at most RESENDS times."""
+        tip = self.tip
+        batch = _Batch(rows, bodies, key, tip, self._head)
+        send = getattr(self.db, "fetchone_at_send", None)
+        tries = resends = 0
+        while tries < OPTIMISTIC_TRIES:
+            if batch.head is None:
+                batch.head = await self.db.fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
+                if batch.head is None:
                     return None
-            seq0, n = int(head["seq"]), len(rows)
-            digests, tags = _link(rows, seq0, head["hash"], key, bodies)
-            seq, last = seq0 + n, digests[-1]
             try:
-                got = await self.db.fetchone(_WRITE_AFTER_HEAD, seq, last, seq0, head["hash"], texts,
-                                             [row["prev_hash"] for row in rows], digests, tags, seq0)
+                if send is not None:
+                    got = await send(_WRITE_AFTER_HEAD, batch.arguments)
+                else:
+                    got = await self.db.fetchone(_WRITE_AFTER_HEAD, *batch.arguments())
             except Exception:
                 self._head = None
+                if batch.args is not None:
+                    self._drop_tip(batch.seq, batch.last)
                 raise
-            if got is not None and got["written"] == n:
-                self._head = {"seq": seq, "hash": last}
-                return seq
-            head = None if got is None else {"seq": got["seq"], "hash": got["hash"]}
+            if got is not None and got["written"] == len(rows):
+                self._head = {"seq": batch.seq, "hash": batch.last}
+                return batch.seq
             if self.metrics is not None:
                 self.metrics.audit_head_moved.inc()
+            if tip is not None and got is not None and int(got["seq"]) < batch.seq0 and resends < RESENDS:
+                resends += 1        # the batch before ours is still on its way: the same statement again
+                await asyncio.sleep(0.0003 * resends)
+                continue
+            tries += 1
+            self._drop_tip(batch.seq, batch.last)
+            batch.chain_after(None if got is None else {"seq": got["seq"], "hash": got["hash"]})
         self._head = None
         return None
+
+    def _drop_tip(self, seq: int, digest: str) -> None:
+        """Our batch will not land: a tip that names its end would only get the next batches refused."""
+        if self.tip is None:
+            return
+        with self.tip:
+            t = self.tip.get()
+            if t is not None and t["seq"] == seq and t["hash"] == digest:
+                self.tip.set(0, GENESIS)
 
     async def event(self, action: str, *, actor: str, actor_kind: str = "system", keystore_id: int | None = None,
                     key_id: str | None = None, result: str = "ok", reason: str | None = None,

@@ -332,6 +332,13 @@ class PostgresStorage(Storage):
         async with self._connection() as conn:
             return await _Conn(conn, self._sql).fetchone(sql, *args)
 
+    async def fetchone_at_send(self, sql: str, arguments: Callable[[], Sequence[Any]]) -> Row | None:
+        """`fetchone` with its arguments made by `arguments()` once a connection is in hand: nothing
+        between that call and the statement's leaving waits (a prepared statement is sent at once), so
+        what `arguments()` claims is sent in the order it was claimed (the audit's shared tip)."""
+        async with self._connection() as conn:
+            return await _Conn(conn, self._sql).fetchone(sql, *arguments())
+
     async def fetchall(self, sql: str, *args: Any) -> list[Row]:
         async with self._connection() as conn:
             return await _Conn(conn, self._sql).fetchall(sql, *args)

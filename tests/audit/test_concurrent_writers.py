@@ -114,3 +114,84 @@ async def test_when_the_head_keeps_moving_the_writer_locks_it(writers, monkeypat
     monkeypatch.undo()
     await audits[0].append(rec("after", 0))
     await check_chain(stores[0], audits[0], 5)
+
+
+async def _pg_writers(pg_url: str, tip_path) -> tuple[list, list[Audit]]:  # noqa: F811
+    """Two PostgreSQL writers as two workers of one host have them: a storage each, one tip file."""
+    from server.audit.tip import SharedTip
+    from server.storage.postgres import PostgresStorage
+    barrier = Barrier()
+    barrier.unseal({1: os.urandom(32)}, 1)
+    stores = [PostgresStorage(pg_url, max_size=2) for _ in range(2)]
+    for st in stores:
+        await st.open()
+    audits = [Audit(st, barrier) for st in stores]
+    for a in audits:
+        a.metrics, a.tip = Metrics(), SharedTip(tip_path)      # each maps the file, as each worker does
+    await audits[0].append(rec("setup", 0))
+    return stores, audits
+
+
+def _moved(a: Audit) -> float:
+    return a.metrics.registry.get_sample_value("skm_audit_head_moved_total")
+
+
+async def test_a_batch_chained_after_one_still_being_written_waits_for_it(pg_url: str, tmp_path):  # noqa: F811
+    """Workers of one host chain after their shared tip, the end of the last batch any of them sent. A
+    batch chained after one that PostgreSQL has not committed yet waits for it and lands right after it:
+    no statement is refused (with the head's check in the statement's WHERE, PostgreSQL refused it at
+    once, testing the head as it was when the statement began)."""
+    import asyncpg
+    stores, (a, b) = await _pg_writers(pg_url, tmp_path / "audit-tip")
+    holder = await asyncpg.connect(pg_url)
+    watcher = await asyncpg.connect(pg_url)
+    try:
+        async def waiting(n: int) -> None:          # n audit statements queued on the head's row lock
+            for _ in range(500):
+                got = await watcher.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                                             "'Lock' AND query LIKE '%INSERT INTO audit_log%'")
+                if got >= n:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"{n} audit statement(s) never waited on the head's lock")
+
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE")   # the head held
+        first = asyncio.create_task(a.append_many([rec("a", i) for i in range(3)]))
+        await waiting(1)
+        with a.tip:
+            assert a.tip.get()["seq"] == 4          # a's batch (records 2-4) is the tip while on its way
+        second = asyncio.create_task(b.append_many([rec("b", i) for i in range(2)]))
+        await waiting(2)
+        await tx.rollback()
+        assert await first == [2, 3, 4]
+        assert await second == [5, 6]
+        assert _moved(a) == 0 and _moved(b) == 0, "a statement was refused"
+        await check_chain(stores[0], a, 6)
+    finally:
+        await holder.close()
+        await watcher.close()
+        for st in stores:
+            await st.close()
+
+
+async def test_a_wrong_tip_costs_refused_statements_never_the_chain(pg_url: str, tmp_path):  # noqa: F811
+    """The tip is a hint (a worker killed with its batch on the way leaves one that never lands): a batch
+    chained after it is refused, sent again while the head could still reach it, then chained after the
+    head PostgreSQL answered. The records land where they belong and the tip is mended."""
+    stores, (a, b) = await _pg_writers(pg_url, tmp_path / "audit-tip")
+    try:
+        with a.tip:
+            a.tip.set(50, "ab" * 32)                # a batch ending at record 50 that was never written
+        assert await b.append(rec("b", 1)) == 2
+        assert _moved(b) == 1 + audit_log.RESENDS
+        last = await stores[0].fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
+        with b.tip:
+            assert b.tip.get() == {"seq": 2, "hash": last["hash"]}
+        assert await a.append(rec("a", 1)) == 3       # a, which had written record 1, chains after the tip
+        assert _moved(a) == 0
+        await check_chain(stores[0], a, 3)
+    finally:
+        for st in stores:
+            await st.close()
