@@ -56,10 +56,6 @@ class SharedTip:
         """Call with the lock held."""
         _FORMAT.pack_into(self._map, 0, seq, digest.encode("ascii"))
 
-    def clear(self) -> None:
-        with self:
-            self.set(0, "0" * 64)
-
     def close(self) -> None:
         self._map.close()
         os.close(self._fd)

@@ -100,8 +100,9 @@ async def test_a_moved_head_costs_one_more_statement_not_an_error_and_a_read(pg_
         assert a.metrics.registry.get_sample_value("skm_audit_head_moved_total") == 1   # seen in /metrics
         await check_chain(stores[0], a, 3)
     finally:
-        for st in stores:
+        for st, au in zip(stores, (a, b)):
             await st.close()
+            au.tip.close()
 
 
 async def test_when_the_head_keeps_moving_the_writer_locks_it(writers, monkeypatch):
@@ -172,8 +173,9 @@ async def test_a_batch_chained_after_one_still_being_written_waits_for_it(pg_url
     finally:
         await holder.close()
         await watcher.close()
-        for st in stores:
+        for st, au in zip(stores, (a, b)):
             await st.close()
+            au.tip.close()
 
 
 async def test_a_wrong_tip_costs_refused_statements_never_the_chain(pg_url: str, tmp_path):  # noqa: F811
@@ -193,5 +195,6 @@ async def test_a_wrong_tip_costs_refused_statements_never_the_chain(pg_url: str,
         assert _moved(a) == 0
         await check_chain(stores[0], a, 3)
     finally:
-        for st in stores:
+        for st, au in zip(stores, (a, b)):
             await st.close()
+            au.tip.close()
