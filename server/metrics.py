@@ -69,15 +69,17 @@ class Metrics:
 
         # The audit writer of this process (server/audit/log.py): how fast its group commits land, what
         # failed (with fail_closed, the default, each failed batch's requests were answered 503) and, on
-        # PostgreSQL, how often another worker or replica moved the head first (the batch is chained again).
+        # PostgreSQL, how often a batch's statement was refused: another worker or replica moved the head
+        # first (the batch is chained again), or it overtook the batch it was chained after (sent again).
         self.audit_records = Counter(f"{prefix}_audit_records", "audit records committed", registry=self.registry)
         self.audit_batch_seconds = Histogram(f"{prefix}_audit_batch_seconds", "time to commit one audit batch",
                                              registry=self.registry,
                                              buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5))
         self.audit_write_failures = Counter(f"{prefix}_audit_write_failures", "audit batches that failed to commit",
                                             registry=self.registry)
-        self.audit_head_moved = Counter(f"{prefix}_audit_head_moved", "audit batches chained again because "
-                                        "another writer moved the head first (PostgreSQL)", registry=self.registry)
+        self.audit_head_moved = Counter(f"{prefix}_audit_head_moved", "audit statements refused because another "
+                                        "writer moved the head first, or sent before the batch they follow "
+                                        "(PostgreSQL)", registry=self.registry)
         self.audit_held = Gauge(f"{prefix}_audit_held_records", "audit records held in memory while the barrier "
                                 "is sealed", registry=self.registry, multiprocess_mode="livesum")
 
