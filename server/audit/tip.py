@@ -8,11 +8,11 @@ were refused and sent again (bench/README.md, "Where PostgreSQL's two workers lo
 The tip is the end of the last batch any worker of this host has *sent*, committed or not. A writer
 takes it and puts its own batch's end in its place under an flock held only while the batch's
 digests are computed; its statement then names that tip, and PostgreSQL's row lock on `audit_head`
-makes it wait for the batch before it to commit rather than refuse it. The tip is only a hint:
-PostgreSQL's check of the head stays the one rule, so a stale, lost or wrong tip costs a refused
-statement, never a broken chain. Replicas on other hosts do not share it and collide as before.
+makes it wait for the batch before it to commit rather than refuse it (`_WRITE_AFTER_TIP`). The tip is
+only a hint: PostgreSQL's check of the head stays the one rule, so a stale, lost or wrong tip costs a
+refused statement, never a broken chain. Replicas on other hosts do not share it and collide as before.
 
-A file in the workers' run directory (0600, emptied by the supervisor at start), mapped by every
+A file in the workers' run directory (0600; the supervisor removes it at start), mapped by every
 worker: the sequence number (8 bytes) and the digest (64 hex characters) of the tip; 0 is none.
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ FILE_NAME = "audit-tip"
 
 
 class SharedTip:
+    """The tip file, mapped; `with tip:` takes its flock (blocking: the holder only hashes a batch)."""
+
     def __init__(self, path: Path) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -40,7 +42,7 @@ class SharedTip:
         self._fd = fd
 
     def __enter__(self) -> "SharedTip":
-        # Held for a batch's digests only (tens of microseconds): a blocking flock costs less than a retry.
+        # Held for a batch's digests only (tens of microseconds): waiting costs less than a refused statement.
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self
 
