@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -166,6 +167,26 @@ async def test_workers_share_the_port_and_hear_each_others_changes(storage_url, 
     st, out = await h.mgmt("GET", "/audit/verify")
     assert st == 200 and out["body"]["ok"] is True, out
     assert out["body"]["checked"] > 25
+
+    # On PostgreSQL the workers chain after their shared tip (server/audit/tip.py): it names the last
+    # record written. SQLite's workers take turns on the writer lock and keep none.
+    tip = h.server.config.data_path / "run" / "audit-tip"
+    if not storage_url.startswith("postgresql"):
+        assert not tip.exists()
+        return
+    import asyncpg
+    conn = await asyncpg.connect(storage_url)
+    try:
+        for _ in range(100):        # a batch still on its way is named before it lands
+            seq, digest = struct.unpack("<Q64s", tip.read_bytes())
+            stored = await conn.fetchval("SELECT hash FROM audit_log WHERE seq = $1", seq)
+            if stored is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert seq > out["body"]["checked"] and stored == digest.decode()
+    finally:
+        await conn.close()
+    assert oct(tip.stat().st_mode & 0o777) == "0o600"
 
 
 async def test_a_revoked_credential_is_refused_by_every_worker_on_the_next_request(storage_url, group: Harness):
