@@ -107,7 +107,7 @@ def _executable(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv0 = f.read(4096).split(b"\0", 1)[0]
-        return argv0.decode("utf-8", "replace") or None
+        return storable(argv0.decode("utf-8", "surrogateescape")) or None
     except OSError:
         return None
 

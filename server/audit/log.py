@@ -420,18 +420,14 @@ class Audit:
         tip = self.tip
         batch = _Batch(rows, bodies, key, tip, self._head)
         sql = _WRITE_AFTER_HEAD if tip is None else _WRITE_AFTER_TIP
-        send = getattr(self.db, "fetchone_at_send", None)
         tries = resends = 0
         while tries < OPTIMISTIC_TRIES:
             if batch.head is None:
                 batch.head = await self.db.fetchone("SELECT seq, hash FROM audit_head WHERE id = 1")
                 if batch.head is None:
                     return None
-            try:
-                if send is not None:
-                    got = await send(sql, batch.arguments)
-                else:
-                    got = await self.db.fetchone(sql, *batch.arguments())
+            try:        # PostgresStorage: the one storage without `sync_transaction`
+                got = await self.db.fetchone_at_send(sql, batch.arguments)
             except Exception:
                 self._head = None
                 if batch.args is not None:

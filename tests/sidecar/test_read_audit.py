@@ -225,3 +225,30 @@ async def test_a_spool_sealed_under_another_host_key_is_reported_lost(skm, store
     assert loss["detail"]["count"] == 4 and loss["detail"]["cause"] == "unreadable_spool"
     assert loss["actor"] == "second-host" and "another host key" in loss["reason"]
     assert len(await sidecar_records(skm, kid)) == 1 and not spool.exists()
+
+
+def test_a_reader_seen_only_by_its_argv0_has_a_stray_byte_escaped_too(monkeypatch):
+    """A sidecar that may not read another user's /proc/<pid>/exe names the reader by argv[0], which that
+    user chooses: a byte that is not UTF-8 is written `\\xff` there too, as the server stores it."""
+    import subprocess
+
+    from sidecar import local_api
+
+    proc = subprocess.Popen([b"bin-\xff/sleep", b"30"], executable="/bin/sleep")
+    try:
+        for _ in range(200):            # argv[0] is the child's once it has exec'd
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"bin-\xff/sleep\0"):
+                    break
+            time.sleep(0.01)
+        real_readlink = os.readlink
+
+        def unreadable(path, *a, **kw):
+            if path == f"/proc/{proc.pid}/exe":
+                raise PermissionError(path)
+            return real_readlink(path, *a, **kw)
+        monkeypatch.setattr(local_api.os, "readlink", unreadable)
+        assert local_api._executable(proc.pid) == "bin-\\xff/sleep"
+    finally:
+        proc.kill()
+        proc.wait()
