@@ -43,10 +43,10 @@ test: $(STAMP) $(TOOLS_STAMP)
 test-long: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/pytest -q -m 'long or sweep'
 
-# The API, key and storage tests again with every key server on a throwaway PostgreSQL.
+# The API, key and storage tests (and the sealed access rows) again with every key server on a throwaway PostgreSQL.
 test-postgres: $(STAMP)
-	SKM_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/api tests/keys tests/storage tests/replicas/test_harness_backend.py \
-		tests/reliability/test_secret_hygiene.py
+	SKM_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/api tests/keys tests/storage tests/access/test_seal.py \
+		tests/replicas/test_harness_backend.py tests/reliability/test_secret_hygiene.py
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[test,bench]'

@@ -18,6 +18,7 @@ from server.access.authdata import AuthData
 from server.access.changes import ChangeGate
 from server.access.authcache import CachedClientAccess
 from server.access.operators import Operators
+from server.access.seal import AccessSeal
 from server.access.tls import server_context
 from server.api import middleware
 from server.api.routing import RouteTable
@@ -28,7 +29,7 @@ from server.barrier.providers import make_provider
 from server.barrier.remote import unseal_with_retry
 from server.barrier.rootkey import RootKeyProvider
 from server.barrier.sources import follow_keyring, system_key_source, unseal_once
-from server.errors import ConfigError
+from server.errors import ConfigError, SKMError
 from server.events import EventBus
 from server.keys import rollout
 from server.keys.service import KeyService, Limits
@@ -148,10 +149,11 @@ def build_runtime(config: ServerConfig, storage, barrier: Barrier | None = None)
                                                        deletion_grace_days=config.deletion_grace_days,
                                                        material_cache_entries=config.material_cache_entries))
     authdata = AuthData(storage, events, config.deletion_grace_days)
+    seal = AccessSeal(storage, barrier)
     # Auth data is cached per key store and dropped on every auth_changed event.
     rt = Runtime(config=config, storage=storage, barrier=barrier, keys=keys, events=events,
                  access=CachedClientAccess(storage, config.trusted_proxies, events=events), authdata=authdata,
-                 operators=Operators(storage, config.login, events), metrics=Metrics())
+                 operators=Operators(storage, config.login, events, seal=seal), access_seal=seal, metrics=Metrics())
     rt.changes = ChangeGate(keys, authdata)
     metrics = rt.metrics
 
@@ -167,7 +169,7 @@ def _extend_runtime(rt: Runtime) -> None:
     """Hooks for modules that add services (certificates, credentials, approvals, audit, console)."""
     import importlib
     for name in ("server.access.certificates", "server.access.callers", "server.access.approvals",
-                 "server.audit", "server.usage", "server.console"):
+                 "server.audit", "server.access.seal", "server.usage", "server.console"):
         importlib.import_module(name).install(rt)
 
 
@@ -221,6 +223,7 @@ class KeyServer:
         if cfg.systemkey.source == "local":
             # A local keyring is there or not: a wrong root key stops the start here.
             await unseal_once(rt.barrier, self.source, self.root)
+            await _seal_access(rt)
         else:
             self._tasks.append(asyncio.create_task(self._unseal_remote(), name="unseal"))
         data_app, mgmt_app = build_apps(rt)
@@ -256,6 +259,7 @@ class KeyServer:
                 await unseal_with_retry(rt.barrier, self.source, self.root, initial=sk.retry_initial,
                                         maximum=sk.retry_max, log=log)
                 log.info("unsealed", system_key_version=rt.barrier.current_version)
+                await _seal_access(rt)
                 return
             except ConfigError as e:
                 rt.barrier.sealed_reason = f"cannot unseal: {e}"
@@ -323,6 +327,15 @@ class KeyServer:
             await self.root.close()
         if self.source is not None:
             await self.source.close()
+
+
+async def _seal_access(rt: Runtime) -> None:
+    """Load the access seal key once unsealed (sealing the rows of a fresh or upgraded database), so the
+    first login does not pay for it. A failure is logged; every credential check then refuses."""
+    try:
+        await rt.access_seal.key()
+    except SKMError as e:
+        log.error("access_seal_unavailable", error=str(e))
 
 
 async def run_jobs_once(rt: Runtime, now=None) -> dict:

@@ -171,8 +171,7 @@ class Demo:
     async def _login(self) -> None:
         """A way into the console and the CLI for this run: a fresh password and one token for the demo
         operator. Earlier runs' tokens are revoked (and so is `init`'s bootstrap token), so they never pile up."""
-        from server.access.operators import Operators
-        ops = Operators(self.server.runtime.storage)
+        ops = self.server.runtime.operators
         op = await ops.by_name(DEMO_OPERATOR)
         for t in await ops.tokens(op.id):
             if t["status"] == "ACTIVE":

@@ -63,6 +63,9 @@ class Metrics:
                                        registry=self.registry)
         self.denials = Counter(f"{prefix}_access_denials", "client requests refused by key-store checks",
                                ["reason"], registry=self.registry)
+        self.seal_failures = Counter(f"{prefix}_access_seal_failures", "operator, role, token and access-key rows "
+                                     "refused because their seal did not match (changed outside the key server)",
+                                     ["table"], registry=self.registry)
         # Per key store (its id), never per key: label cardinality stays the number of stores.
         self.keystore_requests = Counter(f"{prefix}_keystore_requests", "client requests per key store and result "
                                          "(ok, denied, error)", ["keystore", "result"], registry=self.registry)

@@ -28,6 +28,7 @@ class Runtime:
     certificates: Any = None  # server.access.certificates.Certificates
     callers: Any = None       # server.access.callers.CallerAuth (v1.2/v1.3 credentials)
     operators: Any = None     # server.access.operators.OperatorAuth (management plane)
+    access_seal: Any = None   # server.access.seal.AccessSeal (operators, roles and credentials sealed)
     changes: Any = None       # server.access.approvals.ChangeGate
     audit: Any = None         # server.audit.Audit
     metrics: Any = None       # server.metrics.Metrics

@@ -86,7 +86,7 @@ class Approvals:
             needed, role, project_id, where = max(1, int(ks.approvals_needed)), "approver", ks.project_id, \
                 f"key store {ks.name!r}"
         now = timeutil.now()
-        lineage = await Lineage.load(self.db)
+        lineage = await Lineage.load(self.db, self.rt.access_seal)
         eligible = len(lineage.eligible(op.id, role, project_id, timeutil.to_db(now)))
         if eligible < needed:
             # Fail closed: a request nobody can approve would wait forever, or tempt a bypass.
@@ -186,8 +186,8 @@ class Approvals:
             role = self._role(row)
             by.require(role, project_id=row["project_id"])
             requester_id = await self._requester_id(tx, row)
-            refusal = (await Lineage.load(tx)).refusal(by.id, requester_id, role, row["project_id"],
-                                                       row["created_at"])
+            lineage = await Lineage.load(tx, self.rt.access_seal)
+            refusal = lineage.refusal(by.id, requester_id, role, row["project_id"], row["created_at"])
             if refusal is None and row["keystore_id"] is None:
                 target = json.loads(row["params"]).get("name")
                 if target is not None and target == by.name:

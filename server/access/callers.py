@@ -11,6 +11,8 @@
   timing does not tell which ids exist. A reason more specific than "not
   valid" (expired, revoked, other project) is given only to a caller who
   proved the secret.
+* Access-key and token rows, and the operator rows and grants behind them, are sealed to the
+  system key (server/access/seal.py): one that fails its seal is "not valid", like a wrong secret.
 * Verified tokens and access keys are kept in memory per worker (server/access/authcache.py,
   `CredentialCache`): every change to a credential (revoke, delete, an operator changed)
   publishes `credential_changed`, which reaches every worker and replica before their next
@@ -35,7 +37,8 @@ from aiohttp import web
 
 from server import text, timeutil
 from server.access.authcache import CREDENTIAL_CHANGED, CredentialCache, VerifiedCredential
-from server.access.operators import Grant, Operator
+from server.access.operators import Operator, sealed_grants
+from server.access.seal import AccessSeal
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, SKMError, Unauthenticated
 from server.events import Event, EventBus
 from server.storage.base import Storage
@@ -105,8 +108,18 @@ class AccessKey:
 
 
 _KEY_SELECT = ("SELECT k.id, k.operator_id, k.project_id, k.secret_hash, k.description, k.expires_at, k.revoked, "
-               "k.last_used_at, k.created_by, k.created_at, o.name AS operator, o.role, o.disabled "
-               "FROM user_access_keys k JOIN operators o ON o.id = k.operator_id")
+               "k.last_used_at, k.created_by, k.created_at, k.seal, o.name AS operator, o.role, o.disabled, "
+               "o.password_hash AS operator_password_hash, o.deleted_at AS operator_deleted_at, "
+               "o.created_by_id AS operator_created_by_id, o.created_at AS operator_created_at, "
+               "o.seal AS operator_seal FROM user_access_keys k JOIN operators o ON o.id = k.operator_id")
+
+
+def _operator_row(r: dict) -> dict:
+    """The operator's sealed columns, from a row of _KEY_SELECT."""
+    return {"id": r["operator_id"], "name": r["operator"], "password_hash": r["operator_password_hash"],
+            "disabled": r["disabled"], "deleted_at": r["operator_deleted_at"],
+            "created_by_id": r["operator_created_by_id"], "created_at": r["operator_created_at"],
+            "seal": r["operator_seal"]}
 
 
 def parse_basic(header: str) -> tuple[str, str] | None:
@@ -135,8 +148,9 @@ def parse_token(token: str) -> tuple[str, str] | None:
 
 
 class CallerAuth:
-    def __init__(self, storage: Storage, metrics=None, events: EventBus | None = None) -> None:
+    def __init__(self, storage: Storage, seal: AccessSeal, metrics=None, events: EventBus | None = None) -> None:
         self.db = storage
+        self.seal = seal
         self.metrics = metrics
         self.events = events
         self.cache = CredentialCache(events) if events is not None else None
@@ -160,10 +174,10 @@ class CallerAuth:
             raise Conflict(f"an operator has at most {MAX_KEYS_PER_OPERATOR} user access keys; delete one first")
         key_id, secret = _new_key_id(), secrets.token_urlsafe(32)
         expires = timeutil.to_db(timeutil.now() + dt.timedelta(days=ttl_days)) if ttl_days else None
-        await self.db.execute(
-            "INSERT INTO user_access_keys (id, operator_id, project_id, secret_hash, description, expires_at, "
-            "created_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            key_id, owner.id, project_id, _digest(secret), description, expires, actor, timeutil.now_db())
+        await self.seal.insert(self.db, "user_access_keys", {
+            "id": key_id, "operator_id": owner.id, "project_id": project_id, "secret_hash": _digest(secret),
+            "description": description, "expires_at": expires, "revoked": 0, "created_by": actor,
+            "created_at": timeutil.now_db()})
         return await self.key(key_id), secret
 
     async def key(self, key_id: str) -> AccessKey:
@@ -202,7 +216,7 @@ class CallerAuth:
                 gen = cache.generation
             row = await self.db.fetchone(_KEY_SELECT + " WHERE k.id = ?", key_id)
         good = hmac.compare_digest(row["secret_hash"] if row else _DUMMY, _digest(secret))
-        if row is None or not good or row["revoked"] or row["disabled"]:
+        if row is None or not good or row["revoked"] or row["disabled"] or not await self._sealed(row):
             raise Unauthenticated(BAD_KEY)
         key = AccessKey.from_row(row)
         if key.expired:
@@ -221,9 +235,9 @@ class CallerAuth:
         if key.expires_at is not None:
             # A token never outlives the access key it came from.
             expires = min(expires, timeutil.from_db(key.expires_at))
-        await self.db.execute("INSERT INTO oauth_tokens (id, access_key_id, token_hash, expires_at, created_at) "
-                              "VALUES (?, ?, ?, ?, ?)", token_id, key.id, _digest(secret), timeutil.to_db(expires),
-                              timeutil.now_db())
+        await self.seal.insert(self.db, "oauth_tokens", {
+            "id": token_id, "access_key_id": key.id, "token_hash": _digest(secret),
+            "expires_at": timeutil.to_db(expires), "revoked": 0, "created_at": timeutil.now_db()})
         ttl = max(0, int((expires - timeutil.now()).total_seconds() + 0.5))
         return {"access_token": f"skmat_{token_id}_{secret}", "token_type": "Bearer", "expires_in": ttl}
 
@@ -236,7 +250,7 @@ class CallerAuth:
         row = await self.db.fetchone("SELECT access_key_id, token_hash FROM oauth_tokens WHERE id = ?", token_id)
         good = hmac.compare_digest(row["token_hash"] if row else _DUMMY, _digest(secret))
         if row is not None and good and row["access_key_id"] == key.id:
-            await self.db.execute("UPDATE oauth_tokens SET revoked = 1 WHERE id = ?", token_id)
+            await self.seal.update(self.db, "oauth_tokens", "id = ?", (token_id,), {"revoked": 1}, check=False)
             await self._changed(f"token:{token_id}")
 
     async def verify_token(self, token: str) -> tuple[str, AccessKey]:
@@ -257,10 +271,14 @@ class CallerAuth:
                 gen = cache.generation     # a miss, a wrong secret or an expiry: the database decides and says why
             row = await self.db.fetchone(
                 "SELECT t.token_hash, t.expires_at AS token_expires_at, t.revoked AS token_revoked, "
-                + _KEY_SELECT[len("SELECT "):] + " JOIN oauth_tokens t ON t.access_key_id = k.id WHERE t.id = ?",
-                token_id)
+                "t.seal AS token_seal, " + _KEY_SELECT[len("SELECT "):]
+                + " JOIN oauth_tokens t ON t.access_key_id = k.id WHERE t.id = ?", token_id)
         good = hmac.compare_digest(row["token_hash"] if row else _DUMMY, _digest(secret))
         if row is None or not good or row["revoked"] or row["disabled"]:
+            raise Unauthenticated(BAD_TOKEN)
+        token = {"id": token_id, "access_key_id": row["id"], "token_hash": row["token_hash"],
+                 "expires_at": row["token_expires_at"], "revoked": row["token_revoked"], "seal": row["token_seal"]}
+        if not await self.seal.valid("oauth_tokens", token) or not await self._sealed(row):
             raise Unauthenticated(BAD_TOKEN)
         if row["token_revoked"]:
             raise Unauthenticated("the bearer token has been revoked; get a new one from /oauth2/token/create")
@@ -273,6 +291,10 @@ class CallerAuth:
             cache.put("t", token_id, VerifiedCredential(row["token_hash"], key, _earliest(
                 _epoch(row["token_expires_at"]), _epoch(key.expires_at)), key.id, key.operator_id), gen)
         return token_id, key
+
+    async def _sealed(self, row: dict) -> bool:
+        """A row of _KEY_SELECT: the access key's row and its operator's, as the key server wrote them."""
+        return await self.seal.valid("user_access_keys", row) and await self.seal.valid("operators", _operator_row(row))
 
     async def purge_expired(self, now: dt.datetime | None = None) -> int:
         cutoff = timeutil.to_db((now or timeutil.now()) - dt.timedelta(days=1))
@@ -329,9 +351,7 @@ class CallerAuth:
             if hit is not None:
                 return hit
             gen = cache.generation
-        rows = await self.db.fetchall("SELECT role, project_id FROM operator_roles WHERE operator_id = ? AND "
-                                      "revoked_at IS NULL ORDER BY id", key.operator_id)
-        grants = tuple(Grant(r["role"], r["project_id"]) for r in rows)
+        grants = await sealed_grants(self.db, self.seal, key.operator_id)
         op = Operator(key.operator_id, key.operator, next((g.role for g in grants if g.project_id is None), ""),
                       None, grants)
         if cache is not None:
@@ -353,4 +373,4 @@ def _handler_name(request: web.Request) -> str:
 
 
 def install(rt) -> None:
-    rt.callers = CallerAuth(rt.storage, rt.metrics, rt.events)
+    rt.callers = CallerAuth(rt.storage, rt.access_seal, rt.metrics, rt.events)

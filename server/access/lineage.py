@@ -30,8 +30,13 @@ walked in memory; a decision reads it inside the decision's transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from server.access.seal import columns
 from server.storage.base import Executor
+
+if TYPE_CHECKING:
+    from server.access.seal import AccessSeal
 
 
 @dataclass(frozen=True)
@@ -71,21 +76,23 @@ class Lineage:
     usable: set[int] = field(default_factory=set)          # enabled, not deleted
 
     @classmethod
-    async def load(cls, db: Executor) -> "Lineage":
+    async def load(cls, db: Executor, seal: "AccessSeal | None" = None) -> "Lineage":
+        """`seal`: an operator or grant row that fails its seal is neither usable nor held (its edges
+        stay: an edge only ever refuses)."""
         g = cls()
-        for r in await db.fetchall("SELECT id, created_by_id, created_at, disabled, deleted_at FROM operators"):
+        for r in await db.fetchall(f"SELECT {columns('operators')} FROM operators"):
             g.parents.setdefault(r["id"], set())
             if r["created_by_id"] is not None:
                 g._edge(r["id"], int(r["created_by_id"]), r["created_at"])
-            if not r["disabled"] and r["deleted_at"] is None:
+            if not r["disabled"] and r["deleted_at"] is None and (seal is None or await seal.valid("operators", r)):
                 g.usable.add(r["id"])
-        for r in await db.fetchall("SELECT operator_id, role, project_id, granted_by_id, granted_at, revoked_at "
-                                   "FROM operator_roles"):
+        for r in await db.fetchall(f"SELECT {columns('operator_roles')} FROM operator_roles"):
             row = GrantRow(r["operator_id"], r["role"], r["project_id"], r["granted_by_id"], r["granted_at"],
                            r["revoked_at"])
-            g.grants.setdefault(row.operator_id, []).append(row)
             if row.granted_by_id is not None:
                 g._edge(row.operator_id, int(row.granted_by_id), row.granted_at)
+            if seal is None or await seal.valid("operator_roles", r):
+                g.grants.setdefault(row.operator_id, []).append(row)
         for r in await db.fetchall("SELECT operator_id, by_id, at FROM operator_custody"):
             g._edge(int(r["operator_id"]), int(r["by_id"]), r["at"])
         return g

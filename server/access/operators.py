@@ -5,6 +5,10 @@ compared as a SHA-256 digest in constant time (the secret has 256 bits of
 entropy, so a fast hash is the right tool). Passwords are chosen by people, so
 they get argon2id (memory-hard), verified in a thread.
 
+Operator, role-grant and token rows are sealed to the system key (server/access/seal.py): a row
+that fails its seal authenticates nobody and grants nothing, so writing the database is not a way
+in. Only `skm server init` writes rows unsealed (it has no audit yet); the first start seals them.
+
 Login never tells an unknown name from a wrong password: the same error, the
 same argon2 work (a dummy hash for unknown names), and unknown names lock out
 after the same number of failures as real ones.
@@ -26,6 +30,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from server import text, timeutil
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, TooManyAttempts, Unauthenticated
+from server.access.seal import AccessSeal, columns
 from server.settings import LoginSettings   # [login] in the server config
 from server.storage.base import Storage
 
@@ -107,6 +112,18 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+async def sealed_grants(db, seal: AccessSeal | None, operator_id: int) -> tuple[Grant, ...]:
+    """The operator's current grants; a grant row that fails its seal (written outside the key
+    server) is left out. `seal` None: `skm server init`, which reads rows it has just written."""
+    if seal is None:
+        rows = await db.fetchall("SELECT role, project_id FROM operator_roles WHERE operator_id = ? AND "
+                                 "revoked_at IS NULL ORDER BY id", operator_id)
+        return tuple(Grant(r["role"], r["project_id"]) for r in rows)
+    rows = await db.fetchall(f"SELECT {columns('operator_roles')} FROM operator_roles WHERE operator_id = ? AND "
+                             "revoked_at IS NULL ORDER BY id", operator_id)
+    return tuple([Grant(r["role"], r["project_id"]) for r in rows if await seal.valid("operator_roles", r)])
+
+
 def parse_token(token: str) -> tuple[str, str] | None:
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != "skm" or not parts[1] or not parts[2] or len(token) > 200:
@@ -166,9 +183,11 @@ def login_source(ip: str) -> str:
 
 
 class Operators:
-    def __init__(self, storage: Storage, settings: LoginSettings | None = None, events=None) -> None:
+    def __init__(self, storage: Storage, settings: LoginSettings | None = None, events=None,
+                 seal: AccessSeal | None = None) -> None:
         self.db = storage
         self.events = events          # server.events.EventBus: a changed operator drops its cached credentials
+        self.seal = seal              # None only in `skm server init` (see the module docstring)
         self.configure(settings or LoginSettings.from_config(None))
 
     def configure(self, settings: LoginSettings) -> None:
@@ -190,13 +209,14 @@ class Operators:
         await self._check_project(project_id)
         now = timeutil.now_db()
         by_id = by.id if by is not None else None
+        await self._seal_ready()
         try:
             async with self.db.transaction() as tx:
                 row = await tx.fetchone("INSERT INTO operators (name, role, password_hash, created_at, created_by_id) "
                                         "VALUES (?, ?, ?, ?, ?) RETURNING id", name,
                                         role if project_id is None else "", password_hash, now, by_id)
-                await tx.execute("INSERT INTO operator_roles (operator_id, role, project_id, granted_by_id, "
-                                 "granted_at) VALUES (?, ?, ?, ?, ?)", row["id"], role, project_id, by_id, now)
+                await self._seal_new(tx, "operators", row["id"])
+                await self._insert_grant(tx, row["id"], role, project_id, by_id, now)
         except Exception as e:
             if "UniqueViolation" in type(e).__name__ or "UNIQUE" in str(e):
                 raise Conflict("an operator with that name exists") from None
@@ -208,13 +228,35 @@ class Operators:
                                                                  project_id):
             raise NotFound(f"no project with id {project_id}")
 
-    async def _grants(self, db, operator_id: int) -> tuple[Grant, ...]:
-        rows = await db.fetchall("SELECT role, project_id FROM operator_roles WHERE operator_id = ? AND "
-                                 "revoked_at IS NULL ORDER BY id", operator_id)
-        return tuple(Grant(r["role"], r["project_id"]) for r in rows)
+    # ------------------------------------------------------------------ seals
+    async def _seal_ready(self) -> None:
+        """Load the seal key before a transaction: its first load writes in a transaction of its own."""
+        if self.seal is not None:
+            await self.seal.key()
+
+    async def _seal_new(self, tx, table: str, row_id: int) -> None:
+        if self.seal is not None:
+            await self.seal.seal_new(tx, table, row_id)
+
+    async def _insert_grant(self, tx, operator_id: int, role: str, project_id: int | None, by_id: int | None,
+                            now: str) -> None:
+        row = await tx.fetchone("INSERT INTO operator_roles (operator_id, role, project_id, granted_by_id, granted_at) "
+                                "VALUES (?, ?, ?, ?, ?) RETURNING id", operator_id, role, project_id, by_id, now)
+        await self._seal_new(tx, "operator_roles", row["id"])
+
+    async def _update(self, db, table: str, where: str, args: tuple, changes: dict, *, narrowing: bool = False) -> int:
+        """UPDATE sealed rows. `narrowing` (a revocation, a disable, a delete): allowed on a row that
+        fails its seal, since the row then allows nothing; anything else refuses such a row."""
+        if self.seal is None:
+            sets = ", ".join(f"{c} = ?" for c in changes)
+            return await db.execute(f"UPDATE {table} SET {sets} WHERE {where}", *changes.values(), *args)
+        return await self.seal.update(db, table, where, args, changes, check=not narrowing)
+
+    async def _sealed(self, table: str, row: dict | None) -> bool:
+        return row is not None and (self.seal is None or await self.seal.valid(table, row))
 
     async def _operator(self, row: dict, token_id: str | None = None) -> Operator:
-        grants = await self._grants(self.db, row["id"])
+        grants = await sealed_grants(self.db, self.seal, row["id"])
         glob = next((g.role for g in grants if g.project_id is None), "")
         return Operator(row["id"], row["name"], glob, token_id, grants)
 
@@ -242,8 +284,10 @@ class Operators:
     async def _described(self, rows: list[dict]) -> list[dict]:
         names = {r["id"]: r["name"] for r in await self.db.fetchall("SELECT id, name FROM operators")}
         grants: dict[int, list[dict]] = {}
-        for g in await self.db.fetchall("SELECT operator_id, role, project_id, granted_by_id, granted_at "
-                                        "FROM operator_roles WHERE revoked_at IS NULL ORDER BY id"):
+        for g in await self.db.fetchall(f"SELECT {columns('operator_roles')} FROM operator_roles "
+                                        "WHERE revoked_at IS NULL ORDER BY id"):
+            if not await self._sealed("operator_roles", g):
+                continue                   # the roles in force only (a failing grant is logged and counted)
             grants.setdefault(g["operator_id"], []).append({
                 "role": g["role"], "projectId": g["project_id"], "grantedBy": names.get(g["granted_by_id"]),
                 "grantedAt": timeutil.to_api(g["granted_at"])})
@@ -272,13 +316,17 @@ class Operators:
             await self._keep_an_admin(target)
         if role is not None and role != target.role:
             await self.grant(name, role, None, by=by)
-        sets, args = [], []
+        changes: dict = {}
         if disabled is not None:
-            sets.append("disabled = ?"), args.append(int(disabled))
+            changes["disabled"] = int(disabled)
         if password is not None:
-            sets.append("password_hash = ?"), args.append(await self.hash_password(check_password(password)))
-        if sets:
-            await self.db.execute(f"UPDATE operators SET {', '.join(sets)} WHERE id = ?", *args, target.id)
+            changes["password_hash"] = await self.hash_password(check_password(password))
+        if changes:
+            await self._seal_ready()
+            async with self.db.transaction() as tx:
+                # Disabling only narrows; enabling or a new password must start from an intact row.
+                await self._update(tx, "operators", "id = ?", (target.id,), changes,
+                                   narrowing=changes == {"disabled": 1})
         if disabled is not None:
             await self._changed(target)
         if password is not None and by is not None and by.id != target.id:
@@ -309,10 +357,10 @@ class Operators:
             await self._keep_an_admin(target)
         now = timeutil.now_db()
         by_id = by.id if by is not None else None
+        await self._seal_ready()
         async with self.db.transaction() as tx:
             await self._revoke_scope(tx, target.id, project_id, by_id, now)
-            await tx.execute("INSERT INTO operator_roles (operator_id, role, project_id, granted_by_id, granted_at) "
-                             "VALUES (?, ?, ?, ?, ?)", target.id, role, project_id, by_id, now)
+            await self._insert_grant(tx, target.id, role, project_id, by_id, now)
             if project_id is None:
                 await tx.execute("UPDATE operators SET role = ? WHERE id = ?", role, target.id)
         await self._changed(target)
@@ -327,6 +375,7 @@ class Operators:
             raise NotFound("the operator holds no role there")
         if project_id is None and target.role == "admin":
             await self._keep_an_admin(target)
+        await self._seal_ready()
         async with self.db.transaction() as tx:
             await self._revoke_scope(tx, target.id, project_id, by.id, timeutil.now_db())
             if project_id is None:
@@ -334,14 +383,14 @@ class Operators:
         await self._changed(target)
         return await self.describe(name)
 
-    @staticmethod
-    async def _revoke_scope(tx, operator_id: int, project_id: int | None, by_id: int | None, now: str) -> None:
+    async def _revoke_scope(self, tx, operator_id: int, project_id: int | None, by_id: int | None, now: str) -> None:
+        revoked = {"revoked_at": now, "revoked_by_id": by_id}
         if project_id is None:
-            await tx.execute("UPDATE operator_roles SET revoked_at = ?, revoked_by_id = ? WHERE operator_id = ? "
-                             "AND project_id IS NULL AND revoked_at IS NULL", now, by_id, operator_id)
+            await self._update(tx, "operator_roles", "operator_id = ? AND project_id IS NULL AND revoked_at IS NULL",
+                               (operator_id,), revoked, narrowing=True)
         else:
-            await tx.execute("UPDATE operator_roles SET revoked_at = ?, revoked_by_id = ? WHERE operator_id = ? "
-                             "AND project_id = ? AND revoked_at IS NULL", now, by_id, operator_id, project_id)
+            await self._update(tx, "operator_roles", "operator_id = ? AND project_id = ? AND revoked_at IS NULL",
+                               (operator_id, project_id), revoked, narrowing=True)
 
     async def record_custody(self, operator_id: int, by: Operator, what: str) -> None:
         """`by` set a password of, or issued a credential to, another operator: a lineage edge."""
@@ -362,12 +411,14 @@ class Operators:
             raise Conflict("the operator still owns user access keys; delete them first or disable "
                            "the operator instead")
         now = timeutil.now_db()
+        await self._seal_ready()
         async with self.db.transaction() as tx:
             await tx.execute("DELETE FROM operator_tokens WHERE operator_id = ?", target.id)
-            await tx.execute("UPDATE operator_roles SET revoked_at = ?, revoked_by_id = ? WHERE operator_id = ? "
-                             "AND revoked_at IS NULL", now, by.id, target.id)
-            await tx.execute("UPDATE operators SET name = ?, role = '', disabled = 1, password_hash = NULL, "
-                             "deleted_at = ? WHERE id = ?", f"{target.name}~{target.id}", now, target.id)
+            await self._update(tx, "operator_roles", "operator_id = ? AND revoked_at IS NULL", (target.id,),
+                               {"revoked_at": now, "revoked_by_id": by.id}, narrowing=True)
+            await self._update(tx, "operators", "id = ?", (target.id,),
+                               {"name": f"{target.name}~{target.id}", "role": "", "disabled": 1,
+                                "password_hash": None, "deleted_at": now}, narrowing=True)
         await self._changed(target)
 
     async def _keep_an_admin(self, leaving: Operator) -> None:
@@ -423,10 +474,12 @@ class Operators:
         now = timeutil.now()
         stamp = timeutil.to_db(now)
         window_start = timeutil.to_db(now - dt.timedelta(seconds=self.settings.lockout_seconds))
-        row = await self.db.fetchone("SELECT id, name, password_hash, disabled FROM operators "
+        row = await self.db.fetchone(f"SELECT {columns('operators')} FROM operators "
                                      "WHERE name = ? AND deleted_at IS NULL", name)
         if row is None:
             return await self._unknown_failure(name, password, source, now)
+        # A row that fails its seal (a password hash set in the database) fails like a wrong password.
+        intact = await self._sealed("operators", row)
         known = await self.db.fetchval("SELECT last_success_at FROM login_attempts WHERE operator_id = ? AND "
                                        "source = ?", row["id"], source)
         if known is None and await self._over_ceiling(row["id"], window_start):
@@ -455,7 +508,7 @@ class Operators:
             await self._verify(None, password)                     # same work as any other attempt
             raise TooManyAttempts(_locked_hint(self.settings))
         ok = await self._verify(row["password_hash"], password)
-        if not ok or row["disabled"]:
+        if not ok or row["disabled"] or not intact:
             if int(claim["failures"]) >= limit:
                 await self._lock(row["id"], source, until, None)
                 raise TooManyAttempts(_locked_hint(self.settings))
@@ -463,8 +516,8 @@ class Operators:
         await self.db.execute("UPDATE login_attempts SET failures = 0, window_failures = 0, locked_until = NULL, "
                               "last_success_at = ? WHERE operator_id = ? AND source = ?", stamp, row["id"], source)
         if self._ph().check_needs_rehash(row["password_hash"]):
-            await self.db.execute("UPDATE operators SET password_hash = ? WHERE id = ?",
-                                  await self.hash_password(password), row["id"])
+            await self._update(self.db, "operators", "id = ? AND password_hash = ?", (row["id"], row["password_hash"]),
+                               {"password_hash": await self.hash_password(password)})
         return await self._operator(row)
 
     async def _lock(self, operator_id: int, source: str, until: str, unless_locked_at: str | None) -> None:
@@ -530,9 +583,13 @@ class Operators:
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         expires = timeutil.to_db(timeutil.now() + dt.timedelta(days=ttl_days)) if ttl_days else None
-        await self.db.execute("INSERT INTO operator_tokens (id, operator_id, secret_hash, description, expires_at, "
-                              "created_at) VALUES (?, ?, ?, ?, ?, ?)", token_id, op.id, _digest(secret),
-                              description[:200], expires, timeutil.now_db())
+        row = {"id": token_id, "operator_id": op.id, "secret_hash": _digest(secret), "description": description[:200],
+               "expires_at": expires, "revoked": 0, "created_at": timeutil.now_db()}
+        if self.seal is None:
+            marks = ", ".join("?" * len(row))
+            await self.db.execute(f"INSERT INTO operator_tokens ({', '.join(row)}) VALUES ({marks})", *row.values())
+        else:
+            await self.seal.insert(self.db, "operator_tokens", row)
         if by is not None:
             await self.record_custody(op.id, by, "token")
         return f"skm_{token_id}_{secret}"
@@ -550,12 +607,13 @@ class Operators:
                  ("EXPIRED" if r["expires_at"] and r["expires_at"] <= now else "ACTIVE")} for r in rows]
 
     async def revoke_token(self, token_id: str, by: Operator | None = None) -> None:
+        await self._seal_ready()
         if by is not None and by.role != "admin":
             # Non-admins revoke their own tokens only; another's looks like a missing one.
-            n = await self.db.execute("UPDATE operator_tokens SET revoked = 1 WHERE id = ? AND operator_id = ?",
-                                      token_id, by.id)
+            n = await self._update(self.db, "operator_tokens", "id = ? AND operator_id = ?", (token_id, by.id),
+                                   {"revoked": 1}, narrowing=True)
         else:
-            n = await self.db.execute("UPDATE operator_tokens SET revoked = 1 WHERE id = ?", token_id)
+            n = await self._update(self.db, "operator_tokens", "id = ?", (token_id,), {"revoked": 1}, narrowing=True)
         if n != 1:
             raise NotFound("no such token")
 
@@ -565,16 +623,24 @@ class Operators:
             raise Unauthenticated("send an operator token: Authorization: Bearer skm_...")
         token_id, secret = parsed
         row = await self.db.fetchone(
-            "SELECT t.secret_hash, t.expires_at, t.revoked, o.id, o.name, o.disabled FROM operator_tokens t "
+            "SELECT t.id AS token_id, t.operator_id, t.secret_hash, t.expires_at, t.revoked, t.seal AS token_seal, "
+            "o.id, o.name, o.password_hash, o.disabled, o.deleted_at, o.created_by_id, o.created_at, o.seal "
+            "FROM operator_tokens t "
             "JOIN operators o ON o.id = t.operator_id WHERE t.id = ?", token_id)
         # Compare even when the row is missing so timing does not tell which ids exist.
         expected = row["secret_hash"] if row else _digest("x" * 43)
         good = hmac.compare_digest(expected, _digest(secret))
-        if not row or not good or row["revoked"] or row["disabled"]:
+        if not row or not good or row["revoked"] or row["disabled"] or not await self._sealed_token(row):
             raise Unauthenticated("the operator token is not valid; create a new one with `skm token create`")
         if row["expires_at"] and row["expires_at"] <= timeutil.now_db():
             raise Unauthenticated("the operator token has expired; create a new one with `skm token create`")
         return await self._operator(row, token_id)
+
+    async def _sealed_token(self, row: dict) -> bool:
+        """The token's row and its operator's row (one joined read) both as the key server wrote them."""
+        token = {"id": row["token_id"], "operator_id": row["operator_id"], "secret_hash": row["secret_hash"],
+                 "expires_at": row["expires_at"], "revoked": row["revoked"], "seal": row["token_seal"]}
+        return await self._sealed("operator_tokens", token) and await self._sealed("operators", row)
 
 
 _SELECT = ("SELECT o.id, o.name, o.role, o.disabled, o.password_hash, o.created_at, o.created_by_id, "

@@ -199,7 +199,7 @@ def change_actions() -> list[str]:
 
 # Actions written outside a route of TABLE: approvals decided and applied, jobs, sidecar reports, the writer.
 EVENTS = ("approval.requested", "approval.denied", "approval.applied", "approval.failed", "approval.expired",
-          "backup.start", "audit.sealed-dropped", "sidecar.reads-dropped", UNMATCHED.name)
+          "backup.start", "audit.sealed-dropped", "sidecar.reads-dropped", "access.sealed", UNMATCHED.name)
 # What a `{name}` in an action of TABLE is filled with (the alternatives its console route accepts).
 FILLS = {"auth.{action}": ("schedule-deletion", "cancel-deletion", "delete"),
          "cert.{action}": ("schedule-deletion", "cancel-deletion", "delete"),

@@ -357,6 +357,20 @@ MIGRATIONS: list[tuple[int, list[str | dict[str, str]]]] = [
             PRIMARY KEY (span, minute, keystore_id, key_id, result))""",
         "CREATE INDEX usage_minutes_store ON usage_minutes (keystore_id, minute)",
     ]),
+    (11, [
+        # Who may act, sealed to the system key (server/access/seal.py): each row's `seal` is an HMAC of
+        # what it allows, under the key in access_seal (NULL until the first start after this seals
+        # the rows already here; the audit records that, so a key gone later is tampering).
+        "ALTER TABLE operators ADD COLUMN seal TEXT",
+        "ALTER TABLE operator_roles ADD COLUMN seal TEXT",
+        "ALTER TABLE operator_tokens ADD COLUMN seal TEXT",
+        "ALTER TABLE user_access_keys ADD COLUMN seal TEXT",
+        "ALTER TABLE oauth_tokens ADD COLUMN seal TEXT",
+        """CREATE TABLE access_seal (
+            id INTEGER PRIMARY KEY,
+            key_sealed {blob})""",
+        "INSERT INTO access_seal (id, key_sealed) VALUES (1, NULL)",
+    ]),
 ]
 
 # (table, column, primary-key columns) of every sealed column: the rewrap job's map.
@@ -368,6 +382,7 @@ SEALED_COLUMNS: list[tuple[str, str, tuple[str, ...]]] = [
     ("audit_head", "hmac_key_sealed", ("id",)),
     ("audit_head", "epoch_sealed", ("id",)),
     ("audit_head", "checkpoint_key_sealed", ("id",)),
+    ("access_seal", "key_sealed", ("id",)),
 ]
 
 

@@ -46,8 +46,9 @@ async def test_v12_access_keys(skm, kid):
     one = assert_ok(*await skm.client("GET", f"/keystores/1/keys/{new}"))
     assert one["creationUser"] == f"uak:{key_id}@admin"
     # Expired.
-    await skm.rt.storage.execute("UPDATE user_access_keys SET expires_at = ? WHERE id = ?", PAST, key_id)
-    skm.rt.callers.cache.clear()     # changed behind the server's back (no event): time passing, simulated
+    # Time passing, simulated: the row changed (and sealed again) behind the server's back, with no event.
+    await skm.rt.access_seal.update(skm.rt.storage, "user_access_keys", "id = ?", (key_id,), {"expires_at": PAST})
+    skm.rt.callers.cache.clear()
     refused(*await skm.client("GET", path, version="v1.2", headers=v12_headers(key_id, secret)), "expired")
     # Deleted (revoked).
     k2, s2 = await access_key(skm)
@@ -103,7 +104,7 @@ async def test_v13_bearer_tokens(skm, kid):
     # Expired.
     t2 = await bearer(skm, key_id, secret, 60)
     assert_ok(*await skm.client("GET", path, version="v1.3", headers={"X-NHN-Authorization": t2}))
-    await skm.rt.storage.execute("UPDATE oauth_tokens SET expires_at = ? WHERE id = ?", PAST, t2.split("_")[1])
+    await skm.rt.access_seal.update(skm.rt.storage, "oauth_tokens", "id = ?", (t2.split("_")[1],), {"expires_at": PAST})
     skm.rt.callers.cache.clear()     # changed behind the server's back (no event): time passing, simulated
     refused(*await skm.client("GET", path, version="v1.3", headers={"X-NHN-Authorization": t2}), "expired")
 

@@ -198,8 +198,8 @@ async def test_replayed_and_expired_tokens_are_refused(tracked, hygiene, numbers
     st, out = await skm.mgmt("POST", "/tokens", json={"description": "expiring"})
     token2 = out["body"]["token"]
     hygiene.secret(token2, "mgmt api token")
-    await skm.rt.storage.execute("UPDATE operator_tokens SET expires_at = ? WHERE id = ?",
-                                 "2000-01-01T00:00:00.000000Z", token2.split("_")[1])
+    await skm.rt.access_seal.update(skm.rt.storage, "operator_tokens", "id = ?", (token2.split("_")[1],),
+                                    {"expires_at": "2000-01-01T00:00:00.000000Z"})
     st, out = await skm.mgmt("GET", "/keystores", token=token2)
     assert st == 401, out
     refused += 1
