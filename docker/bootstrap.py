@@ -112,11 +112,20 @@ async def _wait_healthy(url: str, ca: Path, timeout: float = 120.0) -> None:
             await asyncio.sleep(0.5)
 
 
+async def _wait_seal_key(storage, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await storage.fetchval("SELECT key_sealed FROM access_seal WHERE id = 1") is None:
+        if time.monotonic() > deadline:
+            raise SystemExit("no key server made the access seal key; see the keyserver logs")
+        await asyncio.sleep(0.5)
+
+
 async def provision() -> int:
     import aiohttp
     import asyncpg
     from server.access.operators import Operators
-    from server.barrier.barrier import Barrier
+    from server.access.seal import AccessSeal
+    from server.backup.keys import unsealed_barrier
     from server.config import load
     from server.errors import NotFound
     from server.keys.service import KeyService
@@ -138,15 +147,19 @@ async def provision() -> int:
         storage = open_storage(cfg.storage_url())
         await storage.open()
         try:
-            keys = KeyService(storage, Barrier())
-            project = next((p for p in await keys.projects() if p.name == "demo"), None) \
-                or await keys.create_project("demo")
-            ops = Operators(storage)
-            try:
-                op = await ops.by_name("admin")
-            except NotFound:
-                op = await ops.create("admin", "admin")
-            token = await ops.issue_token(op, "compose demo bootstrap", ttl_days=30)
+            # Operator rows are sealed (server/access/seal.py): written with the system key, as the key
+            # server writes them, once a replica has made the seal key (and recorded that in the audit).
+            await _wait_seal_key(storage)
+            async with unsealed_barrier(cfg) as barrier:
+                keys = KeyService(storage, barrier)
+                project = next((p for p in await keys.projects() if p.name == "demo"), None) \
+                    or await keys.create_project("demo")
+                ops = Operators(storage, seal=AccessSeal(storage, barrier))
+                try:
+                    op = await ops.by_name("admin")
+                except NotFound:
+                    op = await ops.create("admin", "admin")
+                token = await ops.issue_token(op, "compose demo bootstrap", ttl_days=30)
         finally:
             await storage.close()
         ctx = ssl.create_default_context(cafile=str(ca))
