@@ -595,16 +595,20 @@ class Operators:
         return f"skm_{token_id}_{secret}"
 
     async def tokens(self, operator_id: int | None = None) -> list[dict]:
-        sql = ("SELECT t.id, t.description, t.expires_at, t.revoked, t.created_at, o.name FROM operator_tokens t "
-               "JOIN operators o ON o.id = t.operator_id")
+        sql = ("SELECT t.id, t.operator_id, t.secret_hash, t.description, t.expires_at, t.revoked, t.created_at, "
+               "t.seal, o.name FROM operator_tokens t JOIN operators o ON o.id = t.operator_id")
         rows = await (self.db.fetchall(sql + " ORDER BY t.created_at", ) if operator_id is None else
                       self.db.fetchall(sql + " WHERE t.operator_id = ? ORDER BY t.created_at", operator_id))
         now = timeutil.now_db()
-        return [{"tokenId": r["id"], "operator": r["name"], "description": r["description"],
-                 "creationDatetime": timeutil.to_api(r["created_at"]),
-                 "expirationDatetime": timeutil.to_api(r["expires_at"]),
-                 "status": "REVOKED" if r["revoked"] else
-                 ("EXPIRED" if r["expires_at"] and r["expires_at"] <= now else "ACTIVE")} for r in rows]
+        out = []
+        for r in rows:
+            # INVALID: the row was written or changed outside the key server, so it authenticates nobody.
+            status = ("REVOKED" if r["revoked"] else "INVALID" if not await self._sealed("operator_tokens", r) else
+                      "EXPIRED" if r["expires_at"] and r["expires_at"] <= now else "ACTIVE")
+            out.append({"tokenId": r["id"], "operator": r["name"], "description": r["description"],
+                        "creationDatetime": timeutil.to_api(r["created_at"]),
+                        "expirationDatetime": timeutil.to_api(r["expires_at"]), "status": status})
+        return out
 
     async def revoke_token(self, token_id: str, by: Operator | None = None) -> None:
         await self._seal_ready()

@@ -40,6 +40,11 @@ async def test_a_token_row_written_into_the_database_authenticates_nobody(skm):
         assert st == 401, out
     assert await _seal_failures(skm, "operator_tokens") >= 2
     assert await db.fetchval("SELECT COUNT(*) AS n FROM keystores WHERE name = 'x'") == 0
+    # An admin listing tokens sees the forged rows for what they are.
+    st, out = await skm.mgmt("GET", "/tokens?all=true")
+    status = {t["tokenId"]: t["status"] for t in out["body"]["tokens"]}
+    assert status["deadbeefdeadbeef"] == status["feedfacefeedface"] == "INVALID", status
+    assert sorted(status.values()) == ["ACTIVE", "INVALID", "INVALID"], status
     # The tokens the server issued still work, and revoking a forged row (it allows nothing) is allowed.
     st, me = await skm.mgmt("GET", "/whoami")
     assert st == 200 and me["body"]["name"] == "admin"
