@@ -7,8 +7,8 @@ key can therefore not mint a token, set a password hash, raise a role, re-enable
 an access key from its project or stretch an expiry: a row whose seal does not match allows nothing.
 
 What a seal cannot stop: putting back a whole row exactly as it was earlier (its old seal with it),
-for example from an old copy of the database, undoes a later revocation of that row. That is recorded
-in the audit (the revocation's record stays in the keyed chain).
+for example from an old copy of the database, undoes a later revocation of that row. The revocation
+itself stays recorded in the keyed audit chain, which such a copy cannot rewrite.
 
 The first start after this table exists seals the rows already there, in one transaction with the
 creation of the key, and records `access.sealed` in the audit. From then on a missing key is tampering
