@@ -30,7 +30,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from server import text, timeutil
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, TooManyAttempts, Unauthenticated
-from server.access.seal import AccessSeal, columns
+from server.access.seal import AccessSeal, columns, insert_row
 from server.settings import LoginSettings   # [login] in the server config
 from server.storage.base import Storage
 
@@ -115,13 +115,10 @@ def _digest(secret: str) -> str:
 async def sealed_grants(db, seal: AccessSeal | None, operator_id: int) -> tuple[Grant, ...]:
     """The operator's current grants; a grant row that fails its seal (written outside the key
     server) is left out. `seal` None: `skm server init`, which reads rows it has just written."""
-    if seal is None:
-        rows = await db.fetchall("SELECT role, project_id FROM operator_roles WHERE operator_id = ? AND "
-                                 "revoked_at IS NULL ORDER BY id", operator_id)
-        return tuple(Grant(r["role"], r["project_id"]) for r in rows)
     rows = await db.fetchall(f"SELECT {columns('operator_roles')} FROM operator_roles WHERE operator_id = ? AND "
                              "revoked_at IS NULL ORDER BY id", operator_id)
-    return tuple([Grant(r["role"], r["project_id"]) for r in rows if await seal.valid("operator_roles", r)])
+    return tuple([Grant(r["role"], r["project_id"]) for r in rows
+                  if seal is None or await seal.valid("operator_roles", r)])
 
 
 def parse_token(token: str) -> tuple[str, str] | None:
@@ -586,8 +583,7 @@ class Operators:
         row = {"id": token_id, "operator_id": op.id, "secret_hash": _digest(secret), "description": description[:200],
                "expires_at": expires, "revoked": 0, "created_at": timeutil.now_db()}
         if self.seal is None:
-            marks = ", ".join("?" * len(row))
-            await self.db.execute(f"INSERT INTO operator_tokens ({', '.join(row)}) VALUES ({marks})", *row.values())
+            await insert_row(self.db, "operator_tokens", row)
         else:
             await self.seal.insert(self.db, "operator_tokens", row)
         if by is not None:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import os
 from typing import Any, Mapping
 
 import structlog
 
 from server.barrier.barrier import Barrier, sealed_aad
+from server.jsontext import encoder
 from server.errors import BarrierError, Sealed
 from server.storage.base import Storage
 
@@ -43,6 +43,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "oauth_tokens": ("id", "access_key_id", "token_hash", "expires_at", "revoked"),
 }
 _KEY_AAD = sealed_aad("access_seal", "key_sealed", 1)
+_encode = encoder(ensure_ascii=False)
 
 
 def columns(table: str) -> str:
@@ -55,7 +56,7 @@ def _canon(table: str, row: Mapping[str, Any]) -> bytes:
     for f in FIELDS[table]:
         v = row.get(f)
         vals.append(int(v) if isinstance(v, bool) else v)
-    return json.dumps([table, vals], separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode([table, vals]).encode()
 
 
 def _mac(key: bytes, table: str, row: Mapping[str, Any]) -> str:
@@ -89,11 +90,11 @@ class AccessSeal:
         if row is not None and row["key_sealed"] is not None:
             return self._open(row["key_sealed"])
         if row is None or await self.db.fetchval("SELECT seq FROM audit_log WHERE action = ? LIMIT 1", SEALED_EVENT):
-            # The key was made (and its making recorded) and is gone now: someone edited the database.
+            # The migration made the row and the audit records the key's making: someone edited the database.
             log.error("access_seal_key_missing")
             raise BarrierError("the key that seals operators, roles and credentials is missing from the database "
-                               "although the audit records its creation: the database was changed outside the key "
-                               "server; restore it from a backup (docs/disaster-recovery.md)")
+                               "after it was made: the database was changed outside the key server; restore it "
+                               "from a backup (docs/disaster-recovery.md)")
         key = os.urandom(32)
         counts: dict[str, int] = {}
         async with self.db.transaction() as tx:
@@ -137,9 +138,7 @@ class AccessSeal:
     # ----------------------------------------------------------------- writes
     async def insert(self, db, table: str, values: dict[str, Any]) -> None:
         """INSERT a row whose id the caller chose, sealed."""
-        values = {**values, "seal": _mac(await self.key(), table, values)}
-        names = ", ".join(values)
-        await db.execute(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(values))})", *values.values())
+        await insert_row(db, table, {**values, "seal": _mac(await self.key(), table, values)})
 
     async def seal_new(self, db, table: str, row_id: int) -> None:
         """Seal a row just inserted with a database-made id (in the same transaction)."""
@@ -164,6 +163,12 @@ class AccessSeal:
                                         *changes.values(), _mac(key, table, {**r, **changes}), r["id"],
                                         *((r["seal"],) if r["seal"] is not None else ()))
         return changed
+
+
+async def insert_row(db, table: str, values: dict[str, Any]) -> None:
+    """INSERT `values` (column -> value) into `table`."""
+    marks = ", ".join("?" * len(values))
+    await db.execute(f"INSERT INTO {table} ({', '.join(values)}) VALUES ({marks})", *values.values())
 
 
 def install(rt) -> None:
