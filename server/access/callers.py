@@ -214,6 +214,7 @@ class CallerAuth:
                 if hit is not None and hmac.compare_digest(hit.digest, _digest(secret)) and not cache.expired(hit):
                     return hit.key
                 gen = cache.generation
+            await self.seal.key()          # before the read (see Operators._seal_ready)
             row = await self.db.fetchone(_KEY_SELECT + " WHERE k.id = ?", key_id)
         good = hmac.compare_digest(row["secret_hash"] if row else _DUMMY, _digest(secret))
         if row is None or not good or row["revoked"] or row["disabled"] or not await self._sealed(row):
@@ -269,6 +270,7 @@ class CallerAuth:
                 if hit is not None and hmac.compare_digest(hit.digest, _digest(secret)) and not cache.expired(hit):
                     return token_id, hit.key
                 gen = cache.generation     # a miss, a wrong secret or an expiry: the database decides and says why
+            await self.seal.key()          # before the read (see Operators._seal_ready)
             row = await self.db.fetchone(
                 "SELECT t.token_hash, t.expires_at AS token_expires_at, t.revoked AS token_revoked, "
                 "t.seal AS token_seal, " + _KEY_SELECT[len("SELECT "):]

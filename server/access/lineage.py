@@ -80,6 +80,8 @@ class Lineage:
         """`seal`: an operator or grant row that fails its seal is neither usable nor held (its edges
         stay: an edge only ever refuses)."""
         g = cls()
+        if seal is not None:
+            await seal.key()    # loaded before the read (Operators._seal_ready); the caller authenticated with it
         for r in await db.fetchall(f"SELECT {columns('operators')} FROM operators"):
             g.parents.setdefault(r["id"], set())
             if r["created_by_id"] is not None:

@@ -115,6 +115,8 @@ def _digest(secret: str) -> str:
 async def sealed_grants(db, seal: AccessSeal | None, operator_id: int) -> tuple[Grant, ...]:
     """The operator's current grants; a grant row that fails its seal (written outside the key
     server) is left out. `seal` None: `skm server init`, which reads rows it has just written."""
+    if seal is not None:
+        await seal.key()        # before the read: the first start's sealing must not be read half done
     rows = await db.fetchall(f"SELECT {columns('operator_roles')} FROM operator_roles WHERE operator_id = ? AND "
                              "revoked_at IS NULL ORDER BY id", operator_id)
     return tuple([Grant(r["role"], r["project_id"]) for r in rows
@@ -227,7 +229,8 @@ class Operators:
 
     # ------------------------------------------------------------------ seals
     async def _seal_ready(self) -> None:
-        """Load the seal key before a transaction: its first load writes in a transaction of its own."""
+        """Load the seal key before reading or writing sealed rows: its first load seals the rows already
+        there (in a transaction of its own), so a row read before it would still be unsealed."""
         if self.seal is not None:
             await self.seal.key()
 
@@ -279,6 +282,7 @@ class Operators:
         return await self._described(await self.db.fetchall(_SELECT + " WHERE o.deleted_at IS NULL ORDER BY o.name"))
 
     async def _described(self, rows: list[dict]) -> list[dict]:
+        await self._seal_ready()
         names = {r["id"]: r["name"] for r in await self.db.fetchall("SELECT id, name FROM operators")}
         grants: dict[int, list[dict]] = {}
         for g in await self.db.fetchall(f"SELECT {columns('operator_roles')} FROM operator_roles "
@@ -471,6 +475,7 @@ class Operators:
         now = timeutil.now()
         stamp = timeutil.to_db(now)
         window_start = timeutil.to_db(now - dt.timedelta(seconds=self.settings.lockout_seconds))
+        await self._seal_ready()
         row = await self.db.fetchone(f"SELECT {columns('operators')} FROM operators "
                                      "WHERE name = ? AND deleted_at IS NULL", name)
         if row is None:
@@ -591,6 +596,7 @@ class Operators:
         return f"skm_{token_id}_{secret}"
 
     async def tokens(self, operator_id: int | None = None) -> list[dict]:
+        await self._seal_ready()
         sql = ("SELECT t.id, t.operator_id, t.secret_hash, t.description, t.expires_at, t.revoked, t.created_at, "
                "t.seal, o.name FROM operator_tokens t JOIN operators o ON o.id = t.operator_id")
         rows = await (self.db.fetchall(sql + " ORDER BY t.created_at", ) if operator_id is None else
@@ -622,6 +628,7 @@ class Operators:
         if parsed is None:
             raise Unauthenticated("send an operator token: Authorization: Bearer skm_...")
         token_id, secret = parsed
+        await self._seal_ready()
         row = await self.db.fetchone(
             "SELECT t.id AS token_id, t.operator_id, t.secret_hash, t.expires_at, t.revoked, t.seal AS token_seal, "
             "o.id, o.name, o.password_hash, o.disabled, o.deleted_at, o.created_by_id, o.created_at, o.seal "

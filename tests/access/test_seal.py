@@ -215,3 +215,21 @@ async def test_credentials_made_before_sealing_keep_working_after_the_upgrade(tm
         assert out["body"]["records"][0]["detail"]["rows"]["user_access_keys"] == 1
     finally:
         await skm.close()
+
+
+async def test_the_first_check_after_an_upgrade_sees_the_rows_it_sealed(tmp_path):
+    # A key server whose system key arrives late serves requests as soon as it is unsealed: the first
+    # credential check can be the one that seals. It must read its row after sealing, not before.
+    from server.access.operators import Operators
+    from server.backup.keys import unsealed_barrier
+    cfg = make_config(tmp_path / "data")
+    result = await init_server(cfg)
+    storage = open_storage(cfg.storage_url())
+    await storage.open()
+    try:
+        async with unsealed_barrier(cfg) as barrier:
+            ops = Operators(storage, seal=AccessSeal(storage, barrier))
+            op = await ops.authenticate_token(result.token)
+            assert op.name == "admin" and op.role == "admin"
+    finally:
+        await storage.close()
