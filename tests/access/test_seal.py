@@ -3,6 +3,7 @@ role, set a password, re-enable an operator or stretch a credential (server/acce
 plays that attacker with plain SQL on the server's own database, then uses the server as a client."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import pytest
@@ -186,21 +187,29 @@ async def test_a_seal_key_removed_from_the_database_is_tampering_not_a_fresh_sta
     assert await db.fetchval("SELECT key_sealed FROM access_seal WHERE id = 1") is None
 
 
-async def test_credentials_made_before_sealing_keep_working_after_the_upgrade(tmp_path):
-    # `skm server init` writes rows unsealed, exactly as every version before sealing did; an access key
-    # is added the way those versions stored one (its digest only). The first start seals them all.
+@contextlib.asynccontextmanager
+async def _initialised(tmp_path):
+    """`skm server init`'s data dir, whose rows are unsealed as every version before sealing wrote them,
+    and its store open."""
     cfg = make_config(tmp_path / "data")
     result = await init_server(cfg)
     storage = open_storage(cfg.storage_url())
     await storage.open()
     try:
+        yield cfg, result, storage
+    finally:
+        await storage.close()
+
+
+async def test_credentials_made_before_sealing_keep_working_after_the_upgrade(tmp_path):
+    # An access key is added the way earlier versions stored one (its digest only); the first start seals
+    # it with the rows `init` wrote.
+    async with _initialised(tmp_path) as (cfg, result, storage):
         admin_id = await storage.fetchval("SELECT id FROM operators WHERE name = 'admin'")
         await storage.execute(
             "INSERT INTO user_access_keys (id, operator_id, project_id, secret_hash, description, expires_at, "
             "created_by, created_at) VALUES ('OLDKEY0000000000000A', ?, NULL, ?, 'made before sealing', NULL, "
             "'admin', '2026-01-01T00:00:00.000000Z')", admin_id, hashlib.sha256(b"old secret").hexdigest())
-    finally:
-        await storage.close()
     skm = Harness(await KeyServer(cfg).start(), result, tmp_path)
     try:
         store = await skm.keystore("apps")
@@ -222,14 +231,7 @@ async def test_the_first_check_after_an_upgrade_sees_the_rows_it_sealed(tmp_path
     # credential check can be the one that seals. It must read its row after sealing, not before.
     from server.access.operators import Operators
     from server.backup.keys import unsealed_barrier
-    cfg = make_config(tmp_path / "data")
-    result = await init_server(cfg)
-    storage = open_storage(cfg.storage_url())
-    await storage.open()
-    try:
-        async with unsealed_barrier(cfg) as barrier:
-            ops = Operators(storage, seal=AccessSeal(storage, barrier))
-            op = await ops.authenticate_token(result.token)
-            assert op.name == "admin" and op.role == "admin"
-    finally:
-        await storage.close()
+    async with _initialised(tmp_path) as (cfg, result, storage), unsealed_barrier(cfg) as barrier:
+        ops = Operators(storage, seal=AccessSeal(storage, barrier))
+        op = await ops.authenticate_token(result.token)
+        assert op.name == "admin" and op.role == "admin"
