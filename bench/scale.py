@@ -17,7 +17,7 @@ from server.barrier.barrier import sealed_aad
 
 ROWS_PER_STATEMENT = 100
 KEY_COLS = ("id, keystore_id, name, description, key_type, key_spec, status, exportable, imported, "
-            "auto_rotation_days, next_rotation_at, current_version, created_by, created_at, updated_by, updated_at")
+            "auto_rotation_days, next_rotation_at, current_version, created_by, created_at, updated_by, updated_at, seal")
 VERSION_COLS = "key_id, version, status, material_sealed, public_der, created_at"
 
 
@@ -39,13 +39,17 @@ async def bulk_secrets(rt, keystore_id: int, count: int, *, label: str = "keys",
                     for i in range(m):
                         kid = uuid.uuid4().hex
                         seq = done + start + i
+                        # Sealed as the key server seals them (server/access/seal.py), or no client could read them.
+                        seal = await rt.access_seal.mac("keys", {
+                            "id": kid, "keystore_id": keystore_id, "key_type": "SECRET", "key_spec": "SECRET",
+                            "status": "ACTIVE", "exportable": 0})
                         key_args += [kid, keystore_id, f"bulk-{seq:07d}", "", "SECRET", "SECRET", "ACTIVE", 0, 0, 0,
-                                     None, 0, "bench", now, "bench", now]
+                                     None, 0, "bench", now, "bench", now, seal]
                         sealed = rt.barrier.seal(os.urandom(16).hex().encode(),
                                                  sealed_aad("key_versions", "material_sealed", kid, 0))
                         ver_args += [kid, 0, "ACTIVE", sealed, None, now]
                     await tx.execute(f"INSERT INTO keys ({KEY_COLS}) VALUES "
-                                     + ", ".join(["(" + ", ".join("?" * 16) + ")"] * m), *key_args)
+                                     + ", ".join(["(" + ", ".join("?" * 17) + ")"] * m), *key_args)
                     await tx.execute(f"INSERT INTO key_versions ({VERSION_COLS}) VALUES "
                                      + ", ".join(["(?, ?, ?, ?, ?, ?)"] * m), *ver_args)
             done += n

@@ -151,10 +151,11 @@ async def provision() -> int:
             # server writes them, once a replica has made the seal key (and recorded that in the audit).
             await _wait_seal_key(storage)
             async with unsealed_barrier(cfg) as barrier:
-                keys = KeyService(storage, barrier)
+                seal = AccessSeal(storage, barrier)
+                keys = KeyService(storage, barrier, seal=seal)
                 project = next((p for p in await keys.projects() if p.name == "demo"), None) \
                     or await keys.create_project("demo")
-                ops = Operators(storage, seal=AccessSeal(storage, barrier))
+                ops = Operators(storage, seal=seal)
                 try:
                     op = await ops.by_name("admin")
                 except NotFound:

@@ -145,14 +145,15 @@ def build_apps(rt: Runtime) -> tuple[web.Application, web.Application]:
 def build_runtime(config: ServerConfig, storage, barrier: Barrier | None = None) -> Runtime:
     barrier = barrier or Barrier()
     events = EventBus()
+    seal = AccessSeal(storage, barrier)      # one key for every sealed row: operators, stores, entries, keys
     keys = KeyService(storage, barrier, events, Limits(min_auto_rotation_days=config.min_auto_rotation_days,
                                                        deletion_grace_days=config.deletion_grace_days,
-                                                       material_cache_entries=config.material_cache_entries))
-    authdata = AuthData(storage, events, config.deletion_grace_days)
-    seal = AccessSeal(storage, barrier)
+                                                       material_cache_entries=config.material_cache_entries),
+                      seal)
+    authdata = AuthData(storage, events, seal, config.deletion_grace_days)
     # Auth data is cached per key store and dropped on every auth_changed event.
     rt = Runtime(config=config, storage=storage, barrier=barrier, keys=keys, events=events,
-                 access=CachedClientAccess(storage, config.trusted_proxies, events=events), authdata=authdata,
+                 access=CachedClientAccess(storage, seal, config.trusted_proxies, events=events), authdata=authdata,
                  operators=Operators(storage, config.login, events, seal=seal), access_seal=seal, metrics=Metrics())
     rt.changes = ChangeGate(keys, authdata)
     metrics = rt.metrics

@@ -7,64 +7,29 @@ theirs through the same bus), drained synchronously at each lookup, so an added,
 scheduled or deleted entry counts on the very next request. A fill that raced
 with an event for its store is not kept (generation check), and `max_age` bounds
 staleness should an event ever be lost. Expiry of certificates is checked per
-request against the cached `expires_at`. Only fingerprints, networks and MACs are
-held: no credential.
+request against the cached `expires_at`. What is held is server/access/authentries.py's
+AuthEntries: entries that pass their seal, no credential.
 
-`CachedClientAccess` is ClientAccess with its three table reads served from here,
-and `bound_macs()` caches the MACs a host certificate binds by fingerprint
-(attested MAC mode parses the certificate otherwise on every request).
+`CachedClientAccess` is ClientAccess with its entries served from here.
 """
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from server import timeutil
-from server.access.clientauth import ClientAccess, parse_ipv4
-from server.errors import CertificateAuthFailure, IPv4AuthFailure
+from server.access.authentries import AuthEntries, load_entries
+from server.access.clientauth import ClientAccess
 from server.events import EventBus
 from server.keys.model import KeyStore
 from server.storage.base import Storage
 
 
-@dataclass(frozen=True)
-class AuthEntries:
-    """The ACTIVE auth data of one key store at one moment."""
-    ipv4: tuple[ipaddress.IPv4Network, ...] = ()
-    macs: tuple[str, ...] = ()
-    certs: dict[str, str] = field(default_factory=dict)      # fingerprint -> expires_at (db time)
-    # peer address -> allowed: the same few peers ask on every request, and `addr in net` is pure
-    # Python per network. The entries are immutable, so the answers never go stale with them.
-    _ip_memo: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
-
-    def ipv4_allows(self, ip: str) -> bool:
-        memo = self._ip_memo
-        hit = memo.get(ip)
-        if hit is not None:
-            return hit
-        addr = parse_ipv4(ip)
-        allowed = addr is not None and any(addr in net for net in self.ipv4)
-        if len(memo) < 1024:
-            memo[ip] = allowed
-        return allowed
-
-    def mac_registered(self, claim: str) -> bool:
-        return any(hmac.compare_digest(claim, m) for m in self.macs)
-
-    def certificate_valid(self, fingerprint: str, now_db: str | None = None) -> bool:
-        expires = self.certs.get(fingerprint)
-        if expires is None:
-            return False
-        return expires > (now_db or timeutil.now_db())
-
-
 class AuthCache:
-    def __init__(self, storage: Storage, events: EventBus, *, max_age: float = 5.0,
+    def __init__(self, storage: Storage, events: EventBus, seal, *, max_age: float = 5.0,
                  max_entries: int = 10_000) -> None:
         self.db = storage
+        self.seal = seal             # server.access.seal.AccessSeal: entries failing their seal are left out
         self.max_age = max_age
         self.max_entries = max_entries
         self._q = events.subscribe()
@@ -102,15 +67,7 @@ class AuthCache:
             self._entries.move_to_end(ks_id)
             return hit[1]
         gen = self._generation(ks_id)
-        ipv4 = await self.db.fetchall("SELECT value FROM auth_ipv4s WHERE keystore_id = ? AND status = 'ACTIVE'",
-                                      ks_id)
-        macs = await self.db.fetchall("SELECT value FROM auth_macs WHERE keystore_id = ? AND status = 'ACTIVE'",
-                                      ks_id)
-        certs = await self.db.fetchall("SELECT fingerprint, expires_at FROM auth_certificates "
-                                       "WHERE keystore_id = ? AND status = 'ACTIVE'", ks_id)
-        found = AuthEntries(tuple(ipaddress.IPv4Network(r["value"], strict=False) for r in ipv4),
-                            tuple(r["value"] for r in macs),
-                            {r["fingerprint"]: r["expires_at"] for r in certs})
+        found = await load_entries(self.db, self.seal, ks_id)
         self._sync()
         if self._generation(ks_id) == gen:     # no change announced while we read
             self._entries[ks_id] = (time.monotonic(), found)
@@ -120,48 +77,16 @@ class AuthCache:
         return found
 
 
-class CertMacs:
-    """MACs bound by host certificates, by SHA-256 fingerprint (a certificate never changes)."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self._d: OrderedDict[str, frozenset[str]] = OrderedDict()
-
-    def get(self, fingerprint: str, der: bytes) -> frozenset[str]:
-        hit = self._d.get(fingerprint)
-        if hit is not None:
-            self._d.move_to_end(fingerprint)
-            return hit
-        from cryptography import x509
-        from server.access.pki import macs_of
-        macs = frozenset(macs_of(x509.load_der_x509_certificate(der)))
-        self._d[fingerprint] = macs
-        while len(self._d) > self.size:
-            self._d.popitem(last=False)
-        return macs
-
-
 class CachedClientAccess(ClientAccess):
-    """ClientAccess whose IPv4, MAC and certificate lookups come from an AuthCache."""
+    """ClientAccess whose IPv4, MAC and certificate entries come from an AuthCache."""
 
-    def __init__(self, storage: Storage, trusted_proxies: tuple[str, ...] = (), *, events: EventBus,
+    def __init__(self, storage: Storage, seal, trusted_proxies: tuple[str, ...] = (), *, events: EventBus,
                  max_age: float = 5.0) -> None:
-        super().__init__(storage, trusted_proxies)
-        self.cache = AuthCache(storage, events, max_age=max_age)
+        super().__init__(storage, seal, trusted_proxies)
+        self.cache = AuthCache(storage, events, seal, max_age=max_age)
 
-    async def _check_ipv4(self, request, ctx, ks: KeyStore) -> None:
-        if not (await self.cache.entries(ks)).ipv4_allows(ctx.peer_ip):
-            raise IPv4AuthFailure()
-
-    async def _registered_macs(self, ks: KeyStore) -> list[str]:
-        return list((await self.cache.entries(ks)).macs)
-
-    async def _check_cert(self, request, ctx, ks: KeyStore) -> None:
-        if ctx.fingerprint is None:
-            raise CertificateAuthFailure("present the key store's client certificate (PKCS#12 from the server) "
-                                         "in the TLS handshake")
-        if not (await self.cache.entries(ks)).certificate_valid(ctx.fingerprint):
-            raise CertificateAuthFailure()
+    async def entries(self, ks: KeyStore) -> AuthEntries:
+        return await self.cache.entries(ks)
 
 
 # ------------------------------------------------------------------ verified caller credentials (v1.2 / v1.3)

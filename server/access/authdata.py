@@ -11,6 +11,7 @@ import ipaddress
 
 from server import timeutil
 from server.access.pki import normalize_mac
+from server.access.seal import AccessSeal
 from server.errors import Conflict, InvalidRequest, NotFound
 from server.events import Event, EventBus
 from server.keys.model import KeyStore
@@ -41,9 +42,10 @@ def normalize(kind: str, value: str) -> str:
         raise InvalidRequest("value must be a MAC address such as aa:bb:cc:dd:ee:ff") from None
 
 
-def to_api(row: dict) -> dict:
+def to_api(row: dict, intact: bool = True) -> dict:
+    """NHN's entry object; `status` is INVALID for a row that fails its seal (it admits nobody)."""
     return {
-        "value": row["value"], "description": row["description"], "status": row["status"],
+        "value": row["value"], "description": row["description"], "status": row["status"] if intact else "INVALID",
         "lastAccessDatetime": timeutil.to_api(row["last_access_at"]),
         "deletionDatetime": timeutil.to_api(row["deletion_at"]),
         "creationUser": row["created_by"], "creationDatetime": timeutil.to_api(row["created_at"]),
@@ -52,9 +54,10 @@ def to_api(row: dict) -> dict:
 
 
 class AuthData:
-    def __init__(self, storage: Storage, events: EventBus, grace_days: int = 7) -> None:
+    def __init__(self, storage: Storage, events: EventBus, seal: AccessSeal, grace_days: int = 7) -> None:
         self.db = storage
         self.events = events
+        self.seal = seal              # entries are sealed rows (server/access/seal.py)
         self.grace_days = grace_days
 
     @staticmethod
@@ -67,10 +70,14 @@ class AuthData:
     async def add(self, ks: KeyStore, kind: str, value: str, description: str = "", *, actor: str) -> dict:
         table, v = self._table(kind), normalize(kind, value)
         now = timeutil.now_db()
+        await self.seal.key()         # before the transaction: loading it may seal rows in one of its own
         try:
-            await self.db.execute(
-                f"INSERT INTO {table} (keystore_id, value, description, created_by, created_at, updated_by, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", ks.id, v, description or "", actor, now, actor, now)
+            async with self.db.transaction() as tx:
+                row = await tx.fetchone(
+                    f"INSERT INTO {table} (keystore_id, value, description, created_by, created_at, updated_by, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id", ks.id, v, description or "", actor,
+                    now, actor, now)
+                await self.seal.seal_new(tx, table, row["id"])
         except Exception as e:
             if "UniqueViolation" in type(e).__name__ or "UNIQUE" in str(e):
                 raise Conflict("that value is already registered to this key store") from None
@@ -83,7 +90,7 @@ class AuthData:
                                      ks.id, normalize(kind, value))
         if row is None:
             raise NotFound("no such entry in this key store")
-        return to_api(row)
+        return to_api(row, await self.seal.valid(self._table(kind), row))
 
     async def list(self, ks: KeyStore, kind: str, value: str | None = None) -> list[dict]:
         table = self._table(kind)
@@ -92,14 +99,15 @@ class AuthData:
                                           ks.id, normalize(kind, value))
         else:
             rows = await self.db.fetchall(f"SELECT * FROM {table} WHERE keystore_id = ? ORDER BY id", ks.id)
-        return [to_api(r) for r in rows]
+        return [to_api(r, await self.seal.valid(table, r)) for r in rows]
 
     async def schedule_deletion(self, ks: KeyStore, kind: str, value: str, *, actor: str) -> dict:
         table, v = self._table(kind), normalize(kind, value)
         when = timeutil.to_db(timeutil.now() + dt.timedelta(days=self.grace_days))
-        n = await self.db.execute(
-            f"UPDATE {table} SET status = 'SCHEDULED_DELETION', deletion_at = ?, updated_by = ?, updated_at = ? "
-            "WHERE keystore_id = ? AND value = ? AND status = 'ACTIVE'", when, actor, timeutil.now_db(), ks.id, v)
+        # Only narrows: allowed on a row failing its seal, which keeps failing (no cancelling it back in).
+        n = await self.seal.update(self.db, table, "keystore_id = ? AND value = ? AND status = 'ACTIVE'", (ks.id, v), {
+            "status": "SCHEDULED_DELETION", "deletion_at": when, "updated_by": actor,
+            "updated_at": timeutil.now_db()}, check=False)
         if n != 1:
             raise NotFound("no such entry in service in this key store")
         await self.events.publish(Event(ks.id, "auth_changed"))
@@ -107,9 +115,9 @@ class AuthData:
 
     async def cancel_deletion(self, ks: KeyStore, kind: str, value: str, *, actor: str) -> dict:
         table, v = self._table(kind), normalize(kind, value)
-        n = await self.db.execute(
-            f"UPDATE {table} SET status = 'ACTIVE', deletion_at = NULL, updated_by = ?, updated_at = ? "
-            "WHERE keystore_id = ? AND value = ? AND status = 'SCHEDULED_DELETION'", actor, timeutil.now_db(), ks.id, v)
+        n = await self.seal.update(self.db, table, "keystore_id = ? AND value = ? AND status = 'SCHEDULED_DELETION'",
+                                   (ks.id, v), {"status": "ACTIVE", "deletion_at": None, "updated_by": actor,
+                                                "updated_at": timeutil.now_db()})
         if n != 1:
             raise NotFound("no such entry scheduled for deletion in this key store")
         await self.events.publish(Event(ks.id, "auth_changed"))

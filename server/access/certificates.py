@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from server import logs, timeutil
 from server.access.changes import ChangeGate, op
 from server.access.pki import DevPKI, fingerprint, pkcs12_bundle
+from server.access.seal import AccessSeal
 from server.barrier.barrier import Barrier, record_aad, sealed_aad
-from server.errors import Conflict, InvalidRequest, NotFound
+from server.errors import BarrierError, Conflict, InvalidRequest, NotFound
 from server.events import Event, EventBus
 from server.keys.model import KeyStore
 from server.storage.base import Storage
@@ -57,11 +58,12 @@ def check_lifetime(days: int) -> int:
     return days
 
 
-def to_api(row: dict) -> dict:
-    """NHN §4.9 certificate object; `password` is masked (see the module docstring)."""
+def to_api(row: dict, intact: bool = True) -> dict:
+    """NHN §4.9 certificate object; `password` is masked (see the module docstring); `status` is INVALID
+    for a row that fails its seal (it admits nobody)."""
     return {
         "name": row["name"], "password": PASSWORD_MASK, "description": row["description"],
-        "status": row["status"], "fingerprint": row["fingerprint"], "serialNumber": row["serial"],
+        "status": row["status"] if intact else "INVALID", "fingerprint": row["fingerprint"], "serialNumber": row["serial"],
         "expirationDate": timeutil.to_api(row["expires_at"]),
         "lastAccessDatetime": timeutil.to_api(row["last_access_at"]),
         "deletionDatetime": timeutil.to_api(row["deletion_at"]),
@@ -71,10 +73,11 @@ def to_api(row: dict) -> dict:
 
 
 class Certificates:
-    def __init__(self, storage: Storage, barrier: Barrier, events: EventBus, pki: DevPKI,
+    def __init__(self, storage: Storage, barrier: Barrier, events: EventBus, pki: DevPKI, seal: AccessSeal,
                  grace_days: int = 7) -> None:
         self.db = storage
         self.barrier = barrier
+        self.seal = seal              # certificate rows are sealed (server/access/seal.py)
         self.events = events
         self.pki = pki
         self.grace_days = grace_days
@@ -97,6 +100,7 @@ class Certificates:
         from cryptography import x509
         cert = x509.load_der_x509_certificate(der)
         now = timeutil.now_db()
+        await self.seal.key()         # before the transaction: loading it may seal rows in one of its own
         try:
             async with self.db.transaction() as tx:
                 # The AAD names the row id, known only after the insert: seal in the same transaction.
@@ -109,6 +113,7 @@ class Certificates:
                 await tx.execute(f"UPDATE {TABLE} SET password_sealed = ?, bundle_sealed = ? WHERE id = ?",
                                  self.barrier.seal(password.encode(), sealed_aad(TABLE, "password_sealed", row["id"])),
                                  self.barrier.seal(bundle, sealed_aad(TABLE, "bundle_sealed", row["id"])), row["id"])
+                await self.seal.seal_new(tx, TABLE, row["id"])
         except Exception as e:
             if "UniqueViolation" in type(e).__name__ or "UNIQUE" in str(e):
                 raise Conflict("a certificate with that name exists in this key store") from None
@@ -125,18 +130,22 @@ class Certificates:
         return row
 
     async def get(self, ks: KeyStore, name: str) -> dict:
-        return to_api(await self._row(ks, name))
+        row = await self._row(ks, name)
+        return to_api(row, await self.seal.valid(TABLE, row))
 
     async def list(self, ks: KeyStore, name: str | None = None) -> list[dict]:
         if name is not None:
             rows = await self.db.fetchall(f"SELECT * FROM {TABLE} WHERE keystore_id = ? AND name = ?", ks.id, name)
         else:
             rows = await self.db.fetchall(f"SELECT * FROM {TABLE} WHERE keystore_id = ? ORDER BY id", ks.id)
-        return [to_api(r) for r in rows]
+        return [to_api(r, await self.seal.valid(TABLE, r)) for r in rows]
 
     async def bundle(self, ks: KeyStore, name: str) -> bytes:
         """The PKCS#12 bundle (protected by the certificate's password) of a certificate in service."""
         row = await self._row(ks, name)
+        if not await self.seal.valid(TABLE, row):
+            raise BarrierError("this certificate's row was changed outside the key server; it admits nobody and "
+                               "is not handed out: issue a new one")
         if row["status"] != "ACTIVE":
             raise NotFound("the certificate is scheduled for deletion; cancel the deletion to download it")
         return self.barrier.open(bytes(row["bundle_sealed"]), sealed_aad(TABLE, "bundle_sealed", row["id"]))
@@ -144,20 +153,20 @@ class Certificates:
     # -- life cycle -----------------------------------------------------------
     async def schedule_deletion(self, ks: KeyStore, name: str, *, actor: str) -> dict:
         when = timeutil.to_db(timeutil.now() + dt.timedelta(days=self.grace_days))
-        n = await self.db.execute(
-            f"UPDATE {TABLE} SET status = 'SCHEDULED_DELETION', deletion_at = ?, updated_by = ?, updated_at = ? "
-            "WHERE keystore_id = ? AND name = ? AND status = 'ACTIVE'", when, actor, timeutil.now_db(), ks.id,
-            check_name(name))
+        # Only narrows: allowed on a row failing its seal, which keeps failing (no cancelling it back in).
+        n = await self.seal.update(self.db, TABLE, "keystore_id = ? AND name = ? AND status = 'ACTIVE'",
+                                   (ks.id, check_name(name)), {"status": "SCHEDULED_DELETION", "deletion_at": when,
+                                                               "updated_by": actor, "updated_at": timeutil.now_db()},
+                                   check=False)
         if n != 1:
             raise NotFound("no certificate in service with that name in this key store")
         await self.events.publish(Event(ks.id, "auth_changed"))
         return {"name": name, "deletionDateTime": timeutil.to_api(when)}
 
     async def cancel_deletion(self, ks: KeyStore, name: str, *, actor: str) -> dict:
-        n = await self.db.execute(
-            f"UPDATE {TABLE} SET status = 'ACTIVE', deletion_at = NULL, updated_by = ?, updated_at = ? "
-            "WHERE keystore_id = ? AND name = ? AND status = 'SCHEDULED_DELETION'", actor, timeutil.now_db(),
-            ks.id, check_name(name))
+        n = await self.seal.update(self.db, TABLE, "keystore_id = ? AND name = ? AND status = 'SCHEDULED_DELETION'",
+                                   (ks.id, check_name(name)), {"status": "ACTIVE", "deletion_at": None,
+                                                               "updated_by": actor, "updated_at": timeutil.now_db()})
         if n != 1:
             raise NotFound("no certificate scheduled for deletion with that name in this key store")
         await self.events.publish(Event(ks.id, "auth_changed"))
@@ -226,7 +235,7 @@ async def _cert_delete(g: ChangeGate, p: dict, actor: str):
 
 # -- wiring -----------------------------------------------------------------
 def install(rt) -> None:
-    rt.certificates = Certificates(rt.storage, rt.barrier, rt.events, DevPKI(rt.config.pki_dir()),
+    rt.certificates = Certificates(rt.storage, rt.barrier, rt.events, DevPKI(rt.config.pki_dir()), rt.access_seal,
                                    rt.config.deletion_grace_days)
     if rt.changes is not None:
         rt.changes.certificates = rt.certificates

@@ -11,7 +11,7 @@ from typing import Any
 
 from server import text
 from server.access.ops import OPS, op  # noqa: F401  (re-exported: where the change modules register)
-from server.errors import ApprovalUnavailable, Forbidden, InvalidRequest
+from server.errors import ApprovalUnavailable, BarrierError, Forbidden, InvalidRequest
 from server.keys.model import Key, KeyStore
 
 
@@ -53,6 +53,10 @@ class ChangeGate:
             raise InvalidRequest(f"unknown change {name}")
         who = requester(actor)
         text.check_params(params)        # before a change is held for approval, not only when applied
+        if ks is not None and not ks.intact:
+            # Whether its changes need approvers is part of what was edited: change nothing.
+            raise BarrierError("this key store's settings were changed outside the key server, so no change to it "
+                               "is made; restore the database from a backup (docs/disaster-recovery.md)")
         if ks is not None and ks.approval_required:
             if self.approvals is None:
                 # Fail closed: approval is on but nothing can approve.

@@ -2,9 +2,10 @@
 
 A denial names the failed method (NHN's messages) and nothing about what is
 registered: a detail, when there is one, describes the request or the network
-path, never the store's entries. Checks read the store's auth data per
-request, so a deletion or a scheduled deletion takes effect on the very next
-request, even on a kept-alive connection. Denials are counted in
+path, never the store's entries. Checks see the store's entries as they are
+now (server/access/authcache.py drops them on every change), so a deletion or a
+scheduled deletion takes effect on the very next request, even on a kept-alive
+connection. A store or entry whose row fails its seal admits nobody. Denials are counted in
 `skm_access_denials{reason}`.
 
 MAC verification modes (the key store's `macVerification`):
@@ -16,15 +17,14 @@ MAC verification modes (the key store's `macVerification`):
 """
 from __future__ import annotations
 
-import functools
 import hmac
 import ipaddress
 
 from aiohttp import web
 
-from server import timeutil
+from server.access.authentries import AuthEntries, load_entries, parse_ipv4
 from server.access.pki import macs_of, normalize_mac
-from server.errors import CertificateAuthFailure, IPv4AuthFailure, MACAuthFailure, SKMError
+from server.errors import BarrierError, CertificateAuthFailure, IPv4AuthFailure, MACAuthFailure, SKMError
 from server.keys.model import AuthMode, KeyStore, MacMode
 from server.runtime import RUNTIME
 from server.storage.base import Storage
@@ -34,8 +34,9 @@ _REASONS = {IPv4AuthFailure: "ipv4", MACAuthFailure: "mac", CertificateAuthFailu
 
 
 class ClientAccess:
-    def __init__(self, storage: Storage, trusted_proxies: tuple[str, ...] = ()) -> None:
+    def __init__(self, storage: Storage, seal, trusted_proxies: tuple[str, ...] = ()) -> None:
         self.db = storage
+        self.seal = seal              # server.access.seal.AccessSeal: entries failing their seal admit nobody
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
 
     # -- where the client is -----------------------------------------------
@@ -68,7 +69,16 @@ class ClientAccess:
             return False
         return True
 
+    async def entries(self, ks: KeyStore) -> AuthEntries:
+        """The store's entries in force (CachedClientAccess keeps them between changes)."""
+        return await load_entries(self.db, self.seal, ks.id)
+
     async def _authorize(self, request: web.Request, ctx, ks: KeyStore) -> None:
+        if not ks.intact:
+            # Which checks run, and how they combine, were edited outside the key server: fail closed.
+            raise BarrierError("this key store's client checks were changed outside the key server, so every "
+                               "client is refused; restore the database from a backup "
+                               "(docs/disaster-recovery.md)")
         checks = []
         if ks.ip4_auth:
             checks.append(self._check_ipv4)
@@ -93,18 +103,8 @@ class ClientAccess:
             raise failures[0]
 
     async def _check_ipv4(self, request, ctx, ks: KeyStore) -> None:
-        addr = parse_ipv4(ctx.peer_ip)
-        if addr is None:
+        if not (await self.entries(ks)).ipv4_allows(ctx.peer_ip):
             raise IPv4AuthFailure()
-        rows = await self.db.fetchall("SELECT value FROM auth_ipv4s WHERE keystore_id = ? AND status = 'ACTIVE'", ks.id)
-        for r in rows:
-            if addr in ipaddress.IPv4Network(r["value"], strict=False):
-                return
-        raise IPv4AuthFailure()
-
-    async def _registered_macs(self, ks: KeyStore) -> list[str]:
-        rows = await self.db.fetchall("SELECT value FROM auth_macs WHERE keystore_id = ? AND status = 'ACTIVE'", ks.id)
-        return [r["value"] for r in rows]
 
     async def _check_mac(self, request, ctx, ks: KeyStore) -> None:
         if ks.mac_mode is MacMode.NEIGHBOR:
@@ -128,7 +128,7 @@ class ClientAccess:
             bound = macs_of(x509.load_der_x509_certificate(ctx.cert_der))
             if not any(hmac.compare_digest(claim, m) for m in bound):
                 raise MACAuthFailure("the claimed MAC address is not bound in the presented host certificate")
-        if not any(hmac.compare_digest(claim, m) for m in await self._registered_macs(ks)):
+        if not (await self.entries(ks)).mac_registered(claim):
             raise MACAuthFailure()
 
     async def neighbor(self, ip: str):
@@ -142,23 +142,8 @@ class ClientAccess:
         if ctx.fingerprint is None:
             raise CertificateAuthFailure("present the key store's client certificate (PKCS#12 from the server) "
                                          "in the TLS handshake")
-        row = await self.db.fetchone(
-            "SELECT fingerprint, expires_at FROM auth_certificates WHERE keystore_id = ? AND fingerprint = ? "
-            "AND status = 'ACTIVE'", ks.id, ctx.fingerprint)
-        if row is None or not hmac.compare_digest(row["fingerprint"], ctx.fingerprint):
+        if not (await self.entries(ks)).certificate_valid(ctx.fingerprint):
             raise CertificateAuthFailure()
-        if row["expires_at"] <= timeutil.now_db():
-            raise CertificateAuthFailure()
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_ipv4(s: str) -> ipaddress.IPv4Address | None:
-    """A dotted-quad peer address, or None. Memoised: the same few peers ask on every request,
-    and ipaddress parses in pure Python (~6 µs)."""
-    try:
-        return ipaddress.IPv4Address(s)
-    except ValueError:
-        return None
 
 
 def _is_ipv4(s: str) -> bool:

@@ -1,24 +1,36 @@
-"""Who may act, sealed to the system key: operators, their role grants, tokens and access keys.
+"""Who may act and who may reach what, sealed to the system key.
+
+Sealed tables: operators, their role grants, tokens and access keys (who may act); key stores, their
+IPv4/MAC entries and certificates, and keys (which clients reach which key, and how).
 
 Each row of these tables carries `seal`: HMAC-SHA256, under a random key kept sealed by the
 barrier (`access_seal.key_sealed`, rewrapped like every sealed column), of the row's table, id and
 the columns that decide what it allows. Whoever can write the database but does not hold the system
 key can therefore not mint a token, set a password hash, raise a role, re-enable an operator, unbind
-an access key from its project or stretch an expiry: a row whose seal does not match allows nothing.
+an access key from its project or stretch an expiry; nor add their address to a key store, switch a
+check or the approval rule off, bring back an entry scheduled for deletion, move a key into a store
+they pass, make a key exportable or turn a key into a readable secret. A row whose seal does not match
+allows nothing: a key store refuses every client and every change, a key refuses every use.
 
 What a seal cannot stop: putting back a whole row exactly as it was earlier (its old seal with it),
 for example from an old copy of the database, undoes a later revocation of that row. The revocation
 itself stays recorded in the keyed audit chain, which such a copy cannot rewrite.
 
-The first start after this table exists seals the rows already there, in one transaction with the
-creation of the key, and records `access.sealed` in the audit. From then on a missing key is tampering
-(its record is in the chain), never a reason to seal again.
+The first start after a table joins FIELDS seals the rows already there, in one transaction with the
+creation of the key (or with `access_seal.tables`, the tables sealed so far), and records
+`access.sealed` in the audit with the tables it sealed. From then on a missing key, or a table gone from
+`tables`, is tampering (its record is in the chain), never a reason to seal again.
+
+A change that only narrows what a row allows (a revocation, a scheduled deletion) is made even on a row
+that fails its seal, and leaves it failing: sealing it afresh would let the change be undone through
+the server (cancel a deletion) with the edit laundered.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import json
 import os
 from typing import Any, Mapping
 
@@ -41,6 +53,14 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "operator_tokens": ("id", "operator_id", "secret_hash", "expires_at", "revoked"),
     "user_access_keys": ("id", "operator_id", "project_id", "secret_hash", "expires_at", "revoked"),
     "oauth_tokens": ("id", "access_key_id", "token_hash", "expires_at", "revoked"),
+    # Which checks a store runs, how they combine and whether its changes wait for approvers.
+    "keystores": ("id", "project_id", "ip4_auth", "mac_auth", "cert_auth", "auth_mode", "mac_mode",
+                  "approval_required", "approvals_needed"),
+    "auth_ipv4s": ("id", "keystore_id", "value", "status"),
+    "auth_macs": ("id", "keystore_id", "value", "status"),
+    "auth_certificates": ("id", "keystore_id", "fingerprint", "expires_at", "status"),
+    # A key's store decides who reaches it; its type and spec what its material is served as.
+    "keys": ("id", "keystore_id", "key_type", "key_spec", "status", "exportable"),
 }
 _KEY_AAD = sealed_aad("access_seal", "key_sealed", 1)
 _encode = encoder(ensure_ascii=False)
@@ -86,34 +106,54 @@ class AccessSeal:
         return self._key
 
     async def _load(self) -> bytes:
-        row = await self.db.fetchone("SELECT key_sealed FROM access_seal WHERE id = 1")
-        if row is not None and row["key_sealed"] is not None:
+        row = await self.db.fetchone("SELECT key_sealed, tables FROM access_seal WHERE id = 1")
+        done = set(filter(None, (row["tables"] or "").split(","))) if row is not None else set()
+        missing = [t for t in FIELDS if t not in done]
+        if row is not None and row["key_sealed"] is not None and not missing:
             return self._open(row["key_sealed"])
-        if row is None or await self.db.fetchval("SELECT seq FROM audit_log WHERE action = ? LIMIT 1", SEALED_EVENT):
-            # The migration made the row and the audit records the key's making: someone edited the database.
-            log.error("access_seal_key_missing")
-            raise BarrierError("the key that seals operators, roles and credentials is missing from the database "
-                               "after it was made: the database was changed outside the key server; restore it "
-                               "from a backup (docs/disaster-recovery.md)")
-        key = os.urandom(32)
+        recorded = await self._recorded()
+        if row is None or (row["key_sealed"] is None and (done or recorded)) or recorded & set(missing):
+            # The migration made the row and the audit records the sealing: someone edited the database.
+            log.error("access_seal_key_missing", tables=sorted(recorded & set(missing)))
+            raise BarrierError("the key that seals operators, key stores and keys, or the record of which tables "
+                               "it seals, is missing from the database after it was made: the database was "
+                               "changed outside the key server; restore it from a backup "
+                               "(docs/disaster-recovery.md)")
+        fresh = row["key_sealed"] is None
+        key = os.urandom(32) if fresh else self._open(row["key_sealed"])
+        tables = ",".join(t for t in FIELDS if t in done or t in missing)
         counts: dict[str, int] = {}
         async with self.db.transaction() as tx:
             # Compare-and-set first: of replicas or workers starting together, one seals and the rest wait here.
-            if await tx.execute("UPDATE access_seal SET key_sealed = ? WHERE id = 1 AND key_sealed IS NULL",
-                                self.barrier.seal(key, _KEY_AAD)) == 1:
-                for table in FIELDS:
+            if fresh:
+                won = await tx.execute("UPDATE access_seal SET key_sealed = ?, tables = ? "
+                                       "WHERE id = 1 AND key_sealed IS NULL", self.barrier.seal(key, _KEY_AAD), tables)
+            else:
+                won = await tx.execute("UPDATE access_seal SET tables = ? WHERE id = 1 AND tables = ?",
+                                       tables, row["tables"] or "")
+            if won == 1:
+                for table in missing:
                     rows = await tx.fetchall(f"SELECT {columns(table)} FROM {table} WHERE seal IS NULL")
                     for r in rows:
                         await tx.execute(f"UPDATE {table} SET seal = ? WHERE id = ? AND seal IS NULL",
                                          _mac(key, table, r), r["id"])
                     counts[table] = len(rows)
-        if not counts:
-            row = await self.db.fetchone("SELECT key_sealed FROM access_seal WHERE id = 1")
-            return self._open(row["key_sealed"])
+        if won != 1:
+            return await self._load()           # another process sealed them: read what it made
         log.info("access_rows_sealed", **counts)
         if self.audit is not None:
             await self.audit.event(SEALED_EVENT, actor="system", detail={"rows": counts})
         return key
+
+    async def _recorded(self) -> set[str]:
+        """The tables an `access.sealed` audit record says were sealed."""
+        out: set[str] = set()
+        for r in await self.db.fetchall("SELECT detail FROM audit_log WHERE action = ?", SEALED_EVENT):
+            try:
+                out.update(json.loads(r["detail"]).get("rows", {}))
+            except (ValueError, AttributeError):
+                out.update(FIELDS)             # unreadable: assume it covered everything (fail closed)
+        return out
 
     def _open(self, blob) -> bytes:
         return self.barrier.open(bytes(blob), _KEY_AAD)
@@ -129,16 +169,14 @@ class AccessSeal:
             self.metrics.seal_failures.labels(table).inc()
         return False
 
-    async def require(self, table: str, row: Mapping[str, Any]) -> None:
-        """Refuse to change a row that fails its seal: a new seal would launder what was edited."""
-        if not await self.valid(table, row):
-            raise BarrierError(f"a row of {table} (id {row.get('id')}) was changed outside the key server; "
-                               "nothing was changed; restore it from a backup or delete it and create it again")
-
     # ----------------------------------------------------------------- writes
+    async def mac(self, table: str, values: Mapping[str, Any]) -> str:
+        """The seal of a row holding `values` (every column of FIELDS[table]), for a bulk INSERT."""
+        return _mac(await self.key(), table, values)
+
     async def insert(self, db, table: str, values: dict[str, Any]) -> None:
         """INSERT a row whose id the caller chose, sealed."""
-        await insert_row(db, table, {**values, "seal": _mac(await self.key(), table, values)})
+        await insert_row(db, table, {**values, "seal": await self.mac(table, values)})
 
     async def seal_new(self, db, table: str, row_id: int) -> None:
         """Seal a row just inserted with a database-made id (in the same transaction)."""
@@ -149,20 +187,28 @@ class AccessSeal:
                      check: bool = True) -> int:
         """UPDATE the rows matching `where` with `changes` and seal them again; the number changed.
 
-        `check`: each row must pass its seal first (a new seal would otherwise launder an edit). Only a
-        change after which the row allows nothing (a revocation, a delete) may skip it."""
+        `check`: each row must pass its seal first (a new seal would otherwise launder an edit). A change
+        that only narrows what the row allows (a revocation, a scheduled deletion, a delete) passes
+        check=False: it is made on a failing row too, which keeps its failing seal."""
         key = await self.key()
         sets = ", ".join(f"{c} = ?" for c in changes)
         changed = 0
         for r in await db.fetchall(f"SELECT {columns(table)} FROM {table} WHERE {where}", *args):
-            if check:
-                await self.require(table, r)
+            ok = await self.valid(table, r)
+            if check and not ok:
+                raise _edited(table, r)
             # Only the row as read: a change committed meanwhile is not overwritten.
             same = "seal = ?" if r["seal"] is not None else "seal IS NULL"
             changed += await db.execute(f"UPDATE {table} SET {sets}, seal = ? WHERE id = ? AND {same}",
-                                        *changes.values(), _mac(key, table, {**r, **changes}), r["id"],
-                                        *((r["seal"],) if r["seal"] is not None else ()))
+                                        *changes.values(), _mac(key, table, {**r, **changes}) if ok else r["seal"],
+                                        r["id"], *((r["seal"],) if r["seal"] is not None else ()))
         return changed
+
+
+def _edited(table: str, row: Mapping[str, Any]) -> BarrierError:
+    return BarrierError(f"a row of {table} (id {row.get('id')}) was changed outside the key server; nothing was "
+                        "changed; restore it from a backup (docs/disaster-recovery.md), or delete it and create "
+                        "it again")
 
 
 async def insert_row(db, table: str, values: dict[str, Any]) -> None:

@@ -163,6 +163,8 @@ async def _list(args: argparse.Namespace) -> int:
     if args.json:
         output(args, {"keyList": rows})
     else:
+        # A key whose row fails its seal is refused at every use: say so where its status is read.
+        rows = [{**r, "keyStatus": "INVALID"} if r.get("integrity") == "INVALID" else r for r in rows]
         print_table(COLUMNS, rows, title=f"keys of key store {args.keystore}")
     return 0
 

@@ -1,16 +1,25 @@
 """Input and state checks the key service's parts share (each raises the client-facing error)."""
 from __future__ import annotations
 
-from server.errors import DataTooLarge, InvalidKeyStatus, InvalidKeyType, InvalidRequest
+from server.errors import BarrierError, DataTooLarge, InvalidKeyStatus, InvalidKeyType, InvalidRequest
 from server.keys.model import MAX_SECRET_BYTES, AuthMode, Key, KeyType, MacMode
 
 
+def require_intact(key: Key) -> None:
+    if not key.intact:
+        raise BarrierError("this key's row was changed outside the key server, so it cannot be used; "
+                           "restore the database from a backup (docs/disaster-recovery.md)")
+
+
 def require_active(key: Key) -> None:
+    """In service: not scheduled for deletion, and its row as the key server wrote it."""
+    require_intact(key)
     if not key.active:
         raise InvalidKeyStatus("the key is scheduled for deletion; cancel the deletion to use it")
 
 
 def require_type(key: Key, kt: KeyType) -> None:
+    require_intact(key)           # its type may be what was edited: say that, not "wrong type"
     if key.key_type is not kt:
         raise InvalidKeyType(f"this operation needs a {kt.value} key; this key is a {key.key_type.value}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from server.access.seal import AccessSeal
 from server.barrier.barrier import Barrier
 from server.errors import Conflict
 from server.events import Event, EventBus
@@ -25,11 +26,13 @@ class Limits:
 
 
 class KeyContext:
-    def __init__(self, storage: Storage, barrier: Barrier, events: EventBus, limits: Limits) -> None:
+    def __init__(self, storage: Storage, barrier: Barrier, events: EventBus, limits: Limits,
+                 seal: AccessSeal) -> None:
         self.db = storage
         self.barrier = barrier
         self.events = events
         self.limits = limits
+        self.seal = seal              # key stores and keys are sealed rows, like operators
         self.material = MaterialCache(limits.material_cache_entries)
         self.meta = MetaCache(events, limits.meta_cache_entries, limits.meta_cache_max_age)
 
@@ -41,10 +44,16 @@ class KeyContext:
         self.meta.drop_store(event.keystore_id)
         await self.events.publish(event)
 
-    async def insert_returning(self, sql: str, *args: Any, conflict: str) -> dict:
+    async def insert_returning(self, sql: str, *args: Any, conflict: str, sealed: str | None = None) -> dict:
+        """INSERT ... RETURNING id; `sealed`: the table, whose new row is sealed in the same transaction."""
+        if sealed:
+            await self.seal.key()      # first: loading it may seal rows in a transaction of its own
         try:
             async with self.db.transaction() as tx:
-                return await tx.fetchone(sql, *args)
+                row = await tx.fetchone(sql, *args)
+                if sealed:
+                    await self.seal.seal_new(tx, sealed, row["id"])
+                return row
         except Exception as e:
             if is_unique_violation(e):
                 raise Conflict(conflict) from None

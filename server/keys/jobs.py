@@ -8,7 +8,6 @@ import datetime as dt
 
 from server import timeutil
 from server.keys.lifecycle import Lifecycle
-from server.keys.model import Key
 
 ROTATOR = "SECURE_KEY_MANAGER"        # the actor auto-rotations are recorded under
 
@@ -24,6 +23,11 @@ async def purge_due(life: Lifecycle, now: dt.datetime | None = None) -> int:
 async def rotate_due(life: Lifecycle, now: dt.datetime | None = None) -> int:
     rows = await life.ctx.db.fetchall("SELECT * FROM keys WHERE status = 'ACTIVE' AND next_rotation_at IS NOT NULL "
                                       "AND next_rotation_at <= ?", timeutil.to_db(now or timeutil.now()))
+    done = 0
     for r in rows:
-        await life.rotate(Key.from_row(r), actor=ROTATOR)
-    return len(rows)
+        key = await life.lookup.from_row(r)
+        if not key.intact:
+            continue                # refused at every use; its seal failure is logged and counted
+        await life.rotate(key, actor=ROTATOR)
+        done += 1
+    return done

@@ -52,14 +52,15 @@ class Lifecycle:
         next_rot = timeutil.to_db(now + dt.timedelta(days=rotation)) if rotation else None
         nowdb = timeutil.to_db(now)
         sealed = self.ctx.barrier.seal(raw, sealed_aad("key_versions", "material_sealed", key_id, 0))
+        await self.ctx.seal.key()      # before the transaction: loading it may seal rows in one of its own
         try:
             async with self.ctx.db.transaction() as tx:
-                await tx.execute(
-                    """INSERT INTO keys (id, keystore_id, name, description, key_type, key_spec, status, exportable,
-                       imported, auto_rotation_days, next_rotation_at, current_version, created_by, created_at,
-                       updated_by, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)""",
-                    key_id, ks.id, name, description, kt.value, spec, KeyStatus.ACTIVE.value, int(exportable),
-                    int(imported_material is not None), rotation, next_rot, actor, nowdb, actor, nowdb)
+                await self.ctx.seal.insert(tx, "keys", {
+                    "id": key_id, "keystore_id": ks.id, "name": name, "description": description,
+                    "key_type": kt.value, "key_spec": spec, "status": KeyStatus.ACTIVE.value,
+                    "exportable": int(exportable), "imported": int(imported_material is not None),
+                    "auto_rotation_days": rotation, "next_rotation_at": next_rot, "current_version": 0,
+                    "created_by": actor, "created_at": nowdb, "updated_by": actor, "updated_at": nowdb})
                 await tx.execute(
                     "INSERT INTO key_versions (key_id, version, status, material_sealed, public_der, created_at) "
                     "VALUES (?, 0, 'ACTIVE', ?, ?, ?)", key_id, sealed, public, nowdb)
@@ -123,21 +124,23 @@ class Lifecycle:
         return await self.lookup.key(key.id)
 
     async def schedule_deletion(self, key: Key, *, actor: str, days: int | None = None) -> Key:
-        checks.require_active(key)
+        # Not require_active: a key whose row fails its seal may still be scheduled for deletion
+        # (it only narrows, and the row keeps failing, so a cancellation is refused).
+        if not key.active:
+            raise InvalidKeyStatus("the key is scheduled for deletion already")
         grace = self.ctx.limits.deletion_grace_days if days is None else days
         when = timeutil.to_db(timeutil.now() + dt.timedelta(days=grace))
-        n = await self.ctx.db.execute("UPDATE keys SET status = 'SCHEDULED_DELETION', deletion_at = ?, "
-                                      "updated_by = ?, updated_at = ? WHERE id = ? AND status = 'ACTIVE'",
-                                      when, actor, timeutil.now_db(), key.id)
+        n = await self.ctx.seal.update(self.ctx.db, "keys", "id = ? AND status = 'ACTIVE'", (key.id,), {
+            "status": "SCHEDULED_DELETION", "deletion_at": when, "updated_by": actor,
+            "updated_at": timeutil.now_db()}, check=False)
         if n != 1:
             raise InvalidKeyStatus("the key is not in service")
         await self.ctx.publish(Event(key.keystore_id, "key_scheduled_deletion", key.id))
         return await self.lookup.key(key.id)
 
     async def cancel_deletion(self, key: Key, *, actor: str) -> Key:
-        n = await self.ctx.db.execute("UPDATE keys SET status = 'ACTIVE', deletion_at = NULL, updated_by = ?, "
-                                      "updated_at = ? WHERE id = ? AND status = 'SCHEDULED_DELETION'",
-                                      actor, timeutil.now_db(), key.id)
+        n = await self.ctx.seal.update(self.ctx.db, "keys", "id = ? AND status = 'SCHEDULED_DELETION'", (key.id,), {
+            "status": "ACTIVE", "deletion_at": None, "updated_by": actor, "updated_at": timeutil.now_db()})
         if n != 1:
             raise InvalidKeyStatus("only a key scheduled for deletion can have its deletion cancelled")
         await self.ctx.publish(Event(key.keystore_id, "key_deletion_cancelled", key.id))

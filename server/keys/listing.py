@@ -12,7 +12,7 @@ def like_pattern(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-async def search_keys(db, keystore_id: int, *, text: str = "", sort: str = "name", desc: bool = False,
+async def search_keys(db, seal, keystore_id: int, *, text: str = "", sort: str = "name", desc: bool = False,
                       page: int = 1, page_size: int = 50) -> tuple[list[Key], int]:
     """(one page of keys, how many match)."""
     col = SORTS.get(sort, "name")
@@ -24,4 +24,9 @@ async def search_keys(db, keystore_id: int, *, text: str = "", sort: str = "name
     order = f"{col} {'DESC' if desc else 'ASC'}, id"
     rows = await db.fetchall(f"SELECT * FROM keys WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
                              *args, page_size, (page - 1) * page_size)
-    return [Key.from_row(r) for r in rows], int(total or 0)
+    keys = []
+    for r in rows:
+        k = Key.from_row(r)
+        k.intact = await seal.valid("keys", r)       # the table marks a key edited outside the server
+        keys.append(k)
+    return keys, int(total or 0)

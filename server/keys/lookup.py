@@ -29,7 +29,7 @@ class KeyLookup:
                 key_id, project_id)
         if row is None:
             raise InvalidKeyId("no key with that id")
-        k = Key.from_row(row)
+        k = await self.from_row(row)
         k.versions = await db.fetchall(
             "SELECT version, status, created_at FROM key_versions WHERE key_id = ? ORDER BY version", key_id)
         return k
@@ -57,7 +57,7 @@ class KeyLookup:
             row = await self.ctx.db.fetchone("SELECT * FROM keys WHERE id = ?", key_id)
             if row is None:
                 raise InvalidKeyId("no key with that id")
-            k = Key.from_row(row)
+            k = await self.from_row(row)
             meta.put_key(k, gen)
         return k
 
@@ -99,7 +99,13 @@ class KeyLookup:
         sql = (f"SELECT k.* FROM keys k JOIN (SELECT id FROM keys WHERE {where} ORDER BY created_at, id "
                "LIMIT ? OFFSET ?) p ON p.id = k.id ORDER BY k.created_at, k.id")
         args += [page_size, offset]
-        return [Key.from_row(r) for r in await db.fetchall(sql, *args)]
+        return [await self.from_row(r) for r in await db.fetchall(sql, *args)]
+
+    async def from_row(self, row: dict) -> Key:
+        """The key as read, `intact` only when the row passes its seal (require_active refuses it otherwise)."""
+        k = Key.from_row(row)
+        k.intact = await self.ctx.seal.valid("keys", row)
+        return k
 
     async def key_ids(self, keystore_id: int) -> list[str]:
         rows = await self.ctx.db.fetchall("SELECT id FROM keys WHERE keystore_id = ? ORDER BY created_at, id",

@@ -73,6 +73,8 @@ class KeyStore:
     created_at: str
     updated_by: str
     updated_at: str
+    # False when the row fails its seal (server/access/seal.py): edited outside the key server.
+    intact: bool = True
 
     @classmethod
     def from_row(cls, r: dict) -> "KeyStore":
@@ -95,7 +97,13 @@ class KeyStore:
             "approvalsNeeded": self.approvals_needed,
             "creationUser": self.created_by, "creationDatetime": to_api(self.created_at),
             "lastChangeUser": self.updated_by, "lastChangeDatetime": to_api(self.updated_at),
+            **_integrity(self.intact),
         }
+
+
+def _integrity(intact: bool) -> dict:
+    # Only a row that fails its seal says so: every other answer stays NHN's shape.
+    return {} if intact else {"integrity": "INVALID"}
 
 
 @dataclass
@@ -119,6 +127,7 @@ class Key:
     updated_by: str
     updated_at: str
     versions: list[dict] = field(default_factory=list)
+    intact: bool = True               # as KeyStore.intact
 
     @classmethod
     def from_row(cls, r: dict) -> "Key":
@@ -149,6 +158,7 @@ class Key:
             "deletionDatetime": to_api(self.deletion_at),
             "creationUser": self.created_by, "creationDatetime": to_api(self.created_at),
             "lastChangeUser": self.updated_by, "lastChangeDatetime": to_api(self.updated_at),
+            **_integrity(self.intact),
         }
         if self.versions:
             d["versions"] = [

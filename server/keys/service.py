@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from server.access.seal import AccessSeal
 from server.barrier.barrier import Barrier
 from server.events import EventBus
 from server.keys import jobs
@@ -33,8 +34,9 @@ __all__ = ["KeyService", "Limits"]
 
 class KeyService:
     def __init__(self, storage: Storage, barrier: Barrier, events: EventBus | None = None,
-                 limits: Limits | None = None) -> None:
-        ctx = self.ctx = KeyContext(storage, barrier, events or EventBus(), limits or Limits())
+                 limits: Limits | None = None, seal: AccessSeal | None = None) -> None:
+        ctx = self.ctx = KeyContext(storage, barrier, events or EventBus(), limits or Limits(),
+                                    seal or AccessSeal(storage, barrier))
         self.db, self.barrier, self.events, self.limits = ctx.db, ctx.barrier, ctx.events, ctx.limits
         self.stores = Stores(ctx)
         self.lookup = KeyLookup(ctx, self.stores)

@@ -82,7 +82,7 @@ class Stores:
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id""",
             project_id, name, description, int(ip4_auth), int(mac_auth), int(cert_auth), mode.value,
             mmode.value, int(approval_required), approvals_needed, actor, now, actor, now,
-            conflict=f"a key store named {name!r} already exists")
+            conflict=f"a key store named {name!r} already exists", sealed="keystores")
         return await self.keystore(row["id"])
 
     async def update_keystore(self, ks: KeyStore, *, actor: str, **changes: Any) -> KeyStore:
@@ -99,13 +99,14 @@ class Stores:
         if int(merged["approvals_needed"]) < 1:
             raise InvalidRequest("approvalsNeeded must be at least 1")
         try:
-            await self.ctx.db.execute(
-                """UPDATE keystores SET name = ?, description = ?, ip4_auth = ?, mac_auth = ?, cert_auth = ?,
-                   auth_mode = ?, mac_mode = ?, approval_required = ?, approvals_needed = ?, updated_by = ?,
-                   updated_at = ? WHERE id = ?""",
-                merged["name"], merged["description"], int(bool(merged["ip4_auth"])), int(bool(merged["mac_auth"])),
-                int(bool(merged["cert_auth"])), mode.value, mmode.value, int(bool(merged["approval_required"])),
-                int(merged["approvals_needed"]), actor, timeutil.now_db(), ks.id)
+            # Checked first (an edited row is refused, not sealed afresh) and sealed with the change.
+            await self.ctx.seal.update(self.ctx.db, "keystores", "id = ?", (ks.id,), {
+                "name": merged["name"], "description": merged["description"],
+                "ip4_auth": int(bool(merged["ip4_auth"])), "mac_auth": int(bool(merged["mac_auth"])),
+                "cert_auth": int(bool(merged["cert_auth"])), "auth_mode": mode.value, "mac_mode": mmode.value,
+                "approval_required": int(bool(merged["approval_required"])),
+                "approvals_needed": int(merged["approvals_needed"]), "updated_by": actor,
+                "updated_at": timeutil.now_db()})
         except Exception as e:  # unique violation on rename, whatever the backend calls it
             if is_unique_violation(e):
                 raise Conflict(f"a key store named {merged['name']!r} already exists") from None
@@ -121,7 +122,7 @@ class Stores:
             row = await self.ctx.db.fetchone("SELECT * FROM keystores WHERE id = ?", keystore_id)
             if row is None:
                 raise KeyStoreNotFound(f"no key store with id {keystore_id}")
-            ks = KeyStore.from_row(row)
+            ks = await self.from_row(row)
             meta.put_store(ks, gen)
         if project_id is not None and ks.project_id != project_id:
             raise KeyStoreNotFound(f"no key store with id {keystore_id}")
@@ -132,7 +133,7 @@ class Stores:
                                          project_id, name)
         if row is None:
             raise KeyStoreNotFound("no key store with that name")
-        return KeyStore.from_row(row)
+        return await self.from_row(row)
 
     async def keystores(self, project_id: int | None = None) -> list[KeyStore]:
         db = self.ctx.db
@@ -140,7 +141,13 @@ class Stores:
             rows = await db.fetchall("SELECT * FROM keystores ORDER BY id")
         else:
             rows = await db.fetchall("SELECT * FROM keystores WHERE project_id = ? ORDER BY id", project_id)
-        return [KeyStore.from_row(r) for r in rows]
+        return [await self.from_row(r) for r in rows]
+
+    async def from_row(self, row: dict) -> KeyStore:
+        """The store as read, `intact` only when the row passes its seal."""
+        ks = KeyStore.from_row(row)
+        ks.intact = await self.ctx.seal.valid("keystores", row)
+        return ks
 
 
 

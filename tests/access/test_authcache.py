@@ -14,7 +14,7 @@ async def test_entries_follow_changes(skm):  # noqa: F811
     rt = skm.rt
     project = await rt.keys.default_project()
     ks = await rt.keys.create_keystore(project.id, "ac", ip4_auth=True, cert_auth=True, actor="t")
-    cache = AuthCache(rt.storage, rt.events, max_age=3600)
+    cache = AuthCache(rt.storage, rt.events, rt.access_seal, max_age=3600)
     assert not (await cache.entries(ks)).ipv4_allows("10.1.2.3")
     await rt.authdata.add(ks, "ipv4s", "10.1.2.0/24", actor="t")
     assert (await cache.entries(ks)).ipv4_allows("10.1.2.3")
@@ -34,7 +34,7 @@ async def test_a_fill_racing_a_change_is_not_kept(skm):  # noqa: F811
     rt = skm.rt
     project = await rt.keys.default_project()
     ks = await rt.keys.create_keystore(project.id, "race", ip4_auth=True, actor="t")
-    cache = AuthCache(rt.storage, rt.events, max_age=3600)
+    cache = AuthCache(rt.storage, rt.events, rt.access_seal, max_age=3600)
     real = rt.storage.fetchall
     calls = 0
 

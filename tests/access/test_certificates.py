@@ -93,8 +93,8 @@ async def test_expired_registration_is_refused(skm, stores):
     good = await cert_files(skm, a, "short")
     s = skm.session(*good)
     assert_ok(*await get_secret(skm, s, kid))
-    await skm.rt.storage.execute("UPDATE auth_certificates SET expires_at = ? WHERE name = 'short'",
-                                 "2000-01-01T00:00:00.000000Z")
+    await skm.rt.access_seal.update(skm.rt.storage, "auth_certificates", "name = 'short'", (),
+                                    {"expires_at": "2000-01-01T00:00:00.000000Z"})
     # The edit bypasses the services, so tell the auth-data cache as a real change would.
     from server.events import Event
     await skm.rt.events.publish(Event(a["keyStoreId"], "auth_changed"))

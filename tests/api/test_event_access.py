@@ -102,5 +102,6 @@ async def test_a_certificate_that_stops_passing_without_an_event_is_cut_at_a_hea
         assert resp.status == 200
         assert (await next_event(resp))[0] == "hello"
         past = timeutil.to_db(timeutil.now() - dt.timedelta(days=1))
-        await skm.rt.storage.execute("UPDATE auth_certificates SET expires_at = ? WHERE name = 'app'", past)
+        await skm.rt.access_seal.update(skm.rt.storage, "auth_certificates", "name = 'app'", (),
+                                        {"expires_at": past})
         assert await _rest(resp, timeout=20) == []

@@ -60,7 +60,7 @@ async def prepare_server(tmp: Path, server_ip: str) -> tuple[dict, Path]:
         ks = await keys.create_keystore(project.id, "hosts", mac_auth=True, cert_auth=True, auth_mode="AND",
                                         mac_mode="attested", actor="test")
         key = await keys.create_key(ks, "SECRET", "db-password", secret_value="netns-secret", actor="test")
-        await AuthData(storage, EventBus()).add(ks, "macs", HOST_MAC, actor="test")
+        await AuthData(storage, EventBus(), keys.ctx.seal).add(ks, "macs", HOST_MAC, actor="test")
         host = issue_host_cert(DevPKI(cfg.pki_dir()).load_ca(), tmp, "app-host", macs=[HOST_MAC])
         await register_certificate(storage, barrier, ks.id, host, "app-host")
     finally:

@@ -50,8 +50,11 @@ def issue_host_cert(ca: CA, out_dir: Path, name: str, macs: list[str] | None = N
 
 
 async def register_certificate(storage, barrier: Barrier, keystore_id: int, host: HostCert, name: str) -> int:
-    """Insert an ACTIVE auth_certificates row for `host` (what the certificate API will do)."""
+    """Insert an ACTIVE auth_certificates row for `host` (what the certificate API will do), sealed."""
+    from server.access.seal import AccessSeal
     now = timeutil.now_db()
+    seal = AccessSeal(storage, barrier)
+    await seal.key()
     async with storage.transaction() as tx:
         row = await tx.fetchone(
             "INSERT INTO auth_certificates (keystore_id, name, description, fingerprint, serial, expires_at, "
@@ -63,6 +66,7 @@ async def register_certificate(storage, barrier: Barrier, keystore_id: int, host
             "UPDATE auth_certificates SET password_sealed = ?, bundle_sealed = ? WHERE id = ?",
             barrier.seal(b"", sealed_aad("auth_certificates", "password_sealed", cid)),
             barrier.seal(host.pem, sealed_aad("auth_certificates", "bundle_sealed", cid)), cid)
+        await seal.seal_new(tx, "auth_certificates", cid)
     return cid
 
 

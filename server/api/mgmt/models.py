@@ -14,6 +14,8 @@ class _In(BaseModel):
 
 
 YN = Literal["Y", "N"]
+_INTEGRITY = ("present only when the row was changed outside the key server (it fails its seal): it is "
+              "refused at every use until the database is restored")
 
 
 class KeyStoreCreate(_In):
@@ -61,6 +63,7 @@ class KeyStoreOut(BaseModel):
     appkey: Optional[str] = Field(default=None, description="the project's appkey (in every client-API URL)")
     dataPlaneUrl: Optional[str] = Field(default=None, description="client-API base of the store's project "
                                         "(show only)")
+    integrity: Optional[Literal["INVALID"]] = Field(default=None, description=_INTEGRITY)
 
 
 class KeyStoreDeleted(BaseModel):
@@ -118,6 +121,7 @@ class KeyOut(BaseModel):
     lastChangeUser: str
     lastChangeDatetime: Optional[str]
     versions: Optional[list[KeyVersionOut]] = None
+    integrity: Optional[Literal["INVALID"]] = Field(default=None, description=_INTEGRITY)
 
 
 class KeyList(BaseModel):
