@@ -17,8 +17,9 @@ from server.barrier.barrier import sealed_aad
 
 ROWS_PER_STATEMENT = 100
 KEY_COLS = ("id, keystore_id, name, description, key_type, key_spec, status, exportable, imported, "
-            "auto_rotation_days, next_rotation_at, current_version, created_by, created_at, updated_by, updated_at, seal")
-VERSION_COLS = "key_id, version, status, material_sealed, public_der, created_at"
+            "auto_rotation_days, next_rotation_at, current_version, created_by, created_at, updated_by, "
+            "updated_at, seal")
+VERSION_COLS = "key_id, version, status, material_sealed, public_der, created_at, seal"
 
 
 async def bulk_secrets(rt, keystore_id: int, count: int, *, label: str = "keys", quiet: bool = False) -> None:
@@ -47,11 +48,13 @@ async def bulk_secrets(rt, keystore_id: int, count: int, *, label: str = "keys",
                                      None, 0, "bench", now, "bench", now, seal]
                         sealed = rt.barrier.seal(os.urandom(16).hex().encode(),
                                                  sealed_aad("key_versions", "material_sealed", kid, 0))
-                        ver_args += [kid, 0, "ACTIVE", sealed, None, now]
+                        ver_args += [kid, 0, "ACTIVE", sealed, None, now,
+                                     await rt.access_seal.mac("key_versions", {"key_id": kid, "version": 0,
+                                                                               "status": "ACTIVE"})]
                     await tx.execute(f"INSERT INTO keys ({KEY_COLS}) VALUES "
                                      + ", ".join(["(" + ", ".join("?" * 17) + ")"] * m), *key_args)
                     await tx.execute(f"INSERT INTO key_versions ({VERSION_COLS}) VALUES "
-                                     + ", ".join(["(?, ?, ?, ?, ?, ?)"] * m), *ver_args)
+                                     + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * m), *ver_args)
             done += n
             progress.update(task, completed=done)
 

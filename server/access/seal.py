@@ -1,7 +1,7 @@
 """Who may act and who may reach what, sealed to the system key.
 
 Sealed tables: operators, their role grants, tokens and access keys (who may act); key stores, their
-IPv4/MAC entries and certificates, and keys (which clients reach which key, and how).
+IPv4/MAC entries and certificates, keys and key versions (which clients reach which key, and how).
 
 Each row of these tables carries `seal`: HMAC-SHA256, under a random key kept sealed by the
 barrier (`access_seal.key_sealed`, rewrapped like every sealed column), of the row's table, id and
@@ -9,8 +9,9 @@ the columns that decide what it allows. Whoever can write the database but does 
 key can therefore not mint a token, set a password hash, raise a role, re-enable an operator, unbind
 an access key from its project or stretch an expiry; nor add their address to a key store, switch a
 check or the approval rule off, bring back an entry scheduled for deletion, move a key into a store
-they pass, make a key exportable or turn a key into a readable secret. A row whose seal does not match
-allows nothing: a key store refuses every client and every change, a key refuses every use.
+they pass, make a key exportable, turn a key into a readable secret or re-enable a disabled version. A
+row whose seal does not match allows nothing: a key store refuses every client and every change, a key
+or version refuses every use.
 
 What a seal cannot stop: putting back a whole row exactly as it was earlier (its old seal with it),
 for example from an old copy of the database, undoes a later revocation of that row. The revocation
@@ -61,7 +62,23 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "auth_certificates": ("id", "keystore_id", "fingerprint", "expires_at", "status"),
     # A key's store decides who reaches it; its type and spec what its material is served as.
     "keys": ("id", "keystore_id", "key_type", "key_spec", "status", "exportable"),
+    # A version disabled as compromised stays disabled.
+    "key_versions": ("key_id", "version", "status"),
 }
+# Primary keys other than `id` (a seal names its row by them).
+PRIMARY: dict[str, tuple[str, ...]] = {"key_versions": ("key_id", "version")}
+
+
+def _pk(table: str) -> tuple[str, ...]:
+    return PRIMARY.get(table, ("id",))
+
+
+def _where_pk(table: str) -> str:
+    return " AND ".join(f"{c} = ?" for c in _pk(table))
+
+
+def _pk_of(table: str, row: Mapping[str, Any]) -> tuple:
+    return tuple(row.get(c) for c in _pk(table))
 _KEY_AAD = sealed_aad("access_seal", "key_sealed", 1)
 _encode = encoder(ensure_ascii=False)
 
@@ -135,8 +152,8 @@ class AccessSeal:
                 for table in missing:
                     rows = await tx.fetchall(f"SELECT {columns(table)} FROM {table} WHERE seal IS NULL")
                     for r in rows:
-                        await tx.execute(f"UPDATE {table} SET seal = ? WHERE id = ? AND seal IS NULL",
-                                         _mac(key, table, r), r["id"])
+                        await tx.execute(f"UPDATE {table} SET seal = ? WHERE {_where_pk(table)} AND seal IS NULL",
+                                         _mac(key, table, r), *_pk_of(table, r))
                     counts[table] = len(rows)
         if won != 1:
             return await self._load()           # another process sealed them: read what it made
@@ -164,7 +181,8 @@ class AccessSeal:
         expected = _mac(await self.key(), table, row)
         if hmac.compare_digest(expected, row.get("seal") or ""):
             return True
-        log.warning("access_row_seal_mismatch", table=table, row_id=row.get("id"))
+        pk = _pk_of(table, row)
+        log.warning("access_row_seal_mismatch", table=table, row_id=pk[0] if len(pk) == 1 else "/".join(map(str, pk)))
         if self.metrics is not None:
             self.metrics.seal_failures.labels(table).inc()
         return False
@@ -199,16 +217,16 @@ class AccessSeal:
                 raise _edited(table, r)
             # Only the row as read: a change committed meanwhile is not overwritten.
             same = "seal = ?" if r["seal"] is not None else "seal IS NULL"
-            changed += await db.execute(f"UPDATE {table} SET {sets}, seal = ? WHERE id = ? AND {same}",
+            changed += await db.execute(f"UPDATE {table} SET {sets}, seal = ? WHERE {_where_pk(table)} AND {same}",
                                         *changes.values(), _mac(key, table, {**r, **changes}) if ok else r["seal"],
-                                        r["id"], *((r["seal"],) if r["seal"] is not None else ()))
+                                        *_pk_of(table, r), *((r["seal"],) if r["seal"] is not None else ()))
         return changed
 
 
 def _edited(table: str, row: Mapping[str, Any]) -> BarrierError:
-    return BarrierError(f"a row of {table} (id {row.get('id')}) was changed outside the key server; nothing was "
-                        "changed; restore it from a backup (docs/disaster-recovery.md), or delete it and create "
-                        "it again")
+    ident = "/".join(map(str, _pk_of(table, row)))
+    return BarrierError(f"a row of {table} (id {ident}) was changed outside the key server; nothing was changed; "
+                        "restore it from a backup (docs/disaster-recovery.md), or delete it and create it again")
 
 
 async def insert_row(db, table: str, values: dict[str, Any]) -> None:

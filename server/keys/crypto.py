@@ -9,8 +9,8 @@ import os
 from typing import Any
 
 from server.barrier.barrier import sealed_aad
-from server.errors import (ExportNotAllowed, InvalidKeyVersion, InvalidKeyVersionStatus, InvalidRequest,
-                           InvalidUserData)
+from server.errors import (BarrierError, ExportNotAllowed, InvalidKeyVersion, InvalidKeyVersionStatus,
+                           InvalidRequest, InvalidUserData)
 from server.keys import checks, material
 from server.keys.checks import require_active, require_type
 from server.keys.context import KeyContext
@@ -25,10 +25,11 @@ class Crypto:
         ctx.meta.on_version_disabled = self.forget_material
 
     async def version_raw(self, key: Key, version: int) -> bytes:
-        row = await self.ctx.db.fetchone("SELECT status, material_sealed FROM key_versions "
+        row = await self.ctx.db.fetchone("SELECT key_id, version, status, material_sealed, seal FROM key_versions "
                                          "WHERE key_id = ? AND version = ?", key.id, version)
         if row is None:
             raise InvalidKeyVersion(f"key version {version} does not exist")
+        await self._require_sealed(row)
         if row["status"] == "DISABLED":
             raise InvalidKeyVersionStatus(f"key version {version} is disabled; an operator can re-enable it "
                                           f"(skm key version enable {key.id} {version})")
@@ -36,6 +37,12 @@ class Crypto:
             raise InvalidKeyVersionStatus(f"key version {version} is not in service")
         return self.ctx.barrier.open(bytes(row["material_sealed"]),
                                      sealed_aad("key_versions", "material_sealed", key.id, version))
+
+    async def _require_sealed(self, row: dict) -> None:
+        if not await self.ctx.seal.valid("key_versions", row):
+            # Its status may be what was edited (a version disabled as compromised, switched back on).
+            raise BarrierError(f"key version {row['version']} was changed outside the key server, so it cannot be "
+                               "used; restore the database from a backup (docs/disaster-recovery.md)")
 
     async def loaded(self, key: Key, version: int):
         cache = self.ctx.material
@@ -153,8 +160,9 @@ class Crypto:
         require_type(key, KeyType.ASYMMETRIC_KEY)
         require_active(key)
         version = key.current_version if version is None else version
-        row = await self.ctx.db.fetchone("SELECT public_der, status FROM key_versions WHERE key_id = ? AND version = ?",
-                                         key.id, version)
+        row = await self.ctx.db.fetchone("SELECT key_id, version, public_der, status, seal FROM key_versions "
+                                         "WHERE key_id = ? AND version = ?", key.id, version)
         if row is None:
             raise InvalidKeyVersion(f"key version {version} does not exist")
+        await self._require_sealed(row)
         return bytes(row["public_der"]), version

@@ -61,9 +61,9 @@ class Lifecycle:
                     "exportable": int(exportable), "imported": int(imported_material is not None),
                     "auto_rotation_days": rotation, "next_rotation_at": next_rot, "current_version": 0,
                     "created_by": actor, "created_at": nowdb, "updated_by": actor, "updated_at": nowdb})
-                await tx.execute(
-                    "INSERT INTO key_versions (key_id, version, status, material_sealed, public_der, created_at) "
-                    "VALUES (?, 0, 'ACTIVE', ?, ?, ?)", key_id, sealed, public, nowdb)
+                await self.ctx.seal.insert(tx, "key_versions", {
+                    "key_id": key_id, "version": 0, "status": "ACTIVE", "material_sealed": sealed,
+                    "public_der": public, "created_at": nowdb})
         except Exception as e:
             if is_unique_violation(e):
                 raise Conflict(f"a key named {name!r} already exists in this key store") from None
@@ -83,6 +83,7 @@ class Lifecycle:
         else:
             raw, public = await asyncio.to_thread(material.generate, key.key_spec)
         now = timeutil.now()
+        await self.ctx.seal.key()      # before the transaction: loading it may seal rows in one of its own
         async with self.ctx.db.transaction() as tx:
             # Bump first: the UPDATE locks the row, so concurrent rotations on PostgreSQL
             # serialise and each gets its own version (SQLite serialises writers anyway).
@@ -95,9 +96,9 @@ class Lifecycle:
             if v is None:
                 raise InvalidKeyStatus("the key is not in service")
             sealed = self.ctx.barrier.seal(raw, sealed_aad("key_versions", "material_sealed", key.id, v))
-            await tx.execute(
-                "INSERT INTO key_versions (key_id, version, status, material_sealed, public_der, created_at) "
-                "VALUES (?, ?, 'ACTIVE', ?, ?, ?)", key.id, v, sealed, public, timeutil.to_db(now))
+            await self.ctx.seal.insert(tx, "key_versions", {
+                "key_id": key.id, "version": v, "status": "ACTIVE", "material_sealed": sealed, "public_der": public,
+                "created_at": timeutil.to_db(now)})
         kind = "secret_updated" if key.key_type is KeyType.SECRET else "key_rotated"
         await self.ctx.publish(Event(key.keystore_id, kind, key.id, v))
         # Not with_versions: a secret updated every second has tens of thousands of versions, and a

@@ -30,8 +30,11 @@ class KeyLookup:
         if row is None:
             raise InvalidKeyId("no key with that id")
         k = await self.from_row(row)
-        k.versions = await db.fetchall(
-            "SELECT version, status, created_at FROM key_versions WHERE key_id = ? ORDER BY version", key_id)
+        seal = self.ctx.seal
+        k.versions = [{"version": v["version"], "created_at": v["created_at"],
+                       "status": v["status"] if await seal.valid("key_versions", v) else "INVALID"}
+                      for v in await db.fetchall("SELECT key_id, version, status, created_at, seal FROM key_versions "
+                                                 "WHERE key_id = ? ORDER BY version", key_id)]
         return k
 
     async def _key_cached(self, key_id: str, project_id: int | None) -> Key:

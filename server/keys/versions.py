@@ -8,8 +8,9 @@ ChangeGate, so a key store that requires approval holds them as change requests;
 is checked when the change is applied.
 
 A disabled version keeps its material (re-enabling restores it exactly); its status is
-`DISABLED` in key_versions, and every key-server process drops that key's loaded versions on the
-`key_version_disabled` event (KeyService.forget_material, server/keys/crypto.py), so the next use reads the status.
+`DISABLED` in key_versions (sealed: server/access/seal.py), and every key-server process drops
+that key's loaded versions on the `key_version_disabled` event (KeyService.forget_material,
+server/keys/crypto.py), so the next use reads the status.
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ async def disable(keys, key: Key, version: int, *, actor: str, force: bool = Fal
                "sidecar reports what it holds when it starts)" if stale else "")
         raise Conflict(f"version {version} is still held by {len(holders)} host(s): {names}{why}; wait until "
                        f"they acknowledge version {key.current_version} (skm key rollout {key.id}), or use --force")
-    n = await keys.db.execute("UPDATE key_versions SET status = 'DISABLED' WHERE key_id = ? AND version = ? "
-                              "AND status = 'ACTIVE'", key.id, version)
+    # Only narrows: made on a row failing its seal too, which keeps failing (no enabling it back).
+    n = await keys.ctx.seal.update(keys.db, "key_versions", "key_id = ? AND version = ? AND status = 'ACTIVE'",
+                                   (key.id, version), {"status": DISABLED}, check=False)
     keys.forget_material(key.id)
     await keys.events.publish(Event(key.keystore_id, "key_version_disabled", key.id, version))
     return _out(key, version, DISABLED, n == 1, forced=bool(force and holders),
@@ -63,8 +65,8 @@ async def enable(keys, key: Key, version: int, *, actor: str) -> dict:
         return _out(key, version, ACTIVE, False)
     if status != DISABLED:
         raise Conflict(f"version {version} is {status}; only a disabled version can be enabled")
-    n = await keys.db.execute("UPDATE key_versions SET status = 'ACTIVE' WHERE key_id = ? AND version = ? "
-                              "AND status = 'DISABLED'", key.id, version)
+    n = await keys.ctx.seal.update(keys.db, "key_versions", "key_id = ? AND version = ? AND status = 'DISABLED'",
+                                   (key.id, version), {"status": ACTIVE})
     keys.forget_material(key.id)
     await keys.events.publish(Event(key.keystore_id, "key_version_enabled", key.id, version))
     return _out(key, version, ACTIVE, n == 1)

@@ -379,6 +379,7 @@ MIGRATIONS: list[tuple[int, list[str | dict[str, str]]]] = [
         "ALTER TABLE auth_macs ADD COLUMN seal TEXT",
         "ALTER TABLE auth_certificates ADD COLUMN seal TEXT",
         "ALTER TABLE keys ADD COLUMN seal TEXT",
+        "ALTER TABLE key_versions ADD COLUMN seal TEXT",
         "ALTER TABLE access_seal ADD COLUMN tables TEXT NOT NULL DEFAULT ''",
         "UPDATE access_seal SET tables = 'operators,operator_roles,operator_tokens,user_access_keys,oauth_tokens' "
         "WHERE key_sealed IS NOT NULL",

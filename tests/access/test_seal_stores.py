@@ -174,6 +174,30 @@ async def test_a_key_moved_retyped_or_made_exportable_in_the_database_serves_nob
     assert assert_ok(*await skm.client("GET", f"/secrets/{own}")) == {"secret": "ok"}
 
 
+async def test_a_version_disabled_as_compromised_and_switched_back_on_in_the_database_stays_off(skm):
+    db = skm.rt.storage
+    store = await skm.keystore("apps")
+    kid = (await skm.key(store, "SYMMETRIC_KEY", "data"))["keyId"]
+    ct0 = assert_ok(*await skm.client("POST", f"/symmetric-keys/{kid}/encrypt", json={"plaintext": "aGk="}))
+    assert (await skm.mgmt("POST", f"/keys/{kid}/rotate"))[0] == 200
+    st, out = await skm.mgmt("POST", f"/keys/{kid}/versions/0/disable")
+    assert st == 200 and out["body"]["status"] == "DISABLED", out
+    decrypt = ("POST", f"/symmetric-keys/{kid}/decrypt")
+    assert_err(*await skm.client(*decrypt, json={"ciphertext": ct0["ciphertext"]}), 409, "Invalid Key Version Status")
+    await db.execute("UPDATE key_versions SET status = 'ACTIVE' WHERE key_id = ? AND version = 0", kid)
+    await _forget(skm, store["keyStoreId"], kid)
+    _refused_as_edited(*await skm.client(*decrypt, json={"ciphertext": ct0["ciphertext"]}))
+    assert await _failures(skm, "key_versions") >= 1
+    st, out = await skm.mgmt("GET", f"/keys/{kid}")
+    assert [(v["keyVersion"], v["status"]) for v in out["body"]["versions"]] == [(0, "INVALID"), (1, "ACTIVE")], out
+    # The current version is untouched; disabling version 0 again puts its row back as the server wrote it.
+    assert assert_ok(*await skm.client("POST", f"/symmetric-keys/{kid}/encrypt", json={"plaintext": "aGk="}))
+    st, out = await skm.mgmt("POST", f"/keys/{kid}/versions/0/disable")
+    assert st == 200, out
+    st, out = await skm.mgmt("GET", f"/keys/{kid}")
+    assert [v["status"] for v in out["body"]["versions"]] == ["DISABLED", "ACTIVE"], out
+
+
 async def test_stores_and_keys_made_before_their_sealing_keep_working_after_the_upgrade(tmp_path):
     """A database whose operator rows an earlier version sealed, and whose stores, entries and keys it
     wrote unsealed: the first start seals those, records it, and clients are served as before."""
@@ -204,7 +228,8 @@ async def test_stores_and_keys_made_before_their_sealing_keep_working_after_the_
         assert assert_ok(*await skm.client("GET", f"/secrets/{kid}")) == {"secret": "from before"}
         st, out = await skm.mgmt("GET", "/audit?action=access.sealed")
         assert [r["detail"]["rows"] for r in out["body"]["records"]] == [
-            {"keystores": 1, "auth_ipv4s": 1, "auth_macs": 0, "auth_certificates": 0, "keys": 1}], out
+            {"keystores": 1, "auth_ipv4s": 1, "auth_macs": 0, "auth_certificates": 0, "keys": 1,
+             "key_versions": 1}], out
         db = skm.rt.storage
         assert await db.fetchval("SELECT tables FROM access_seal WHERE id = 1") == ",".join(seal_module.FIELDS)
         # Now that it is recorded, taking a table out of the list again (to have edited rows sealed on the
