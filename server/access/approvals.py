@@ -12,7 +12,11 @@ PENDING -> APPROVED -> APPLIED (or FAILED, with the reason) | DENIED | CANCELLED
   request is decided;
 * concurrent approvals apply a request once: every decision first updates the
   request row (a row lock on PostgreSQL, the single writer on SQLite) and the
-  PENDING -> APPROVED step is a compare-and-set.
+  PENDING -> APPROVED step is a compare-and-set;
+* requests and approvals are sealed rows (server/access/seal.py): what was asked,
+  the diff approvers are shown, the requester, how many must agree and the status
+  are as the key server wrote them, or the request is neither approved nor applied
+  (it shows as INVALID); an approval written into the database does not count.
 
 Approvers hear about new requests on the event stream (`approval_requested`)
 and, when configured, through a webhook (JSON POST, retried, no secret values).
@@ -33,8 +37,8 @@ from server.access.changes import Requester
 from server.access.lineage import Lineage
 from server.access.operators import Operator
 from server.barrier.barrier import sealed_aad
-from server.errors import (ApprovalRequired, ApprovalUnavailable, Conflict, Forbidden, InvalidRequest, NotFound,
-                           SKMError)
+from server.errors import (ApprovalRequired, ApprovalUnavailable, BarrierError, Conflict, Forbidden, InvalidRequest,
+                           NotFound, SKMError)
 from server.events import Event
 from server.keys.model import Key, KeyStore
 from server.settings import ApprovalSettings   # [approvals] in the server config
@@ -68,6 +72,7 @@ class Approvals:
         self.rt = rt
         self.db = rt.storage
         self.settings = settings or ApprovalSettings.from_config(rt.config)
+        self.seal = rt.access_seal
         self._tasks: set[asyncio.Task] = set()
 
     # --------------------------------------------------------------- requests
@@ -100,6 +105,7 @@ class Approvals:
         diff = await self._diff(ks, op_name, params)
         expires = now + dt.timedelta(days=self.settings.expiry_days)
         ks_id = ks.id if ks is not None else None
+        await self.seal.key()          # before the transaction: loading it may seal rows in one of its own
         async with self.db.transaction() as tx:
             row = await tx.fetchone(
                 "INSERT INTO change_requests (keystore_id, project_id, op, params, diff, status, approvals_needed, "
@@ -108,6 +114,7 @@ class Approvals:
                 ks_id, project_id, op_name, json.dumps(public), json.dumps(diff), needed, op.name, op.id,
                 who.credential, timeutil.to_db(now), timeutil.to_db(now), timeutil.to_db(expires))
             rid = int(row["id"])
+            await self.seal.seal_new(tx, "change_requests", rid)
             if hidden:
                 blob = self.rt.barrier.seal(json.dumps(hidden).encode(), _aad(rid))
                 await tx.execute("UPDATE change_requests SET secrets_sealed = ? WHERE id = ?", blob, rid)
@@ -181,10 +188,15 @@ class Approvals:
         text.check(comment, "comment")
         await self.expire_due()
         apply_now = False
+        await self.seal.key()
         async with self.db.transaction() as tx:
             row = await self._lock_pending(tx, request_id, by)
             role = self._role(row)
             by.require(role, project_id=row["project_id"])
+            if not await self.seal.valid("change_requests", row):
+                # What would be applied, or what approvers were shown, is not what was asked.
+                raise BarrierError(f"change request {request_id} was changed outside the key server, so it cannot "
+                                   "be approved; deny it, and have the change requested again")
             requester_id = await self._requester_id(tx, row)
             lineage = await Lineage.load(tx, self.rt.access_seal)
             refusal = lineage.refusal(by.id, requester_id, role, row["project_id"], row["created_at"])
@@ -198,15 +210,16 @@ class Approvals:
                                      "(operator = ? OR operator_id = ?)", request_id, by.name, by.id)
             if done:
                 raise Conflict("you have already approved this change request; it needs another approver")
-            await tx.execute("INSERT INTO change_approvals (request_id, operator, operator_id, comment, created_at) "
-                             "VALUES (?, ?, ?, ?, ?)", request_id, by.name, by.id, comment[:1000], timeutil.now_db())
-            n = await tx.fetchval("SELECT COUNT(*) AS n FROM change_approvals WHERE request_id = ?", request_id)
-            if int(n) >= int(row["approvals_needed"]):
+            await self.seal.insert(tx, "change_approvals", {
+                "request_id": request_id, "operator": by.name, "operator_id": by.id, "comment": comment[:1000],
+                "created_at": timeutil.now_db()})
+            n = len(await self._approvals(tx, request_id))      # forged ones do not count
+            if n >= int(row["approvals_needed"]):
                 # Compare-and-set: only the transaction that moves PENDING -> APPROVED applies it.
-                apply_now = await tx.execute(
-                    "UPDATE change_requests SET status = 'APPROVED', decided_by = ?, decided_at = ?, updated_at = ? "
-                    "WHERE id = ? AND status = 'PENDING'", by.name, timeutil.now_db(), timeutil.now_db(),
-                    request_id) == 1
+                now = timeutil.now_db()
+                apply_now = await self.seal.update(tx, "change_requests", "id = ? AND status = 'PENDING'",
+                                                   (request_id,), {"status": "APPROVED", "decided_by": by.name,
+                                                                   "decided_at": now, "updated_at": now}) == 1
         if apply_now:
             before = await self.get(request_id)
             await self._apply(request_id, by)
@@ -253,19 +266,30 @@ class Approvals:
             raise Conflict(f"change request {request_id} has expired")
         return row
 
-    @staticmethod
-    async def _finish(tx, request_id: int, status: str, by: str | None, reason: str,
+    async def _finish(self, tx, request_id: int, status: str, by: str | None, reason: str,
                       result: dict | None = None) -> None:
+        """A final status: only ever narrows (nothing is applied after it), so an edited row keeps failing."""
         now = timeutil.now_db()
-        await tx.execute("UPDATE change_requests SET status = ?, decided_by = COALESCE(?, decided_by), "
-                         "decided_at = ?, updated_at = ?, reason = ?, result = ?, secrets_sealed = NULL WHERE id = ?",
-                         status, by, now, now, reason, json.dumps(result) if result is not None else None, request_id)
+        await self.seal.update(tx, "change_requests", "id = ?", (request_id,), {
+            "status": status, **({"decided_by": by} if by is not None else {}), "decided_at": now,
+            "updated_at": now, "reason": reason, "result": json.dumps(result) if result is not None else None,
+            "secrets_sealed": None}, check=False)
+
+    async def _approvals(self, db, request_id: int) -> list[dict]:
+        """The approvals of a request that pass their seal, oldest first."""
+        rows = await db.fetchall("SELECT * FROM change_approvals WHERE request_id = ? ORDER BY created_at",
+                                 request_id)
+        return [r for r in rows if await self.seal.valid("change_approvals", r)]
 
     async def _apply(self, request_id: int, by: Operator) -> None:
         row = await self.db.fetchone("SELECT * FROM change_requests WHERE id = ?", request_id)
         params = json.loads(row["params"])
         status, reason, result, collect = "APPLIED", "", None, None
         try:
+            if not await self.seal.valid("change_requests", row):
+                # Edited between its approval and now: apply nothing.
+                raise BarrierError("the change request was changed outside the key server after it was approved; "
+                                   "nothing was applied")
             if row["secrets_sealed"] is not None:
                 params.update(json.loads(self.rt.barrier.open(bytes(row["secrets_sealed"]), _aad(request_id))))
             out = await self.rt.changes.apply(row["op"], params, row["requested_by"])
@@ -297,7 +321,7 @@ class Approvals:
             if row is None:
                 raise NotFound(f"no change request {request_id}")
             self._check_scope(by, row)
-            if await self._requester_id(tx, row) != by.id:
+            if await self._requester_id(tx, row) != by.id or not await self.seal.valid("change_requests", row):
                 raise Forbidden("only the requester collects what their change request made")
             if row["status"] != "APPLIED" or row["secrets_sealed"] is None:
                 raise Conflict(f"change request {request_id} has nothing to collect (status {row['status']}; "
@@ -309,10 +333,9 @@ class Approvals:
 
     async def expire_due(self, now: dt.datetime | None = None) -> int:
         stamp = timeutil.to_db(now or timeutil.now())
-        n = await self.db.execute(
-            "UPDATE change_requests SET status = 'EXPIRED', decided_at = ?, updated_at = ?, reason = ?, "
-            "secrets_sealed = NULL WHERE status = 'PENDING' AND expires_at <= ?", stamp, stamp,
-            "no decision before the request expired", stamp)
+        n = await self.seal.update(self.db, "change_requests", "status = 'PENDING' AND expires_at <= ?", (stamp,), {
+            "status": "EXPIRED", "decided_at": stamp, "updated_at": stamp,
+            "reason": "no decision before the request expired", "secrets_sealed": None}, check=False)
         if n:
             await self._audit("approval.expired", "SECURE_KEY_MANAGER", "system", None, None, None,
                               detail={"count": n})
@@ -325,9 +348,7 @@ class Approvals:
             raise NotFound(f"no change request {request_id}")
         if by is not None:
             self._check_scope(by, row)
-        approvals = await self.db.fetchall("SELECT operator, comment, created_at FROM change_approvals "
-                                           "WHERE request_id = ? ORDER BY created_at", request_id)
-        return _api(row, approvals)
+        return await self._api(row)
 
     async def list(self, *, status: str | None = None, keystore_id: int | None = None,
                    requested_by: str | None = None, limit: int = 100,
@@ -346,11 +367,13 @@ class Approvals:
             args.extend(ids)
         sql = "SELECT * FROM change_requests" + (f" WHERE {' AND '.join(where)}" if where else "")
         rows = await self.db.fetchall(sql + " ORDER BY id DESC LIMIT ?", *args, limit)
-        out = []
-        for r in rows:
-            approvals = await self.db.fetchall("SELECT operator, comment, created_at FROM change_approvals "
-                                               "WHERE request_id = ? ORDER BY created_at", r["id"])
-            out.append(_api(r, approvals))
+        return [await self._api(r) for r in rows]
+
+    async def _api(self, row: dict) -> dict:
+        """A request as shown: INVALID when its row fails its seal; only approvals that pass theirs."""
+        out = _api(row, await self._approvals(self.db, int(row["id"])))
+        if not await self.seal.valid("change_requests", row):
+            out["status"] = "INVALID"
         return out
 
     # ---------------------------------------------------------- notification

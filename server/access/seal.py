@@ -1,7 +1,8 @@
 """Who may act and who may reach what, sealed to the system key.
 
 Sealed tables: operators, their role grants, tokens and access keys (who may act); key stores, their
-IPv4/MAC entries and certificates, keys and key versions (which clients reach which key, and how).
+IPv4/MAC entries and certificates, keys and key versions (which clients reach which key, and how);
+change requests and their approvals (what approvers agreed to).
 
 Each row of these tables carries `seal`: HMAC-SHA256, under a random key kept sealed by the
 barrier (`access_seal.key_sealed`, rewrapped like every sealed column), of the row's table, id and
@@ -9,9 +10,10 @@ the columns that decide what it allows. Whoever can write the database but does 
 key can therefore not mint a token, set a password hash, raise a role, re-enable an operator, unbind
 an access key from its project or stretch an expiry; nor add their address to a key store, switch a
 check or the approval rule off, bring back an entry scheduled for deletion, move a key into a store
-they pass, make a key exportable, turn a key into a readable secret or re-enable a disabled version. A
-row whose seal does not match allows nothing: a key store refuses every client and every change, a key
-or version refuses every use.
+they pass, make a key exportable, turn a key into a readable secret or re-enable a disabled version;
+nor change what a pending request applies, lower the approvals it needs or add approvals. A row whose
+seal does not match allows nothing: a key store refuses every client and every change, a key or version
+refuses every use, a change request is never approved, an approval does not count.
 
 What a seal cannot stop: putting back a whole row exactly as it was earlier (its old seal with it),
 for example from an old copy of the database, undoes a later revocation of that row. The revocation
@@ -64,9 +66,15 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "keys": ("id", "keystore_id", "key_type", "key_spec", "status", "exportable"),
     # A version disabled as compromised stays disabled.
     "key_versions": ("key_id", "version", "status"),
+    # What approvers are shown is what is applied, by whom it was asked and how many must agree; a decided
+    # request stays decided.
+    "change_requests": ("id", "keystore_id", "project_id", "op", "params", "diff", "approvals_needed",
+                        "requested_by", "requester_id", "created_at", "expires_at", "status"),
+    "change_approvals": ("request_id", "operator", "operator_id"),
 }
 # Primary keys other than `id` (a seal names its row by them).
-PRIMARY: dict[str, tuple[str, ...]] = {"key_versions": ("key_id", "version")}
+PRIMARY: dict[str, tuple[str, ...]] = {"key_versions": ("key_id", "version"),
+                                       "change_approvals": ("request_id", "operator")}
 
 
 def _pk(table: str) -> tuple[str, ...]:

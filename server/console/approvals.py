@@ -39,8 +39,10 @@ async def show_request(c: Ctx) -> web.Response:
     await svc.expire_due()
     cr = await svc.get(int(c.match("request_id")), by=c.op)     # another project's: as if it did not exist
     can_decide = cr["status"] == "PENDING" and decides(c.op, cr)
+    # A request edited in the database is never approved, but an approver may deny it to end it.
+    can_deny = can_decide or (cr["status"] == "INVALID" and decides(c.op, cr))
     can_cancel = cr["status"] == "PENDING" and cr["requestedBy"] == c.op.name
-    return render(c, "approval.html", cr=cr, can_decide=can_decide, can_cancel=can_cancel,
+    return render(c, "approval.html", cr=cr, can_decide=can_decide, can_deny=can_deny, can_cancel=can_cancel,
                   stores=await _names(c))
 
 
@@ -57,6 +59,8 @@ async def _decide(c: Ctx, verb: str) -> web.Response:
     msg = {"APPLIED": "Approved and applied.", "FAILED": f"Approved, but applying failed: {cr['reason']}",
            "PENDING": "Approval recorded; the request needs more approvals.", "DENIED": "Denied: nothing changes.",
            "CANCELLED": "Cancelled: nothing changes."}.get(cr["status"], cr["status"])
+    if verb == "deny":
+        msg = "Denied: nothing changes."      # an edited request stays marked INVALID once denied
     c.flash("error" if cr["status"] == "FAILED" else "ok", f"Change request #{rid}: {msg}")
     if cr["status"] == "APPLIED" and cr.get("operation") == "keystore.delete":
         return see_other(f"{PREFIX}/keystores")      # the request went with its store

@@ -372,14 +372,17 @@ MIGRATIONS: list[tuple[int, list[str | dict[str, str]]]] = [
         "INSERT INTO access_seal (id, key_sealed) VALUES (1, NULL)",
     ]),
     (12, [
-        # Who may reach what, sealed like who may act: key stores, their client checks and keys. `tables`
-        # names the tables sealed so far; the first start after this seals the new ones (and records it).
+        # Who may reach what, sealed like who may act: key stores, their client checks, keys, versions, and
+        # change requests with their approvals. `tables` names the tables sealed so far; the first start
+        # after this seals the new ones (and records it).
         "ALTER TABLE keystores ADD COLUMN seal TEXT",
         "ALTER TABLE auth_ipv4s ADD COLUMN seal TEXT",
         "ALTER TABLE auth_macs ADD COLUMN seal TEXT",
         "ALTER TABLE auth_certificates ADD COLUMN seal TEXT",
         "ALTER TABLE keys ADD COLUMN seal TEXT",
         "ALTER TABLE key_versions ADD COLUMN seal TEXT",
+        "ALTER TABLE change_requests ADD COLUMN seal TEXT",
+        "ALTER TABLE change_approvals ADD COLUMN seal TEXT",
         "ALTER TABLE access_seal ADD COLUMN tables TEXT NOT NULL DEFAULT ''",
         "UPDATE access_seal SET tables = 'operators,operator_roles,operator_tokens,user_access_keys,oauth_tokens' "
         "WHERE key_sealed IS NOT NULL",

@@ -120,8 +120,8 @@ async def test_expiry(skm):
         tzinfo=dt.timezone.utc)
     assert abs((expires - created) - dt.timedelta(days=7)) < dt.timedelta(seconds=2)   # the default
     # Make it past due, as if seven days went by.
-    await skm.rt.storage.execute("UPDATE change_requests SET expires_at = ? WHERE id = ?",
-                                 timeutil.to_db(timeutil.now() - dt.timedelta(seconds=1)), rid)
+    await skm.rt.access_seal.update(skm.rt.storage, "change_requests", "id = ?", (rid,),
+                                    {"expires_at": timeutil.to_db(timeutil.now() - dt.timedelta(seconds=1))})
     st, out = await skm.mgmt("POST", f"/approvals/{rid}/approve", token=approver)
     assert st == 409
     st, cr = await skm.mgmt("GET", f"/approvals/{rid}")

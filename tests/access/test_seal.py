@@ -167,7 +167,7 @@ async def test_the_first_start_seals_what_init_wrote_and_says_so_in_the_audit(sk
     assert records[0]["detail"]["rows"] == {"operators": 1, "operator_roles": 1, "operator_tokens": 1,
                                             "user_access_keys": 0, "oauth_tokens": 0, "keystores": 0,
                                             "auth_ipv4s": 0, "auth_macs": 0, "auth_certificates": 0, "keys": 0,
-                                            "key_versions": 0}
+                                            "key_versions": 0, "change_requests": 0, "change_approvals": 0}
     # A second process (a worker or replica starting later) finds the key and seals nothing again.
     again = AccessSeal(db, skm.rt.barrier)
     assert await again.key() == await skm.rt.access_seal.key()

@@ -229,7 +229,7 @@ async def test_stores_and_keys_made_before_their_sealing_keep_working_after_the_
         st, out = await skm.mgmt("GET", "/audit?action=access.sealed")
         assert [r["detail"]["rows"] for r in out["body"]["records"]] == [
             {"keystores": 1, "auth_ipv4s": 1, "auth_macs": 0, "auth_certificates": 0, "keys": 1,
-             "key_versions": 1}], out
+             "key_versions": 1, "change_requests": 0, "change_approvals": 0}], out
         db = skm.rt.storage
         assert await db.fetchval("SELECT tables FROM access_seal WHERE id = 1") == ",".join(seal_module.FIELDS)
         # Now that it is recorded, taking a table out of the list again (to have edited rows sealed on the

@@ -39,3 +39,24 @@ async def test_rows_edited_in_the_database_are_marked_in_the_console(console, sk
     await page.goto(f"{console.url}/keystores/{sid}")
     await expect(page.locator("#integrity")).to_contain_text("every client and every change is refused")
     await console.shot(page, "store-invalid")
+
+
+async def test_an_edited_change_request_shows_why_and_can_only_be_denied(console, skm):
+    import json
+
+    from tests.access.test_approvals import _approval_store
+    db = skm.rt.storage
+    await console.operator("alice", "approver")
+    store = await _approval_store(skm)
+    st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/auths/ipv4s", json={"value": "10.1.2.3"})
+    rid = out["body"]["changeRequestId"]
+    params = json.loads(await db.fetchval("SELECT params FROM change_requests WHERE id = ?", rid))
+    await db.execute("UPDATE change_requests SET params = ? WHERE id = ?", json.dumps({**params, "value": "0.0.0.0/0"}),
+                     rid)
+    page = await console.page("alice")
+    await page.goto(f"{console.url}/approvals/{rid}")
+    await expect(page.locator("#integrity")).to_contain_text("It cannot be approved")
+    await expect(page.locator("#approve")).to_have_count(0)
+    await page.click("#deny")
+    await expect(page.locator(".flash, .alert").first).to_contain_text("Denied")
+    assert await db.fetchval("SELECT status FROM change_requests WHERE id = ?", rid) == "DENIED"
