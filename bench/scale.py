@@ -43,7 +43,7 @@ async def bulk_secrets(rt, keystore_id: int, count: int, *, label: str = "keys",
                         # Sealed as the key server seals them (server/access/seal.py), or no client could read them.
                         seal = await rt.access_seal.mac("keys", {
                             "id": kid, "keystore_id": keystore_id, "key_type": "SECRET", "key_spec": "SECRET",
-                            "status": "ACTIVE", "exportable": 0})
+                            "status": "ACTIVE", "exportable": 0, "current_version": 0})
                         key_args += [kid, keystore_id, f"bulk-{seq:07d}", "", "SECRET", "SECRET", "ACTIVE", 0, 0, 0,
                                      None, 0, "bench", now, "bench", now, seal]
                         sealed = rt.barrier.seal(os.urandom(16).hex().encode(),

@@ -62,8 +62,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "auth_ipv4s": ("id", "keystore_id", "value", "status"),
     "auth_macs": ("id", "keystore_id", "value", "status"),
     "auth_certificates": ("id", "keystore_id", "fingerprint", "expires_at", "status"),
-    # A key's store decides who reaches it; its type and spec what its material is served as.
-    "keys": ("id", "keystore_id", "key_type", "key_spec", "status", "exportable"),
+    # A key's store decides who reaches it; its type and spec what its material is served as; its
+    # current version what new ciphertext and signatures use.
+    "keys": ("id", "keystore_id", "key_type", "key_spec", "status", "exportable", "current_version"),
     # A version disabled as compromised stays disabled.
     "key_versions": ("key_id", "version", "status"),
     # What approvers are shown is what is applied, by whom it was asked and how many must agree; a decided
@@ -203,6 +204,15 @@ class AccessSeal:
     async def insert(self, db, table: str, values: dict[str, Any]) -> None:
         """INSERT a row whose id the caller chose, sealed."""
         await insert_row(db, table, {**values, "seal": await self.mac(table, values)})
+
+    async def reseal(self, db, table: str, row_id: Any, before: Mapping[str, Any]) -> None:
+        """Seal again a row an UPDATE just changed in place (in the same transaction, which holds its lock),
+        if its seal matched the values it had before (`before`: the changed columns' old values); else
+        raise, and the transaction rolls the change back."""
+        row = await db.fetchone(f"SELECT {columns(table)} FROM {table} WHERE {_where_pk(table)}", row_id)
+        if not await self.valid(table, {**row, **before}):
+            raise _edited(table, row)
+        await db.execute(f"UPDATE {table} SET seal = ? WHERE {_where_pk(table)}", await self.mac(table, row), row_id)
 
     async def seal_new(self, db, table: str, row_id: int) -> None:
         """Seal a row just inserted with a database-made id (in the same transaction)."""

@@ -95,6 +95,8 @@ class Lifecycle:
                 next_rot, actor, timeutil.to_db(now), key.id)
             if v is None:
                 raise InvalidKeyStatus("the key is not in service")
+            # The row as it was before the bump must pass its seal; then it is sealed with the new version.
+            await self.ctx.seal.reseal(tx, "keys", key.id, {"current_version": v - 1})
             sealed = self.ctx.barrier.seal(raw, sealed_aad("key_versions", "material_sealed", key.id, v))
             await self.ctx.seal.insert(tx, "key_versions", {
                 "key_id": key.id, "version": v, "status": "ACTIVE", "material_sealed": sealed, "public_der": public,

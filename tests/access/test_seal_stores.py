@@ -174,7 +174,7 @@ async def test_a_key_moved_retyped_or_made_exportable_in_the_database_serves_nob
     assert assert_ok(*await skm.client("GET", f"/secrets/{own}")) == {"secret": "ok"}
 
 
-async def test_a_version_disabled_as_compromised_and_switched_back_on_in_the_database_stays_off(skm):
+async def test_a_version_switched_back_on_or_made_primary_again_in_the_database_stays_off(skm):
     db = skm.rt.storage
     store = await skm.keystore("apps")
     kid = (await skm.key(store, "SYMMETRIC_KEY", "data"))["keyId"]
@@ -196,6 +196,13 @@ async def test_a_version_disabled_as_compromised_and_switched_back_on_in_the_dat
     assert st == 200, out
     st, out = await skm.mgmt("GET", f"/keys/{kid}")
     assert [v["status"] for v in out["body"]["versions"]] == ["DISABLED", "ACTIVE"], out
+    # Its primary moved back to the disabled version in the database. A rotation (even with the key's
+    # row still cached as it was) refuses to seal that, and nothing new is made with the key.
+    await db.execute("UPDATE keys SET current_version = 0 WHERE id = ?", kid)
+    _refused_as_edited(*await skm.mgmt("POST", f"/keys/{kid}/rotate"))
+    assert await db.fetchval("SELECT current_version FROM keys WHERE id = ?", kid) == 0
+    await _forget(skm, store["keyStoreId"], kid)
+    _refused_as_edited(*await skm.client("POST", f"/symmetric-keys/{kid}/encrypt", json={"plaintext": "aGk="}))
 
 
 async def test_stores_and_keys_made_before_their_sealing_keep_working_after_the_upgrade(tmp_path):
