@@ -206,10 +206,12 @@ class Approvals:
                     refusal = "a change to your own account is decided by another admin"
             if refusal is not None:
                 raise Forbidden(refusal)
-            done = await tx.fetchval("SELECT COUNT(*) AS n FROM change_approvals WHERE request_id = ? AND "
-                                     "(operator = ? OR operator_id = ?)", request_id, by.name, by.id)
-            if done:
+            counted = await self._approvals(tx, request_id)
+            if any(a["operator"] == by.name or a["operator_id"] == by.id for a in counted):
                 raise Conflict("you have already approved this change request; it needs another approver")
+            # A row in this approver's name that fails its seal was written into the database: it neither
+            # counts nor stands in the way of the real approval.
+            await tx.execute("DELETE FROM change_approvals WHERE request_id = ? AND operator = ?", request_id, by.name)
             await self.seal.insert(tx, "change_approvals", {
                 "request_id": request_id, "operator": by.name, "operator_id": by.id, "comment": comment[:1000],
                 "created_at": timeutil.now_db()})
