@@ -63,7 +63,8 @@ def to_api(row: dict, intact: bool = True) -> dict:
     for a row that fails its seal (it admits nobody)."""
     return {
         "name": row["name"], "password": PASSWORD_MASK, "description": row["description"],
-        "status": row["status"] if intact else "INVALID", "fingerprint": row["fingerprint"], "serialNumber": row["serial"],
+        "status": row["status"] if intact else "INVALID", "fingerprint": row["fingerprint"],
+        "serialNumber": row["serial"],
         "expirationDate": timeutil.to_api(row["expires_at"]),
         "lastAccessDatetime": timeutil.to_api(row["last_access_at"]),
         "deletionDatetime": timeutil.to_api(row["deletion_at"]),

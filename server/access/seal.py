@@ -48,7 +48,8 @@ log = structlog.get_logger("skm.access.seal")
 
 PREFIX = "s1:"
 SEALED_EVENT = "access.sealed"
-# The columns each table's seal covers (id first): what a row allows, never bookkeeping (last use, description).
+# The columns each table's seal covers (its primary key first): what a row allows, never bookkeeping (last
+# use, description).
 FIELDS: dict[str, tuple[str, ...]] = {
     # Who made an operator or a grant, and when, decide separation of duties (server/access/lineage.py).
     "operators": ("id", "name", "password_hash", "disabled", "deleted_at", "created_by_id", "created_at"),
@@ -88,6 +89,8 @@ def _where_pk(table: str) -> str:
 
 def _pk_of(table: str, row: Mapping[str, Any]) -> tuple:
     return tuple(row.get(c) for c in _pk(table))
+
+
 _KEY_AAD = sealed_aad("access_seal", "key_sealed", 1)
 _encode = encoder(ensure_ascii=False)
 
@@ -124,8 +127,8 @@ class AccessSeal:
         if self._key is not None:
             return self._key
         if self.barrier.sealed:
-            raise Sealed("operator credentials cannot be checked until the key server has its system key "
-                         f"({self.barrier.sealed_reason}); see /healthz")
+            raise Sealed("operators, key stores and keys cannot be checked until the key server has its system "
+                         f"key ({self.barrier.sealed_reason}); see /healthz")
         async with self._lock:
             if self._key is None:
                 self._key = await self._load()
