@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from server.events import Event
-from tests.support.sidecar import register_certificate, start_sidecar
+from tests.support.sidecar import start_registered_sidecar, start_sidecar
 
 
 @pytest.fixture
@@ -21,19 +20,20 @@ async def make_sidecar(skm, store):
     made = []
 
     async def make(name: str = "sidecar", register: bool = True, **overrides):
-        sc, host = await start_sidecar(skm, name, **overrides)
+        if not register:
+            sc, _host = await start_sidecar(skm, name, **overrides)
+            made.append(sc)
+            return sc
+        # Registered (and the server told) before the sidecar starts: its event stream then never sees the
+        # registration's event, which would empty its cache after a test's first read.
+        sc = await start_registered_sidecar(skm, store["keyStoreId"], name, **overrides)
         made.append(sc)
-        if register:
-            await register_certificate(skm.rt.storage, skm.rt.barrier, store["keyStoreId"], host, name)
-            # What the certificate API does after a change: the data plane drops the store's cached auth data
-            # (a second sidecar's certificate must not wait for that cache to expire).
-            await skm.rt.events.publish(Event(store["keyStoreId"], "auth_changed"))
-            if sc.events is not None:
-                # Reads before the stream's hello would be marked expired by it: start from a steady state.
-                end = time.monotonic() + 5
-                while sc.events.state != "connected":
-                    assert time.monotonic() < end, sc.events.status()
-                    await asyncio.sleep(0.02)
+        if sc.events is not None:
+            # Reads before the stream's hello would be marked expired by it: start from a steady state.
+            end = time.monotonic() + 5
+            while sc.events.state != "connected":
+                assert time.monotonic() < end, sc.events.status()
+                await asyncio.sleep(0.02)
         return sc
 
     yield make

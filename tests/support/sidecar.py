@@ -23,6 +23,7 @@ from server.access.pki import CA, cert_pem, fingerprint, key_pem, write_pem
 from server.access.tls import server_context
 from server.barrier.barrier import Barrier, sealed_aad
 from server.config import load
+from server.events import Event
 from sidecar.app import Sidecar
 from sidecar.settings import SidecarConfig
 from tests.support.loopback import serve
@@ -100,6 +101,9 @@ async def start_registered_sidecar(h, keystore_id: int, name: str = "sidecar", *
     does at start, e.g. rendering files, already passes the store's certificate check)."""
     host = issue_host_cert(h.pki.load_ca(), h.tmp, f"{name}-host")
     await register_certificate(h.rt.storage, h.rt.barrier, keystore_id, host, name)
+    # What the certificate API does after a change: the data plane drops the store's cached checks. Before
+    # the sidecar starts, so its event stream never sees this event (it would empty the sidecar's cache).
+    await h.rt.events.publish(Event(keystore_id, "auth_changed"))
     cfg = sidecar_config(appkey=h.appkey, urls=[h.data_url], ca=h.pki.ca_cert, host=host,
                          socket=h.tmp / f"{name}.sock", **overrides)
     return await Sidecar(cfg).start()
