@@ -423,12 +423,21 @@ class Operators:
         await self._changed(target)
 
     async def _keep_an_admin(self, leaving: Operator) -> None:
-        n = await self.db.fetchval(
-            "SELECT COUNT(*) AS n FROM operator_roles g JOIN operators o ON o.id = g.operator_id "
-            "WHERE g.role = 'admin' AND g.project_id IS NULL AND g.revoked_at IS NULL AND o.disabled = 0 "
-            "AND o.deleted_at IS NULL AND o.id <> ?", leaving.id)
-        if not n:
-            raise Conflict("this is the last enabled global admin; create another admin first")
+        # Only a grant and an operator as the key server wrote them count: an admin forged in the
+        # database must not let the last real one be disabled, demoted or deleted.
+        seal = self.seal
+        if seal is not None:
+            await seal.key()
+        grants = await self.db.fetchall(f"SELECT {columns('operator_roles')} FROM operator_roles WHERE "
+                                        "role = 'admin' AND project_id IS NULL AND revoked_at IS NULL AND "
+                                        "operator_id <> ?", leaving.id)
+        for g in grants:
+            op = await self.db.fetchone(f"SELECT {columns('operators')} FROM operators WHERE id = ? AND disabled = 0 "
+                                        "AND deleted_at IS NULL", g["operator_id"])
+            if op is not None and (seal is None or (await seal.valid("operator_roles", g)
+                                                    and await seal.valid("operators", op))):
+                return
+        raise Conflict("this is the last enabled global admin; create another admin first")
 
     # ----------------------------------------------------------------- passwords
     def _ph(self) -> PasswordHasher:

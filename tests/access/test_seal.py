@@ -11,7 +11,7 @@ from argon2 import PasswordHasher
 
 from server.access.seal import AccessSeal
 from server.app import KeyServer
-from server.errors import BarrierError
+from server.errors import BarrierError, Conflict
 from server.init import init_server
 from server.storage.factory import open_storage
 from tests.access.helpers import access_key, bearer, v12_headers
@@ -85,6 +85,19 @@ async def test_a_role_raised_or_granted_in_the_database_grants_nothing(skm):
     assert st == 200, out
     st, out = await skm.mgmt(*create[:2], json=create[2], token=viewer)
     assert st == 201, out
+
+
+async def test_an_admin_forged_in_the_database_does_not_let_the_last_real_admin_go(skm):
+    db = skm.rt.storage
+    await skm.mgmt("POST", "/operators", json={"name": "val", "role": "viewer"})
+    await db.execute("UPDATE operator_roles SET role = 'admin' WHERE operator_id = "
+                     "(SELECT id FROM operators WHERE name = 'val')")
+    # Were val's grant counted, the only real admin could be disabled (here by a change with no acting
+    # operator, as an applied change request or the server itself makes) and leave nobody to administer.
+    with pytest.raises(Conflict, match="last enabled global admin"):
+        await skm.rt.operators.update("admin", disabled=True)
+    st, me = await skm.mgmt("GET", "/whoami")
+    assert st == 200 and [r["role"] for r in me["body"]["roles"]] == ["admin"], me
 
 
 async def test_a_password_hash_or_enable_bit_set_in_the_database_lets_nobody_in(skm):
