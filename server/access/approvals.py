@@ -215,8 +215,7 @@ class Approvals:
             await self.seal.insert(tx, "change_approvals", {
                 "request_id": request_id, "operator": by.name, "operator_id": by.id, "comment": comment[:1000],
                 "created_at": timeutil.now_db()})
-            n = len(await self._approvals(tx, request_id))      # forged ones do not count
-            if n >= int(row["approvals_needed"]):
+            if len(counted) + 1 >= int(row["approvals_needed"]):    # forged approvals are not in `counted`
                 # Compare-and-set: only the transaction that moves PENDING -> APPROVED applies it.
                 now = timeutil.now_db()
                 apply_now = await self.seal.update(tx, "change_requests", "id = ? AND status = 'PENDING'",

@@ -37,14 +37,13 @@ import json
 import os
 from typing import Any, Mapping
 
-import structlog
-
+from server import logs
 from server.barrier.barrier import Barrier, sealed_aad
-from server.jsontext import encoder
 from server.errors import BarrierError, Sealed
+from server.jsontext import encoder
 from server.storage.base import Storage
 
-log = structlog.get_logger("skm.access.seal")
+log = logs.get("skm.access.seal")
 
 PREFIX = "s1:"
 SEALED_EVENT = "access.sealed"

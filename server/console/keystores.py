@@ -129,7 +129,7 @@ async def show_keystore(c: Ctx) -> web.Response:
     from server.keys.listing import SORTS, search_keys
     ks = await keystore_of(c)
     lst = listing(c.request.query, SORTS)
-    keys, lst.total = await search_keys(c.rt.storage, c.rt.access_seal, ks.id, text=lst.q, sort=lst.sort,
+    keys, lst.total = await search_keys(c.rt.keys.lookup, ks.id, text=lst.q, sort=lst.sort,
                                         desc=lst.desc, page=lst.page, page_size=lst.size)
     pending = await _pending(c, ks.id)
     return render(c, "keystore.html", ks=ks, keys=keys, tab="keys", pending=pending, lst=lst,

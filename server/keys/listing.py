@@ -1,6 +1,7 @@
 """Key listing for people: search by name, a sort column, pages (the console's key table)."""
 from __future__ import annotations
 
+from server.keys.lookup import KeyLookup
 from server.keys.model import Key
 
 SORTS = {"name": "name", "type": "key_type", "status": "status", "created": "created_at",
@@ -12,9 +13,10 @@ def like_pattern(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-async def search_keys(db, seal, keystore_id: int, *, text: str = "", sort: str = "name", desc: bool = False,
-                      page: int = 1, page_size: int = 50) -> tuple[list[Key], int]:
-    """(one page of keys, how many match)."""
+async def search_keys(lookup: KeyLookup, keystore_id: int, *, text: str = "", sort: str = "name",
+                      desc: bool = False, page: int = 1, page_size: int = 50) -> tuple[list[Key], int]:
+    """(one page of keys, how many match); `lookup` reads each row as the key service does (its seal checked)."""
+    db = lookup.ctx.db
     col = SORTS.get(sort, "name")
     where, args = "keystore_id = ?", [keystore_id]
     if text:
@@ -24,9 +26,4 @@ async def search_keys(db, seal, keystore_id: int, *, text: str = "", sort: str =
     order = f"{col} {'DESC' if desc else 'ASC'}, id"
     rows = await db.fetchall(f"SELECT * FROM keys WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
                              *args, page_size, (page - 1) * page_size)
-    keys = []
-    for r in rows:
-        k = Key.from_row(r)
-        k.intact = await seal.valid("keys", r)       # the table marks a key edited outside the server
-        keys.append(k)
-    return keys, int(total or 0)
+    return [await lookup.from_row(r) for r in rows], int(total or 0)
