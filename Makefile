@@ -46,7 +46,7 @@ test-long: $(STAMP) $(TOOLS_STAMP)
 # The API, key and storage tests (and the sealed access rows) again with every key server on a throwaway PostgreSQL.
 test-postgres: $(STAMP)
 	SKM_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/api tests/keys tests/storage tests/access/test_seal.py tests/access/test_seal_stores.py \
-		tests/access/test_seal_approvals.py \
+		tests/access/test_seal_approvals.py tests/access/test_seal_lineage.py \
 		tests/replicas/test_harness_backend.py tests/reliability/test_secret_hygiene.py
 
 bench: $(STAMP)

@@ -17,6 +17,7 @@ from server import logs, replication
 from server.access.authdata import AuthData
 from server.access.changes import ChangeGate
 from server.access.authcache import CachedClientAccess
+from server.access.lineage import seal_lineage
 from server.access.operators import Operators
 from server.access.seal import AccessSeal
 from server.access.tls import server_context
@@ -331,10 +332,12 @@ class KeyServer:
 
 
 async def _seal_access(rt: Runtime) -> None:
-    """Load the access seal key once unsealed (sealing the rows of a fresh or upgraded database), so the
-    first login does not pay for it. A failure is logged; every credential check then refuses."""
+    """Load the access seal key once unsealed (sealing the rows of a fresh or upgraded database, and keeping
+    lineage edges in operators' sealed rows), so the first login does not pay for it. A failure is logged;
+    every credential check then refuses."""
     try:
         await rt.access_seal.key()
+        await seal_lineage(rt.storage, rt.access_seal)
     except SKMError as e:
         log.error("access_seal_unavailable", error=str(e))
 

@@ -111,7 +111,8 @@ _KEY_SELECT = ("SELECT k.id, k.operator_id, k.project_id, k.secret_hash, k.descr
                "k.last_used_at, k.created_by, k.created_at, k.seal, o.name AS operator, o.role, o.disabled, "
                "o.password_hash AS operator_password_hash, o.deleted_at AS operator_deleted_at, "
                "o.created_by_id AS operator_created_by_id, o.created_at AS operator_created_at, "
-               "o.seal AS operator_seal FROM user_access_keys k JOIN operators o ON o.id = k.operator_id")
+               "o.lineage AS operator_lineage, o.seal AS operator_seal "
+               "FROM user_access_keys k JOIN operators o ON o.id = k.operator_id")
 
 
 def _operator_row(r: dict) -> dict:
@@ -119,7 +120,7 @@ def _operator_row(r: dict) -> dict:
     return {"id": r["operator_id"], "name": r["operator"], "password_hash": r["operator_password_hash"],
             "disabled": r["disabled"], "deleted_at": r["operator_deleted_at"],
             "created_by_id": r["operator_created_by_id"], "created_at": r["operator_created_at"],
-            "seal": r["operator_seal"]}
+            "lineage": r["operator_lineage"], "seal": r["operator_seal"]}
 
 
 def parse_basic(header: str) -> tuple[str, str] | None:

@@ -26,13 +26,23 @@ operators, granting roles and handing credentials then need another admin.
 
 The graph is small (operators of one installation), so it is loaded whole and
 walked in memory; a decision reads it inside the decision's transaction.
+
+Against whoever can write the database: every edge into an operator is also kept in that
+operator's own sealed row (`operators.lineage`: each parent's id and its latest edge's time;
+the creator is already a sealed column), so deleting a grant or a custody row does not
+remove the edge. An operator whose row fails its seal, or that an edge names but that is
+gone (operators are never deleted), makes the lineage through it unknown: no approval
+whose requester or approver descends from it counts.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from server import logs
 from server.access.seal import columns
+from server.errors import BarrierError, Conflict
 from server.storage.base import Executor
 
 if TYPE_CHECKING:
@@ -60,6 +70,11 @@ LATE_EDGE = ("since this change request was made, an operator behind the request
              "approval does not count for this request")
 DESCENDS = ("you were created, given a role or handed a credential by the requester (directly or through "
             "operators the requester made); your approval does not count for their change request")
+UNKNOWN = ("operator {op} in the lineage of the requester or of the approver was changed or removed outside the key "
+           "server, so who stands behind whom cannot be checked; no approval counts until it is restored from a "
+           "backup (docs/disaster-recovery.md)")
+
+log = logs.get("skm.access.lineage")
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,7 @@ class Lineage:
     edges: dict[int, list[Edge]] = field(default_factory=dict)     # child -> its edges, with times
     grants: dict[int, list[GrantRow]] = field(default_factory=dict)
     usable: set[int] = field(default_factory=set)          # enabled, not deleted
+    unknown: set[int] = field(default_factory=set)         # rows failing their seal, or named by an edge but gone
 
     @classmethod
     async def load(cls, db: Executor, seal: "AccessSeal | None" = None) -> "Lineage":
@@ -86,7 +102,12 @@ class Lineage:
             g.parents.setdefault(r["id"], set())
             if r["created_by_id"] is not None:
                 g._edge(r["id"], int(r["created_by_id"]), r["created_at"])
-            if not r["disabled"] and r["deleted_at"] is None and (seal is None or await seal.valid("operators", r)):
+            intact = seal is None or await seal.valid("operators", r)
+            if not intact:
+                g.unknown.add(r["id"])
+            for parent, at in sealed_edges(r).items():
+                g._edge(r["id"], parent, at)
+            if not r["disabled"] and r["deleted_at"] is None and intact:
                 g.usable.add(r["id"])
         for r in await db.fetchall(f"SELECT {columns('operator_roles')} FROM operator_roles"):
             row = GrantRow(r["operator_id"], r["role"], r["project_id"], r["granted_by_id"], r["granted_at"],
@@ -97,6 +118,7 @@ class Lineage:
                 g.grants.setdefault(row.operator_id, []).append(row)
         for r in await db.fetchall("SELECT operator_id, by_id, at FROM operator_custody"):
             g._edge(int(r["operator_id"]), int(r["by_id"]), r["at"])
+        g.unknown |= {p for ps in g.parents.values() for p in ps if p not in g.parents}
         return g
 
     def _edge(self, child: int, parent: int, at: str) -> None:
@@ -141,10 +163,14 @@ class Lineage:
             return NO_ROLE.format(role=role)
         if not any(g.granted_at < requested_at for g in held):
             return LATE.format(role=role)
-        if requester_id is None or requester_id in self.ancestors(approver_id):
+        above = self.ancestors(approver_id)
+        if requester_id is None or requester_id in above:
             # An unknown requester (a legacy request nobody can be traced to) fails closed too.
             return DESCENDS
         behind = self.ancestors(requester_id)
+        lost = (above | behind | {approver_id, requester_id}) & self.unknown
+        if lost:
+            return UNKNOWN.format(op=min(lost))
         if approver_id in behind:
             return ANCESTOR
         if self.late_reach(approver_id, requested_at) & behind:
@@ -154,3 +180,73 @@ class Lineage:
     def eligible(self, requester_id: int | None, role: str, project_id: int | None, requested_at: str) -> list[int]:
         return [op for op in sorted(self.usable)
                 if self.refusal(op, requester_id, role, project_id, requested_at) is None]
+
+
+# ---------------------------------------------------------------- edges sealed in the operator's row
+def sealed_edges(row: dict) -> dict[int, str]:
+    """`operators.lineage` of `row`: parent id -> time of its latest edge into this operator."""
+    text = row.get("lineage")
+    if not text:
+        return {}
+    try:
+        return {int(k): str(v) for k, v in json.loads(text).items()}
+    except (ValueError, AttributeError, TypeError):
+        return {}      # not what the key server writes: the row then fails its seal as well
+
+
+def _lineage_text(edges: dict[int, str]) -> str:
+    return json.dumps({str(k): edges[k] for k in sorted(edges)}, separators=(",", ":"))
+
+
+async def seal_edge(db: Executor, seal: "AccessSeal | None", child_id: int, parent_id: int | None, at: str) -> None:
+    """Keep the edge `parent_id` -> `child_id` (made at `at`) in the child's sealed row, in the caller's
+    transaction. A child whose row fails its seal is refused (BarrierError): the change it came with rolls
+    back rather than sealing an edited row afresh."""
+    if seal is None or parent_id is None or parent_id == child_id:
+        return
+    for _ in range(5):      # compare-and-set on the row's seal: a concurrent change of the row means read again
+        row = await db.fetchone(f"SELECT {columns('operators')} FROM operators WHERE id = ?", child_id)
+        if row is None:
+            return
+        edges = sealed_edges(row)
+        if row["created_by_id"] == parent_id or edges.get(parent_id, "") >= at:
+            return          # the creator is a sealed column already; a later edge from the same parent covers it
+        edges[parent_id] = at
+        if await seal.update(db, "operators", "id = ?", (child_id,), {"lineage": _lineage_text(edges)}):
+            return
+    raise Conflict("the operator changed while this change was being made; try again")
+
+
+async def seal_lineage(db: Executor, seal: "AccessSeal") -> int:
+    """Copy into each operator's sealed row the edges the grant and custody tables hold but the row does not
+    (the first start after migration 13; afterwards only what a crash between the two writes left). Edges are
+    only ever added. A row that fails its seal is left as it is. Returns the rows sealed again."""
+    await seal.key()
+    found: dict[int, dict[int, str]] = {}
+
+    def note(child: int, parent, at: str) -> None:
+        if parent is not None and int(parent) != child:
+            mine = found.setdefault(child, {})
+            mine[int(parent)] = max(mine.get(int(parent), ""), at)
+
+    for r in await db.fetchall("SELECT operator_id, granted_by_id, granted_at FROM operator_roles"):
+        note(int(r["operator_id"]), r["granted_by_id"], r["granted_at"])
+    for r in await db.fetchall("SELECT operator_id, by_id, at FROM operator_custody"):
+        note(int(r["operator_id"]), r["by_id"], r["at"])
+    resealed = 0
+    for r in await db.fetchall(f"SELECT {columns('operators')} FROM operators"):
+        have = sealed_edges(r)
+        want = {**have}
+        for parent, at in found.get(r["id"], {}).items():
+            if parent != r["created_by_id"] and want.get(parent, "") < at:
+                want[parent] = at
+        if want == have:
+            continue
+        try:
+            resealed += await seal.update(db, "operators", "id = ? AND seal = ?", (r["id"], r["seal"]),
+                                          {"lineage": _lineage_text(want)})
+        except BarrierError:
+            log.error("operator_lineage_not_sealed", operator_id=r["id"])   # an edited row stays as it is
+    if resealed:
+        log.info("operator_lineage_sealed", operators=resealed)
+    return resealed

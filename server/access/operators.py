@@ -30,6 +30,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from server import text, timeutil
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, TooManyAttempts, Unauthenticated
+from server.access.lineage import seal_edge
 from server.access.seal import AccessSeal, columns, insert_row
 from server.settings import LoginSettings   # [login] in the server config
 from server.storage.base import Storage
@@ -243,6 +244,7 @@ class Operators:
         row = await tx.fetchone("INSERT INTO operator_roles (operator_id, role, project_id, granted_by_id, granted_at) "
                                 "VALUES (?, ?, ?, ?, ?) RETURNING id", operator_id, role, project_id, by_id, now)
         await self._seal_new(tx, "operator_roles", row["id"])
+        await seal_edge(tx, self.seal, operator_id, by_id, now)     # outlives the grant row (lineage.py)
 
     async def _update(self, db, table: str, where: str, args: tuple, changes: dict, *, narrowing: bool = False) -> int:
         """UPDATE sealed rows. `narrowing` (a revocation, a disable, a delete): allowed on a row that
@@ -396,8 +398,11 @@ class Operators:
     async def record_custody(self, operator_id: int, by: Operator, what: str) -> None:
         """`by` set a password of, or issued a credential to, another operator: a lineage edge."""
         if by.id != operator_id:
-            await self.db.execute("INSERT INTO operator_custody (operator_id, by_id, what, at) VALUES (?, ?, ?, ?)",
-                                  operator_id, by.id, what, timeutil.now_db())
+            now = timeutil.now_db()
+            async with self.db.transaction() as tx:
+                await tx.execute("INSERT INTO operator_custody (operator_id, by_id, what, at) VALUES (?, ?, ?, ?)",
+                                 operator_id, by.id, what, now)
+                await seal_edge(tx, self.seal, operator_id, by.id, now)
 
     async def delete(self, name: str, *, by: Operator) -> None:
         """A tombstone, not a delete: the lineage of everything this operator made must survive it.
@@ -640,7 +645,7 @@ class Operators:
         await self._seal_ready()
         row = await self.db.fetchone(
             "SELECT t.id AS token_id, t.operator_id, t.secret_hash, t.expires_at, t.revoked, t.seal AS token_seal, "
-            "o.id, o.name, o.password_hash, o.disabled, o.deleted_at, o.created_by_id, o.created_at, o.seal "
+            "o.id, o.name, o.password_hash, o.disabled, o.deleted_at, o.created_by_id, o.created_at, o.lineage, o.seal "
             "FROM operator_tokens t "
             "JOIN operators o ON o.id = t.operator_id WHERE t.id = ?", token_id)
         # Compare even when the row is missing so timing does not tell which ids exist.

@@ -51,7 +51,7 @@ SEALED_EVENT = "access.sealed"
 # use, description).
 FIELDS: dict[str, tuple[str, ...]] = {
     # Who made an operator or a grant, and when, decide separation of duties (server/access/lineage.py).
-    "operators": ("id", "name", "password_hash", "disabled", "deleted_at", "created_by_id", "created_at"),
+    "operators": ("id", "name", "password_hash", "disabled", "deleted_at", "created_by_id", "created_at", "lineage"),
     "operator_roles": ("id", "operator_id", "role", "project_id", "granted_by_id", "granted_at", "revoked_at"),
     "operator_tokens": ("id", "operator_id", "secret_hash", "expires_at", "revoked"),
     "user_access_keys": ("id", "operator_id", "project_id", "secret_hash", "expires_at", "revoked"),
@@ -73,6 +73,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
                         "requested_by", "requester_id", "created_at", "expires_at", "status"),
     "change_approvals": ("request_id", "operator", "operator_id"),
 }
+# Columns added to a sealed table after its rows were sealed: left out of the seal while NULL, so those
+# rows keep their seals; once set, a seal covers them (and emptying one again breaks it).
+LATER: frozenset[str] = frozenset({"lineage"})
 # Primary keys other than `id` (a seal names its row by them).
 PRIMARY: dict[str, tuple[str, ...]] = {"key_versions": ("key_id", "version"),
                                        "change_approvals": ("request_id", "operator")}
@@ -103,6 +106,8 @@ def _canon(table: str, row: Mapping[str, Any]) -> bytes:
     vals = []
     for f in FIELDS[table]:
         v = row.get(f)
+        if v is None and f in LATER:
+            continue
         vals.append(int(v) if isinstance(v, bool) else v)
     return _encode([table, vals]).encode()
 

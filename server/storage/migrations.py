@@ -387,6 +387,12 @@ MIGRATIONS: list[tuple[int, list[str | dict[str, str]]]] = [
         "UPDATE access_seal SET tables = 'operators,operator_roles,operator_tokens,user_access_keys,oauth_tokens' "
         "WHERE key_sealed IS NOT NULL",
     ]),
+    (13, [
+        # Every lineage edge into an operator (who granted it a role, set its password, handed it a credential),
+        # kept in its own sealed row as well (server/access/lineage.py): deleting a grant or custody row no
+        # longer removes the edge. NULL until the first start after this copies the edges already here.
+        "ALTER TABLE operators ADD COLUMN lineage TEXT",
+    ]),
 ]
 
 # (table, column, primary-key columns) of every sealed column: the rewrap job's map.
