@@ -29,6 +29,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Sequence
 
@@ -211,7 +212,10 @@ class RowsImage:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
         self.dest = dest
-        # Made in one worker thread, used from others (one at a time: each call is awaited).
+        # Made in one worker thread, used from others, one call at a time under the lock: a caller cancelled
+        # while `finish` or `insert` runs in its thread calls `close` from another, and sqlite3 must never
+        # see two threads on one connection (closing it under a running statement crashed the process).
+        self._lock = threading.Lock()
         self.con = sqlite3.connect(dest, isolation_level=None, check_same_thread=False)
         self.con.execute("PRAGMA journal_mode=OFF")      # a scratch file until it is complete
         self.con.execute("PRAGMA synchronous=OFF")
@@ -233,18 +237,22 @@ class RowsImage:
         self.con.execute("BEGIN")
 
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        self.con.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                             rows)
+        with self._lock:
+            self.con.executemany(f"INSERT INTO {table} ({', '.join(columns)}) "
+                                 f"VALUES ({', '.join('?' * len(columns))})", rows)
 
     def finish(self) -> None:
-        for _name, sql in self._indexes:
-            self.con.execute(sql)
-        self.con.execute("COMMIT")
-        self.con.close()
-        _rollback_journal(self.dest)
+        with self._lock:
+            for _name, sql in self._indexes:
+                self.con.execute(sql)
+            self.con.execute("COMMIT")
+            self.con.close()
+            _rollback_journal(self.dest)
 
     def close(self) -> None:
-        self.con.close()
+        """Waits for a call still running in another thread (its caller was cancelled), then closes."""
+        with self._lock:
+            self.con.close()
 
 
 # ----------------------------------------------------------------------------- the container

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 
 import pytest
 
-from server.backup.image import SHM
+from server.backup.image import SHM, RowsImage
 from server.backup.restore import restore, verify_file
 from server.backup.schedule import backup_to_file
 from server.barrier.barrier import Barrier
 from server.errors import ConfigError
 from server.storage.factory import open_storage
+from server.storage.migrations import MIGRATIONS
 
 
 def _schema(path) -> list[tuple[str, str]]:
@@ -123,3 +125,36 @@ async def test_a_target_that_is_not_a_database_is_refused_and_left_alone(tmp_pat
         await restore(backup, barrier, f"sqlite:///{target}")
     assert target.read_bytes() == b"not a database, but someone's file" * 200
     assert sorted(p.name for p in target.parent.iterdir()) == ["skm.db"]
+
+
+def test_closing_a_rows_image_waits_for_a_call_still_running_in_another_thread(tmp_path):
+    """A backup of PostgreSQL cancelled while its image's indexes are being built closes the image from
+    another thread (the build's thread cannot be stopped). The close waits for the build rather than
+    closing the connection under a running statement, which crashed the whole process."""
+    dest = tmp_path / "image.db"
+    img = RowsImage(dest, [v for v, _ in MIGRATIONS])
+    img.insert("projects", ["appkey", "name", "created_at"], [(f"key{i}", f"p{i}", "2025-01-01") for i in range(300)])
+    building, go = threading.Event(), threading.Event()
+
+    def hold() -> int:
+        building.set()
+        go.wait(10)
+        return 0
+    img.con.set_progress_handler(hold, 50)
+    finisher = threading.Thread(target=img.finish)
+    finisher.start()
+    assert building.wait(10)
+    closer = threading.Thread(target=img.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close went ahead while finish was running on the same connection"
+    go.set()
+    finisher.join(10)
+    closer.join(10)
+    assert not finisher.is_alive() and not closer.is_alive()
+    con = sqlite3.connect(dest)
+    try:
+        assert con.execute("SELECT COUNT(*) FROM projects").fetchone()[0] == 300
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        con.close()
