@@ -11,8 +11,9 @@ from tests.access.test_seal_stores import _failures
 from tests.access.test_sod import _api_operator, _fast, _guarded_store, _independent, _no_keys
 
 
-async def _request_key(skm, store: dict, name: str, token: str | None = None) -> int:
-    st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys", token=token,
+async def _request_key(skm, store: dict, name: str) -> int:
+    """A change request of the bootstrap admin's (the requester in every test here)."""
+    st, out = await skm.mgmt("POST", f"/keystores/{store['keyStoreId']}/keys",
                              json={"keyType": "SYMMETRIC_KEY", "name": name})
     assert st == 202, out
     return out["body"]["changeRequestId"]
