@@ -222,24 +222,14 @@ async def seal_lineage(db: Executor, seal: "AccessSeal") -> int:
     (the first start after migration 13; afterwards only what a crash between the two writes left). Edges are
     only ever added. A row that fails its seal is left as it is. Returns the rows sealed again."""
     await seal.key()
-    found: dict[int, dict[int, str]] = {}
-
-    def note(child: int, parent, at: str) -> None:
-        if parent is not None and int(parent) != child:
-            mine = found.setdefault(child, {})
-            mine[int(parent)] = max(mine.get(int(parent), ""), at)
-
-    for r in await db.fetchall("SELECT operator_id, granted_by_id, granted_at FROM operator_roles"):
-        note(int(r["operator_id"]), r["granted_by_id"], r["granted_at"])
-    for r in await db.fetchall("SELECT operator_id, by_id, at FROM operator_custody"):
-        note(int(r["operator_id"]), r["by_id"], r["at"])
+    graph = await Lineage.load(db)          # every edge the tables hold (no seal checks: nothing here widens)
     resealed = 0
     for r in await db.fetchall(f"SELECT {columns('operators')} FROM operators"):
         have = sealed_edges(r)
         want = {**have}
-        for parent, at in found.get(r["id"], {}).items():
-            if parent != r["created_by_id"] and want.get(parent, "") < at:
-                want[parent] = at
+        for e in graph.edges.get(r["id"], ()):
+            if e.parent not in (r["id"], r["created_by_id"]) and want.get(e.parent, "") < e.at:
+                want[e.parent] = e.at
         if want == have:
             continue
         try:
